@@ -1,0 +1,36 @@
+"""Text and image preprocessing of the reference protocol (DESIGN, "The reference protocol").
+
+Text: remove special characters, stop words and repeated spaces, then an uncased WordPiece tokenizer pads or
+truncates to 30 tokens with [CLS]/[SEP] and an attention mask.
+Image: resize to 256, center-crop 224, normalise as the backbone's weights expect.
+"""
+from __future__ import annotations
+
+import re
+
+# NLTK's English stop-word list (nltk.corpus.stopwords.words("english"), 179 words). It is copied here because
+# NLTK fetches it from the network at run time. scikit-learn's list was not used: it also removes product words
+# such as "top", "bottom", "front", "back" and "full", which are labels' evidence in a fashion catalog.
+STOP_WORDS = frozenset("""
+i me my myself we our ours ourselves you you're you've you'll you'd your yours yourself yourselves he him his
+himself she she's her hers herself it it's its itself they them their theirs themselves what which who whom
+this that that'll these those am is are was were be been being have has had having do does did doing a an the
+and but if or because as until while of at by for with about against between into through during before
+after above below to from up down in out on off over under again further then once here there when where why
+how all any both each few more most other some such no nor not only own same so than too very s t can will
+just don don't should should've now d ll m o re ve y ain aren aren't couldn couldn't didn didn't doesn
+doesn't hadn hadn't hasn hasn't haven haven't isn isn't ma mightn mightn't mustn mustn't needn needn't shan
+shan't shouldn shouldn't wasn wasn't weren weren't won won't wouldn wouldn't
+""".split())
+
+_SPECIAL_CHARACTERS = re.compile(r"[^0-9a-zA-Z\s]+")
+
+
+def clean_title(text: str) -> str:
+    """Remove special characters, stop words and repeated spaces; case is kept (the tokenizer is uncased).
+
+    >>> clean_title("Puma Men's  Black & White T-shirt!")
+    'Puma Men Black White T shirt'
+    """
+    words = _SPECIAL_CHARACTERS.sub(" ", text or "").split()
+    return " ".join(word for word in words if word.lower() not in STOP_WORDS)
