@@ -23,6 +23,7 @@ doesn't hadn hadn't hasn hasn't haven haven't isn isn't ma mightn mightn't mustn
 shan't shouldn shouldn't wasn wasn't weren weren't won won't wouldn wouldn't
 """.split())
 
+# Deleted, not replaced by a space, so that "T-shirt" stays one word ("Tshirt") instead of losing a stop word "t".
 _SPECIAL_CHARACTERS = re.compile(r"[^0-9a-zA-Z\s]+")
 
 
@@ -30,7 +31,7 @@ def clean_title(text: str) -> str:
     """Remove special characters, stop words and repeated spaces; case is kept (the tokenizer is uncased).
 
     >>> clean_title("Puma Men's  Black & White T-shirt!")
-    'Puma Men Black White T shirt'
+    'Puma Mens Black White Tshirt'
     """
-    words = _SPECIAL_CHARACTERS.sub(" ", text or "").split()
+    words = _SPECIAL_CHARACTERS.sub("", text or "").split()
     return " ".join(word for word in words if word.lower() not in STOP_WORDS)
