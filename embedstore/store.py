@@ -1,0 +1,424 @@
+"""The HDF5 feature store: layout, provenance, one writer and any number of readers.
+
+Layout (readable with plain h5py; see docs/ARCHITECTURE.md):
+
+    /items/id, /items/label, /items/split, /classes           every manifest item, manifest order
+    /features/<modality>/<source>/<layer>                      (N, D) float32, provenance in attrs
+    /features/<modality>/<source>/status                       (N,) int8, see STATUS_NAMES
+
+Crash safety without a journal: every feature dataset is allocated in full when it is created (fixed shape,
+early allocation, NaN fill), so writing a batch touches raw data only and never the file's metadata. A row's
+status is set only after its values are flushed. A killed writer therefore leaves rows that are either
+finished (status set, values on disk) or pending (redone on resume), never half-counted ones. `complete` is
+an attribute set last, so a half-written store is never mistaken for a complete one.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import h5py
+import numpy as np
+
+FORMAT = "embedstore-feature-store"
+FORMAT_VERSION = 1
+SPLITS = ("train", "val", "test")
+
+STATUS_PENDING, STATUS_OK, STATUS_MISSING_IMAGE, STATUS_UNREADABLE_IMAGE, STATUS_EMPTY_TITLE = range(5)
+STATUS_NAMES = {
+    STATUS_PENDING: "pending",
+    STATUS_OK: "ok",
+    STATUS_MISSING_IMAGE: "skipped: missing image",
+    STATUS_UNREADABLE_IMAGE: "skipped: unreadable image",
+    STATUS_EMPTY_TITLE: "skipped: empty title",
+}
+# Provenance keys that identify what a feature matrix is; a mismatch in any of them means "other features".
+IDENTITY_KEYS = ("backbone", "weights_id", "layer", "preprocessing", "dtype", "manifest_sha256")
+
+_STR = h5py.string_dtype("utf-8")
+
+
+def library_versions() -> dict[str, str]:
+    import torch
+    import torchvision
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "transformers": transformers.__version__,
+        "h5py": h5py.__version__,
+        "hdf5": h5py.version.hdf5_version,
+        "numpy": np.__version__,
+    }
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def feature_set_name(modality: str, source: str, layer: str) -> str:
+    return f"{modality}/{source}/{layer}"
+
+
+def _encode_attr(value):
+    """HDF5 attributes hold scalars and strings; nested values are stored as JSON text."""
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value, sort_keys=True)
+    return value
+
+
+def _decode_attr(value):
+    if isinstance(value, bytes):
+        value = value.decode("utf-8")
+    if isinstance(value, str) and value[:1] in "{[":
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _read_attrs(obj) -> dict:
+    return {key: _decode_attr(obj.attrs[key]) for key in obj.attrs}
+
+
+def _as_str_array(values: Iterable) -> np.ndarray:
+    return np.array([str(v) for v in values], dtype=object)
+
+
+# ----------------------------------------------------------------------------------------------- creating
+
+
+def create_store(
+    path: str | Path,
+    *,
+    ids: Iterable,
+    labels: Iterable[int],
+    splits: Iterable[str],
+    classes: Iterable[str],
+    manifest_sha256: str,
+    manifest_json: str = "",
+    catalog_spec: Mapping | None = None,
+) -> None:
+    """Create the store's item tables, or check that an existing store belongs to the same manifest."""
+    path = Path(path)
+    if path.exists():
+        with _open_readonly(path) as f:
+            existing = _decode_attr(f.attrs.get("manifest_sha256", ""))
+        if existing != manifest_sha256:
+            raise ValueError(
+                f"{path} was built from another manifest (sha256 {existing[:12]}…, this one {manifest_sha256[:12]}…); "
+                "features of different item sets cannot share a store: choose another --store path"
+            )
+        return
+    ids, labels, splits, classes = list(ids), np.asarray(list(labels), dtype=np.int32), list(splits), list(classes)
+    if not (len(ids) == len(labels) == len(splits)):
+        raise ValueError(f"ids, labels and splits differ in length: {len(ids)}, {len(labels)}, {len(splits)}")
+    if unknown := sorted(set(splits) - set(SPLITS)):
+        raise ValueError(f"unknown split names {unknown}; expected {list(SPLITS)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".creating")
+    with h5py.File(tmp, "w") as f:
+        f.attrs.update(
+            {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "manifest_sha256": manifest_sha256,
+                "manifest": manifest_json,
+                "catalog": _encode_attr(dict(catalog_spec or {})),
+                "created": now_iso(),
+                "library_versions": _encode_attr(library_versions()),
+            }
+        )
+        items = f.create_group("items")
+        items.create_dataset("id", data=_as_str_array(ids), dtype=_STR)
+        items.create_dataset("label", data=labels)
+        items.create_dataset("split", data=_as_str_array(splits), dtype=_STR)
+        f.create_dataset("classes", data=_as_str_array(classes), dtype=_STR)
+        f.create_group("features")
+    tmp.replace(path)  # the store appears whole or not at all
+
+
+def _allocated_dataset(group: h5py.Group, name: str, shape: tuple, dtype, fill) -> h5py.Dataset:
+    """A fixed-shape dataset whose storage is allocated and filled now, so later writes are raw data only."""
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    return group.create_dataset(name, shape=shape, dtype=dtype, fillvalue=fill, dcpl=dcpl)
+
+
+class FeatureSetWriter:
+    """Writes one source's layers (e.g. a backbone's `pooled`, or a module's `dense` + `classifier`).
+
+    The single writer of a store. Use as a context manager; `pending_rows()` says what is left to do, `write()`
+    stores a batch, `finish()` marks the sets complete once no row is pending.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        modality: str,
+        source: str,
+        layers: Mapping[str, int],
+        provenance: Mapping[str, Mapping],
+        add: bool = False,
+    ):
+        self.path = Path(path)
+        self.modality, self.source = modality, source
+        self.layers = dict(layers)
+        self._file = h5py.File(self.path, "r+")
+        n_items = self._file["items/id"].shape[0]
+        manifest_sha256 = _decode_attr(self._file.attrs["manifest_sha256"])
+        group_path = f"features/{modality}/{source}"
+        if group_path in self._file:
+            self._check_same_provenance(group_path, provenance)
+        else:
+            self._refuse_other_sources_unless_add(add)
+            group = self._file.require_group(group_path)
+            for layer, dim in self.layers.items():
+                dataset = _allocated_dataset(group, layer, (n_items, dim), np.float32, np.nan)
+                attrs = {**provenance[layer], "manifest_sha256": manifest_sha256, "layer": layer,
+                         "dtype": "float32", "feature_dim": dim, "complete": False}
+                dataset.attrs.update({k: _encode_attr(v) for k, v in attrs.items()})
+            _allocated_dataset(group, "status", (n_items,), np.int8, STATUS_PENDING)
+            group.attrs["complete"] = False
+            self._file.flush()
+        self._group = self._file[group_path]
+
+    def _check_same_provenance(self, group_path: str, provenance: Mapping[str, Mapping]) -> None:
+        group = self._file[group_path]
+        for layer in self.layers:
+            if layer not in group:
+                raise ValueError(f"{self.path}: {group_path} has no layer {layer!r}; it holds {sorted(group)}")
+            stored = _read_attrs(group[layer])
+            wanted = {**provenance[layer], "layer": layer, "dtype": "float32",
+                      "manifest_sha256": stored.get("manifest_sha256")}
+            for key in IDENTITY_KEYS:
+                if stored.get(key) != _decode_attr(_encode_attr(wanted.get(key))):
+                    raise ValueError(
+                        f"{self.path} already holds {group_path}/{layer} with another {key} "
+                        f"({stored.get(key)!r}, now {wanted.get(key)!r}); refusing to mix them: "
+                        "extract into another --store, or name this source differently"
+                    )
+
+    def _refuse_other_sources_unless_add(self, add: bool) -> None:
+        existing = [f"{self.modality}/{s}" for s in self._file["features"].get(self.modality, {})]
+        if existing and not add:
+            raise ValueError(
+                f"{self.path} already holds {', '.join(existing)}; refusing to write {self.modality}/{self.source} "
+                "into it. Pass --add to store it beside the existing feature sets, or use another --store"
+            )
+
+    # -- the write loop
+    @property
+    def status(self) -> np.ndarray:
+        return self._group["status"][:]
+
+    def pending_rows(self) -> np.ndarray:
+        return np.flatnonzero(self.status == STATUS_PENDING)
+
+    def write(self, rows: np.ndarray, values: Mapping[str, np.ndarray], status: np.ndarray) -> None:
+        """Store a batch: `rows` (n,) increasing row indices, `values[layer]` (n, D) for the rows whose status
+        is ok (in order), `status` (n,) int8. Values are flushed before the statuses that vouch for them."""
+        rows, status = np.asarray(rows), np.asarray(status, dtype=np.int8)
+        ok_rows = rows[status == STATUS_OK]
+        if ok_rows.size:
+            for layer, matrix in values.items():
+                _write_rows(self._group[layer], ok_rows, np.asarray(matrix, dtype=np.float32))
+            self._file.flush()
+        _write_rows(self._group["status"], rows, status)
+        self._file.flush()
+
+    def finish(self) -> bool:
+        """Mark the layers complete if no row is pending; returns whether they are."""
+        status = self.status
+        complete = not bool((status == STATUS_PENDING).any())
+        counts = {STATUS_NAMES[code]: int((status == code).sum()) for code in STATUS_NAMES}
+        for layer in self.layers:
+            self._group[layer].attrs["complete"] = complete
+        self._group.attrs["counts"] = _encode_attr(counts)
+        self._group.attrs["complete"] = complete
+        self._file.flush()
+        return complete
+
+    def close(self) -> None:
+        if self._file.id.valid:
+            self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _write_rows(dataset: h5py.Dataset, rows: np.ndarray, values: np.ndarray) -> None:
+    """h5py writes a contiguous run as one slice (fast) and needs increasing indices otherwise."""
+    if rows.size and rows[-1] - rows[0] + 1 == rows.size:
+        dataset[rows[0] : rows[-1] + 1] = values
+    else:
+        dataset[np.sort(rows)] = values[np.argsort(rows)]
+
+
+def write_store_from_arrays(
+    path: str | Path,
+    *,
+    ids: Iterable,
+    labels: Iterable[int],
+    splits: Iterable[str],
+    classes: Iterable[str],
+    features: Mapping[str, tuple[np.ndarray, Mapping]],
+    manifest_sha256: str = "synthetic",
+) -> Path:
+    """Build a complete store from in-memory arrays: `features[name] = (matrix (N, D), provenance)` with
+    name "<modality>/<source>/<layer>". For tests and synthetic benchmarks; rows with NaN are marked skipped."""
+    ids = list(ids)
+    create_store(path, ids=ids, labels=labels, splits=splits, classes=classes, manifest_sha256=manifest_sha256)
+    by_source: dict[tuple[str, str], dict[str, tuple[np.ndarray, Mapping]]] = {}
+    for name, (matrix, provenance) in features.items():
+        modality, source, layer = name.split("/")
+        by_source.setdefault((modality, source), {})[layer] = (np.asarray(matrix, np.float32), provenance)
+    for (modality, source), layers in by_source.items():
+        provenance = {layer: {"backbone": source, "weights_id": "synthetic", "preprocessing": {}, **dict(p)}
+                      for layer, (_, p) in layers.items()}
+        with FeatureSetWriter(path, modality=modality, source=source, add=True, provenance=provenance,
+                              layers={layer: m.shape[1] for layer, (m, _) in layers.items()}) as writer:
+            first = next(iter(layers.values()))[0]
+            ok = ~np.isnan(first).any(axis=1)
+            status = np.where(ok, STATUS_OK, STATUS_UNREADABLE_IMAGE).astype(np.int8)
+            writer.write(np.arange(len(ids)), {layer: m[ok] for layer, (m, _) in layers.items()}, status)
+            writer.finish()
+    return Path(path)
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def _open_readonly(path: Path) -> h5py.File:
+    """Readers do not take HDF5's file lock, so they can run beside the single writer (which only ever
+    appends complete rows to preallocated storage; readers trust only sets marked complete)."""
+    if not path.exists():
+        raise FileNotFoundError(f"no feature store at {path}; create one with `embed extract MANIFEST --store {path}`")
+    try:
+        f = h5py.File(path, "r", locking=False)
+    except OSError as error:
+        raise ValueError(f"{path} is not a readable HDF5 file ({error})") from None
+    if _decode_attr(f.attrs.get("format", "")) != FORMAT:
+        f.close()
+        raise ValueError(f"{path} is an HDF5 file but not an embedstore feature store (no format={FORMAT!r})")
+    return f
+
+
+@dataclass
+class FeatureSetInfo:
+    name: str
+    modality: str
+    source: str
+    layer: str
+    dim: int
+    dtype: str
+    provenance: dict
+    complete: bool
+    counts: dict = field(default_factory=dict)
+
+
+@dataclass
+class LoadedFeatures:
+    features: dict[str, np.ndarray]  # name -> (n, D) float32
+    labels: np.ndarray  # (n,) int64
+    split: np.ndarray  # (n,) str
+    ids: np.ndarray  # (n,) str
+    skipped: int  # rows left out because some named set skipped them
+
+
+class FeatureStore:
+    """Read-only view of a store. `load()` aligns rows across feature sets and refuses incomplete sets."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._file = _open_readonly(self.path)
+        self.attrs = _read_attrs(self._file)
+        self.manifest_sha256: str = self.attrs["manifest_sha256"]
+        self.classes: list[str] = [c.decode() if isinstance(c, bytes) else c for c in self._file["classes"][:]]
+        self.ids = self._file["items/id"].asstr()[:]
+        self.labels = self._file["items/label"][:].astype(np.int64)
+        self.split = self._file["items/split"].asstr()[:]
+
+    @property
+    def feature_sets(self) -> dict[str, FeatureSetInfo]:
+        sets = {}
+        features = self._file["features"]
+        for modality, sources in features.items():
+            for source, group in sources.items():
+                group_attrs = _read_attrs(group)
+                for layer, dataset in group.items():
+                    if layer == "status":
+                        continue
+                    provenance = _read_attrs(dataset)
+                    name = feature_set_name(modality, source, layer)
+                    sets[name] = FeatureSetInfo(
+                        name=name, modality=modality, source=source, layer=layer, dim=int(dataset.shape[1]),
+                        dtype=str(dataset.dtype), provenance=provenance, complete=bool(provenance.get("complete")),
+                        counts=group_attrs.get("counts") or self._count_status(group),
+                    )
+        return sets
+
+    @staticmethod
+    def _count_status(group: h5py.Group) -> dict:
+        status = group["status"][:]
+        return {STATUS_NAMES[code]: int((status == code).sum()) for code in STATUS_NAMES}
+
+    @property
+    def complete(self) -> bool:
+        sets = self.feature_sets
+        return bool(sets) and all(info.complete for info in sets.values())
+
+    def find(self, modality: str, layer: str, source: str | None = None) -> str:
+        """The one feature set of this modality and layer (and source, if given)."""
+        matches = [
+            info.name for info in self.feature_sets.values()
+            if info.modality == modality and info.layer == layer and (source is None or info.source == source)
+        ]
+        if len(matches) == 1:
+            return matches[0]
+        held = ", ".join(sorted(self.feature_sets)) or "no feature sets"
+        if not matches:
+            raise ValueError(f"{self.path} has no {modality} '{layer}' features (it holds {held})")
+        raise ValueError(f"{self.path} holds several {modality} '{layer}' feature sets ({', '.join(matches)}); name the source")
+
+    def status(self, name: str) -> np.ndarray:
+        modality, source, _ = name.split("/")
+        return self._file[f"features/{modality}/{source}/status"][:]
+
+    def load(self, names: Iterable[str], *, allow_incomplete: bool = False) -> LoadedFeatures:
+        names = list(names)
+        sets = self.feature_sets
+        ok = np.ones(len(self.ids), dtype=bool)
+        for name in names:
+            if name not in sets:
+                raise ValueError(f"{self.path} has no feature set {name!r}; it holds {', '.join(sorted(sets))}")
+            if not sets[name].complete and not allow_incomplete:
+                raise ValueError(f"feature set {name} in {self.path} is incomplete; finish it with `embed extract` (it resumes)")
+            ok &= self.status(name) == STATUS_OK
+        rows = np.flatnonzero(ok)
+        features = {name: self._file[f"features/{name}"][:][rows] for name in names}  # (n, D) each
+        return LoadedFeatures(features=features, labels=self.labels[rows], split=self.split[rows],
+                              ids=self.ids[rows], skipped=int((~ok).sum()))
+
+    def close(self) -> None:
+        if self._file.id.valid:
+            self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
