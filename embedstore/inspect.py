@@ -1,0 +1,46 @@
+"""`embed inspect`: what a store holds, in words a person can check."""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from embedstore.store import SPLITS, FeatureStore
+
+
+def describe_store(path: str | Path) -> list[str]:
+    """Items per split, classes, every feature set with shape, dtype, provenance and skipped items."""
+    with FeatureStore(path) as store:
+        split_counts = Counter(store.split.tolist())
+        lines = [
+            f"store       {store.path}",
+            f"manifest    sha256 {store.manifest_sha256}",
+            f"created     {store.attrs.get('created', '?')}",
+            "items       " + ", ".join(f"{split} {split_counts.get(split, 0):,}" for split in SPLITS)
+            + f" (total {len(store.ids):,})",
+            f"classes     {len(store.classes)}: {', '.join(store.classes[:8])}{' …' if len(store.classes) > 8 else ''}",
+        ]
+        sets = store.feature_sets
+        if not sets:
+            lines.append("features    none yet: run `embed extract`")
+        for name, info in sorted(sets.items()):
+            p = info.provenance
+            skipped = {k: v for k, v in info.counts.items() if k.startswith("skipped") and v}
+            state = "complete" if info.complete else f"INCOMPLETE ({info.counts.get('pending', '?')} rows pending)"
+            lines += [
+                f"feature set {name}: ({len(store.ids)}, {info.dim}) {info.dtype}, {state}",
+                f"    backbone {p.get('backbone')}  weights {p.get('weights_id')}  parameters {p.get('parameters', '?'):,}"
+                if isinstance(p.get("parameters"), int) else
+                f"    backbone {p.get('backbone')}  weights {p.get('weights_id')}",
+                f"    preprocessing {p.get('preprocessing')}",
+                f"    created {p.get('created', '?')}  versions {_short_versions(p.get('library_versions'))}",
+                f"    rows ok {info.counts.get('ok', 0):,}; skipped "
+                + (", ".join(f"{k.removeprefix('skipped: ')} {v}" for k, v in skipped.items()) or "none"),
+            ]
+        lines.append(f"status      {'complete' if store.complete else 'NOT complete'}")
+    return lines
+
+
+def _short_versions(versions) -> str:
+    if not isinstance(versions, dict):
+        return "?"
+    return " ".join(f"{k} {versions[k]}" for k in ("torch", "transformers", "h5py") if k in versions)
