@@ -33,7 +33,7 @@ def prepare(catalog, out, min_items, items_per_class, train, val, test, seed, fm
             title_column, label_column):
     """Under-sample and split CATALOG (folder, zip or CSV) into a manifest, saying what was dropped and why."""
     from embedstore.catalog import CsvColumns, open_catalog
-    from embedstore.manifest import SplitSettings, prepare_manifest
+    from embedstore.manifest import SplitSettings, format_summary, prepare_manifest
 
     columns = CsvColumns(id=id_column, image=image_column, title=title_column, label=label_column)
     opened = open_catalog(catalog, fmt=fmt, columns=columns)
@@ -41,8 +41,7 @@ def prepare(catalog, out, min_items, items_per_class, train, val, test, seed, fm
                              test=test, seed=seed)
     manifest = prepare_manifest(opened, settings)
     manifest.save(out)
-    for line in manifest.summary_lines():
-        click.echo(line)
+    click.echo(format_summary(manifest))
     click.echo(f"wrote {out} (sha256 {manifest.sha256[:16]})")
 
 
