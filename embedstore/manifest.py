@@ -1,0 +1,262 @@
+"""`embed prepare`: under-sample a catalog and split it, as a deterministic JSON manifest.
+
+The manifest is the identity of an experiment's data: every later step (extraction, stores, heads) records its
+sha256, so the same catalog, settings and seed must give the same bytes. Hence: classes sorted by name, ids
+sorted in natural order before a seeded shuffle, JSON with sorted keys and no timestamps.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zlib
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+
+from embedstore.catalog import Catalog, CatalogItem, open_catalog_from_spec
+from embedstore.preprocess import clean_title
+
+MANIFEST_FORMAT = "embedstore-manifest"
+MANIFEST_VERSION = 1
+SPLITS = ("train", "val", "test")
+DROP_REASONS = ("malformed row", "no image", "empty title", "class too small", "not sampled")
+
+
+@dataclass(frozen=True)
+class SplitSettings:
+    """How many items each class needs, how many are drawn, and how they are split (the paper's defaults)."""
+
+    min_items: int = 250        # a class is kept when it has at least this many usable items
+    items_per_class: int = 250  # drawn from each kept class
+    train: int = 175
+    val: int = 25
+    test: int = 50
+    seed: int = 0
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+                raise ValueError(f"SplitSettings.{f.name} must be an integer, got {value!r}")
+        for name in ("min_items", "items_per_class", "train", "test"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"SplitSettings.{name} must be at least 1, got {getattr(self, name)}")
+        if self.val < 0 or self.seed < 0:
+            raise ValueError(f"SplitSettings.val and .seed must be >= 0, got val={self.val}, seed={self.seed}")
+        total = self.train + self.val + self.test
+        if total != self.items_per_class:
+            raise ValueError(f"train + val + test = {self.train} + {self.val} + {self.test} = {total} must equal "
+                             f"items_per_class = {self.items_per_class}; change one of them")
+        if self.min_items < self.items_per_class:
+            raise ValueError(f"min_items = {self.min_items} must be >= items_per_class = {self.items_per_class}, "
+                             f"or a kept class could not supply its draw")
+
+
+@dataclass(frozen=True)
+class ManifestItem:
+    id: str
+    label: str
+    split: str   # "train" | "val" | "test"
+    title: str   # raw title, as in the catalog (cleaning is the tokenizer's job)
+    image: str   # image reference in the catalog
+
+
+@dataclass
+class Manifest:
+    """The drawn items and their splits, with the catalog, the settings and an account of everything dropped.
+
+    `items` order: classes in `classes` order (sorted by name); within a class train, then val, then test;
+    within a split, ids in natural order (numeric ids numerically).
+    """
+
+    catalog: dict                          # the catalog's spec(); open_catalog() re-opens it
+    settings: SplitSettings
+    classes: list[str]                     # sorted; a label's index is its position here
+    items: list[ManifestItem]
+    dropped: dict[str, int]                # reason -> number of catalog rows (every reason in DROP_REASONS)
+    small_classes: dict[str, int]          # classes dropped as too small -> their usable items
+    malformed: list[tuple[int, str]]       # the catalog's malformed rows: (line number, reason)
+
+    # ------------------------------------------------------------------------------------------ convenience
+    @property
+    def label_index(self) -> dict[str, int]:
+        return {name: index for index, name in enumerate(self.classes)}
+
+    def labels(self) -> np.ndarray:
+        """(N,) int64 label indices, in `items` order."""
+        index = self.label_index
+        return np.array([index[item.label] for item in self.items], dtype=np.int64)
+
+    def split_counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(SPLITS, 0)
+        for item in self.items:
+            counts[item.split] += 1
+        return counts
+
+    def items_in(self, split: str) -> list[ManifestItem]:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+        return [item for item in self.items if item.split == split]
+
+    def open_catalog(self) -> Catalog:
+        return open_catalog_from_spec(self.catalog)
+
+    # ---------------------------------------------------------------------------------------- serialisation
+    def to_dict(self) -> dict:
+        return {
+            "format": MANIFEST_FORMAT,
+            "format_version": MANIFEST_VERSION,
+            "catalog": self.catalog,
+            "settings": asdict(self.settings),
+            "classes": list(self.classes),
+            "items": [asdict(item) for item in self.items],
+            "dropped": dict(self.dropped),
+            "small_classes": dict(self.small_classes),
+            "malformed": [[line, reason] for line, reason in self.malformed],
+        }
+
+    def to_bytes(self) -> bytes:
+        """The canonical serialisation: sorted keys, no timestamps, one trailing newline."""
+        text = json.dumps(self.to_dict(), sort_keys=True, indent=1, ensure_ascii=False)
+        return (text + "\n").encode("utf-8")
+
+    @property
+    def sha256(self) -> str:
+        """Hash of the canonical bytes (= the sha256 of a file written by save): what later steps record."""
+        return hashlib.sha256(self.to_bytes()).hexdigest()
+
+    def save(self, path: str | os.PathLike) -> None:
+        with open(path, "wb") as handle:
+            handle.write(self.to_bytes())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Manifest":
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"manifest not found: {os.path.abspath(path)}; create it with `embed prepare`")
+        try:
+            with open(path, encoding="utf-8") as handle:
+                data = json.load(handle)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{path} is not a manifest (invalid JSON: {error})") from None
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "manifest") -> "Manifest":
+        """Validate and build; any problem is a one-line ValueError naming `source`."""
+        def bad(problem: str) -> ValueError:
+            return ValueError(f"{source} is not a valid manifest: {problem}; re-create it with `embed prepare`")
+
+        if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+            raise bad(f"'format' is not {MANIFEST_FORMAT!r}")
+        if data.get("format_version") != MANIFEST_VERSION:
+            raise bad(f"format_version {data.get('format_version')!r} is not {MANIFEST_VERSION}")
+        missing = [key for key in ("catalog", "settings", "classes", "items", "dropped", "small_classes",
+                                   "malformed") if key not in data]
+        if missing:
+            raise bad(f"missing key(s) {', '.join(missing)}")
+        try:
+            settings = SplitSettings(**data["settings"])
+        except (TypeError, ValueError) as error:
+            raise bad(f"settings: {error}") from None
+        classes = data["classes"]
+        if not isinstance(classes, list) or classes != sorted(set(classes)):
+            raise bad("'classes' must be a sorted list of distinct names")
+        items = [_item_from_dict(raw, set(classes), bad) for raw in data["items"]]
+        if len({item.id for item in items}) != len(items):
+            raise bad("duplicate item ids")
+        return cls(catalog=data["catalog"], settings=settings, classes=classes, items=items,
+                   dropped=dict(data["dropped"]), small_classes=dict(data["small_classes"]),
+                   malformed=[(int(line), str(reason)) for line, reason in data["malformed"]])
+
+
+def _item_from_dict(raw, classes: set[str], bad) -> ManifestItem:
+    names = [f.name for f in fields(ManifestItem)]
+    if not isinstance(raw, dict) or sorted(raw) != sorted(names):
+        raise bad(f"item {raw!r} must have exactly the keys {', '.join(names)}")
+    item = ManifestItem(**{name: str(raw[name]) for name in names})
+    if item.label not in classes:
+        raise bad(f"item {item.id!r} has label {item.label!r}, which is not in 'classes'")
+    if item.split not in SPLITS:
+        raise bad(f"item {item.id!r} has split {item.split!r}; expected one of {', '.join(SPLITS)}")
+    return item
+
+
+# --------------------------------------------------------------------------------------------- preparation
+def natural_key(item_id: str) -> tuple:
+    """Numeric ids sort numerically ("9" before "10") and before any non-numeric id."""
+    return (0, int(item_id), item_id) if item_id.isdigit() else (1, 0, item_id)
+
+
+def prepare_manifest(catalog: Catalog, settings: SplitSettings | None = None) -> Manifest:
+    """Keep classes with >= min_items usable items, draw items_per_class from each, split each class.
+
+    Usable = the image exists in the catalog and the title is non-empty after `clean_title`. An item failing
+    both is counted once, as "no image". Each class draws with its own generator, seeded from (seed, class
+    name), so adding or removing another class never changes this class's draw. The shuffled ids are dealt
+    test first, then val, then train: a smaller `train` keeps the same val and test items.
+    """
+    settings = settings or SplitSettings()
+    rows = catalog.read_rows()
+    dropped = dict.fromkeys(DROP_REASONS, 0)
+    dropped["malformed row"] = len(rows.malformed)
+    by_class: dict[str, list[CatalogItem]] = {}
+    for item in rows.items:
+        reason = _unusable_reason(catalog, item)
+        if reason is None:
+            by_class.setdefault(item.label, []).append(item)
+        else:
+            dropped[reason] += 1
+
+    classes, small_classes, items = [], {}, []
+    for label in sorted(by_class):
+        members = by_class[label]
+        if len(members) < settings.min_items:
+            small_classes[label] = len(members)
+            dropped["class too small"] += len(members)
+            continue
+        classes.append(label)
+        dropped["not sampled"] += len(members) - settings.items_per_class
+        items.extend(_draw_class(label, members, settings))
+    return Manifest(catalog=catalog.spec(), settings=settings, classes=classes, items=items, dropped=dropped,
+                    small_classes=small_classes, malformed=list(rows.malformed))
+
+
+def _unusable_reason(catalog: Catalog, item: CatalogItem) -> str | None:
+    if not catalog.has_image(item.image):
+        return "no image"
+    if not clean_title(item.title):
+        return "empty title"
+    return None
+
+
+def _draw_class(label: str, members: list[CatalogItem], settings: SplitSettings) -> list[ManifestItem]:
+    """The class's drawn items: train, then val, then test, each in natural id order."""
+    members = sorted(members, key=lambda item: natural_key(item.id))
+    rng = np.random.default_rng([settings.seed, zlib.crc32(label.encode("utf-8"))])
+    order = rng.permutation(len(members))[: settings.items_per_class]
+    ends = {"test": settings.test, "val": settings.test + settings.val, "train": settings.items_per_class}
+    drawn, start = [], 0
+    for split in ("test", "val", "train"):
+        chosen = sorted((members[i] for i in order[start:ends[split]]), key=lambda item: natural_key(item.id))
+        drawn.append([ManifestItem(item.id, item.label, split, item.title, item.image) for item in chosen])
+        start = ends[split]
+    test, val, train = drawn
+    return train + val + test
+
+
+def format_summary(manifest: Manifest) -> str:
+    """A short human summary: kept classes, per-split counts, and each drop reason with its count."""
+    counts = manifest.split_counts()
+    lines = [f"{len(manifest.classes)} classes kept, {len(manifest.items):,} items: "
+             + " / ".join(f"{counts[split]:,} {split}" for split in SPLITS)
+             + f" (seed {manifest.settings.seed})",
+             "dropped:"]
+    for reason in DROP_REASONS:
+        line = f"  {reason}: {manifest.dropped.get(reason, 0):,}"
+        if reason == "class too small" and manifest.small_classes:
+            largest = max(manifest.small_classes, key=lambda name: (manifest.small_classes[name], name))
+            line += (f" items in {len(manifest.small_classes):,} classes (largest: {largest}, "
+                     f"{manifest.small_classes[largest]:,} < {manifest.settings.min_items:,})")
+        lines.append(line)
+    return "\n".join(lines)

@@ -1,0 +1,217 @@
+"""Small generated catalogs for every test in the project.
+
+Images are real JPEGs and class-separable (each class its own colour and shape, plus noise); titles mix
+class-specific words with words every class shares. So a tiny classifier trained on either modality separates
+the classes, and a test can tell a working pipeline from a broken one. With defects=True each catalog also holds
+the real catalog's problems: a corrupt JPEG, a missing image, a title with unquoted commas, an empty title and
+a malformed row.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import random
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from embedstore.catalog import CsvColumns
+
+FASHION_ROOT = "fashion-product-images-small"
+FASHION_HEADER = ["id", "gender", "masterCategory", "subCategory", "articleType", "baseColour", "season", "year",
+                  "usage", "productDisplayName"]
+
+_PALETTE = [(220, 30, 30), (30, 160, 40), (30, 60, 220), (230, 200, 20), (200, 40, 200), (20, 190, 200),
+            (240, 130, 20), (110, 50, 20)]
+_SHAPES = ["ellipse", "rectangle", "triangle", "cross"]
+_CLASS_WORDS = {
+    "Tshirts": ["Tshirt", "Round Neck", "Printed", "Polo"],
+    "Watches": ["Watch", "Analog", "Chronograph", "Dial"],
+    "Casual Shoes": ["Casual Shoes", "Sneakers", "Canvas", "Loafers"],
+}
+_BRANDS = ["Puma", "Nike", "Roadster", "Fossil", "Titan", "Adidas"]
+_COLOURS = ["Black", "White", "Blue", "Grey", "Navy"]
+_GENDERS = ["Men", "Women", "Unisex"]
+
+
+@dataclass
+class CatalogInfo:
+    """What a test needs to know about a generated catalog."""
+
+    path: Path                     # what to pass to open_catalog: the folder, the zip or the CSV file
+    classes: tuple[str, ...]
+    n_rows: int                    # data rows in the table, malformed ones included
+    n_items: int                   # rows that parse into items
+    usable_per_class: dict[str, int]  # items with an image file present and a non-empty title
+    malformed_lines: list[int] = field(default_factory=list)  # 1-based line numbers
+    corrupt_image_id: str | None = None   # image file present but not a JPEG (usable for the manifest)
+    missing_image_id: str | None = None
+    comma_title_id: str | None = None     # title with commas (usable)
+    empty_title_id: str | None = None
+    columns: CsvColumns | None = None     # generic CSV catalogs only
+
+
+# ----------------------------------------------------------------------------------------------- contents
+def class_words(label: str, index: int) -> list[str]:
+    return _CLASS_WORDS.get(label, [label, f"Kind{index}", f"Style{index}"])
+
+
+def class_image(index: int, rng: np.random.Generator, size: tuple[int, int]) -> bytes:
+    """A JPEG of class `index`: its own colour and shape at a jittered position and size, plus pixel noise."""
+    width, height = size
+    image = Image.new("RGB", size, (235, 235, 230))
+    draw = ImageDraw.Draw(image)
+    colour = tuple(int(c) for c in np.clip(np.array(_PALETTE[index % len(_PALETTE)]) + rng.integers(-20, 21, 3),
+                                           0, 255))
+    shape = _SHAPES[(index + index // len(_PALETTE)) % len(_SHAPES)]
+    cx, cy = width / 2 + rng.uniform(-4, 4), height / 2 + rng.uniform(-4, 4)
+    half = min(width, height) * rng.uniform(0.28, 0.38)
+    box = [cx - half, cy - half, cx + half, cy + half]
+    if shape == "ellipse":
+        draw.ellipse(box, fill=colour)
+    elif shape == "rectangle":
+        draw.rectangle(box, fill=colour)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - half), (cx - half, cy + half), (cx + half, cy + half)], fill=colour)
+    else:
+        bar = half / 3
+        draw.rectangle([cx - half, cy - bar, cx + half, cy + bar], fill=colour)
+        draw.rectangle([cx - bar, cy - half, cx + bar, cy + half], fill=colour)
+    pixels = np.asarray(image, dtype=np.int16) + rng.normal(0, 8, (height, width, 3)).astype(np.int16)
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=85)
+    return buffer.getvalue()
+
+
+def class_title(label: str, index: int, rng: random.Random) -> str:
+    """Shared words (brand, gender, colour) around one or two class-specific words."""
+    words = class_words(label, index)
+    return " ".join([rng.choice(_BRANDS), rng.choice(_GENDERS), rng.choice(_COLOURS), rng.choice(words[1:]),
+                     words[0]])
+
+
+@dataclass
+class _Row:
+    id: str
+    label: str
+    title: str
+    image: bytes | None   # None: no image file
+    malformed: bool = False
+
+
+def _make_rows(classes, per_class, image_px, defects, seed) -> tuple[list[_Row], dict]:
+    """Shuffled rows (ids 1..N, so natural and text order differ) and the ids of the defective ones."""
+    counts = {label: per_class[label] if isinstance(per_class, Mapping) else per_class for label in classes}
+    rng, np_rng = random.Random(seed), np.random.default_rng(seed)
+    rows = []
+    for index, label in enumerate(classes):
+        for _ in range(counts[label]):
+            rows.append(_Row("", label, class_title(label, index, rng), class_image(index, np_rng, image_px)))
+    special = {}
+    if defects:
+        first, second, third = classes[0], classes[1 % len(classes)], classes[2 % len(classes)]
+        specials = {
+            "corrupt_image_id": _Row("", first, class_title(first, 0, rng), b"this is not a JPEG"),
+            "missing_image_id": _Row("", second, class_title(second, 1 % len(classes), rng), None),
+            "comma_title_id": _Row("", third, f"Roadster Men, Women {class_words(third, 2 % len(classes))[0]}, "
+                                              f"Set of 2", class_image(2 % len(classes), np_rng, image_px)),
+            "empty_title_id": _Row("", first, "", class_image(0, np_rng, image_px)),
+            "malformed": _Row("", first, "", None, malformed=True),
+        }
+        rows.extend(specials.values())
+    rng.shuffle(rows)
+    for number, row in enumerate(rows, start=1):
+        row.id = str(number)
+    if defects:
+        special = {name: row.id for name, row in specials.items()}
+    return rows, special
+
+
+def _usable(rows: list[_Row], classes) -> dict[str, int]:
+    usable = dict.fromkeys(classes, 0)
+    for row in rows:
+        if not row.malformed and row.image is not None and row.title:
+            usable[row.label] += 1
+    return usable
+
+
+# ------------------------------------------------------------------------------------------------ fashion
+def make_fashion_catalog(root: str | Path, *, classes=("Tshirts", "Watches", "Casual Shoes"),
+                         per_class: int | Mapping[str, int] = 12, as_zip: bool = False,
+                         image_px: tuple[int, int] = (60, 80), defects: bool = True, seed: int = 0) -> CatalogInfo:
+    """A Fashion Product Images catalog under `root`: the folder `root/fashion-product-images-small/` (returned),
+    or `root/fashion-product-images-small.zip` with everything under that folder name, as Kaggle ships it.
+    image_px is (width, height); per_class may map each class to its own count."""
+    root = Path(root)
+    rows, special = _make_rows(tuple(classes), per_class, image_px, defects, seed)
+    lines, malformed_lines = [",".join(FASHION_HEADER)], []
+    for row in rows:
+        if row.malformed:
+            malformed_lines.append(len(lines) + 1)
+            lines.append(f"{row.id},Men,Apparel")
+        else:
+            lines.append(",".join([row.id, "Men", "Apparel", "Topwear", row.label, "Blue", "Summer", "2012",
+                                   "Casual", row.title]))
+    files = {f"{FASHION_ROOT}/styles.csv": ("\n".join(lines) + "\n").encode("utf-8")}
+    files.update({f"{FASHION_ROOT}/images/{row.id}.jpg": row.image for row in rows if row.image is not None})
+    if as_zip:
+        path = root / f"{FASHION_ROOT}.zip"
+        root.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+            archive.writestr(f"{FASHION_ROOT}/", b"")
+            archive.writestr(f"{FASHION_ROOT}/images/", b"")
+            for name in sorted(files):
+                archive.writestr(name, files[name])
+    else:
+        path = root / FASHION_ROOT
+        for name, data in files.items():
+            target = root / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+    n_items = sum(not row.malformed for row in rows)
+    return CatalogInfo(path=path, classes=tuple(classes), n_rows=len(rows), n_items=n_items,
+                       usable_per_class=_usable(rows, classes), malformed_lines=malformed_lines,
+                       corrupt_image_id=special.get("corrupt_image_id"),
+                       missing_image_id=special.get("missing_image_id"),
+                       comma_title_id=special.get("comma_title_id"), empty_title_id=special.get("empty_title_id"))
+
+
+# ---------------------------------------------------------------------------------------------- generic CSV
+CSV_COLUMNS = CsvColumns(id="sku", image="photo", title="name", label="category")
+
+
+def make_csv_catalog(root: str | Path, *, classes=("Tshirts", "Watches", "Casual Shoes"),
+                     per_class: int | Mapping[str, int] = 8, columns: CsvColumns = CSV_COLUMNS,
+                     image_px: tuple[int, int] = (60, 80), defects: bool = True, seed: int = 0) -> CatalogInfo:
+    """A generic CSV catalog: `root/catalog.csv` (returned) with an extra `price` column, images in
+    `root/photos/`, the first image given as an absolute path. Its malformed row has an empty label; its comma
+    title is properly quoted, as the csv module writes it."""
+    root = Path(root)
+    (root / "photos").mkdir(parents=True, exist_ok=True)
+    rows, special = _make_rows(tuple(classes), per_class, image_px, defects, seed)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow([columns.id, "price", columns.label, columns.title, columns.image])
+    malformed_lines = []
+    for number, row in enumerate(rows):
+        image = f"photos/{row.id}.jpg"
+        if row.image is not None:
+            (root / image).write_bytes(row.image)
+        if number == 0:
+            image = str((root / image).resolve())
+        if row.malformed:
+            malformed_lines.append(number + 2)
+        writer.writerow([row.id, "9.99", "" if row.malformed else row.label, row.title, image])
+    path = root / "catalog.csv"
+    path.write_text(buffer.getvalue(), encoding="utf-8")
+    n_items = sum(not row.malformed for row in rows)
+    return CatalogInfo(path=path, classes=tuple(classes), n_rows=len(rows), n_items=n_items,
+                       usable_per_class=_usable(rows, classes), malformed_lines=malformed_lines,
+                       corrupt_image_id=special.get("corrupt_image_id"),
+                       missing_image_id=special.get("missing_image_id"),
+                       comma_title_id=special.get("comma_title_id"), empty_title_id=special.get("empty_title_id"),
+                       columns=columns)
