@@ -15,7 +15,9 @@ an attribute set last, so a half-written store is never mistaken for a complete 
 from __future__ import annotations
 
 import datetime as _dt
+import fcntl
 import json
+import os
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,7 +128,7 @@ def create_store(
         raise ValueError(f"unknown split names {unknown}; expected {list(SPLITS)}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".creating")
-    with h5py.File(tmp, "w") as f:
+    with h5py.File(tmp, "w", locking=False) as f:
         f.attrs.update(
             {
                 "format": FORMAT,
@@ -174,7 +176,18 @@ class FeatureSetWriter:
         self.path = Path(path)
         self.modality, self.source = modality, source
         self.layers = dict(layers)
-        self._file = h5py.File(self.path, "r+")
+        self._file = None
+        self._lock = _take_writer_lock(self.path)
+        try:
+            # HDF5's own lock is off for every open of a store (readers and the writer alike): HDF5 refuses to
+            # open one file twice in a process with different locking flags; our flock enforces the one writer.
+            self._file = h5py.File(self.path, "r+", locking=False)
+            self._group = self._open_or_create(modality, source, provenance, add)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_or_create(self, modality, source, provenance, add) -> h5py.Group:
         n_items = self._file["items/id"].shape[0]
         manifest_sha256 = _decode_attr(self._file.attrs["manifest_sha256"])
         group_path = f"features/{modality}/{source}"
@@ -191,7 +204,7 @@ class FeatureSetWriter:
             _allocated_dataset(group, "status", (n_items,), np.int8, STATUS_PENDING)
             group.attrs["complete"] = False
             self._file.flush()
-        self._group = self._file[group_path]
+        return self._file[group_path]
 
     def _check_same_provenance(self, group_path: str, provenance: Mapping[str, Mapping]) -> None:
         group = self._file[group_path]
@@ -250,14 +263,28 @@ class FeatureSetWriter:
         return complete
 
     def close(self) -> None:
-        if self._file.id.valid:
+        if self._file is not None and self._file.id.valid:
             self._file.close()
+        if self._lock is not None:
+            os.close(self._lock)  # closing the descriptor releases the flock
+            self._lock = None
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _take_writer_lock(path: Path) -> int:
+    """An exclusive, non-blocking flock on the store file: one writer at a time, readers unaffected."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        raise ValueError(f"another process is writing to {path}; a store has one writer at a time") from None
+    return descriptor
 
 
 def _write_rows(dataset: h5py.Dataset, rows: np.ndarray, values: np.ndarray) -> None:
