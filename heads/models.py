@@ -1,0 +1,223 @@
+"""Fusion heads for strategies 1-A, 1-B, 2-A, 2-B and the unimodal baselines (DESIGN.md, "The six multimodal
+fine-tuning strategies").
+
+A head is described completely by a `HeadConfig`. `StackedHead` holds no weights: it knows the parameter
+shapes of one head and runs G heads at once on a dict of stacked weights (name -> (G, ...)), so the trainer
+can batch a grid of heads and also slice, compact and save them. `FusionHead` is the estimator-style wrapper
+around ONE trained head: fit / predict / predict_proba / save / load (safetensors + config.json).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from heads.fusion import create_fusion, list_fusions
+
+MULTIMODAL_STRATEGIES = ("1A", "1B", "2A", "2B")
+BASELINES = ("image", "text")
+# Which store layer each strategy reads, and which modalities (image first, the fusion operators' `a`).
+STRATEGY_LAYER = {"1A": "dense", "1B": "classifier", "2A": "pooled", "2B": "pooled",
+                  "image": "pooled", "text": "pooled"}
+STRATEGY_MODALITIES = {"1A": ("image", "text"), "1B": ("image", "text"), "2A": ("image", "text"),
+                       "2B": ("image", "text"), "image": ("image",), "text": ("text",)}
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    strategy: str                 # "1A" | "1B" | "2A" | "2B" | "image" | "text"
+    fusion: str | None            # a registered fusion operator; None for the unimodal baselines
+    input_dims: tuple[int, ...]   # one per modality in STRATEGY_MODALITIES order
+    num_classes: int
+    middle_dim: int = 500         # the new per-modality layer of 2-A / 2-B / baselines
+    fusion_dim: int = 250         # the fusion layer: fused_dim -> 250
+    dropout: float = 0.3
+
+    def __post_init__(self):
+        object.__setattr__(self, "input_dims", tuple(int(d) for d in self.input_dims))
+        if self.strategy not in STRATEGY_LAYER:
+            raise ValueError(f"unknown strategy {self.strategy!r}; "
+                             f"known: {', '.join(MULTIMODAL_STRATEGIES + BASELINES)}")
+        if self.strategy in BASELINES:
+            if self.fusion is not None:
+                raise ValueError(f"the unimodal baseline {self.strategy!r} takes no fusion operator")
+        elif self.fusion not in list_fusions():
+            raise ValueError(f"unknown fusion operator {self.fusion!r}; registered: {', '.join(list_fusions())}")
+        if len(self.input_dims) != len(STRATEGY_MODALITIES[self.strategy]):
+            raise ValueError(f"strategy {self.strategy} needs {len(STRATEGY_MODALITIES[self.strategy])} "
+                             f"input dims, got {self.input_dims}")
+        if self.strategy in ("1A", "1B") and self.input_dims[0] != self.input_dims[1]:
+            raise ValueError(f"strategy {self.strategy} fuses the inputs directly, so their sizes must match: "
+                             f"image {self.input_dims[0]} vs text {self.input_dims[1]}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def cell(self) -> str:
+        """The grid cell this head belongs to: "2A-gated", or "image" / "text" for a baseline."""
+        return self.strategy if self.fusion is None else f"{self.strategy}-{self.fusion}"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["input_dims"] = list(self.input_dims)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "HeadConfig":
+        return cls(**{**d, "input_dims": tuple(d["input_dims"])})
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """G independent linear layers in one batched matmul: x (G, B, in) @ weight (G, in, out) -> (G, B, out).
+    Weights are stored (in, out), the transpose of nn.Linear's, so their gradients come out contiguous (the
+    fused AdamW kernel needs that) without a copy."""
+    return torch.baddbmm(bias.unsqueeze(1), x, weight)
+
+
+class StackedHead:
+    """The architecture of one head, run on stacked weights of G heads."""
+
+    def __init__(self, config: HeadConfig):
+        self.config = config
+        c = config
+        self.modalities = STRATEGY_MODALITIES[c.strategy]
+        # (name, shape, fan_in) in a fixed order: the order each head's generator draws its init
+        self._linears: list[tuple[str, int, int]] = []   # (prefix, out, in)
+        self._dropout_widths: list[int] = []
+        branch_dim = c.input_dims[0]
+        if c.strategy in ("2A", "2B", "image", "text"):
+            for m, d in zip(self.modalities, c.input_dims):
+                self._linears.append((f"{m}_middle", c.middle_dim, d))
+                self._dropout_widths.append(c.middle_dim)
+                if c.strategy == "2B":
+                    self._linears.append((f"{m}_classifier", c.num_classes, c.middle_dim))
+            branch_dim = c.num_classes if c.strategy == "2B" else c.middle_dim
+        self.fusion = None if c.fusion is None else create_fusion(c.fusion, branch_dim)
+        fused_dim = branch_dim if self.fusion is None else self.fusion.output_dim
+        self._linears.append(("fusion_layer", c.fusion_dim, fused_dim))
+        self._dropout_widths.append(c.fusion_dim)
+        self._linears.append(("classifier", c.num_classes, c.fusion_dim))
+
+    @property
+    def dropout_width(self) -> int:
+        """Dropout units per example, all layers together: one uniform draw per unit per step."""
+        return sum(self._dropout_widths)
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes: dict[str, tuple[int, ...]] = {}
+        for prefix, out, inp in self._linears[:-2]:
+            shapes[f"{prefix}.weight"], shapes[f"{prefix}.bias"] = (inp, out), (out,)
+        if self.fusion is not None:
+            shapes.update({f"fusion.{k}": v for k, v in self.fusion.param_shapes().items()})
+        for prefix, out, inp in self._linears[-2:]:
+            shapes[f"{prefix}.weight"], shapes[f"{prefix}.bias"] = (inp, out), (out,)
+        return shapes
+
+    def num_parameters(self) -> int:
+        """Trainable parameters of ONE head."""
+        return sum(math.prod(s) for s in self.param_shapes().values())
+
+    def init_params(self, generators: list[torch.Generator]) -> dict[str, torch.Tensor]:
+        """Stacked weights (G, ...), head g drawn from generators[g] only: the same head gets the same init
+        whether it trains alone or in a stack."""
+        fan_in = {f"{p}.{k}": inp for p, _, inp in self._linears for k in ("weight", "bias")}
+        per_head = []
+        for g in generators:
+            w = {}
+            for name, shape in self.param_shapes().items():
+                if name.startswith("fusion."):
+                    w[name] = self.fusion.init_param(name[7:], shape, g)
+                else:  # nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+                    w[name] = (torch.rand(shape, generator=g) * 2 - 1) / math.sqrt(fan_in[name])
+            per_head.append(w)
+        return {name: torch.stack([w[name] for w in per_head]) for name in self.param_shapes()}
+
+    def forward(self, params: dict[str, torch.Tensor], inputs: list[torch.Tensor],
+                dropout_masks: torch.Tensor | None = None) -> torch.Tensor:
+        """inputs: one (G, B, D_m) tensor per modality; dropout_masks (G, B, dropout_width) already scaled by
+        1/(1-p), or None for evaluation. Returns logits (G, B, C)."""
+        offsets = np.cumsum([0] + self._dropout_widths)
+
+        def dropout(x, i):
+            return x if dropout_masks is None else x * dropout_masks[:, :, offsets[i]:offsets[i + 1]]
+
+        c, p = self.config, params
+        feats = list(inputs)
+        if c.strategy in ("2A", "2B", "image", "text"):
+            for i, m in enumerate(self.modalities):
+                h = dropout(torch.relu(_linear(feats[i], p[f"{m}_middle.weight"], p[f"{m}_middle.bias"])), i)
+                if c.strategy == "2B":  # (G, B, 500) -> (G, B, C)
+                    h = _linear(h, p[f"{m}_classifier.weight"], p[f"{m}_classifier.bias"])
+                feats[i] = h
+        if self.fusion is None:
+            fused = feats[0]
+        else:
+            fused = self.fusion.forward({k[7:]: v for k, v in p.items() if k.startswith("fusion.")}, *feats)
+        h = torch.relu(_linear(fused, p["fusion_layer.weight"], p["fusion_layer.bias"]))  # (G, B, 250)
+        h = dropout(h, len(self._dropout_widths) - 1)
+        return _linear(h, p["classifier.weight"], p["classifier.bias"])  # (G, B, C)
+
+
+def predict_logits(model: StackedHead, params: dict[str, torch.Tensor], inputs: list[torch.Tensor],
+                   *, chunk: int = 4096) -> torch.Tensor:
+    """Logits (G, n, C) of G heads over n shared examples (inputs: (n, D_m) each), in chunks."""
+    G = next(iter(params.values())).shape[0]
+    out = []
+    with torch.no_grad():
+        for s in range(0, inputs[0].shape[0], chunk):
+            xs = [x[s:s + chunk].unsqueeze(0).expand(G, -1, -1) for x in inputs]  # (G, b, D), no copy
+            out.append(model.forward(params, xs))
+    return torch.cat(out, dim=1)
+
+
+class FusionHead:
+    """One trained head, estimator-style. `fit` trains it (see heads.train); learned weights are `params_`."""
+
+    def __init__(self, config: HeadConfig, *, seed: int = 0):
+        self.config = config
+        self.seed = seed
+
+    def fit(self, data, settings=None) -> "FusionHead":
+        """data: a heads.train.HeadData with train/val/test splits."""
+        from heads.train import TrainSettings, train_heads
+        result = train_heads(self.config, [self.seed], data, settings or TrainSettings())[0]
+        self.params_, self.result_ = result.params, result
+        return self
+
+    def _inputs(self, inputs) -> list[torch.Tensor]:
+        if isinstance(inputs, (np.ndarray, torch.Tensor)):
+            inputs = [inputs]
+        return [torch.as_tensor(np.asarray(x), dtype=torch.float32) for x in inputs]
+
+    def predict_proba(self, inputs) -> np.ndarray:
+        """inputs: one (n, D) array per modality (image first). Returns (n, C) probabilities."""
+        logits = predict_logits(StackedHead(self.config), self.params_, self._inputs(inputs))[0]
+        return torch.softmax(logits, dim=-1).numpy()
+
+    def predict(self, inputs) -> np.ndarray:
+        return self.predict_proba(inputs).argmax(axis=1)
+
+    def save(self, directory: str | Path, *, metadata: dict | None = None) -> None:
+        """model.safetensors (weights) + config.json (the config that built it, seed, any metadata)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({k: v[0].detach().cpu().contiguous() for k, v in self.params_.items()},
+                  str(directory / "model.safetensors"))
+        doc = {"config": self.config.to_dict(), "seed": self.seed, **(metadata or {})}
+        (directory / "config.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "FusionHead":
+        directory = Path(directory)
+        if not (directory / "config.json").exists():
+            raise FileNotFoundError(f"no config.json in {directory}; expected a head saved by `heads sweep`")
+        doc = json.loads((directory / "config.json").read_text())
+        head = cls(HeadConfig.from_dict(doc["config"]), seed=doc.get("seed", 0))
+        head.params_ = {k: v.unsqueeze(0) for k, v in load_file(str(directory / "model.safetensors")).items()}
+        head.metadata_ = doc
+        return head
