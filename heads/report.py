@@ -1,0 +1,173 @@
+"""`heads report`: render RESULTS/runs.jsonl as the paper's Tables 5-7 (Markdown + CSV) and bar charts.
+
+The report only reads result rows; it never trains. Mean and spread (sample std) are over seeds.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from heads.fusion import list_fusions
+from heads.models import BASELINES, MULTIMODAL_STRATEGIES
+from heads.sweep import read_runs
+
+
+def _variant(row: dict) -> str:
+    doc = {"config": row["config"], "train": row["train_settings"], "store": row["store"]["manifest_sha256"]}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """One summary per cell (and per settings variant, when RESULTS holds more than one)."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["cell"], _variant(row)), []).append(row)
+    several = {cell for cell, _ in groups if sum(c == cell for c, _ in groups) > 1}
+    out = []
+    for (cell, variant), rs in groups.items():
+        acc = np.array([r["test_accuracy"] for r in rs])
+        f1 = np.array([r["test_macro_f1"] for r in rs])
+        secs = np.array([r["train_seconds"] for r in rs])
+        std = (lambda a: float(a.std(ddof=1)) if len(a) > 1 else 0.0)
+        notes = sorted({r["non_trainable_note"] for r in rs if r.get("non_trainable_note")})
+        out.append({
+            "cell": cell if cell not in several else f"{cell} [{variant}]", "strategy": rs[0]["strategy"],
+            "fusion": rs[0]["fusion"] or "", "seeds": len(rs),
+            "accuracy_mean": float(acc.mean()), "accuracy_std": std(acc),
+            "macro_f1_mean": float(f1.mean()), "macro_f1_std": std(f1),
+            "best_epoch_mean": float(np.mean([r["best_epoch"] for r in rs])),
+            "epochs_mean": float(np.mean([r["epochs_run"] for r in rs])),
+            "train_seconds_mean": float(secs.mean()), "train_seconds_std": std(secs),
+            "trainable_parameters": rs[0]["trainable_parameters"],
+            "non_trainable_parameters": rs[0]["non_trainable_parameters"],
+            "note": "; ".join(notes),
+        })
+    order = {s: i for i, s in enumerate(MULTIMODAL_STRATEGIES + BASELINES)}
+    return sorted(out, key=lambda c: (order.get(c["strategy"], 99), c["fusion"], c["cell"]))
+
+
+def _pm(mean: float, std: float, scale: float = 100.0, digits: int = 2) -> str:
+    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
+
+
+def _tables(cells: list[dict]) -> dict[str, tuple[list[str], list[list]]]:
+    multi = [c for c in cells if c["strategy"] in MULTIMODAL_STRATEGIES]
+    present = {c["fusion"] for c in multi}
+    fusions = [f for f in list_fusions() if f in present] + sorted(present - set(list_fusions()))
+    strategies = [s for s in MULTIMODAL_STRATEGIES if any(c["strategy"] == s for c in multi)]
+    by = {(c["strategy"], c["fusion"]): c for c in multi}
+    tables = {}
+
+    header = ["cell", "seeds", "accuracy %", "macro-F1 %", "best epoch", "epochs", "train s/head",
+              "trainable params", "non-trainable params", "note"]
+    tables["cells"] = (header, [[c["cell"], c["seeds"], _pm(c["accuracy_mean"], c["accuracy_std"]),
+                                 _pm(c["macro_f1_mean"], c["macro_f1_std"]), f"{c['best_epoch_mean']:.1f}",
+                                 f"{c['epochs_mean']:.1f}", _pm(c["train_seconds_mean"], c["train_seconds_std"], 1),
+                                 c["trainable_parameters"], c["non_trainable_parameters"], c["note"]]
+                                for c in cells])
+
+    # Table 5: multimodal strategies, accuracy per operator and the best operator
+    rows = []
+    for s in strategies:
+        mine = [c for c in multi if c["strategy"] == s]
+        best = max(mine, key=lambda c: c["accuracy_mean"])
+        rows.append([s] + [_pm(by[s, f]["accuracy_mean"], by[s, f]["accuracy_std"]) if (s, f) in by else ""
+                           for f in fusions]
+                    + [best["fusion"], _pm(best["accuracy_mean"], best["accuracy_std"]),
+                       _pm(best["macro_f1_mean"], best["macro_f1_std"]), f"{best['train_seconds_mean']:.2f}",
+                       best["trainable_parameters"], best["non_trainable_parameters"]])
+    tables["table5_strategies"] = (["strategy"] + [f"{f} acc %" for f in fusions] +
+                                   ["best fusion", "best acc %", "best macro-F1 %", "train s/head",
+                                    "trainable params", "non-trainable params"], rows)
+
+    # Table 6: fusion operators, per strategy and on average over strategies
+    rows = []
+    for f in fusions:
+        mine = [by[s, f] for s in strategies if (s, f) in by]
+        rows.append([f] + [_pm(by[s, f]["accuracy_mean"], by[s, f]["accuracy_std"]) if (s, f) in by else ""
+                           for s in strategies]
+                    + [f"{100 * np.mean([c['accuracy_mean'] for c in mine]):.2f}",
+                       f"{100 * np.mean([c['macro_f1_mean'] for c in mine]):.2f}",
+                       f"{np.mean([c['train_seconds_mean'] for c in mine]):.2f}"])
+    tables["table6_fusions"] = (["fusion"] + [f"{s} acc %" for s in strategies] +
+                                ["mean acc %", "mean macro-F1 %", "mean train s/head"], rows)
+
+    # Table 7: unimodal baselines vs the best multimodal head
+    rows = []
+    picks = [c for c in cells if c["strategy"] in BASELINES]
+    if multi:
+        picks.append(max(multi, key=lambda c: c["accuracy_mean"]))
+    for c in picks:
+        kind = f"{c['strategy']} only" if c["strategy"] in BASELINES else f"multimodal (best: {c['cell']})"
+        rows.append([kind, _pm(c["accuracy_mean"], c["accuracy_std"]), _pm(c["macro_f1_mean"], c["macro_f1_std"]),
+                     f"{c['train_seconds_mean']:.2f}", c["trainable_parameters"], c["non_trainable_parameters"]])
+    tables["table7_unimodal_vs_multimodal"] = (["model", "accuracy %", "macro-F1 %", "train s/head",
+                                                "trainable params", "non-trainable params"], rows)
+    return tables
+
+
+def _markdown(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+TITLES = {"table5_strategies": "Table 5: multimodal fine-tuning strategies (test accuracy, mean ± std over seeds)",
+          "table6_fusions": "Table 6: fusion operators (test accuracy, mean ± std over seeds)",
+          "table7_unimodal_vs_multimodal": "Table 7: unimodal vs multimodal",
+          "cells": "All cells"}
+
+
+def write_report(results_dir: str | Path, out_dir: str | Path) -> list[Path]:
+    """Write report.md, one CSV per table, accuracy.png and training_time.png; returns the paths written."""
+    rows = read_runs(results_dir)
+    if not rows:
+        raise FileNotFoundError(f"no runs in {Path(results_dir) / 'runs.jsonl'}; run `heads sweep STORE --out "
+                                f"{results_dir}` first")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cells = summarize(rows)
+    tables = _tables(cells)
+    written = []
+    stores = sorted({r["store"]["manifest_sha256"] for r in rows})
+    md = [f"# Fusion head sweep: {len(rows)} runs from {Path(results_dir) / 'runs.jsonl'}",
+          f"Store manifest(s): {', '.join(stores)}. Accuracy and macro-F1 on the test split at each head's best "
+          f"validation epoch; train s/head is wall time per head (batched stacks share theirs)."]
+    for name, (header, body) in tables.items():
+        path = out_dir / f"{name}.csv"
+        with open(path, "w", newline="") as f:
+            csv.writer(f).writerows([header] + body)
+        written.append(path)
+        md += ["", f"## {TITLES[name]}", "", _markdown(header, body)]
+    (out_dir / "report.md").write_text("\n".join(md) + "\n")
+    written.append(out_dir / "report.md")
+    written += _plots(cells, out_dir)
+    return written
+
+
+def _plots(cells: list[dict], out_dir: Path) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    names = [c["cell"] for c in cells]
+    paths = []
+    for key, label, fname, scale in [("accuracy", "test accuracy %", "accuracy.png", 100.0),
+                                     ("train_seconds", "training time per head (s)", "training_time.png", 1.0)]:
+        mean = np.array([c[f"{key}_mean"] for c in cells]) * scale
+        std = np.array([c[f"{key}_std"] for c in cells]) * scale
+        fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(names)), 4))
+        ax.bar(range(len(names)), mean, yerr=std, capsize=2, color="tab:blue")
+        ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
+        ax.set_ylabel(label)
+        if key == "accuracy":
+            ax.set_ylim(max(0, mean.min() - std.max() - 5), min(100, mean.max() + std.max() + 2))
+        fig.tight_layout()
+        fig.savefig(out_dir / fname, dpi=120)
+        plt.close(fig)
+        paths.append(out_dir / fname)
+    return paths

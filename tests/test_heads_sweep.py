@@ -1,0 +1,137 @@
+"""Sweeps over generated stores: separation, skip-existing, saved heads, refusals, the CLI and the report."""
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cli.heads import main
+from embedstore.store import FeatureStore, write_store_from_arrays
+from heads.models import FusionHead
+from heads.sweep import SweepSettings, read_runs, run_sweep
+from heads.train import TrainSettings
+
+C = 4
+FAST = TrainSettings(batch_size=32, max_epochs=6, patience=3, lr=3e-3)
+
+
+def make_store(path, *, modules=True, classifier_dim=C, n=240, seed=0):
+    """Class-dependent Gaussian features (separable), every class in every split."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % C
+    split = np.array(["train"] * (n // 2) + ["val"] * (n // 4) + ["test"] * (n // 4))
+
+    def feats(dim):
+        return rng.normal(size=(C, dim))[y] * 2 + rng.normal(size=(n, dim))
+
+    features = {"image/tiny-img/pooled": (feats(24), {"parameters": 1000}),
+                "text/tiny-txt/pooled": (feats(16), {"parameters": 500})}
+    if modules:
+        features.update({"image/img-module/dense": (feats(8), {"parameters": 1200}),
+                         "image/img-module/classifier": (feats(classifier_dim), {"parameters": 1200}),
+                         "text/txt-module/dense": (feats(8), {}),
+                         "text/txt-module/classifier": (feats(classifier_dim), {})})
+    return write_store_from_arrays(path, ids=[f"item{i}" for i in range(n)], labels=y, splits=split,
+                                   classes=[f"class{i}" for i in range(C)], features=features,
+                                   manifest_sha256="test-manifest")
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    store = make_store(root / "store.h5")
+    settings = SweepSettings(fusions=("concat", "gated"), seeds=(0, 1), train=FAST, device="cpu")
+    summary = run_sweep(store, root / "results", settings, log=lambda _: None)
+    return store, root / "results", settings, summary
+
+
+def test_sweep_separates_classes(swept):
+    _, results, _, summary = swept
+    rows = read_runs(results)
+    assert summary["trained"] == len(rows) == (4 * 2 + 2) * 2
+    assert {r["cell"] for r in rows} == {f"{s}-{f}" for s in ("1A", "1B", "2A", "2B") for f in ("concat", "gated")} \
+        | {"image", "text"}
+    for r in rows:
+        if r["strategy"] in ("1A", "2A", "image", "text"):
+            assert r["test_accuracy"] > 0.8, r["cell"]  # chance is 0.25
+    row = next(r for r in rows if r["cell"] == "1A-gated")
+    assert row["store"]["manifest_sha256"] == "test-manifest"
+    assert set(row["store"]["feature_sets"]) == {"image/img-module/dense", "text/txt-module/dense"}
+    assert row["non_trainable_parameters"] == 1200 and "text/txt-module/dense" in row["non_trainable_note"]
+    assert row["trainable_parameters"] > 0 and row["epochs_run"] >= row["best_epoch"] >= 1
+
+
+def test_runs_already_in_results_are_skipped(swept):
+    store, results, settings, _ = swept
+    before = read_runs(results)
+    again = run_sweep(store, results, settings, log=lambda _: None)
+    assert again["trained"] == 0 and again["skipped"] == len(before)
+    assert read_runs(results) == before
+    more = run_sweep(store, results, SweepSettings(strategies=("2A",), fusions=("gated",), seeds=(0, 1, 2),
+                                                   baselines=False, train=FAST, device="cpu"), log=lambda _: None)
+    assert more["trained"] == 1 and more["skipped"] == 2
+
+
+def test_saved_best_head_round_trips(swept):
+    store, results, _, _ = swept
+    head = FusionHead.load(results / "heads" / "2A-gated")
+    saved = json.loads((results / "heads" / "2A-gated" / "config.json").read_text())
+    with FeatureStore(store) as s:
+        data = s.load(saved["inputs"])
+    test = data.split == "test"
+    pred = head.predict([data.features[n][test] for n in saved["inputs"]])
+    assert (pred == data.labels[test]).mean() == pytest.approx(saved["test_accuracy"])
+    best_run = next(r for r in read_runs(results) if r["run_key"] == saved["run_key"])
+    assert best_run["test_accuracy"] == pytest.approx(saved["test_accuracy"])
+    assert not list(results.rglob("*.pt")) and not list(results.rglob("*.pkl"))
+
+
+def test_store_without_module_features_is_refused(tmp_path):
+    store = make_store(tmp_path / "s.h5", modules=False)
+    with pytest.raises(ValueError, match=r"1A needs image 'dense' and text 'dense'.*--image-module DIR --text-module"):
+        run_sweep(store, tmp_path / "r", SweepSettings(strategies=("1A",), train=FAST), log=lambda _: None)
+    assert not (tmp_path / "r" / "runs.jsonl").exists()
+
+
+def test_classifier_features_of_another_class_count_are_refused(tmp_path):
+    store = make_store(tmp_path / "s.h5", classifier_dim=C + 1)
+    with pytest.raises(ValueError, match=r"5\].*4 classes"):
+        run_sweep(store, tmp_path / "r", SweepSettings(strategies=("1B",), train=FAST), log=lambda _: None)
+
+
+def test_cli_sweep_then_report(tmp_path):
+    store = make_store(tmp_path / "s.h5")
+    runner = CliRunner()
+    res = runner.invoke(main, ["sweep", str(store), "--out", str(tmp_path / "r"), "--strategies", "2A,1B",
+                               "--fusions", "add,average", "--seeds", "0,1", "--max-epochs", "4", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "trained 12 heads" in res.output
+    res = runner.invoke(main, ["report", str(tmp_path / "r"), "--out", str(tmp_path / "rep")])
+    assert res.exit_code == 0, res.output
+    for name in ("report.md", "table5_strategies.csv", "table6_fusions.csv", "table7_unimodal_vs_multimodal.csv",
+                 "cells.csv", "accuracy.png", "training_time.png"):
+        assert (tmp_path / "rep" / name).stat().st_size > 0, name
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "Table 5" in md and "| 2A |" in md and "text only" in md
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--fusions", "attention"], "unknown fusion operator 'attention'"),
+    (["--strategies", "3A"], "unknown strategy '3A'"),
+    (["--seeds", "a,b"], "--seeds takes comma-separated integers"),
+])
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, args, message):
+    store = make_store(tmp_path / "s.h5")
+    res = CliRunner().invoke(main, ["sweep", str(store), "--out", str(tmp_path / "r")] + args)
+    assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output
+
+
+def test_cli_refuses_missing_store_and_module_features(tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(main, ["sweep", str(tmp_path / "nope.h5"), "--out", str(tmp_path / "r")])
+    assert res.exit_code == 2 and "no feature store" in res.output
+    store = make_store(tmp_path / "s.h5", modules=False)
+    res = runner.invoke(main, ["sweep", str(store), "--out", str(tmp_path / "r"), "--strategies", "1A"])
+    assert res.exit_code == 2 and "embed extract" in res.output and len(res.output.strip().splitlines()) == 1
+    res = runner.invoke(main, ["report", str(tmp_path / "empty"), "--out", str(tmp_path / "rep")])
+    assert res.exit_code == 2 and "no runs" in res.output
