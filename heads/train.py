@@ -34,6 +34,7 @@ class TrainSettings:
     max_epochs: int = 40
     patience: int = 5              # epochs without a better validation accuracy before a head stops
     eval_chunk: int = 4096
+    mixed_precision: bool = True   # bf16 autocast on CUDA; the CPU path always stays float32
 
 
 @dataclass
@@ -96,8 +97,11 @@ def _dropout_masks(generators: list[torch.Generator], batch: int, width: int, p:
                    device: torch.device) -> torch.Tensor | None:
     if p == 0.0:
         return None
-    u = torch.stack([torch.rand(batch, width, generator=g) for g in generators])  # (G, B, W)
-    return ((u >= p).to(torch.float32) / (1.0 - p)).to(device, non_blocking=True)
+    u = torch.stack([torch.rand(batch, width, generator=g) for g in generators])  # (G, B, W), on the CPU
+    masks = (u >= p).to(torch.float32) / (1.0 - p)
+    if device.type == "cuda":  # pinned memory lets the copy overlap with compute
+        return masks.pin_memory().to(device, non_blocking=True)
+    return masks
 
 
 class _StackedAdamW:
@@ -143,6 +147,8 @@ def _train_stack(config: HeadConfig, seeds: list[int], data: HeadData, s: TrainS
     device = data.train.labels.device
     model = StackedHead(config)
     G, n, p_drop = len(seeds), data.train.labels.shape[0], config.dropout
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16,
+                              enabled=device.type == "cuda" and s.mixed_precision)
     gens = [torch.Generator().manual_seed(head_seed(config, sd)) for sd in seeds]
     params = {k: v.to(device).requires_grad_() for k, v in model.init_params(gens).items()}
     if reference:  # the plain one-model path every PyTorch user writes
@@ -165,7 +171,8 @@ def _train_stack(config: HeadConfig, seeds: list[int], data: HeadData, s: TrainS
             xs = [x[idx] for x in data.train.inputs]                      # (A, B, D_m) gathers
             y = data.train.labels[idx]                                    # (A, B)
             masks = _dropout_masks(gens, idx.shape[1], model.dropout_width, p_drop, device)
-            logits = model.forward(params, xs, masks)                     # (A, B, C)
+            with autocast:
+                logits = model.forward(params, xs, masks)                 # (A, B, C)
             # sum over heads of each head's mean loss: each head gets exactly its own gradient
             loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(A, -1).mean(1).sum()
             grads = torch.autograd.grad(loss, list(params.values()))
@@ -176,7 +183,8 @@ def _train_stack(config: HeadConfig, seeds: list[int], data: HeadData, s: TrainS
                 torch_opt.step()
             else:
                 stacked_opt.step(params, grads)
-        val_acc = _accuracy(model, params, data.val, s.eval_chunk)        # (A,)
+        with autocast:
+            val_acc = _accuracy(model, params, data.val, s.eval_chunk)    # (A,)
         epochs_run[active] = epoch
         improved = val_acc > best_acc[active]
         if improved.any():
@@ -197,7 +205,8 @@ def _train_stack(config: HeadConfig, seeds: list[int], data: HeadData, s: TrainS
                 stacked_opt.keep(keep_d)
     elapsed = time.perf_counter() - t0
 
-    test_pred = predict_logits(model, best, data.test.inputs, chunk=s.eval_chunk).argmax(-1).cpu().numpy()
+    with autocast:
+        test_pred = predict_logits(model, best, data.test.inputs, chunk=s.eval_chunk).argmax(-1).cpu().numpy()
     y_test = data.test.labels.cpu().numpy()
     results = []
     for i, sd in enumerate(seeds):
