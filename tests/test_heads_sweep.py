@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from cli.heads import main
@@ -10,6 +11,16 @@ from embedstore.store import FeatureStore, write_store_from_arrays
 from heads.models import FusionHead
 from heads.sweep import SweepSettings, read_runs, run_sweep
 from heads.train import TrainSettings
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from threads, and on a shared machine thread barriers cost milliseconds."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 C = 4
 FAST = TrainSettings(batch_size=32, max_epochs=6, patience=3, lr=3e-3)

@@ -7,6 +7,16 @@ from heads.fusion import list_fusions
 from heads.models import FusionHead, HeadConfig
 from heads.train import HeadData, TrainSettings, train_heads
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from threads, and on a shared machine thread barriers cost milliseconds."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 C = 4
 SETTINGS = TrainSettings(batch_size=32, max_epochs=8, patience=3, lr=3e-3)
 
