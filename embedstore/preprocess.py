@@ -35,3 +35,29 @@ def clean_title(text: str) -> str:
     """
     words = _SPECIAL_CHARACTERS.sub("", text or "").split()
     return " ".join(word for word in words if word.lower() not in STOP_WORDS)
+
+
+def resize_size(image_size: int) -> int:
+    """The shorter-side resize before the center crop: 256 for 224, keeping the protocol's 256/224 ratio."""
+    return round(image_size * 256 / 224)
+
+
+def build_image_transform(image_size: int, mean, std, *, train: bool = False):
+    """PIL image -> normalised (3, image_size, image_size) float tensor, as the reference protocol prescribes.
+
+    Training adds a random horizontal flip (DESIGN, S3 image); nothing else, so frozen features and fine-tuning
+    see the same distribution apart from the flip.
+    """
+    from torchvision import transforms  # torchvision is only needed by callers that transform images
+
+    # Catalog photos include grayscale and CMYK JPEGs and RGBA PNGs; the backbones want exactly 3 channels.
+    steps = [transforms.Lambda(_to_rgb), transforms.Resize(resize_size(image_size)), transforms.CenterCrop(image_size)]
+    if train:
+        steps.append(transforms.RandomHorizontalFlip())
+    steps += [transforms.ToTensor(), transforms.Normalize(list(mean), list(std))]
+    return transforms.Compose(steps)
+
+
+def _to_rgb(image):
+    # A module-level function, not a lambda, so the transform pickles into DataLoader workers.
+    return image if image.mode == "RGB" else image.convert("RGB")
