@@ -1,4 +1,4 @@
-"""Small generated catalogs for every test in the project.
+"""Generated catalogs: the built-in demo's data and every test's, in the Fashion Product Images layout.
 
 Images are real JPEGs and class-separable (each class its own colour and shape, plus noise); titles mix
 class-specific words with words every class shares. So a tiny classifier trained on either modality separates
