@@ -61,18 +61,34 @@ def prepare(catalog, out, min_items, items_per_class, train, val, test, seed, fm
 @click.option("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when present, else CPU).")
 @click.option("--add", is_flag=True, help="Store these backbones' features beside other backbones' already in STORE.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option("--image-module", type=click.Path(path_type=Path),
+              help="Saved image module (`embed finetune`): store its dense and classifier outputs too.")
+@click.option("--text-module", type=click.Path(path_type=Path),
+              help="Saved text module (`embed finetune`): store its dense and classifier outputs too.")
 @one_line_errors
 def extract(manifest, store, image_backbone, text_backbone, image_weights, text_weights, image_size, batch_size,
-            text_batch_size, workers, device, add, progress):
-    """Write every MANIFEST item's pooled image and text features into STORE; resumes where it stopped."""
+            text_batch_size, workers, device, add, progress, image_module, text_module):
+    """Write every MANIFEST item's pooled image and text features into STORE; resumes where it stopped.
+
+    With --image-module / --text-module only the modules' features are written, unless backbones are named too.
+    """
     from embedstore.extract import ExtractSettings, extract as run_extract
 
+    if image_module or text_module:
+        # Module features are an addition to a store: backbones run only when asked for by name.
+        context = click.get_current_context()
+        if context.get_parameter_source("image_backbone") is click.core.ParameterSource.DEFAULT:
+            image_backbone = "none"
+        if context.get_parameter_source("text_backbone") is click.core.ParameterSource.DEFAULT:
+            text_backbone = "none"
     settings = ExtractSettings(
         image_backbone=optional_name(image_backbone), text_backbone=optional_name(text_backbone),
         image_weights=str(image_weights) if image_weights else None,
         text_weights=str(text_weights) if text_weights else None,
         image_size=image_size, batch_size=batch_size, text_batch_size=text_batch_size, workers=workers,
         device=device, add=add, progress=progress,
+        image_module=str(image_module) if image_module else None,
+        text_module=str(text_module) if text_module else None,
     )
     for report in run_extract(manifest, store, settings):
         skipped = ", ".join(f"{k} {v}" for k, v in report.counts.items() if k.startswith("skipped")) or "none skipped"
@@ -91,6 +107,29 @@ def inspect(store):
     for line in describe_store(store):
         click.echo(line)
 
+
+@embed.command()
+@click.option("--out", "out", default="runs/demo", show_default=True, type=click.Path(path_type=Path),
+              help="Folder for the generated catalog, manifest, store, results and report.")
+@click.option("--image-backbone", default="efficientnet_lite0", show_default=True)
+@click.option("--text-backbone", default="all-MiniLM-L6-v2", show_default=True)
+@click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated seeds of the heads.")
+@click.option("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when present, else CPU).")
+@one_line_errors
+def demo(out, image_backbone, text_backbone, seeds, device):
+    """The built-in default job: generated catalog -> prepare -> extract -> heads sweep -> report."""
+    from cli.common import comma_list
+    from embedstore.demo import DemoSettings, run_demo
+
+    settings = DemoSettings(image_backbone=image_backbone, text_backbone=text_backbone, device=device,
+                            seeds=tuple(int(seed) for seed in comma_list(seeds)))
+    report = run_demo(out, settings, log=click.echo)
+    click.echo(report.read_text())
+
+
+from cli.finetune_cmd import finetune  # noqa: E402
+
+embed.add_command(finetune)
 
 main = embed
 

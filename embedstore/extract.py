@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from embedstore.backbones import create_backbone
 from embedstore.catalog import open_catalog_from_spec
 from embedstore.manifest import Manifest
+from embedstore.modules import config_sha256, load_module, module_id, pooled_set_for, read_module_config
 from embedstore.preprocess import clean_title
 from embedstore.store import (
     STATUS_EMPTY_TITLE,
@@ -30,6 +31,7 @@ from embedstore.store import (
     STATUS_OK,
     STATUS_UNREADABLE_IMAGE,
     FeatureSetWriter,
+    FeatureStore,
     create_store,
     library_versions,
     now_iso,
@@ -49,6 +51,8 @@ class ExtractSettings:
     device: str | None = None  # default: CUDA when present, else CPU
     add: bool = False  # allow a new backbone's features beside other backbones' in an existing store
     progress: bool = True
+    image_module: str | None = None  # a saved module folder (`embed finetune`): write its dense + classifier
+    text_module: str | None = None   # outputs as source "module-<id>" beside the pooled features
 
 
 @dataclass
@@ -83,6 +87,10 @@ def image_source_name(backbone_name: str, image_size: int) -> str:
 def extract(manifest_path: str | Path, store_path: str | Path, settings: ExtractSettings) -> list[SourceReport]:
     """Write the pooled features of the chosen backbones for every manifest item into the store."""
     manifest = Manifest.load(manifest_path)
+    modules = {"image": settings.image_module, "text": settings.text_module}
+    for modality, module_dir in modules.items():
+        if module_dir:
+            _check_module(Path(module_dir), modality, manifest)  # refuse before anything is written
     create_store(
         store_path,
         ids=[item.id for item in manifest.items],
@@ -99,6 +107,9 @@ def extract(manifest_path: str | Path, store_path: str | Path, settings: Extract
         reports.append(_extract_images(manifest, Path(store_path), settings, device))
     if settings.text_backbone:
         reports.append(_extract_texts(manifest, Path(store_path), settings, device))
+    for modality, module_dir in modules.items():
+        if module_dir:
+            reports.append(_extract_module(manifest, Path(store_path), Path(module_dir), modality, settings, device))
     return reports
 
 
@@ -152,32 +163,40 @@ def _extract_images(manifest: Manifest, store_path: Path, settings: ExtractSetti
     backbone = create_backbone("image", settings.image_backbone, weights=settings.image_weights,
                                image_size=settings.image_size)
     source = image_source_name(backbone.name, settings.image_size)
-    catalog = open_catalog_from_spec(manifest.catalog)
-    refs = [item.image for item in manifest.items]
     with FeatureSetWriter(store_path, modality="image", source=source, layers={"pooled": backbone.feature_dim},
                           provenance={"pooled": _provenance(backbone, source)}, add=settings.add) as writer:
-        pending = writer.pending_rows()
-        loader = DataLoader(
-            _ImageRows(catalog, refs, pending, backbone.image_transform(train=False)),
-            batch_size=settings.batch_size, shuffle=False, num_workers=settings.workers,
-            collate_fn=_collate_images, pin_memory=device.type == "cuda",
-            persistent_workers=False, prefetch_factor=2 if settings.workers else None,
-        )
         backbone = backbone.to(device).eval()
         start = time.perf_counter()
-        with tqdm(total=len(manifest.items), initial=len(manifest.items) - len(pending), unit="img",
-                  desc=f"image/{source}", disable=not settings.progress) as bar:
-            for rows, images, status in loader:
-                values = {}
-                if images is not None:
-                    with torch.inference_mode(), autocast_for(device):
-                        features = backbone(images.to(device, non_blocking=True))  # (n_ok, D)
-                    values["pooled"] = features.float().cpu().numpy()
-                writer.write(rows, values, status)
-                bar.update(len(rows))
+        pending = _stream_images(manifest, writer, backbone.image_transform(train=False),
+                                 lambda images: {"pooled": backbone(images)}, settings, device, f"image/{source}")
         complete = writer.finish()
         counts = _counts(writer.status)
     return SourceReport(f"image/{source}", len(pending), counts, complete, time.perf_counter() - start)
+
+
+def _stream_images(manifest: Manifest, writer: FeatureSetWriter, transform, compute, settings: ExtractSettings,
+                   device, desc: str) -> np.ndarray:
+    """Run `compute(images (n_ok, 3, H, W)) -> {layer: (n_ok, D)}` over the writer's pending rows; returns them."""
+    catalog = open_catalog_from_spec(manifest.catalog)
+    refs = [item.image for item in manifest.items]
+    pending = writer.pending_rows()
+    loader = DataLoader(
+        _ImageRows(catalog, refs, pending, transform),
+        batch_size=settings.batch_size, shuffle=False, num_workers=settings.workers,
+        collate_fn=_collate_images, pin_memory=device.type == "cuda",
+        persistent_workers=False, prefetch_factor=2 if settings.workers else None,
+    )
+    with tqdm(total=len(manifest.items), initial=len(manifest.items) - len(pending), unit="img",
+              desc=desc, disable=not settings.progress) as bar:
+        for rows, images, status in loader:
+            values = {}
+            if images is not None:
+                with torch.inference_mode(), autocast_for(device):
+                    outputs = compute(images.to(device, non_blocking=True))
+                values = {layer: value.float().cpu().numpy() for layer, value in outputs.items()}
+            writer.write(rows, values, status)
+            bar.update(len(rows))
+    return pending
 
 
 # ----------------------------------------------------------------------------------------------- texts
@@ -186,30 +205,117 @@ def _extract_images(manifest: Manifest, store_path: Path, settings: ExtractSetti
 def _extract_texts(manifest: Manifest, store_path: Path, settings: ExtractSettings, device) -> SourceReport:
     backbone = create_backbone("text", settings.text_backbone, weights=settings.text_weights)
     source = backbone.name
-    titles = [item.title for item in manifest.items]
     with FeatureSetWriter(store_path, modality="text", source=source, layers={"pooled": backbone.feature_dim},
                           provenance={"pooled": _provenance(backbone, source)}, add=settings.add) as writer:
-        pending = writer.pending_rows()
         backbone = backbone.to(device).eval()
         start = time.perf_counter()
-        with tqdm(total=len(titles), initial=len(titles) - len(pending), unit="title",
-                  desc=f"text/{source}", disable=not settings.progress) as bar:
-            for begin in range(0, len(pending), settings.text_batch_size):
-                rows = pending[begin : begin + settings.text_batch_size]
-                usable = np.array([bool(clean_title(titles[row])) for row in rows])
-                status = np.where(usable, STATUS_OK, STATUS_EMPTY_TITLE).astype(np.int8)
-                values = {}
-                if usable.any():
-                    tokens = backbone.tokenize([titles[row] for row in rows[usable]])  # (n_ok, 30) each
-                    tokens = {key: value.to(device, non_blocking=True) for key, value in tokens.items()}
-                    with torch.inference_mode(), autocast_for(device):
-                        features = backbone(**tokens)  # (n_ok, D)
-                    values["pooled"] = features.float().cpu().numpy()
-                writer.write(rows, values, status)
-                bar.update(len(rows))
+        pending = _stream_texts(manifest, writer, backbone.tokenize, lambda tokens: {"pooled": backbone(**tokens)},
+                                settings, device, f"text/{source}")
         complete = writer.finish()
         counts = _counts(writer.status)
     return SourceReport(f"text/{source}", len(pending), counts, complete, time.perf_counter() - start)
+
+
+def _stream_texts(manifest: Manifest, writer: FeatureSetWriter, tokenize, compute, settings: ExtractSettings,
+                  device, desc: str) -> np.ndarray:
+    """Run `compute(tokens: dict of (n_ok, 30)) -> {layer: (n_ok, D)}` over the writer's pending rows."""
+    titles = [item.title for item in manifest.items]
+    pending = writer.pending_rows()
+    with tqdm(total=len(titles), initial=len(titles) - len(pending), unit="title",
+              desc=desc, disable=not settings.progress) as bar:
+        for begin in range(0, len(pending), settings.text_batch_size):
+            rows = pending[begin : begin + settings.text_batch_size]
+            usable = np.array([bool(clean_title(titles[row])) for row in rows])
+            status = np.where(usable, STATUS_OK, STATUS_EMPTY_TITLE).astype(np.int8)
+            values = {}
+            if usable.any():
+                tokens = tokenize([titles[row] for row in rows[usable]])  # (n_ok, 30) each
+                tokens = {key: value.to(device, non_blocking=True) for key, value in tokens.items()}
+                with torch.inference_mode(), autocast_for(device):
+                    outputs = compute(tokens)
+                values = {layer: value.float().cpu().numpy() for layer, value in outputs.items()}
+            writer.write(rows, values, status)
+            bar.update(len(rows))
+    return pending
+
+
+# ----------------------------------------------------------------------------------------------- modules
+
+
+def _extract_module(manifest: Manifest, store_path: Path, module_dir: Path, modality: str,
+                    settings: ExtractSettings, device) -> SourceReport:
+    """A module's dense (S2/S3) and classifier outputs as source "module-<id>". S1/S2 modules read the store's
+    pooled features of their backbone when it holds them (no backbone pass); otherwise the backbone runs."""
+    _check_module(module_dir, modality, manifest)
+    module, config = load_module(module_dir, device=device)
+    identity = module_id(module_dir)
+    source = f"module-{identity}"
+    provenance = {
+        "backbone": module.backbone.name, "weights_id": module.backbone.weights_id, "source": source,
+        "preprocessing": module.backbone.preprocessing, "parameters": module.parameter_counts()["total"],
+        "module_dir": str(module_dir.resolve()), "module_id": identity, "module_config_sha256": config_sha256(module_dir),
+        "module_strategy": config["strategy"], "module_manifest_sha256": config["manifest_sha256"],
+        "library_versions": library_versions(), "created": now_iso(),
+    }
+    layers = module.head.layers
+    pooled = _cached_pooled(store_path, module.backbone) if module.frozen else None
+    with FeatureSetWriter(store_path, modality=modality, source=source, layers=layers, add=True,
+                          provenance={layer: provenance for layer in layers}) as writer:
+        start = time.perf_counter()
+        desc = f"{modality}/{source}"
+
+        def compute(inputs):  # images (n, 3, H, W) or tokens -> {"dense": (n, 500), "classifier": (n, C)}
+            return module.head.forward_features(module.forward_pooled(inputs))
+
+        if pooled is not None:
+            pending = _module_from_pooled(writer, module, pooled, device)
+        elif modality == "image":
+            pending = _stream_images(manifest, writer, module.backbone.image_transform(train=False),
+                                     compute, settings, device, desc)
+        else:
+            pending = _stream_texts(manifest, writer, module.backbone.tokenize, compute, settings, device, desc)
+        complete = writer.finish()
+        counts = _counts(writer.status)
+    return SourceReport(f"{modality}/{source}", len(pending), counts, complete, time.perf_counter() - start)
+
+
+def _check_module(module_dir: Path, modality: str, manifest: Manifest) -> None:
+    config = read_module_config(module_dir)
+    if config["modality"] != modality:
+        raise ValueError(f"{module_dir} is a {config['modality']} module; pass it as --{config['modality']}-module")
+    if config["manifest_sha256"] != manifest.sha256:
+        raise ValueError(f"module {module_dir} was trained on another manifest (sha256 {config['manifest_sha256'][:12]}…, "
+                         f"this one {manifest.sha256[:12]}…); its outputs would not describe these items: train a "
+                         f"module on this manifest with `embed finetune`")
+
+
+def _cached_pooled(store_path: Path, backbone) -> tuple[np.ndarray, np.ndarray] | None:
+    """(pooled (N, D), status (N,)) of this exact backbone from the store, or None when it holds none."""
+    with FeatureStore(store_path) as store:
+        try:
+            name = pooled_set_for(store, backbone)
+        except ValueError:
+            return None
+        status = store.status(name)
+        data = store.load([name])
+        pooled = np.full((len(status), data.features[name].shape[1]), np.nan, dtype=np.float32)
+        pooled[status == STATUS_OK] = data.features[name]  # load() keeps manifest order
+    return pooled, status
+
+
+def _module_from_pooled(writer: FeatureSetWriter, module, pooled, device, batch_size: int = 4096) -> np.ndarray:
+    features, status = pooled
+    pending = writer.pending_rows()
+    for begin in range(0, len(pending), batch_size):
+        rows = pending[begin : begin + batch_size]
+        ok = rows[status[rows] == STATUS_OK]
+        values = {}
+        if ok.size:
+            with torch.inference_mode():
+                outputs = module.head.forward_features(torch.from_numpy(features[ok]).to(device))
+            values = {layer: value.float().cpu().numpy() for layer, value in outputs.items()}
+        writer.write(rows, values, status[rows])
+    return pending
 
 
 def _counts(status: np.ndarray) -> dict:

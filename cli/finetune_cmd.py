@@ -1,0 +1,70 @@
+"""`embed finetune`: train an image or text module with transfer strategy 1, 2 or 3 (embedstore/finetune.py)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from cli.common import InputError, one_line_errors
+
+# The columns of the paper's Tables 3/4, in order.
+TABLE_COLUMNS = (("test accuracy", "test_accuracy", "{:.4f}"), ("macro-F1", "test_macro_f1", "{:.4f}"),
+                 ("training time (s)", "training_seconds", "{:.1f}"), ("epochs", "epochs", "{}"),
+                 ("trainable parameters", "trainable_parameters", "{:,}"),
+                 ("non-trainable parameters", "non_trainable_parameters", "{:,}"))
+
+
+@click.command()
+@click.argument("manifest", type=click.Path(path_type=Path))
+@click.option("--modality", required=True, type=click.Choice(["image", "text"]))
+@click.option("--strategy", required=True, type=click.Choice(["1", "2", "3"]),
+              help="1: frozen backbone, classifier only; 2: frozen backbone, middle layer + classifier; "
+                   "3: everything trained.")
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path),
+              help="Folder for model.safetensors, config.json, metrics.json (and S3 checkpoints; rerun to resume).")
+@click.option("--store", type=click.Path(path_type=Path), help="Feature store with the backbone's pooled features "
+              "(strategies 1 and 2).")
+@click.option("--backbone", default=None, help="Backbone name (default: efficientnet_lite0 / all-MiniLM-L6-v2).")
+@click.option("--weights", type=click.Path(path_type=Path), help="Local backbone weights file / Hugging Face folder.")
+@click.option("--image-size", default=224, show_default=True, help="Center-crop size of images.")
+@click.option("--epochs", type=int, default=None, help="Most epochs (default: 100 for S1/S2, 10 for S3).")
+@click.option("--batch-size", type=int, default=None, help="Default: 128 for S1/S2, 32 for S3.")
+@click.option("--lr", type=float, default=None, help="Default: 1e-3 for S1/S2; S3: 1e-4 images, 5e-5 texts.")
+@click.option("--patience", type=int, default=None, help="Epochs without a better validation accuracy "
+              "(default: 5 for S1/S2, 3 for S3).")
+@click.option("--dropout", type=float, default=0.3, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when present, else CPU).")
+@click.option("--max-steps-per-epoch", type=int, default=None,
+              help="Stop each epoch after this many steps (measures time per step; the full epoch is extrapolated).")
+@click.option("--workers", default=2, show_default=True, help="DataLoader processes decoding images (S3).")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@one_line_errors
+def finetune(manifest, modality, strategy, out, store, backbone, weights, image_size, epochs, batch_size, lr,
+             patience, dropout, seed, device, max_steps_per_epoch, workers, progress):
+    """Train a MANIFEST module with a transfer strategy; print the columns of the paper's Tables 3/4."""
+    from embedstore.finetune import FinetuneSettings, finetune as run_finetune
+
+    if strategy in ("1", "2") and store is None:
+        raise InputError(f"strategy {strategy} trains over cached pooled features: pass --store STORE "
+                         f"(create it with `embed extract {manifest} --store STORE`)")
+    settings = FinetuneSettings(
+        modality=modality, strategy=int(strategy), backbone=backbone, weights=str(weights) if weights else None,
+        image_size=image_size, lr=lr, batch_size=batch_size, max_epochs=epochs, patience=patience,
+        dropout=dropout, seed=seed, device=device, max_steps_per_epoch=max_steps_per_epoch, workers=workers,
+        progress=progress,
+    )
+    result = run_finetune(manifest, out, settings, store_path=store)
+    metrics = result.metrics
+    if metrics.get("resumed_from_epoch"):
+        click.echo(f"resumed after epoch {metrics['resumed_from_epoch']}")
+    click.echo(f"{modality} S{strategy} {metrics['backbone']} (best epoch {metrics['best_epoch']}, "
+               f"val accuracy {metrics['best_val_accuracy']:.4f}, items {json.dumps(metrics['items'])})")
+    for title, key, fmt in TABLE_COLUMNS:
+        click.echo(f"  {title}: {fmt.format(metrics[key])}")
+    if "estimated_full_epoch_seconds" in metrics:
+        click.echo(f"  partial epochs of {max_steps_per_epoch} steps: {metrics['seconds_per_step']:.3f} s/step, "
+                   f"about {metrics['estimated_full_epoch_seconds']:.0f} s per full epoch of "
+                   f"{metrics['steps_per_full_epoch']} steps (extrapolated)")
+    click.echo(f"wrote {out}/model.safetensors, config.json, metrics.json")

@@ -1,0 +1,265 @@
+"""Image and text modules with the paper's three transfer strategies, saved as safetensors + JSON.
+
+A module = backbone -> pooled feature (D) -> middle dense D->500 -> ReLU -> Dropout -> classifier 500->C.
+- S1: backbone frozen; only a classifier D->C on the pooled feature (no middle layer).
+- S2: backbone frozen; the middle layer and the classifier are trained.
+- S3: the S2 architecture with every weight trained.
+
+The trainable part of S1/S2 is `ModuleHead`, which runs on pooled features, so S1/S2 train and run over the
+store's cached features without the backbone (finetune.py) and give the same outputs as through it.
+
+Saved as `model.safetensors` + `config.json` in a folder, never pickled. S1/S2 save the head only and name
+their backbone (build arguments + weights_id); loading rebuilds it and refuses other weights. A backbone with
+random weights ("random-init") has no file to be rebuilt from, so its weights travel inside the module.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from embedstore.backbones import RANDOM_INIT, Backbone, create_backbone
+
+STRATEGIES = (1, 2, 3)
+MIDDLE_DIM = 500  # the paper's middle layer: module feature "A" / dense
+MODULE_FORMAT, MODULE_VERSION = "embedstore-module", 1
+WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
+LAYERS = ("dense", "classifier")
+
+
+def check_strategy(strategy) -> int:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown transfer strategy {strategy!r}; use 1 (frozen backbone, classifier only), "
+                         "2 (frozen backbone, middle layer + classifier) or 3 (everything trained)")
+    return int(strategy)
+
+
+class ModuleHead(nn.Module):
+    """pooled (B, D) -> [dense D->500 -> ReLU -> Dropout] -> classifier -> logits (B, C). S1 has no middle layer."""
+
+    def __init__(self, feature_dim: int, n_classes: int, *, strategy: int, dropout: float = 0.3,
+                 middle_dim: int = MIDDLE_DIM):
+        super().__init__()
+        self.strategy = check_strategy(strategy)
+        if self.strategy == 1:
+            self.dense, self.dropout = None, None
+            self.classifier = nn.Linear(feature_dim, n_classes)
+        else:
+            self.dense, self.dropout = nn.Linear(feature_dim, middle_dim), nn.Dropout(dropout)
+            self.classifier = nn.Linear(middle_dim, n_classes)
+
+    @property
+    def layers(self) -> dict[str, int]:
+        """The module-feature layers this head produces and their widths."""
+        widths = {"classifier": self.classifier.out_features}
+        if self.dense is not None:
+            widths = {"dense": self.dense.out_features, **widths}
+        return widths
+
+    def forward_features(self, pooled: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{"dense": (B, 500) after ReLU (not for S1), "classifier": (B, C) logits}."""
+        if self.dense is None:
+            return {"classifier": self.classifier(pooled)}
+        dense = torch.relu(self.dense(pooled))  # (B, 500): feature "A"
+        return {"dense": dense, "classifier": self.classifier(self.dropout(dense))}  # (B, C): feature "B"
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(pooled)["classifier"]
+
+
+class TransferModule(nn.Module):
+    """A backbone and its head; S1/S2 keep the backbone frozen (no gradients, always in eval mode)."""
+
+    def __init__(self, backbone: Backbone, head: ModuleHead, *, build: dict | None = None):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+        self.strategy, self.modality = head.strategy, backbone.modality
+        # How to rebuild the backbone: the create_backbone arguments (name as passed, weights path, image size).
+        self.build = dict(build or {"name": backbone.name, "weights": None,
+                                    "image_size": getattr(backbone, "image_size", None)})
+        self.frozen = self.strategy in (1, 2)
+        if self.frozen:
+            self.backbone.requires_grad_(False)
+            self.backbone.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.frozen:
+            # A frozen backbone stays in eval mode: batch-norm statistics and dropout must not move either.
+            self.backbone.eval()
+        return self
+
+    def forward_pooled(self, inputs) -> torch.Tensor:
+        """images (B, 3, H, W), or a dict of (B, T) token tensors -> pooled (B, D)."""
+        if isinstance(inputs, dict):
+            pooled = self.backbone(**inputs)
+        else:
+            pooled = self.backbone(inputs)
+        return pooled.float()
+
+    def forward_features(self, inputs) -> dict[str, torch.Tensor]:
+        """{"pooled": (B, D), "dense": (B, 500) (S2/S3), "classifier": (B, C)}."""
+        pooled = self.forward_pooled(inputs)
+        return {"pooled": pooled, **self.head.forward_features(pooled)}
+
+    def forward(self, inputs) -> torch.Tensor:
+        return self.head(self.forward_pooled(inputs))
+
+    def trainable_module(self) -> nn.Module:
+        """What an optimizer trains: the head for S1/S2, everything for S3."""
+        return self.head if self.frozen else self
+
+    def parameter_counts(self) -> dict[str, int]:
+        head = sum(p.numel() for p in self.head.parameters())
+        backbone = sum(p.numel() for p in self.backbone.parameters())
+        if self.frozen:
+            return {"trainable": head, "non_trainable": backbone, "total": head + backbone}
+        return {"trainable": head + backbone, "non_trainable": 0, "total": head + backbone}
+
+    def saved_state(self) -> dict[str, torch.Tensor]:
+        """The tensors a saved module holds: the head, plus the backbone for S3 or a random backbone."""
+        state = {f"head.{k}": v for k, v in self.head.state_dict().items()}
+        if not self.frozen or self.backbone.weights_id == RANDOM_INIT:
+            state.update({f"backbone.{k}": v for k, v in self.backbone.state_dict().items()})
+        return state
+
+    def describe(self) -> dict:
+        """The module's own identity (what config.json records besides training settings and metrics)."""
+        return {
+            "format": MODULE_FORMAT, "format_version": MODULE_VERSION, "modality": self.modality,
+            "strategy": self.strategy, "feature_dim": self.backbone.feature_dim,
+            "middle_dim": None if self.head.dense is None else self.head.dense.out_features,
+            "n_classes": self.head.classifier.out_features,
+            "dropout": None if self.head.dropout is None else self.head.dropout.p,
+            "backbone": {"name": self.backbone.name, "weights_id": self.backbone.weights_id,
+                         "preprocessing": self.backbone.preprocessing, "build": self.build,
+                         "parameters": sum(p.numel() for p in self.backbone.parameters())},
+            "parameters": self.parameter_counts(),
+        }
+
+    def save(self, folder: str | os.PathLike, *, classes: list[str], manifest_sha256: str,
+             extra: dict | None = None) -> Path:
+        """Write model.safetensors + config.json into `folder`; `extra` adds e.g. settings and metrics."""
+        if len(classes) != self.head.classifier.out_features:
+            raise ValueError(f"{len(classes)} class names for a module with {self.head.classifier.out_features} outputs")
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
+                   for k, v in self.saved_state().items()}
+        save_file(tensors, str(folder / (WEIGHTS_FILE + ".partial")))
+        os.replace(folder / (WEIGHTS_FILE + ".partial"), folder / WEIGHTS_FILE)
+        config = {**self.describe(), "classes": list(classes), "manifest_sha256": manifest_sha256,
+                  "backbone_weights_in_file": any(k.startswith("backbone.") for k in tensors), **(extra or {})}
+        (folder / CONFIG_FILE).write_text(json.dumps(config, indent=1, sort_keys=True, default=_jsonable) + "\n")
+        return folder
+
+
+def _jsonable(value):
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return list(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def build_module(modality: str, strategy: int, n_classes: int, *, backbone: Backbone | None = None,
+                 name: str | None = None, weights: str | None = None, image_size: int = 224,
+                 dropout: float = 0.3, pretrained: bool = True) -> TransferModule:
+    """A fresh module: the given backbone (or one created by name) and a newly initialised head."""
+    build = {"name": name, "weights": str(Path(weights).resolve()) if weights else None,
+             "image_size": image_size if modality == "image" else None}
+    if backbone is None:
+        if not name:
+            raise ValueError("build_module needs a backbone or a backbone name")
+        options = {"image_size": image_size} if modality == "image" else {}
+        backbone = create_backbone(modality, name, weights=weights, pretrained=pretrained, **options)
+    elif name is None:
+        build["name"] = backbone.name
+    if backbone.modality != modality:
+        raise ValueError(f"backbone {backbone.name!r} is a {backbone.modality} backbone, not {modality}")
+    head = ModuleHead(backbone.feature_dim, n_classes, strategy=strategy, dropout=dropout)
+    return TransferModule(backbone, head, build=build)
+
+
+def read_module_config(folder: str | os.PathLike) -> dict:
+    folder = Path(folder)
+    path = folder / CONFIG_FILE
+    if not path.is_file() or not (folder / WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(f"{folder} is not a saved module (needs {CONFIG_FILE} and {WEIGHTS_FILE}); "
+                                "train one with `embed finetune`")
+    config = json.loads(path.read_text())
+    if config.get("format") != MODULE_FORMAT:
+        raise ValueError(f"{path} is not an embedstore module config (format {config.get('format')!r})")
+    return config
+
+
+def module_id(folder: str | os.PathLike) -> str:
+    """Short content hash of a saved module: its weights file and the config's identity (not its metrics)."""
+    folder, config = Path(folder), read_module_config(folder)
+    digest = hashlib.sha256()
+    with open(folder / WEIGHTS_FILE, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    identity = {key: config.get(key) for key in ("modality", "strategy", "classes", "manifest_sha256")}
+    identity["backbone"] = {k: config["backbone"].get(k) for k in ("name", "weights_id", "preprocessing")}
+    digest.update(json.dumps(identity, sort_keys=True).encode())
+    return digest.hexdigest()[:12]
+
+
+def config_sha256(folder: str | os.PathLike) -> str:
+    return hashlib.sha256((Path(folder) / CONFIG_FILE).read_bytes()).hexdigest()
+
+
+def load_module(folder: str | os.PathLike, *, device: str | torch.device = "cpu") -> tuple[TransferModule, dict]:
+    """Rebuild a saved module (in eval mode) and return it with its config."""
+    folder = Path(folder)
+    config = read_module_config(folder)
+    tensors = load_file(str(folder / WEIGHTS_FILE))
+    spec, build = config["backbone"], config["backbone"]["build"]
+    in_file = any(k.startswith("backbone.") for k in tensors)
+    options = {"image_size": build["image_size"]} if config["modality"] == "image" else {}
+    # Weights that come from the module file need only the architecture (and, for text, the tokenizer).
+    weights = build["weights"] if (config["modality"] == "text" or not in_file) else None
+    if weights and not os.path.exists(weights):
+        raise FileNotFoundError(f"module {folder} was trained over backbone weights {weights}, which no longer "
+                                "exist; put them back there (or retrain the module)")
+    backbone = create_backbone(config["modality"], build["name"], weights=weights, pretrained=not in_file,
+                               **options)
+    if in_file:
+        backbone.load_state_dict({k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")})
+        backbone.weights_id = spec["weights_id"]
+    elif backbone.weights_id != spec["weights_id"]:
+        raise ValueError(f"module {folder} was trained over {spec['name']} weights {spec['weights_id']}, but they "
+                         f"now resolve to {backbone.weights_id}; provide the original weights file "
+                         f"({build['weights'] or 'the standard place'})")
+    module = build_module(config["modality"], config["strategy"], config["n_classes"], backbone=backbone,
+                          dropout=config["dropout"] or 0.0)
+    module.build = dict(build)
+    module.head.load_state_dict({k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")})
+    return module.to(device).eval(), config
+
+
+# ----------------------------------------------------------------------------------------------- the store
+
+
+def pooled_set_for(store, backbone: Backbone) -> str:
+    """The store's complete pooled feature set computed by exactly this backbone (name, weights, preprocessing)."""
+    wanted = json.loads(json.dumps(backbone.preprocessing, default=_jsonable))
+    candidates = [info for info in store.feature_sets.values()
+                  if info.modality == backbone.modality and info.layer == "pooled"]
+    for info in candidates:
+        p = info.provenance
+        if p.get("backbone") == backbone.name and p.get("weights_id") == backbone.weights_id \
+                and p.get("preprocessing") == wanted:
+            if not info.complete:
+                raise ValueError(f"{info.name} in {store.path} is incomplete; finish it with `embed extract` (it resumes)")
+            return info.name
+    held = ", ".join(f"{i.name} ({i.provenance.get('weights_id')})" for i in candidates) or "none"
+    raise ValueError(f"{store.path} holds no pooled {backbone.modality} features of {backbone.name} with weights "
+                     f"{backbone.weights_id} and this preprocessing (it holds: {held}); extract them with "
+                     f"`embed extract MANIFEST --store {store.path} --{backbone.modality}-backbone {backbone.name} --add`")
