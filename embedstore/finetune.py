@@ -272,7 +272,6 @@ def _to(inputs, device):
 
 def _fit(module: TransferModule, data, settings: FinetuneSettings, device, checkpoint_dir: Path | None) -> dict:
     model = module.trainable_module().to(device)  # the head (S1/S2, fed pooled features) or the whole module
-    module.to(device)
     optimizer = _optimizer(model, settings)
     state = {"epoch": 0, "best_val_accuracy": -1.0, "best_epoch": 0, "since_best": 0, "stopped_early": False,
              "train_seconds": 0.0, "history": []}
@@ -285,7 +284,7 @@ def _fit(module: TransferModule, data, settings: FinetuneSettings, device, check
     loss_fn = nn.CrossEntropyLoss()
     steps_per_epoch = data.steps_per_epoch(settings.batch_size)
     for epoch in range(state["epoch"] + 1, settings.max_epochs + 1):
-        if state["stopped_early"] or state["since_best"] >= settings.patience:
+        if state["since_best"] >= settings.patience:  # a resumed run may raise the patience to go on
             break
         generator = _seed_epoch(settings.seed, epoch)
         model.train()
