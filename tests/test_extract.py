@@ -1,0 +1,154 @@
+"""`embed prepare` -> `embed extract` -> `embed inspect` on generated catalogs with tiny random backbones."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cli.embed import embed
+from embedstore.catalog import open_catalog
+from embedstore.extract import ExtractSettings, extract
+from embedstore.manifest import Manifest, SplitSettings, prepare_manifest
+from embedstore.store import STATUS_MISSING_IMAGE, STATUS_OK, STATUS_UNREADABLE_IMAGE, FeatureStore
+from tests.catalog_factory import make_fashion_catalog
+
+TINY = dict(image_backbone="tiny-resnet", text_backbone="tiny-bert", image_size=64, progress=False)
+
+
+def prepared(tmp_path, *, per_class=10, as_zip=True, items_per_class=8, split=(5, 1, 2)):
+    info = make_fashion_catalog(tmp_path / "catalog", per_class=per_class, as_zip=as_zip)
+    settings = SplitSettings(min_items=items_per_class, items_per_class=items_per_class, train=split[0],
+                             val=split[1], test=split[2], seed=0)
+    manifest = prepare_manifest(open_catalog(info.path), settings)
+    manifest.save(tmp_path / "manifest.json")
+    return info, manifest, tmp_path / "manifest.json"
+
+
+def test_extract_writes_aligned_features_and_counts_bad_items(tmp_path):
+    # every usable item is drawn, so the corrupt JPEG is in the manifest; a file deleted after prepare is missing
+    info, manifest, manifest_path = prepared(tmp_path, as_zip=False, items_per_class=9, split=(6, 1, 2))
+    ids = [item.id for item in manifest.items]
+    assert info.corrupt_image_id in ids
+    gone = next(item for item in manifest.items if item.id != info.corrupt_image_id)
+    (Path(info.path) / gone.image).unlink()
+
+    reports = extract(manifest_path, tmp_path / "store.h5", ExtractSettings(**TINY, batch_size=4, workers=2))
+
+    assert [r.complete for r in reports] == [True, True]
+    image_report = reports[0]
+    assert image_report.counts["skipped: unreadable image"] == 1
+    assert image_report.counts["skipped: missing image"] == 1
+    with h5py.File(tmp_path / "store.h5", "r") as f:
+        assert f["items/id"].asstr()[:].tolist() == ids
+        assert f["items/split"].asstr()[:].tolist() == [item.split for item in manifest.items]
+        image = f["features/image/tiny-resnet-64px/pooled"]
+        status = f["features/image/tiny-resnet-64px/status"][:]
+        assert image.shape == (len(ids), 512) and image.attrs["complete"]
+        assert status[ids.index(info.corrupt_image_id)] == STATUS_UNREADABLE_IMAGE
+        assert status[ids.index(gone.id)] == STATUS_MISSING_IMAGE
+        assert np.isfinite(image[:][status == STATUS_OK]).all()
+        assert np.isnan(image[ids.index(gone.id)]).all()
+        text = f["features/text/tiny-bert/pooled"]
+        assert (f["features/text/tiny-bert/status"][:] == STATUS_OK).all()
+        assert text.attrs["manifest_sha256"] == manifest.sha256
+        for key in ("backbone", "weights_id", "preprocessing", "library_versions", "created", "parameters"):
+            assert key in text.attrs
+    with FeatureStore(tmp_path / "store.h5") as store:
+        data = store.load([store.find("image", "pooled"), store.find("text", "pooled")])
+        assert len(data.ids) == len(ids) - 2
+
+
+def test_cli_prepare_extract_inspect_rerun_and_refusals(tmp_path):
+    info = make_fashion_catalog(tmp_path / "catalog", per_class=10, as_zip=True)
+    runner = CliRunner()
+    manifest, store = str(tmp_path / "m.json"), str(tmp_path / "s.h5")
+    result = runner.invoke(embed, ["prepare", str(info.path), "--out", manifest, "--min-items", "8",
+                                   "--items-per-class", "8", "--train", "5", "--val", "1", "--test", "2"])
+    assert result.exit_code == 0, result.output
+    assert "no image" in result.output and "empty title" in result.output
+
+    tiny = ["--image-backbone", "tiny-resnet", "--text-backbone", "tiny-bert", "--image-size", "64",
+            "--workers", "0", "--no-progress"]
+    result = runner.invoke(embed, ["extract", manifest, "--store", store, *tiny])
+    assert result.exit_code == 0, result.output
+    assert "image/tiny-resnet-64px: computed 24 rows" in result.output
+
+    result = runner.invoke(embed, ["extract", manifest, "--store", store, *tiny])
+    assert "computed 0 rows" in result.output  # finished rows are never recomputed
+
+    other = ["--image-backbone", "tiny-resnet", "--text-backbone", "none", "--image-size", "48",
+             "--workers", "0", "--no-progress"]
+    result = runner.invoke(embed, ["extract", manifest, "--store", store, *other])
+    assert result.exit_code == 2 and "--add" in result.output and "Traceback" not in result.output
+    result = runner.invoke(embed, ["extract", manifest, "--store", store, *other, "--add"])
+    assert result.exit_code == 0, result.output
+
+    result = runner.invoke(embed, ["inspect", store])
+    assert result.exit_code == 0, result.output
+    assert "train 15, val 3, test 6" in result.output
+    assert "image/tiny-resnet-48px/pooled: (24, 512) float32, complete" in result.output
+    assert "status      complete" in result.output
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(embed, ["inspect", str(tmp_path / "none.h5")])
+    assert result.exit_code == 2 and "no feature store" in result.output and "Traceback" not in result.output
+    result = runner.invoke(embed, ["prepare", str(tmp_path / "nowhere"), "--out", str(tmp_path / "m.json")])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
+    _, _, manifest_path = prepared(tmp_path)
+    result = runner.invoke(embed, ["extract", str(manifest_path), "--store", str(tmp_path / "s.h5"),
+                                   "--image-backbone", "no-such-net", "--text-backbone", "none"])
+    assert result.exit_code == 2 and "tiny-resnet" in result.output  # the error lists what exists
+
+
+def _extract_command(manifest_path, store_path):
+    return [sys.executable, "-m", "cli.embed", "extract", str(manifest_path), "--store", str(store_path),
+            "--image-backbone", "tiny-resnet", "--text-backbone", "tiny-bert", "--image-size", "64",
+            "--batch-size", "2", "--workers", "0", "--no-progress"]
+
+
+def _done_rows(store_path) -> int:
+    try:
+        with h5py.File(store_path, "r", locking=False) as f:
+            return int((f["features/image/tiny-resnet-64px/status"][:] != 0).sum())
+    except (OSError, KeyError):
+        return 0
+
+
+@pytest.mark.slow
+def test_killed_extraction_resumes_to_the_same_store(tmp_path):
+    _, manifest, manifest_path = prepared(tmp_path, per_class=40, items_per_class=36, split=(30, 2, 4))
+    n_items = len(manifest.items)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+    subprocess.run(_extract_command(manifest_path, tmp_path / "whole.h5"), check=True, env=env,
+                   capture_output=True)
+
+    killed = tmp_path / "killed.h5"
+    process = subprocess.Popen(_extract_command(manifest_path, killed), env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while _done_rows(killed) < n_items // 3 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done_when_killed = _done_rows(killed)
+    assert 0 < done_when_killed < n_items, "the kill must land halfway through the image pass"
+
+    resumed = subprocess.run(_extract_command(manifest_path, killed), env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"computed {n_items - done_when_killed} rows" in resumed.stdout
+
+    with h5py.File(tmp_path / "whole.h5", "r") as whole, h5py.File(killed, "r") as again:
+        for name in ("image/tiny-resnet-64px", "text/tiny-bert"):
+            np.testing.assert_array_equal(again[f"features/{name}/status"][:], whole[f"features/{name}/status"][:])
+            np.testing.assert_allclose(again[f"features/{name}/pooled"][:], whole[f"features/{name}/pooled"][:],
+                                       rtol=1e-5, atol=1e-6)
+            assert again[f"features/{name}/pooled"].attrs["complete"]
