@@ -23,7 +23,7 @@ from heads.train import HeadData, TrainSettings, train_heads
 
 DEFAULT_FUSIONS = ("add", "average", "product", "concat", "gated")
 MODULE_HINT = ("`embed extract MANIFEST --store STORE --image-module DIR --text-module DIR` writes the "
-               "fine-tuned modules' 'dense' and 'classifier' features")
+               "fine-tuned modules' (from `embed finetune`) 'dense' and 'classifier' features")
 POOLED_HINT = "`embed extract MANIFEST --store STORE` writes the backbones' 'pooled' features"
 
 
@@ -49,6 +49,8 @@ class SweepSettings:
                 raise ValueError(f"unknown fusion operator {f!r}; registered: {', '.join(list_fusions())}")
         if not self.seeds:
             raise ValueError("give at least one seed")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {self.threads}")
 
     def cells(self) -> list[tuple[str, str | None]]:
         cells = [(s, f) for s in self.strategies if s not in BASELINES for f in self.fusions]
@@ -106,8 +108,17 @@ def _non_trainable(sets: dict) -> tuple[int, str | None]:
     return total, note
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def resolve_device(name: str | None) -> torch.device:
+    """None -> cuda when present, else cpu; a named device must exist here."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but CUDA is not available here; use --device cpu")
+    return device
 
 
 def run_sweep(store_path: str | Path, out_dir: str | Path, settings: SweepSettings = SweepSettings(),
@@ -117,7 +128,7 @@ def run_sweep(store_path: str | Path, out_dir: str | Path, settings: SweepSettin
 
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    device = settings.device or default_device()
+    device = str(resolve_device(settings.device))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     done = {row["run_key"] for row in read_runs(out_dir)}
@@ -188,8 +199,10 @@ def _save_best(out_dir: Path, config: HeadConfig, results, rows, classes) -> Non
     directory = out_dir / "heads" / config.cell
     if (directory / "config.json").exists():
         saved = json.loads((directory / "config.json").read_text())
-        same_store = saved.get("store") == row["store"] and saved.get("config") == config.to_dict()
-        if same_store and saved.get("best_val_accuracy", -1) >= best.best_val_accuracy:
+        now = json.loads(json.dumps({"store": row["store"], "config": config.to_dict(),
+                                     "train_settings": row["train_settings"]}))  # tuples -> lists, as saved
+        same = all(saved.get(k) == v for k, v in now.items())
+        if same and saved.get("best_val_accuracy", -1) >= best.best_val_accuracy:
             return
     head = FusionHead(config, seed=best.seed)
     head.params_ = best.params

@@ -81,6 +81,9 @@ def test_runs_already_in_results_are_skipped(swept):
     more = run_sweep(store, results, SweepSettings(strategies=("2A",), fusions=("gated",), seeds=(0, 1, 2),
                                                    baselines=False, train=FAST, device="cpu"), log=lambda _: None)
     assert more["trained"] == 1 and more["skipped"] == 2
+    saved = json.loads((results / "heads" / "2A-gated" / "config.json").read_text())
+    best_val = max(r["best_val_accuracy"] for r in read_runs(results) if r["cell"] == "2A-gated")
+    assert saved["best_val_accuracy"] == best_val  # the saved head is the cell's best over all its seeds
 
 
 def test_saved_best_head_round_trips(swept):
@@ -130,6 +133,8 @@ def test_cli_sweep_then_report(tmp_path):
     (["--fusions", "attention"], "unknown fusion operator 'attention'"),
     (["--strategies", "3A"], "unknown strategy '3A'"),
     (["--seeds", "a,b"], "--seeds takes comma-separated integers"),
+    (["--device", "tpu"], "unknown device 'tpu'"),
+    (["--threads", "0"], "--threads must be at least 1"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, args, message):
     store = make_store(tmp_path / "s.h5")
