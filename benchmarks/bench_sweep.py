@@ -87,9 +87,14 @@ def main(argv=None) -> None:
 
     heads = len(rows["batched"])
     epochs = sum(r["epochs_run"] for r in rows["batched"].values())
+    # A lower bound on the matmul work: forward + weight gradient = 4 FLOP per weight per training example
+    gflop = sum(4 * r["store"]["split_rows"]["train"] * r["trainable_parameters"] * r["epochs_run"]
+                for r in rows["batched"].values()) / 1e9
     print(f"\nstore: {'synthetic 9,250 x (1280 | 384), 37 classes' if args.synthetic else args.store}")
     print(f"grid: {heads} heads, {epochs} head-epochs in total; {args.threads} threads, device {args.device}")
-    print(f"batched:    {times['batched']:.1f} s  ({times['batched'] / heads:.2f} s per head)")
+    print(f"matmul work: at least {gflop:,.0f} GFLOP (4 x train rows x weights x epochs, summed over heads)")
+    print(f"batched:    {times['batched']:.1f} s  ({times['batched'] / heads:.2f} s per head, "
+          f">= {gflop / times['batched']:.0f} GFLOP/s)")
     if "sequential" in times:
         same = all(abs(rows["batched"][k]["test_accuracy"] - r["test_accuracy"]) < 1e-12 and
                    rows["batched"][k]["best_epoch"] == r["best_epoch"] for k, r in rows["sequential"].items())

@@ -190,8 +190,9 @@ def _train_stack(config: HeadConfig, seeds: list[int], data: HeadData, s: TrainS
         if improved.any():
             rows = active[improved]
             best_acc[rows], best_epoch[rows] = val_acc[improved], epoch
+            rows_d, improved_d = rows.to(device), improved.to(device)  # bookkeeping is on the CPU
             for k in best:
-                best[k][rows] = params[k].detach()[improved]
+                best[k][rows_d] = params[k].detach()[improved_d]
         stopped = (epoch - best_epoch[active]) >= s.patience
         if stopped.all():
             break
