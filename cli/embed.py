@@ -65,15 +65,20 @@ def prepare(catalog, out, min_items, items_per_class, train, val, test, seed, fm
               help="Saved image module (`embed finetune`): store its dense and classifier outputs too.")
 @click.option("--text-module", type=click.Path(path_type=Path),
               help="Saved text module (`embed finetune`): store its dense and classifier outputs too.")
+@click.option("--shard", default=None, metavar="k/n|auto|none",
+              help="Extract only shard k (0-based) of n contiguous item ranges into STORE.shard-k-of-n.h5 "
+                   "(join them with `embed merge`); auto = RANK/WORLD_SIZE of torchrun, the default under it.")
 @one_line_errors
 def extract(manifest, store, image_backbone, text_backbone, image_weights, text_weights, image_size, batch_size,
-            text_batch_size, workers, device, add, progress, image_module, text_module):
+            text_batch_size, workers, device, add, progress, image_module, text_module, shard):
     """Write every MANIFEST item's pooled image and text features into STORE; resumes where it stopped.
 
     With --image-module / --text-module only the modules' features are written, unless backbones are named too.
     """
     from embedstore.extract import ExtractSettings, extract as run_extract
+    from embedstore.shards import parse_shard
 
+    shard = parse_shard(shard)  # before any work: a bad --shard is a one-line error
     if image_module or text_module:
         # Module features are an addition to a store: backbones run only when asked for by name.
         context = click.get_current_context()
@@ -88,13 +93,34 @@ def extract(manifest, store, image_backbone, text_backbone, image_weights, text_
         image_size=image_size, batch_size=batch_size, text_batch_size=text_batch_size, workers=workers,
         device=device, add=add, progress=progress,
         image_module=str(image_module) if image_module else None,
-        text_module=str(text_module) if text_module else None,
+        text_module=str(text_module) if text_module else None, shard=shard,
     )
+    if shard is not None:
+        click.echo(f"shard {shard.index} of {shard.count} -> {shard.path_for(store)}")
     for report in run_extract(manifest, store, settings):
         skipped = ", ".join(f"{k} {v}" for k, v in report.counts.items() if k.startswith("skipped")) or "none skipped"
         state = "complete" if report.complete else "INCOMPLETE"
         click.echo(f"{report.name}: computed {report.computed} rows in {report.seconds:.1f} s; "
                    f"ok {report.counts.get('ok', 0)}, {skipped}; {state}")
+
+
+@embed.command()
+@click.argument("shards", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Merged store to write.")
+@one_line_errors
+def merge(shards, out):
+    """Join the SHARDS of one `embed extract --shard` run into one store, without copying features.
+
+    Its feature datasets are HDF5 virtual datasets reading the shard files by relative name: keep the shard
+    files beside the merged store (the folder may move as a whole).
+    """
+    from embedstore.shards import merge_shards
+    from embedstore.store import FeatureStore
+
+    merge_shards(shards, out)
+    with FeatureStore(out) as store:
+        click.echo(f"merged {len(shards)} shards into {out}: {len(store.ids)} items, "
+                   f"{', '.join(sorted(store.feature_sets))}; it reads the shard files beside it")
 
 
 @embed.command()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from embedstore.catalog import open_catalog_from_spec
 from embedstore.manifest import Manifest
 from embedstore.modules import config_sha256, load_module, module_id, pooled_set_for, read_module_config
 from embedstore.preprocess import clean_title
+from embedstore.shards import Shard, shard_job
 from embedstore.store import (
     STATUS_EMPTY_TITLE,
     STATUS_MISSING_IMAGE,
@@ -53,6 +55,7 @@ class ExtractSettings:
     progress: bool = True
     image_module: str | None = None  # a saved module folder (`embed finetune`): write its dense + classifier
     text_module: str | None = None   # outputs as source "module-<id>" beside the pooled features
+    shard: Shard | None = None  # only this shard's rows, into its own file <store>.shard-k-of-n.h5 (shards.py)
 
 
 @dataclass
@@ -85,8 +88,13 @@ def image_source_name(backbone_name: str, image_size: int) -> str:
 
 
 def extract(manifest_path: str | Path, store_path: str | Path, settings: ExtractSettings) -> list[SourceReport]:
-    """Write the pooled features of the chosen backbones for every manifest item into the store."""
+    """Write the pooled features of the chosen backbones for every manifest item into the store (with
+    `settings.shard`: for the shard's items, into `settings.shard.path_for(store_path)`)."""
     manifest = Manifest.load(manifest_path)
+    shard_attrs = None
+    if settings.shard is not None:
+        # from here on `manifest` holds the shard's items only, under the whole manifest's sha256
+        manifest, store_path, shard_attrs = shard_job(manifest, store_path, settings.shard)
     modules = {"image": settings.image_module, "text": settings.text_module}
     for modality, module_dir in modules.items():
         if module_dir:
@@ -100,8 +108,11 @@ def extract(manifest_path: str | Path, store_path: str | Path, settings: Extract
         manifest_sha256=manifest.sha256,
         manifest_json=Path(manifest_path).read_text(),
         catalog_spec=manifest.catalog,
+        shard=shard_attrs,
     )
     device = resolve_device(settings.device)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # under torchrun: one GPU per process
     reports = []
     if settings.image_backbone:
         reports.append(_extract_images(manifest, Path(store_path), settings, device))

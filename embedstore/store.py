@@ -6,6 +6,10 @@ Layout (readable with plain h5py; see docs/ARCHITECTURE.md):
     /features/<modality>/<source>/<layer>                      (N, D) float32, provenance in attrs
     /features/<modality>/<source>/status                       (N,) int8, see STATUS_NAMES
 
+A shard (`embed extract --shard k/n`, see shards.py) is a store of the same layout holding one contiguous
+range of the manifest's rows, its range in the root attributes SHARD_KEYS. A merged store's feature and
+status datasets are HDF5 virtual datasets reading from the shard files beside it.
+
 Crash safety without a journal: every feature dataset is allocated in full when it is created (fixed shape,
 early allocation, NaN fill), so writing a batch touches raw data only and never the file's metadata. A row's
 status is set only after its values are flushed. A killed writer therefore leaves rows that are either
@@ -40,6 +44,8 @@ STATUS_NAMES = {
 }
 # Provenance keys that identify what a feature matrix is; a mismatch in any of them means "other features".
 IDENTITY_KEYS = ("backbone", "weights_id", "layer", "preprocessing", "dtype", "manifest_sha256")
+# Root attributes of a shard: which part of the manifest's rows [shard_row_start, shard_row_stop) of total_items.
+SHARD_KEYS = ("shard_index", "shard_count", "shard_row_start", "shard_row_stop", "total_items")
 
 _STR = h5py.string_dtype("utf-8")
 
@@ -109,17 +115,24 @@ def create_store(
     manifest_sha256: str,
     manifest_json: str = "",
     catalog_spec: Mapping | None = None,
+    shard: Mapping[str, int] | None = None,
 ) -> None:
-    """Create the store's item tables, or check that an existing store belongs to the same manifest."""
+    """Create the store's item tables, or check that an existing store belongs to the same manifest (and is the
+    same shard: `shard` maps every SHARD_KEYS name to its value; None for a store of every item)."""
     path = Path(path)
     if path.exists():
         with _open_readonly(path) as f:
             existing = _decode_attr(f.attrs.get("manifest_sha256", ""))
+            existing_shard = {key: _decode_attr(f.attrs[key]) for key in SHARD_KEYS if key in f.attrs}
         if existing != manifest_sha256:
             raise ValueError(
                 f"{path} was built from another manifest (sha256 {existing[:12]}…, this one {manifest_sha256[:12]}…); "
                 "features of different item sets cannot share a store: choose another --store path"
             )
+        if existing_shard != dict(shard or {}):
+            # its rows are another part of the manifest: resuming into it would misalign every row
+            raise ValueError(f"{path} holds {describe_rows(existing_shard)}, not {describe_rows(shard)}; "
+                             "choose another --store path or the matching --shard")
         return
     ids, labels, splits, classes = list(ids), np.asarray(list(labels), dtype=np.int32), list(splits), list(classes)
     if not (len(ids) == len(labels) == len(splits)):
@@ -138,6 +151,7 @@ def create_store(
                 "catalog": _encode_attr(dict(catalog_spec or {})),
                 "created": now_iso(),
                 "library_versions": _encode_attr(library_versions()),
+                **dict(shard or {}),
             }
         )
         items = f.create_group("items")
@@ -147,6 +161,14 @@ def create_store(
         f.create_dataset("classes", data=_as_str_array(classes), dtype=_STR)
         f.create_group("features")
     tmp.replace(path)  # the store appears whole or not at all
+
+
+def describe_rows(shard: Mapping | None) -> str:
+    """'shard 1 of 4 (rows 25..49 of 100)', or 'every manifest item' for a whole store."""
+    if not shard:
+        return "every manifest item (no shard)"
+    return (f"shard {shard['shard_index']} of {shard['shard_count']} (rows {shard['shard_row_start']}.."
+            f"{shard['shard_row_stop'] - 1} of {shard['total_items']})")
 
 
 def _allocated_dataset(group: h5py.Group, name: str, shape: tuple, dtype, fill) -> h5py.Dataset:
@@ -182,6 +204,7 @@ class FeatureSetWriter:
             # HDF5's own lock is off for every open of a store (readers and the writer alike): HDF5 refuses to
             # open one file twice in a process with different locking flags; our flock enforces the one writer.
             self._file = h5py.File(self.path, "r+", locking=False)
+            _refuse_missing_sources(self._file, self.path)
             self._group = self._open_or_create(modality, source, provenance, add)
         except BaseException:
             self.close()
@@ -344,6 +367,26 @@ def _open_readonly(path: Path) -> h5py.File:
     return f
 
 
+def _refuse_missing_sources(file: h5py.File, path: Path) -> None:
+    """A merged store's virtual datasets read from shard files; HDF5 silently fills the rows of a missing one
+    (NaN features, status pending), so a moved or partial folder must fail loudly instead."""
+    missing = set()
+
+    def check(_, obj):
+        if isinstance(obj, h5py.Dataset) and obj.is_virtual:
+            for source in obj.virtual_sources():
+                # relative names resolve against the merged store's folder (HDF5's default after HDF5_VDS_PREFIX)
+                if source.file_name != "." and not (path.parent / source.file_name).is_file():
+                    missing.add(source.file_name)
+
+    file["features"].visititems(check)
+    if missing:
+        file.close()
+        raise FileNotFoundError(
+            f"{path} is a merged store whose rows live in shard files beside it, and {', '.join(sorted(missing))} "
+            f"is not in {path.parent}: move the shard files back beside it (or merge again with `embed merge`)")
+
+
 @dataclass
 class FeatureSetInfo:
     name: str
@@ -372,6 +415,7 @@ class FeatureStore:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._file = _open_readonly(self.path)
+        _refuse_missing_sources(self._file, self.path)
         self.attrs = _read_attrs(self._file)
         self.manifest_sha256: str = self.attrs["manifest_sha256"]
         self.classes: list[str] = [c.decode() if isinstance(c, bytes) else c for c in self._file["classes"][:]]
