@@ -125,9 +125,13 @@ class _StackedAdamW:
             for g in grads:
                 g.mul_(coef.view(G, *([1] * (g.dim() - 1))))
             self.step_t += 1
+
+            def per_head(tensors):  # (G, ...) -> G views: each head's update is then computed exactly as
+                return [t[i] for i in range(G) for t in tensors]  # for a lone head (same vector tails)
+
             # torch's fused AdamW kernel: one pass over weights and state (the update is memory-bound)
-            torch._fused_adamw_(list(params.values()), grads, list(self.exp_avg.values()),
-                                list(self.exp_avg_sq.values()), [], [self.step_t] * len(grads),
+            torch._fused_adamw_(per_head(params.values()), per_head(grads), per_head(self.exp_avg.values()),
+                                per_head(self.exp_avg_sq.values()), [], [self.step_t] * (G * len(grads)),
                                 lr=s.lr, beta1=s.betas[0], beta2=s.betas[1], weight_decay=s.weight_decay,
                                 eps=s.eps, amsgrad=False, maximize=False)
 
@@ -153,8 +157,10 @@ def _train_stack(config: HeadConfig, seeds: list[int], data: HeadData, s: TrainS
     params = {k: v.to(device).requires_grad_() for k, v in model.init_params(gens).items()}
     if reference:  # the plain one-model path every PyTorch user writes
         assert G == 1
+        # fused=True: the same kernel the stack uses, so both paths agree to the bit, not just to 1e-7
+        # (the single-tensor AdamW rounds differently, and over hundreds of steps that can flip a prediction)
         torch_opt = torch.optim.AdamW(params.values(), lr=s.lr, betas=s.betas, eps=s.eps,
-                                      weight_decay=s.weight_decay, foreach=False)
+                                      weight_decay=s.weight_decay, fused=True)
     else:
         stacked_opt = _StackedAdamW(params, s)
     best = {k: v.detach().clone() for k, v in params.items()}   # best-epoch weights of all G heads

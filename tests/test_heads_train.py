@@ -53,9 +53,9 @@ def test_batched_equals_sequential(strategy, fusion):
     batched = train_heads(cfg, [0, 1, 2], data, SETTINGS, batched=True)
     sequential = train_heads(cfg, [0, 1, 2], data, SETTINGS, batched=False)
     assert summary(batched) == summary(sequential)
-    for a, b in zip(batched, sequential):
+    for a, b in zip(batched, sequential):  # identical RNG streams and kernels: identical weights
         for k in a.params:
-            torch.testing.assert_close(a.params[k], b.params[k], rtol=1e-4, atol=1e-5)
+            assert torch.equal(a.params[k], b.params[k]), k
 
 
 @pytest.mark.parametrize("strategy", ["1A", "1B"])
