@@ -159,7 +159,8 @@ def run_sweep(store_path: str | Path, out_dir: str | Path, settings: SweepSettin
                 loaded[tuple(names)] = (HeadData.from_arrays([data.features[n] for n in names], data.labels,
                                                              data.split, device),
                                         {"rows": len(data.labels), "skipped_rows": data.skipped,
-                                         "split_rows": {k: int((data.split == k).sum()) for k in ("train", "val", "test")}})
+                                         "split_rows": {k: int((data.split == k).sum())
+                                                        for k in ("train", "val", "test")}})
             head_data, row_counts = loaded[tuple(names)]
             if strategy in BASELINES:
                 i = 0 if strategy == "image" else 1

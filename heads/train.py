@@ -110,7 +110,8 @@ class _StackedAdamW:
 
     def __init__(self, params: dict[str, torch.Tensor], s: TrainSettings):
         self.s = s
-        self.step_t = torch.zeros((), dtype=torch.float32, device=next(iter(params.values())).device)  # shared: every head in the stack has taken as many steps
+        # one step count for the stack: stopped heads leave it, so every head in it has taken as many steps
+        self.step_t = torch.zeros((), dtype=torch.float32, device=next(iter(params.values())).device)
         self.exp_avg = {k: torch.zeros_like(v) for k, v in params.items()}
         self.exp_avg_sq = {k: torch.zeros_like(v) for k, v in params.items()}
 
