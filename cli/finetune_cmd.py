@@ -65,6 +65,6 @@ def finetune(manifest, modality, strategy, out, store, backbone, weights, image_
         click.echo(f"  {title}: {fmt.format(metrics[key])}")
     if "estimated_full_epoch_seconds" in metrics:
         click.echo(f"  partial epochs of {max_steps_per_epoch} steps: {metrics['seconds_per_step']:.3f} s/step, "
-                   f"about {metrics['estimated_full_epoch_seconds']:.0f} s per full epoch of "
+                   f"about {metrics['estimated_full_epoch_seconds']:.0f} s of training per full epoch of "
                    f"{metrics['steps_per_full_epoch']} steps (extrapolated)")
     click.echo(f"wrote {out}/model.safetensors, config.json, metrics.json")
