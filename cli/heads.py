@@ -25,7 +25,8 @@ def _seeds(text: str) -> tuple[int, ...]:
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path),
               help="Results directory: runs.jsonl and heads/<cell>/ (re-runs skip runs already there).")
 @click.option("--strategies", default="1A,1B,2A,2B", show_default=True,
-              help="Comma-separated: 1A, 1B (fine-tuned modules' features), 2A, 2B (pooled backbone features).")
+              help="Comma-separated: 1A, 1B (fine-tuned modules' features), 2A, 2B (pooled backbone features); "
+                   "image, text name a unimodal baseline alone.")
 @click.option("--fusions", default="add,average,product,concat,gated", show_default=True,
               help="Comma-separated fusion operators.")
 @click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated seeds; one head per seed.")

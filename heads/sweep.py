@@ -60,9 +60,17 @@ class SweepSettings:
 
 def resolve_feature_sets(store, strategy: str) -> list[str]:
     """The store's feature sets a strategy reads (image first), or ValueError naming what is missing and the
-    command that produces it. Baselines read both pooled sets so they train on the same rows as 2-A."""
+    command that produces it. Baselines read both pooled sets where both exist, so they train on the same
+    rows as 2-A; a store of one modality still gets its baseline."""
     layer = STRATEGY_LAYER[strategy]
-    modalities = ("image", "text") if strategy in BASELINES else STRATEGY_MODALITIES[strategy]
+    modalities = STRATEGY_MODALITIES[strategy]
+    if strategy in BASELINES:
+        other = "text" if strategy == "image" else "image"
+        try:  # the other modality's rows too, when the store has them: then baselines and 2-A share rows
+            store.find(other, layer)
+            modalities = ("image", "text")
+        except ValueError:
+            pass
     names, missing = [], []
     for m in modalities:
         try:
@@ -135,14 +143,15 @@ def run_sweep(store_path: str | Path, out_dir: str | Path, settings: SweepSettin
     t_start, trained, skipped, cells_done = time.perf_counter(), 0, 0, []
     with FeatureStore(store_path) as store:
         cells = settings.cells()
-        names_by_strategy = {s: resolve_feature_sets(store, s) for s in {s for s, _ in cells}}  # refuse early
+        names_by_strategy = {s: resolve_feature_sets(store, s) for s, _ in cells}  # refuse before training
         sets_info = store.feature_sets
         classes, manifest = list(store.classes), store.manifest_sha256
         loaded: dict[tuple[str, ...], tuple[HeadData, dict]] = {}
         for strategy, fusion in cells:
             names = names_by_strategy[strategy]
             if strategy in BASELINES:
-                names_used = [names[0] if strategy == "image" else names[1]]
+                modality_index = 0 if strategy == "image" or len(names) == 1 else 1
+                names_used = [names[modality_index]]
             else:
                 names_used = names
             provenance = {n: _provenance(sets_info[n]) for n in names_used}
@@ -163,7 +172,7 @@ def run_sweep(store_path: str | Path, out_dir: str | Path, settings: SweepSettin
                                                         for k in ("train", "val", "test")}})
             head_data, row_counts = loaded[tuple(names)]
             if strategy in BASELINES:
-                i = 0 if strategy == "image" else 1
+                i = modality_index
                 head_data = HeadData(*(type(sp)([sp.inputs[i]], sp.labels)
                                        for sp in (head_data.train, head_data.val, head_data.test)))
             results = train_heads(config, todo, head_data, settings.train, batched=settings.batched)

@@ -107,6 +107,21 @@ def test_store_without_module_features_is_refused(tmp_path):
     assert not (tmp_path / "r" / "runs.jsonl").exists()
 
 
+def test_a_store_of_one_modality_gets_its_baseline(tmp_path):
+    rng = np.random.default_rng(0)
+    y = np.arange(120) % C
+    store = write_store_from_arrays(
+        tmp_path / "s.h5", ids=[str(i) for i in range(120)], labels=y, splits=[("train", "train", "val", "test")[(i // C) % 4] for i in range(120)],
+        classes=[f"c{i}" for i in range(C)],
+        features={"image/tiny-img/pooled": (rng.normal(size=(C, 8))[y] * 2 + rng.normal(size=(120, 8)), {})})
+    with pytest.raises(ValueError, match="2A needs text 'pooled'.*embed extract MANIFEST --store STORE"):
+        run_sweep(store, tmp_path / "r", SweepSettings(strategies=("2A",), train=FAST), log=lambda _: None)
+    train = TrainSettings(batch_size=16, max_epochs=15, lr=1e-2)
+    summary = run_sweep(store, tmp_path / "r", SweepSettings(strategies=("image",), baselines=False, seeds=(0,),
+                                                             train=train), log=lambda _: None)
+    assert summary["cells"] == ["image"] and read_runs(tmp_path / "r")[0]["test_accuracy"] > 0.8
+
+
 def test_classifier_features_of_another_class_count_are_refused(tmp_path):
     store = make_store(tmp_path / "s.h5", classifier_dim=C + 1)
     with pytest.raises(ValueError, match=r"5\].*4 classes"):
