@@ -10,9 +10,18 @@ Resuming (S3): after every epoch the last weights and the optimizer state go to 
 the scalars (epoch, early-stopping state, history) to `checkpoint.json`, and the best weights so far to
 `best.safetensors`. Every epoch reseeds from (seed, epoch), so a resumed run draws the same batches, flips and
 dropout masks as an uninterrupted one and ends with the same weights.
+
+Several processes (S3): under `torchrun` (WORLD_SIZE > 1) the model trains in torch's DistributedDataParallel
+(nccl on CUDA, one GPU per process; gloo on CPU) and each process draws its share of every epoch from a
+DistributedSampler; only rank 0 writes checkpoints and results. One process draws its batches from the same
+sampler (num_replicas=1: the permutation it always used), so R processes x batch b see exactly the batches of
+one process x batch R*b. Every process evaluates the whole validation split on identical weights (batch-norm
+buffers broadcast from rank 0 first), so all take the same early-stopping decisions without talking.
+`fit`, `predict` and `training_processes` are shared with end-to-end training (heads/end_to_end.py).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -23,7 +32,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from sklearn.metrics import accuracy_score, f1_score
+from torch import distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
 from embedstore.extract import STATUS_OK, _collate_images, _ImageRows, autocast_for, resolve_device
@@ -97,8 +109,12 @@ def finetune(manifest_path: str | Path, out_dir: str | Path, settings: FinetuneS
     """
     settings = settings.resolved()
     manifest = Manifest.load(manifest_path)
-    out_dir = Path(out_dir)
-    device = resolve_device(settings.device)
+    with training_processes(settings.device) as (device, ranks):
+        return _finetune(manifest, Path(out_dir), settings, device, ranks, store_path, backbone)
+
+
+def _finetune(manifest: Manifest, out_dir: Path, settings: FinetuneSettings, device, ranks: "Ranks",
+              store_path, backbone) -> FinetuneResult:
     torch.manual_seed(settings.seed)  # the head's initial weights
     module = build_module(settings.modality, settings.strategy, len(manifest.classes), backbone=backbone,
                           name=settings.backbone if backbone is None else None, weights=settings.weights,
@@ -108,17 +124,23 @@ def finetune(manifest_path: str | Path, out_dir: str | Path, settings: FinetuneS
     if module.frozen:
         if store_path is None:
             raise ValueError(f"strategy {settings.strategy} trains over cached pooled features: pass --store STORE "
-                             f"(create it with `embed extract {manifest_path} --store STORE`)")
+                             "(create it with `embed extract MANIFEST --store STORE`)")
         data = _cached_features(store_path, manifest, module)
         checkpoint_dir = None  # seconds of training: nothing worth resuming
     else:
         data = (ImageItems if settings.modality == "image" else TextItems)(manifest, module.backbone, settings, device)
         checkpoint_dir = out_dir
+    if ranks.world > 1 and module.frozen:
+        raise ValueError(f"strategy {settings.strategy} trains a small head over cached features in seconds; run it "
+                         "as one process (torchrun is for strategy 3)")
     out_dir.mkdir(parents=True, exist_ok=True)
-    fit = _fit(module, data, settings, device, checkpoint_dir)
+    model = module.trainable_module()  # the head (S1/S2, fed pooled features) or the whole module
+    fit_result = fit(model, data, settings, device, optimizer=_optimizer(model, settings),
+                     clip=1.0 if settings.modality == "text" else None, checkpoint_dir=checkpoint_dir,
+                     resume_keys=RESUME_KEYS, ranks=ranks)
 
-    module.trainable_module().load_state_dict(fit.pop("best_state"))
-    labels, predictions = _predict(module.trainable_module(), data.batches("test"), device)
+    model.load_state_dict(fit_result.pop("best_state"))
+    labels, predictions = predict(model, data.batches("test"), device)
     counts = module.parameter_counts()
     metrics = {
         "modality": settings.modality, "strategy": settings.strategy, "backbone": module.backbone.name,
@@ -127,8 +149,10 @@ def finetune(manifest_path: str | Path, out_dir: str | Path, settings: FinetuneS
         "test_macro_f1": float(f1_score(labels, predictions, average="macro",
                                         labels=list(range(len(manifest.classes))), zero_division=0)),
         "trainable_parameters": counts["trainable"], "non_trainable_parameters": counts["non_trainable"],
-        "items": data.counts(), **fit,
+        "items": data.counts(), "processes": ranks.world, **fit_result,
     }
+    if ranks.rank != 0:
+        return FinetuneResult(out_dir, metrics)  # only rank 0 writes
     module.cpu().save(out_dir, classes=manifest.classes, manifest_sha256=manifest.sha256,
                       extra={"settings": asdict(settings), "metrics": {k: v for k, v in metrics.items()
                                                                        if k != "history"}})
@@ -161,11 +185,11 @@ class CachedFeatures:
     def counts(self) -> dict:
         return {s: len(self.y[s]) for s in SPLITS}
 
-    def steps_per_epoch(self, batch_size: int) -> int:
-        return -(-len(self.y["train"]) // batch_size)
+    def train_size(self) -> int:
+        return len(self.y["train"])
 
-    def train_batches(self, batch_size: int, generator: torch.Generator):
-        order = torch.randperm(len(self.y["train"]), generator=generator)
+    def train_batches(self, batch_size: int, sampler: DistributedSampler, generator: torch.Generator):
+        order = torch.tensor(list(sampler), dtype=torch.int64)  # one process: randperm seeded (seed, epoch)
         for begin in range(0, len(order), batch_size):
             index = order[begin : begin + batch_size]
             yield self.x["train"][index], self.y["train"][index]
@@ -192,29 +216,34 @@ class ImageItems:
         return {s: len(self.rows[s]) - self.skipped[s] for s in SPLITS} | {
             f"skipped {s}": n for s, n in self.skipped.items() if n}
 
-    def steps_per_epoch(self, batch_size: int) -> int:
-        return -(-len(self.rows["train"]) // batch_size)
+    def train_size(self) -> int:
+        return len(self.rows["train"])
 
-    def _loader(self, split: str, batch_size: int, generator=None):
+    def _loader(self, split: str, batch_size: int, sampler=None, generator=None):
+        """Yields (manifest rows (n_ok,), images (n_ok, 3, H, W)) of the readable images."""
         dataset = _ImageRows(self.catalog, self.refs, self.rows[split], self.transforms[split == "train"])
         workers = self.settings.workers
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=batch_size, shuffle=generator is not None, generator=generator,
-            num_workers=workers, collate_fn=_collate_images, pin_memory=self.pin,
-            prefetch_factor=2 if workers else None)
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, generator=generator,
+                            num_workers=workers, collate_fn=_collate_images, pin_memory=self.pin,
+                            prefetch_factor=2 if workers else None)
         bad = 0
         for rows, images, status in loader:
             bad += int((status != STATUS_OK).sum())
             if images is not None:
-                yield images, torch.from_numpy(self.labels[rows[status == STATUS_OK]])
+                yield rows[status == STATUS_OK], images
         if split != "train":
             self.skipped[split] = bad  # a full pass over the split: the exact count
 
-    def train_batches(self, batch_size: int, generator: torch.Generator):
-        return self._loader("train", batch_size, generator)
+    def _with_labels(self, batches):
+        for rows, images in batches:
+            yield images, torch.from_numpy(self.labels[rows])
+
+    def train_batches(self, batch_size: int, sampler: DistributedSampler, generator: torch.Generator):
+        # the sampler picks this process's share of the epoch; the generator seeds the workers (flips)
+        return self._with_labels(self._loader("train", batch_size, sampler, generator))
 
     def batches(self, split: str):
-        return self._loader(split, self.settings.batch_size * 2)
+        return self._with_labels(self._loader(split, self.settings.batch_size * 2))
 
 
 class TextItems:
@@ -234,11 +263,11 @@ class TextItems:
     def counts(self) -> dict:
         return {s: len(self.y[s]) for s in SPLITS} | {f"skipped {s}": n for s, n in self.skipped.items() if n}
 
-    def steps_per_epoch(self, batch_size: int) -> int:
-        return -(-len(self.y["train"]) // batch_size)
+    def train_size(self) -> int:
+        return len(self.y["train"])
 
-    def train_batches(self, batch_size: int, generator: torch.Generator):
-        order = torch.randperm(len(self.y["train"]), generator=generator).tolist()
+    def train_batches(self, batch_size: int, sampler: DistributedSampler, generator: torch.Generator):
+        order = list(sampler)
         for begin in range(0, len(order), batch_size):
             index = order[begin : begin + batch_size]
             yield self.tokenize([self.titles["train"][i] for i in index]), self.y["train"][index]
@@ -248,13 +277,50 @@ class TextItems:
             yield self.tokenize(self.titles[split][begin : begin + 256]), self.y[split][begin : begin + 256]
 
 
-# ----------------------------------------------------------------------------------------------- the loop
+# ----------------------------------------------------------------------------------------------- processes
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the training processes (rank 0 of 1 without torchrun)."""
+    rank: int = 0
+    world: int = 1
+
+
+@contextlib.contextmanager
+def training_processes(device_name: str | None):
+    """Yields (device, Ranks). Under torchrun (WORLD_SIZE > 1) it joins the process group (nccl on CUDA with
+    one GPU per process, gloo on CPU) unless the caller already did, and leaves what it created."""
+    device = resolve_device(device_name)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield device, Ranks()
+        return
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    created = not dist.is_initialized()
+    if created:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield device, Ranks(dist.get_rank(), dist.get_world_size())
+    finally:
+        if created:
+            dist.destroy_process_group()
 
 
 def _seed_epoch(seed: int, epoch: int) -> torch.Generator:
     """Seeds everything random in one epoch (shuffle, dropout, flips, worker seeds) from (seed, epoch) alone."""
     torch.manual_seed(seed * 1_000_003 + epoch)
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def _train_sampler(data, settings, ranks: Ranks, epoch: int) -> DistributedSampler:
+    """This process's share of the epoch; with one process the same randperm as _seed_epoch's generator."""
+    sampler = DistributedSampler(range(data.train_size()), num_replicas=ranks.world, rank=ranks.rank, shuffle=True,
+                                 seed=settings.seed * 1_000_003)
+    sampler.set_epoch(epoch)
+    return sampler
 
 
 def _optimizer(model: nn.Module, settings: FinetuneSettings) -> torch.optim.Optimizer:
@@ -270,31 +336,45 @@ def _to(inputs, device):
     return inputs.to(device, non_blocking=True)
 
 
-def _fit(module: TransferModule, data, settings: FinetuneSettings, device, checkpoint_dir: Path | None) -> dict:
-    model = module.trainable_module().to(device)  # the head (S1/S2, fed pooled features) or the whole module
-    optimizer = _optimizer(model, settings)
+# ----------------------------------------------------------------------------------------------- the loop
+
+
+def fit(model: nn.Module, data, settings, device, *, optimizer: torch.optim.Optimizer, clip: float | None,
+        checkpoint_dir: Path | None, resume_keys: tuple[str, ...], ranks: Ranks = Ranks()) -> dict:
+    """Train `model` (inputs -> logits (B, C)) with cross-entropy and early stopping on validation accuracy.
+
+    `data`: train_size(), train_batches(batch_size, sampler, generator), batches(split) of (inputs, labels).
+    `settings`: a dataclass with seed, batch_size, max_epochs, patience, max_steps_per_epoch, progress.
+    Returns the training summary with "best_state" (the best epoch's weights)."""
+    model = model.to(device)
+    net = model
+    if ranks.world > 1:  # gradients averaged over the processes inside backward()
+        # find_unused_parameters: e.g. BERT's pooler takes no part in the loss and gets no gradient
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                      find_unused_parameters=True)
     state = {"epoch": 0, "best_val_accuracy": -1.0, "best_epoch": 0, "since_best": 0, "stopped_early": False,
              "train_seconds": 0.0, "history": []}
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     resumed_from = 0
     if checkpoint_dir is not None and (checkpoint_dir / CHECKPOINT_STATE).is_file():
-        state, best_state = _load_checkpoint(checkpoint_dir, model, optimizer, settings, device)
+        state, best_state = _load_checkpoint(checkpoint_dir, model, optimizer, settings, device, resume_keys)
         resumed_from = state["epoch"]
-    clip = 1.0 if settings.modality == "text" else None
+    writer = checkpoint_dir if ranks.rank == 0 else None  # only rank 0 writes
     loss_fn = nn.CrossEntropyLoss()
-    steps_per_epoch = data.steps_per_epoch(settings.batch_size)
+    steps_per_epoch = -(-len(_train_sampler(data, settings, ranks, 0)) // settings.batch_size)
     for epoch in range(state["epoch"] + 1, settings.max_epochs + 1):
         if state["since_best"] >= settings.patience:  # a resumed run may raise the patience to go on
             break
         generator = _seed_epoch(settings.seed, epoch)
-        model.train()
+        net.train()
         start, steps, loss_sum = time.perf_counter(), 0, 0.0
         limit = min(steps_per_epoch, settings.max_steps_per_epoch or steps_per_epoch)
-        batches = tqdm(data.train_batches(settings.batch_size, generator), total=limit, leave=False,
-                       desc=f"epoch {epoch}", disable=not settings.progress)
+        batches = tqdm(data.train_batches(settings.batch_size, _train_sampler(data, settings, ranks, epoch),
+                                          generator),
+                       total=limit, leave=False, desc=f"epoch {epoch}", disable=not settings.progress or ranks.rank)
         for inputs, labels in batches:
             with autocast_for(device):
-                logits = model(_to(inputs, device))  # (B, C)
+                logits = net(_to(inputs, device))  # (B, C)
             loss = loss_fn(logits.float(), labels.to(device, non_blocking=True))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -306,7 +386,13 @@ def _fit(module: TransferModule, data, settings: FinetuneSettings, device, check
                 break
         batches.close()
         seconds = time.perf_counter() - start
-        labels, predictions = _predict(model, data.batches("val"), device)
+        if ranks.world > 1:
+            total = torch.tensor([loss_sum], dtype=torch.float64, device=device)
+            dist.all_reduce(total)  # the epoch's loss over every process's items
+            loss_sum = float(total) / ranks.world
+            for buffer in model.buffers():  # batch-norm statistics moved per process in the last step: rank 0's
+                dist.broadcast(buffer, 0)
+        labels, predictions = predict(model, data.batches("val"), device)
         val_accuracy = float(accuracy_score(labels, predictions))
         state["train_seconds"] += seconds
         state["history"].append({"epoch": epoch, "train_loss": loss_sum / max(steps, 1), "val_accuracy": val_accuracy,
@@ -315,13 +401,13 @@ def _fit(module: TransferModule, data, settings: FinetuneSettings, device, check
         if val_accuracy > state["best_val_accuracy"]:
             state.update(best_val_accuracy=val_accuracy, best_epoch=epoch, since_best=0)
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            if checkpoint_dir is not None:
-                _save_tensors(checkpoint_dir / BEST, best_state, epoch)
+            if writer is not None:
+                _save_tensors(writer / BEST, best_state, epoch)
         else:
             state["since_best"] += 1
         state["stopped_early"] = state["since_best"] >= settings.patience
-        if checkpoint_dir is not None:
-            _save_checkpoint(checkpoint_dir, model, optimizer, state, settings)
+        if writer is not None:
+            _save_checkpoint(writer, model, optimizer, state, settings)
     history = state["history"]
     steps_done = sum(h["steps"] for h in history)
     result = {
@@ -338,7 +424,8 @@ def _fit(module: TransferModule, data, settings: FinetuneSettings, device, check
 
 
 @torch.inference_mode()
-def _predict(model: nn.Module, batches, device) -> tuple[np.ndarray, np.ndarray]:
+def predict(model: nn.Module, batches, device) -> tuple[np.ndarray, np.ndarray]:
+    """(labels (n,), predicted classes (n,)) over `batches` of (inputs, labels)."""
     model.eval()
     labels, predictions = [], []
     for inputs, batch_labels in batches:
@@ -361,7 +448,7 @@ def _save_tensors(path: Path, tensors: dict, epoch: int) -> None:
     os.replace(partial, path)
 
 
-def _save_checkpoint(folder: Path, model: nn.Module, optimizer, state: dict, settings: FinetuneSettings) -> None:
+def _save_checkpoint(folder: Path, model: nn.Module, optimizer, state: dict, settings) -> None:
     """Tensors (weights, optimizer moments) in safetensors; everything else as JSON. Written before the JSON
     that names its epoch, so a kill between the two leaves the previous epoch's JSON, which is detected."""
     optimizer_state = optimizer.state_dict()
@@ -381,9 +468,9 @@ def _save_checkpoint(folder: Path, model: nn.Module, optimizer, state: dict, set
     os.replace(partial, folder / CHECKPOINT_STATE)
 
 
-def _load_checkpoint(folder: Path, model: nn.Module, optimizer, settings: FinetuneSettings, device):
+def _load_checkpoint(folder: Path, model: nn.Module, optimizer, settings, device, resume_keys: tuple[str, ...]):
     record = json.loads((folder / CHECKPOINT_STATE).read_text())
-    for key in RESUME_KEYS:
+    for key in resume_keys:
         if record["settings"].get(key) != getattr(settings, key):
             raise ValueError(f"{folder} holds a checkpoint made with {key}={record['settings'].get(key)!r}, not "
                              f"{getattr(settings, key)!r}; use the same settings to resume, or another --out")

@@ -42,30 +42,36 @@ def check_strategy(strategy) -> int:
 class ModuleHead(nn.Module):
     """pooled (B, D) -> [dense D->500 -> ReLU -> Dropout] -> classifier -> logits (B, C). S1 has no middle layer."""
 
-    def __init__(self, feature_dim: int, n_classes: int, *, strategy: int, dropout: float = 0.3,
+    def __init__(self, feature_dim: int, n_classes: int | None, *, strategy: int, dropout: float = 0.3,
                  middle_dim: int = MIDDLE_DIM):
+        """n_classes=None (S2/S3 only): the middle layer without a classifier, for a model that fuses the
+        500-d layer (strategy 3-A, heads/end_to_end.py); a classifier nobody uses would get no gradient."""
         super().__init__()
         self.strategy = check_strategy(strategy)
         if self.strategy == 1:
+            if n_classes is None:
+                raise ValueError("an S1 head is only a classifier: give n_classes")
             self.dense, self.dropout = None, None
             self.classifier = nn.Linear(feature_dim, n_classes)
         else:
             self.dense, self.dropout = nn.Linear(feature_dim, middle_dim), nn.Dropout(dropout)
-            self.classifier = nn.Linear(middle_dim, n_classes)
+            self.classifier = None if n_classes is None else nn.Linear(middle_dim, n_classes)
 
     @property
     def layers(self) -> dict[str, int]:
         """The module-feature layers this head produces and their widths."""
-        widths = {"classifier": self.classifier.out_features}
+        widths = {} if self.classifier is None else {"classifier": self.classifier.out_features}
         if self.dense is not None:
             widths = {"dense": self.dense.out_features, **widths}
         return widths
 
     def forward_features(self, pooled: torch.Tensor) -> dict[str, torch.Tensor]:
-        """{"dense": (B, 500) after ReLU (not for S1), "classifier": (B, C) logits}."""
+        """{"dense": (B, 500) after ReLU (not for S1), "classifier": (B, C) logits (unless there is none)}."""
         if self.dense is None:
             return {"classifier": self.classifier(pooled)}
         dense = torch.relu(self.dense(pooled))  # (B, 500): feature "A"
+        if self.classifier is None:
+            return {"dense": dense}
         return {"dense": dense, "classifier": self.classifier(self.dropout(dense))}  # (B, C): feature "B"
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,259 @@
+"""Strategies 3-A and 3-B: the whole multimodal model trained end to end from pretrained backbones on the raw
+catalog (DESIGN.md, "The six multimodal fine-tuning strategies"). This is the slow baseline the store exists
+to avoid; `benchmarks/bench_end_to_end.py` measures how much slower it is than a head over the store.
+
+Model: each modality is an S3 module (embedstore/modules.py: backbone -> pooled (D) -> dense D->500 -> ReLU ->
+Dropout [-> classifier 500->C for 3-B]); the two branches are fused by an operator of heads/fusion.py's registry
+(at the 500-d layers for 3-A, at the classifier outputs for 3-B), then fused -> 250 -> ReLU -> Dropout -> C.
+Training is finetune.py's loop (`fit`): AdamW, gradient clipping at 1.0, random horizontal flip, early stopping
+on validation accuracy, a checkpoint per epoch (safetensors + JSON) with resume, DistributedDataParallel under
+torchrun, bf16 autocast and pinned memory on CUDA only. Saved as model.safetensors + config.json + metrics.json.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from sklearn.metrics import accuracy_score, f1_score
+from torch import nn
+
+from embedstore.backbones import create_backbone
+from embedstore.finetune import ImageItems, fit, predict, training_processes
+from embedstore.manifest import Manifest
+from embedstore.modules import MIDDLE_DIM, build_module
+from heads.fusion import create_fusion, list_fusions
+
+END_TO_END = ("3A", "3B")
+FUSION_DIM = 250
+
+
+@dataclass
+class EndToEndSettings:
+    strategy: str = "3A"                 # "3A": fused at the 500-d layers; "3B": at the classifier outputs
+    fusion: str = "concat"               # any operator of heads/fusion.py
+    image_backbone: str = "efficientnet_lite0"
+    text_backbone: str = "all-MiniLM-L6-v2"
+    image_weights: str | None = None     # local weights file / Hugging Face folder; default: the standard places
+    text_weights: str | None = None
+    image_size: int = 224
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    batch_size: int = 32                 # per process under torchrun
+    max_epochs: int = 10
+    patience: int = 3                    # epochs without a better validation accuracy
+    dropout: float = 0.3
+    flip: bool = True                    # random horizontal flip of training images
+    freeze_batchnorm: bool = False       # keep the backbones' batch-norm statistics (small per-process batches)
+    seed: int = 0
+    device: str | None = None            # default: CUDA when present, else CPU
+    max_steps_per_epoch: int | None = None  # measured partial epochs; the full epoch is extrapolated
+    workers: int = 2                     # DataLoader processes decoding JPEGs
+    progress: bool = True
+
+    def check(self) -> "EndToEndSettings":
+        if self.strategy not in END_TO_END:
+            raise ValueError(f"unknown end-to-end strategy {self.strategy!r}; use 3A or 3B")
+        if self.fusion not in list_fusions():
+            raise ValueError(f"unknown fusion operator {self.fusion!r}; registered: {', '.join(list_fusions())}")
+        for name in ("lr", "batch_size", "max_epochs", "patience"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch <= 0:
+            raise ValueError(f"max_steps_per_epoch must be positive, got {self.max_steps_per_epoch}")
+        return self
+
+
+# What may change between a run and its resumption: how long it goes on, and where and how verbosely it runs.
+RESUME_KEYS = tuple(k for k in EndToEndSettings.__dataclass_fields__
+                    if k not in ("max_epochs", "patience", "device", "workers", "progress"))
+
+
+class EndToEndModel(nn.Module):
+    """images (B, 3, H, W) + tokens (B, 30) -> logits (B, C), every weight trainable."""
+
+    def __init__(self, image_backbone, text_backbone, n_classes: int, *, strategy: str = "3A",
+                 fusion: str = "concat", dropout: float = 0.3, freeze_batchnorm: bool = False):
+        super().__init__()
+        self.strategy, self.freeze_batchnorm = strategy, freeze_batchnorm
+        classes = n_classes if strategy == "3B" else None  # 3-A fuses the 500-d layers: no module classifier
+        self.image = build_module("image", 3, classes, backbone=image_backbone, dropout=dropout)
+        self.text = build_module("text", 3, classes, backbone=text_backbone, dropout=dropout)
+        self.fusion = create_fusion(fusion, MIDDLE_DIM if strategy == "3A" else n_classes)
+        # The registry's operators run stacks of G heads on (G, ...) weights; this model is G = 1.
+        generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
+        self.fusion_params = nn.ParameterDict({
+            name: nn.Parameter(self.fusion.init_param(name, shape, generator).unsqueeze(0))  # (1, ...)
+            for name, shape in self.fusion.param_shapes().items()})
+        self.fusion_layer = nn.Linear(self.fusion.output_dim, FUSION_DIM)
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(FUSION_DIM, n_classes)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.freeze_batchnorm:  # normalise with the pretrained running statistics, and keep them
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+    def _branch(self, module, inputs) -> torch.Tensor:
+        features = module.forward_features(inputs)
+        if self.strategy == "3A":
+            return module.head.dropout(features["dense"])  # (B, 500), as 2-A's middle layer
+        return features["classifier"]  # (B, C) = classifier(dropout(dense))
+
+    def forward(self, inputs: dict) -> torch.Tensor:
+        images = inputs["images"].contiguous(memory_format=torch.channels_last)
+        a = self._branch(self.image, images)  # (B, d): the operators' image side
+        b = self._branch(self.text, {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]})
+        fused = self.fusion.forward(dict(self.fusion_params), a.unsqueeze(0), b.unsqueeze(0))[0]  # (B, fused_dim)
+        return self.classifier(self.dropout(torch.relu(self.fusion_layer(fused))))  # (B, C)
+
+    def parameter_counts(self) -> dict[str, int]:
+        total = sum(p.numel() for p in self.parameters())
+        return {"trainable": total, "non_trainable": 0, "total": total}
+
+
+class PairItems(ImageItems):
+    """Images decoded in DataLoader workers (finetune.ImageItems: flips, bad images skipped and counted) with
+    their titles tokenized per batch in the main process."""
+
+    def __init__(self, manifest: Manifest, image_backbone, text_backbone, settings: EndToEndSettings, device):
+        super().__init__(manifest, image_backbone, settings, device)
+        if not settings.flip:
+            self.transforms[True] = self.transforms[False]
+        self.titles, self.tokenize = [item.title for item in manifest.items], text_backbone.tokenize
+
+    def _with_labels(self, batches):
+        for rows, images in batches:
+            tokens = self.tokenize([self.titles[row] for row in rows])  # (n, 30) each
+            yield {"images": images, **tokens}, torch.from_numpy(self.labels[rows])
+
+
+@dataclass
+class EndToEndResult:
+    out_dir: Path
+    metrics: dict = field(default_factory=dict)
+
+
+def create_backbones(settings: EndToEndSettings):
+    image = create_backbone("image", settings.image_backbone, weights=settings.image_weights,
+                            image_size=settings.image_size)
+    return image, create_backbone("text", settings.text_backbone, weights=settings.text_weights)
+
+
+def train_end_to_end(manifest_path: str | Path, out_dir: str | Path, settings: EndToEndSettings, *,
+                     backbones=None) -> EndToEndResult:
+    """Train 3-A / 3-B on the manifest's items; `backbones`: an (image, text) pair already built (tests).
+    Re-running into the same `out_dir` resumes after its last finished epoch."""
+    settings.check()
+    manifest, out_dir = Manifest.load(manifest_path), Path(out_dir)
+    with training_processes(settings.device) as (device, ranks):
+        torch.manual_seed(settings.seed)  # the new layers' initial weights
+        image, text = backbones or create_backbones(settings)
+        model = EndToEndModel(image, text, len(manifest.classes), strategy=settings.strategy, fusion=settings.fusion,
+                              dropout=settings.dropout, freeze_batchnorm=settings.freeze_batchnorm)
+        model = model.to(memory_format=torch.channels_last)  # faster convolutions (extract.py measured it)
+        data = PairItems(manifest, image, text, settings, device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        summary = fit(model, data, settings, device, optimizer=optimizer, clip=1.0, checkpoint_dir=out_dir,
+                      resume_keys=RESUME_KEYS, ranks=ranks)
+        best = summary.pop("best_state")
+        model.load_state_dict(best)
+        labels, predictions = predict(model, data.batches("test"), device)
+        counts = model.parameter_counts()
+        metrics = {
+            "strategy": settings.strategy, "fusion": settings.fusion, "manifest_sha256": manifest.sha256,
+            "backbones": {m.modality: {"name": m.name, "weights_id": m.weights_id} for m in (image, text)},
+            "device": str(device), "processes": ranks.world,
+            "test_accuracy": float(accuracy_score(labels, predictions)),
+            "test_macro_f1": float(f1_score(labels, predictions, average="macro",
+                                            labels=list(range(len(manifest.classes))), zero_division=0)),
+            "trainable_parameters": counts["trainable"], "non_trainable_parameters": counts["non_trainable"],
+            "items": data.counts(), **summary,
+        }
+        if ranks.rank == 0:  # only rank 0 writes
+            save_file({k: v.detach().cpu().float().contiguous() if v.is_floating_point() else v.cpu().contiguous()
+                       for k, v in best.items()}, str(out_dir / "model.safetensors"))
+            config = {"format": "embedstore-end-to-end", "settings": asdict(settings), "classes": manifest.classes,
+                      "metrics": {k: v for k, v in metrics.items() if k != "history"}}
+            (out_dir / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True) + "\n")
+            (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True) + "\n")
+    return EndToEndResult(out_dir, metrics)
+
+
+# ----------------------------------------------------------------------------------------------- heads sweep
+
+
+def backbones_of_store(store, base: EndToEndSettings) -> tuple[EndToEndSettings, dict]:
+    """The settings with the backbones that made the store's pooled features, and their provenance."""
+    provenance = {m: store.feature_sets[store.find(m, "pooled")].provenance for m in ("image", "text")}
+    image, text = provenance["image"], provenance["text"]
+    settings = EndToEndSettings(**{**asdict(base), "image_backbone": image["backbone"],
+                                   "image_size": int(image["preprocessing"]["image_size"]),
+                                   "text_backbone": text["backbone"],
+                                   "text_weights": base.text_weights or text["preprocessing"].get("folder")})
+    return settings, provenance
+
+
+def sweep_cell(store, store_path, manifest_path, out_dir: Path, strategy: str, fusion: str, seeds, base:
+               EndToEndSettings, done: set[str], log=print) -> tuple[list[dict], int]:
+    """`heads sweep --strategies 3A,3B`: one end-to-end run per missing seed; result rows like the cached
+    strategies' (heads/sweep.py). Runs live in OUT/end_to_end/<cell>/seed-<seed>/ and resume there."""
+    manifest = Manifest.load(manifest_path)
+    if manifest.sha256 != store.manifest_sha256:
+        raise ValueError(f"{manifest_path} is not the manifest {store_path} was extracted from; pass that one "
+                         "with --manifest")
+    settings, provenance = backbones_of_store(store, base)
+    backbones = create_backbones(settings)
+    for backbone, modality in zip(backbones, ("image", "text")):
+        if backbone.weights_id != provenance[modality]["weights_id"]:
+            raise ValueError(f"the store's {modality} features come from weights {provenance[modality]['weights_id']}"
+                             f", but {backbone.name} now resolves to {backbone.weights_id}; pass the original "
+                             f"weights (--{modality}-weights PATH)")
+    cell, rows, skipped = f"{strategy}-{fusion}", [], 0
+    for seed in seeds:
+        run = EndToEndSettings(**{**asdict(settings), "strategy": strategy, "fusion": fusion, "seed": seed})
+        identity = {k: v for k, v in asdict(run).items() if k in RESUME_KEYS + ("max_epochs", "patience")}
+        key = hashlib.sha256(json.dumps({"settings": identity, "manifest_sha256": manifest.sha256, "backbones": {
+            m: provenance[m]["weights_id"] for m in provenance}}, sort_keys=True).encode()).hexdigest()
+        if key in done:
+            skipped += 1
+            continue
+        start = time.perf_counter()
+        # each run builds its backbones afresh: the previous run fine-tuned the ones it was given
+        m = train_end_to_end(manifest_path, out_dir / "end_to_end" / cell / f"seed-{seed}", run,
+                             backbones=backbones if seed == seeds[0] else None).metrics
+        log(f"{cell} seed {seed}: test accuracy {m['test_accuracy']:.4f} (best epoch {m['best_epoch']}, "
+            f"{m['training_seconds']:.1f} s of training)")
+        rows.append({
+            "run_key": key, "cell": cell, "strategy": strategy, "fusion": fusion, "seed": seed,
+            "config": {"strategy": strategy, "fusion": fusion, "num_classes": len(manifest.classes),
+                       "middle_dim": MIDDLE_DIM, "fusion_dim": FUSION_DIM, "dropout": run.dropout,
+                       "image_backbone": run.image_backbone, "text_backbone": run.text_backbone},
+            "train_settings": asdict(run),
+            "store": {"path": str(store_path), "manifest_sha256": manifest.sha256, "manifest": str(manifest_path),
+                      "feature_sets": {}, "backbones": provenance, "split_rows": m["items"]},
+            "test_accuracy": m["test_accuracy"], "test_macro_f1": m["test_macro_f1"],
+            "best_val_accuracy": m["best_val_accuracy"], "best_epoch": m["best_epoch"], "epochs_run": m["epochs"],
+            "train_seconds": m["training_seconds"], "group_seconds": time.perf_counter() - start, "group_size": 1,
+            "batched": False, "device": m["device"], "processes": m["processes"],
+            "trainable_parameters": m["trainable_parameters"], "non_trainable_parameters": 0,
+            "non_trainable_note": None, "estimated_full_epoch_seconds": m.get("estimated_full_epoch_seconds"),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        })
+    return rows, skipped
+
+
+def is_rank_zero() -> bool:
+    """Under torchrun only rank 0 writes result rows."""
+    return int(os.environ.get("RANK", "0")) == 0
