@@ -26,7 +26,8 @@ def _seeds(text: str) -> tuple[int, ...]:
               help="Results directory: runs.jsonl and heads/<cell>/ (re-runs skip runs already there).")
 @click.option("--strategies", default="1A,1B,2A,2B", show_default=True,
               help="Comma-separated: 1A, 1B (fine-tuned modules' features), 2A, 2B (pooled backbone features); "
-                   "image, text name a unimodal baseline alone.")
+                   "image, text name a unimodal baseline alone; "
+                   "3A, 3B train end to end on the raw catalog (slow, needs --manifest).")
 @click.option("--fusions", default="add,average,product,concat,gated", show_default=True,
               help="Comma-separated fusion operators.")
 @click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated seeds; one head per seed.")
@@ -39,17 +40,26 @@ def _seeds(text: str) -> tuple[int, ...]:
 @click.option("--lr", default=1e-3, show_default=True)
 @click.option("--max-epochs", default=40, show_default=True)
 @click.option("--patience", default=5, show_default=True, help="Epochs without a better validation accuracy.")
+@click.option("--manifest", type=click.Path(path_type=Path), default=None,
+              help="3A/3B: the manifest the store was extracted from (they train end to end on the raw catalog, "
+                   "with the backbones named in the store's provenance).")
+@click.option("--end-to-end-epochs", type=int, default=10, show_default=True, help="3A/3B: most epochs.")
+@click.option("--max-steps-per-epoch", type=int, default=None,
+              help="3A/3B: stop each epoch after this many steps (the full epoch's time is extrapolated).")
 @one_line_errors
 def sweep(store, out, strategies, fusions, seeds, baselines, sequential, device, threads, batch_size, lr,
-          max_epochs, patience):
+          max_epochs, patience, manifest, end_to_end_epochs, max_steps_per_epoch):
     """Train the grid over STORE; one JSON row per run in OUT/runs.jsonl, best head per cell in OUT/heads/."""
+    from heads.end_to_end import EndToEndSettings
     from heads.sweep import SweepSettings, run_sweep
     from heads.train import TrainSettings
 
     settings = SweepSettings(
         strategies=tuple(comma_list(strategies)), fusions=tuple(comma_list(fusions)), seeds=_seeds(seeds),
         baselines=baselines, batched=not sequential, device=device, threads=threads,
-        train=TrainSettings(batch_size=batch_size, lr=lr, max_epochs=max_epochs, patience=patience))
+        train=TrainSettings(batch_size=batch_size, lr=lr, max_epochs=max_epochs, patience=patience),
+        manifest=str(manifest) if manifest else None,
+        end_to_end=EndToEndSettings(max_epochs=end_to_end_epochs, max_steps_per_epoch=max_steps_per_epoch))
     summary = run_sweep(store, out, settings, log=click.echo)
     click.echo(f"trained {summary['trained']} heads, skipped {summary['skipped']} already in {out / 'runs.jsonl'}, "
                f"{summary['seconds']:.1f} s")

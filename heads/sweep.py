@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from heads.end_to_end import END_TO_END, EndToEndSettings
 from heads.fusion import list_fusions
 from heads.models import (BASELINES, MULTIMODAL_STRATEGIES, STRATEGY_LAYER, STRATEGY_MODALITIES, FusionHead,
                           HeadConfig, StackedHead)
@@ -38,9 +39,14 @@ class SweepSettings:
     threads: int | None = None            # torch.set_num_threads, when given
     dropout: float = 0.3
     train: TrainSettings = field(default_factory=TrainSettings)
+    manifest: str | None = None           # 3A/3B train end to end on the raw catalog through this manifest
+    end_to_end: EndToEndSettings = field(default_factory=EndToEndSettings)  # their training (heads/end_to_end.py)
 
     def __post_init__(self):
-        known = MULTIMODAL_STRATEGIES + BASELINES
+        known = MULTIMODAL_STRATEGIES + BASELINES + END_TO_END
+        if set(self.strategies) & set(END_TO_END) and not self.manifest:
+            raise ValueError("strategies 3A/3B train end to end on the raw catalog: pass --manifest MANIFEST "
+                             "(the one the store was extracted from)")
         for s in self.strategies:
             if s not in known:
                 raise ValueError(f"unknown strategy {s!r}; known: {', '.join(known)}")
@@ -143,11 +149,23 @@ def run_sweep(store_path: str | Path, out_dir: str | Path, settings: SweepSettin
     t_start, trained, skipped, cells_done = time.perf_counter(), 0, 0, []
     with FeatureStore(store_path) as store:
         cells = settings.cells()
-        names_by_strategy = {s: resolve_feature_sets(store, s) for s, _ in cells}  # refuse before training
+        names_by_strategy = {s: resolve_feature_sets(store, s) for s, _ in cells
+                             if s not in END_TO_END}  # refuse before training
         sets_info = store.feature_sets
         classes, manifest = list(store.classes), store.manifest_sha256
         loaded: dict[tuple[str, ...], tuple[HeadData, dict]] = {}
         for strategy, fusion in cells:
+            if strategy in END_TO_END:  # slow: the whole model on the raw catalog, one run per seed
+                from heads.end_to_end import is_rank_zero, sweep_cell
+                end_to_end = EndToEndSettings(**{**asdict(settings.end_to_end), "device": device})
+                rows, n_skipped = sweep_cell(store, store_path, settings.manifest, out_dir, strategy, fusion,
+                                             settings.seeds, end_to_end, done, log=log)
+                if rows and is_rank_zero():  # under torchrun only rank 0 writes
+                    with open(out_dir / "runs.jsonl", "a") as f:
+                        f.writelines(json.dumps(row, sort_keys=True) + "\n" for row in rows)
+                trained, skipped = trained + len(rows), skipped + n_skipped
+                cells_done += [f"{strategy}-{fusion}"] if rows else []
+                continue
             names = names_by_strategy[strategy]
             if strategy in BASELINES:
                 modality_index = 0 if strategy == "image" or len(names) == 1 else 1

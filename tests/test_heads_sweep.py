@@ -146,7 +146,7 @@ def test_cli_sweep_then_report(tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--fusions", "attention"], "unknown fusion operator 'attention'"),
-    (["--strategies", "3A"], "unknown strategy '3A'"),
+    (["--strategies", "3C"], "unknown strategy '3C'"),  # 3A/3B exist: heads/end_to_end.py
     (["--seeds", "a,b"], "--seeds takes comma-separated integers"),
     (["--device", "tpu"], "unknown device 'tpu'"),
     (["--threads", "0"], "--threads must be at least 1"),
