@@ -40,6 +40,8 @@ def _seeds(text: str) -> tuple[int, ...]:
 @click.option("--lr", default=1e-3, show_default=True)
 @click.option("--max-epochs", default=40, show_default=True)
 @click.option("--patience", default=5, show_default=True, help="Epochs without a better validation accuracy.")
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
+              help="auto: bf16 autocast on CUDA, float32 on CPU. bf16 on a CPU with AVX512-BF16/AMX: ~2x faster.")
 @click.option("--manifest", type=click.Path(path_type=Path), default=None,
               help="3A/3B: the manifest the store was extracted from (they train end to end on the raw catalog, "
                    "with the backbones named in the store's provenance).")
@@ -48,7 +50,7 @@ def _seeds(text: str) -> tuple[int, ...]:
               help="3A/3B: stop each epoch after this many steps (the full epoch's time is extrapolated).")
 @one_line_errors
 def sweep(store, out, strategies, fusions, seeds, baselines, sequential, device, threads, batch_size, lr,
-          max_epochs, patience, manifest, end_to_end_epochs, max_steps_per_epoch):
+          max_epochs, patience, precision, manifest, end_to_end_epochs, max_steps_per_epoch):
     """Train the grid over STORE; one JSON row per run in OUT/runs.jsonl, best head per cell in OUT/heads/."""
     from heads.end_to_end import EndToEndSettings
     from heads.sweep import SweepSettings, run_sweep
@@ -57,7 +59,8 @@ def sweep(store, out, strategies, fusions, seeds, baselines, sequential, device,
     settings = SweepSettings(
         strategies=tuple(comma_list(strategies)), fusions=tuple(comma_list(fusions)), seeds=_seeds(seeds),
         baselines=baselines, batched=not sequential, device=device, threads=threads,
-        train=TrainSettings(batch_size=batch_size, lr=lr, max_epochs=max_epochs, patience=patience),
+        train=TrainSettings(batch_size=batch_size, lr=lr, max_epochs=max_epochs, patience=patience,
+                            precision=precision),
         manifest=str(manifest) if manifest else None,
         end_to_end=EndToEndSettings(max_epochs=end_to_end_epochs, max_steps_per_epoch=max_steps_per_epoch))
     summary = run_sweep(store, out, settings, log=click.echo)
@@ -76,6 +79,39 @@ def report(results, out):
 
     for path in write_report(results, out):
         click.echo(str(path))
+
+
+@heads.command()
+@click.argument("head_dir", type=click.Path(path_type=Path))
+@click.argument("inputs", metavar="INPUT", type=click.Path(path_type=Path))
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path),
+              help="CSV to write: id, label_k, probability_k for k = 1..top-k, reason (empty when predicted).")
+@click.option("--top-k", default=3, show_default=True, help="Most probable categories per row.")
+@click.option("--batch-size", default=64, show_default=True, help="Rows per forward pass.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [default: cuda if available, else cpu]")
+@click.option("--image-weights", type=click.Path(path_type=Path),
+              help="The image backbone's weights file, when it is not in its standard places (pooled heads).")
+@click.option("--text-weights", type=click.Path(path_type=Path),
+              help="The text backbone's Hugging Face folder, likewise.")
+@click.option("--id-column", default=None, help="Input CSV: the id column [default: id when present, else the "
+                                                 "row number].")
+@click.option("--image-column", default="image", show_default=True,
+              help="Input CSV: image path column (relative to the CSV's folder, or absolute).")
+@click.option("--title-column", default="title", show_default=True, help="Input CSV: title column.")
+@click.option("--workers", default=2, show_default=True, help="DataLoader processes decoding images.")
+@one_line_errors
+def predict(head_dir, inputs, out, top_k, batch_size, device, image_weights, text_weights, id_column, image_column,
+            title_column, workers):
+    """Classify the products in INPUT (a CSV of image paths and titles, or a catalog) with the saved head in
+    HEAD_DIR (RESULTS/heads/<cell> from `heads sweep`), rebuilding and checking its backbones or modules."""
+    from heads.predict import InputColumns, PredictSettings, predict_products
+
+    settings = PredictSettings(
+        top_k=top_k, batch_size=batch_size, device=device, workers=workers,
+        image_weights=str(image_weights) if image_weights else None,
+        text_weights=str(text_weights) if text_weights else None,
+        columns=InputColumns(id=id_column, image=image_column, title=title_column))
+    click.echo(predict_products(head_dir, inputs, out, settings).format())
 
 
 main = heads

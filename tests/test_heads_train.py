@@ -105,3 +105,20 @@ def test_estimator_fit_predict_and_round_trip(tmp_path):
     assert loaded.config == head.config
     np.testing.assert_array_equal(loaded.predict([xi[test], xt[test]]), pred)
     np.testing.assert_allclose(loaded.predict_proba([xi[test], xt[test]]), head.predict_proba([xi[test], xt[test]]))
+
+
+def test_bf16_on_the_cpu_still_learns_and_batched_matches_sequential():
+    xi, xt, y, split = make_data()
+    data = HeadData.from_arrays([xi, xt], y, split)
+    settings = TrainSettings(batch_size=32, max_epochs=8, patience=3, lr=3e-3, precision="bf16")
+    batched = train_heads(tiny("2A", "concat"), [0, 1], data, settings)
+    assert summary(batched) == summary(train_heads(tiny("2A", "concat"), [0, 1], data, settings, batched=False))
+    assert all(r.test_accuracy > 0.6 for r in batched)  # chance is 0.25
+    fp32 = train_heads(tiny("2A", "concat"), [0, 1], data, SETTINGS)
+    assert any(not torch.equal(a.params[k], b.params[k]) for a, b in zip(batched, fp32) for k in a.params), \
+        "bf16 must really change the arithmetic"
+
+
+def test_unknown_precision_is_refused():
+    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+        TrainSettings(precision="fp8")
