@@ -1,0 +1,321 @@
+"""`heads predict`: classify new products with a saved head (from `heads sweep`) into a CSV of top-k categories.
+
+The head's config.json names the feature sets it was trained on (`inputs`) and their provenance
+(`store.feature_sets`): a `pooled` set names its backbone, weights_id and preprocessing; a module set
+(`dense` / `classifier`, strategies 1-A/1-B) also names the module folder and its content hash. Each is rebuilt
+here and checked against that record before anything runs, because features from other weights or another
+preprocessing still give confident predictions - wrong ones, with no error anywhere.
+
+Rows that cannot be predicted (missing or unreadable image, title empty after cleaning) are written with an
+empty prediction and a reason; an image-only head never looks at titles and a text-only head never at images.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from embedstore.backbones import create_backbone
+from embedstore.catalog import Catalog, _FolderFiles, _is_fashion_header, open_catalog
+from embedstore.extract import _collate_images, _ImageRows, autocast_for
+from embedstore.modules import load_module, module_id
+from embedstore.preprocess import clean_title
+from embedstore.store import STATUS_EMPTY_TITLE, STATUS_NAMES, STATUS_OK
+from heads.models import STRATEGY_LAYER, STRATEGY_MODALITIES, FusionHead
+from heads.sweep import resolve_device
+
+REASONS = {code: name.removeprefix("skipped: ") for code, name in STATUS_NAMES.items() if name.startswith("skipped")}
+
+
+@dataclass(frozen=True)
+class InputColumns:
+    """Column names of an input CSV."""
+
+    id: str | None = None   # None: "id" when the CSV has it, else the 1-based row number
+    image: str = "image"    # a path relative to the CSV's folder, or absolute
+    title: str = "title"
+
+
+@dataclass(frozen=True)
+class PredictSettings:
+    top_k: int = 3
+    batch_size: int = 64
+    device: str | None = None         # None: cuda when present, else cpu
+    image_weights: str | None = None  # the image backbone's weights file, when not in its standard places
+    text_weights: str | None = None   # the text backbone's Hugging Face folder, likewise
+    columns: InputColumns = field(default_factory=InputColumns)
+    workers: int = 2                  # DataLoader processes decoding images; 0 decodes in this process
+
+    def __post_init__(self):
+        if self.top_k < 1 or self.batch_size < 1 or self.workers < 0:
+            raise ValueError(f"--top-k and --batch-size must be at least 1 and --workers at least 0, got "
+                             f"{self.top_k}, {self.batch_size}, {self.workers}")
+
+
+@dataclass
+class PredictSummary:
+    out_csv: Path
+    rows: int                                         # rows written
+    predicted: int
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> rows
+    malformed: int = 0                                # catalog rows that are no item (not written: no id)
+    seconds: float = 0.0
+
+    def format(self) -> str:
+        skipped = ", ".join(f"{reason} {n}" for reason, n in self.skipped.items()) or "none"
+        text = (f"predicted {self.predicted} of {self.rows} rows into {self.out_csv} in {self.seconds:.1f} s; "
+                f"skipped: {skipped}")
+        return text + (f"; {self.malformed} malformed catalog rows left out" if self.malformed else "")
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+
+
+@dataclass
+class Inputs:
+    ids: list[str]
+    images: list[str]       # references for `files.read_image_bytes`
+    titles: list[str]
+    files: Catalog          # reads image bytes; FileNotFoundError when absent
+    malformed: int = 0
+
+
+def read_inputs(path: str | os.PathLike, columns: InputColumns, modalities: tuple[str, ...]) -> Inputs:
+    """A CSV of new products (columns named by `columns`; only those the head needs must exist), or a catalog
+    (Fashion Product Images folder/zip/styles.csv) opened with embedstore.catalog."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"input not found: {path}; give a CSV with image and title columns or a catalog")
+    if path.is_file() and path.suffix.lower() == ".csv":
+        header = _header(path)
+        wanted = {columns.image, columns.title}
+        if not (_is_fashion_header(header) and not wanted & set(header)):
+            return _csv_inputs(path, header, columns, modalities)
+        path = path.parent  # a styles.csv: the Fashion catalog rooted at its folder
+    catalog = open_catalog(path, fmt="fashion")
+    rows = catalog.read_rows()
+    return Inputs([i.id for i in rows.items], [i.image for i in rows.items], [i.title for i in rows.items],
+                  catalog, malformed=len(rows.malformed))
+
+
+def _header(path: Path) -> list[str]:
+    with open(path, encoding="utf-8-sig", newline="") as handle:
+        return [name.strip() for name in next(csv.reader(handle), [])]
+
+
+def _csv_inputs(path: Path, header: list[str], columns: InputColumns, modalities) -> Inputs:
+    needed = {"image": columns.image, "text": columns.title}
+    roles = [("id", columns.id)] if columns.id else []
+    roles += [(m, needed[m]) for m in modalities]
+    for role, name in roles:
+        if name not in header:
+            option = {"image": "--image-column", "text": "--title-column", "id": "--id-column"}[role]
+            raise ValueError(f"column {name!r} not in {path} (columns present: {', '.join(header) or 'none'}); "
+                             f"name the {role} column with {option}")
+    id_column = columns.id or ("id" if "id" in header else None)
+    with open(path, encoding="utf-8-sig", newline="") as handle:
+        records = list(csv.DictReader(handle))
+
+    def value(record, name):
+        return (record.get(name) or "").strip()  # a short row's missing cells read as empty
+
+    ids = [value(r, id_column) if id_column else str(n) for n, r in enumerate(records, start=1)]
+    # relative image paths are relative to the CSV's folder; the catalog's folder reader does exactly that
+    return Inputs(ids, [value(r, columns.image) for r in records], [value(r, columns.title) for r in records],
+                  Catalog(_FolderFiles(str(path.resolve().parent))))
+
+
+# ----------------------------------------------------------------------------------------------- features
+
+
+@dataclass
+class FeatureSource:
+    """One of the head's inputs, computed from raw images or titles as its feature set was."""
+
+    name: str                    # the store feature set, e.g. "image/tiny-resnet-64px/pooled"
+    modality: str
+    network: torch.nn.Module     # a Backbone or a TransferModule, on the device
+    compute: Callable            # images (B, 3, H, W) or tokens {(B, 30)} -> (B, D)
+    prepare: Callable            # image transform (PIL -> (3, S, S)) or tokenize (titles -> tokens)
+
+
+def _normalised(value) -> dict:
+    """Provenance as saved to JSON (tuples -> lists), less a local folder's path: moving a folder keeps it."""
+    value = json.loads(json.dumps(value))
+    return {k: v for k, v in value.items() if k != "folder"}
+
+
+def _check_identity(name: str, built, recorded: dict, fix: str) -> None:
+    if built.weights_id != recorded.get("weights_id"):
+        raise ValueError(f"{name}: the head was trained on features of weights {recorded.get('weights_id')}, but "
+                         f"they resolve here to {built.weights_id}; {fix}")
+    wanted, got = _normalised(recorded.get("preprocessing", {})), _normalised(built.preprocessing)
+    if wanted != got:
+        differ = sorted(k for k in wanted.keys() | got.keys() if wanted.get(k) != got.get(k))
+        raise ValueError(f"{name}: the head was trained on features with another preprocessing "
+                         f"({', '.join(differ)} differ); {fix}")
+
+
+def _pooled_source(name: str, modality: str, recorded: dict, settings: PredictSettings, device) -> FeatureSource:
+    preprocessing = recorded.get("preprocessing", {})
+    if modality == "image":
+        option, weights = "--image-weights FILE", settings.image_weights
+        backbone = create_backbone("image", recorded["backbone"], weights=weights,
+                                   image_size=int(preprocessing["image_size"]))
+    else:
+        option, weights, backbone_name = "--text-weights DIR", settings.text_weights, recorded["backbone"]
+        if preprocessing.get("folder"):  # a local Hugging Face folder was the backbone's name
+            backbone_name, weights = weights or preprocessing["folder"], None
+        backbone = create_backbone("text", backbone_name, weights=weights, pooling=preprocessing.get("pooling"))
+    _check_identity(name, backbone, recorded, f"pass the weights the store was extracted with as {option}")
+    if modality == "image":
+        # channels-last, as extraction ran it, so the convolutions round the same way
+        backbone = backbone.to(device, memory_format=torch.channels_last).eval()
+        return FeatureSource(name, modality, backbone, backbone, backbone.image_transform(train=False))
+    backbone = backbone.to(device).eval()
+    return FeatureSource(name, modality, backbone, lambda tokens: backbone(**tokens), backbone.tokenize)
+
+
+def _module_source(name: str, modality: str, layer: str, recorded: dict, device) -> FeatureSource:
+    folder = recorded.get("module_dir")
+    if not folder or not Path(folder).is_dir():
+        raise FileNotFoundError(f"{name}: the module folder {folder} recorded in the head's provenance is not "
+                                "there; put the module (from `embed finetune`) back there")
+    if module_id(folder) != recorded.get("module_id"):
+        raise ValueError(f"{name}: the module in {folder} is not the one the head was trained over (module id "
+                         f"{module_id(folder)}, recorded {recorded.get('module_id')}); restore that module")
+    module, _ = load_module(folder, device=device)
+    _check_identity(name, module.backbone, recorded, f"restore the backbone weights the module in {folder} used")
+    if modality == "image":
+        module = module.to(memory_format=torch.channels_last)
+        prepare = module.backbone.image_transform(train=False)
+    else:
+        prepare = module.backbone.tokenize
+    return FeatureSource(name, modality, module, lambda inputs: module.forward_features(inputs)[layer], prepare)
+
+
+def load_sources(head: FusionHead, settings: PredictSettings, device) -> list[FeatureSource]:
+    """The head's inputs in its order (image first), each rebuilt and checked against its provenance."""
+    doc, config = head.metadata_, head.config
+    names, provenance = doc.get("inputs"), (doc.get("store") or {}).get("feature_sets")
+    if not names or not provenance:
+        raise ValueError("the head's config.json records no feature sets ('inputs', 'store.feature_sets'); "
+                         "save it again with `heads sweep`")
+    modalities, layer = STRATEGY_MODALITIES[config.strategy], STRATEGY_LAYER[config.strategy]
+    found = tuple(name.split("/")[0] for name in names)
+    if found != modalities or any(name.rsplit("/", 1)[1] != layer for name in names):
+        raise ValueError(f"the head (strategy {config.strategy}) needs {layer} features of {modalities}, but its "
+                         f"config.json names {names}")
+    sources = []
+    for name, modality, dim in zip(names, modalities, config.input_dims):
+        if layer == "pooled":
+            source = _pooled_source(name, modality, provenance[name], settings, device)
+        else:
+            source = _module_source(name, modality, layer, provenance[name], device)
+        sources.append(source)
+    return sources
+
+
+# ----------------------------------------------------------------------------------------------- batches
+
+
+def _batches(inputs: Inputs, image_source: FeatureSource | None, settings: PredictSettings):
+    """(rows (b,), images (b_ok, 3, S, S) or None, image status (b,) int8) in input order; status is all OK
+    and images None when the head reads no images."""
+    n, size = len(inputs.ids), settings.batch_size
+    if image_source is None:
+        for begin in range(0, n, size):
+            rows = np.arange(begin, min(begin + size, n))
+            yield rows, None, np.full(len(rows), STATUS_OK, dtype=np.int8)
+        return
+    loader = DataLoader(_ImageRows(inputs.files, inputs.images, np.arange(n), image_source.prepare),
+                        batch_size=size, shuffle=False, num_workers=settings.workers, collate_fn=_collate_images)
+    yield from loader
+
+
+def _features(rows, images, image_status, inputs: Inputs, sources, device):
+    """(status (b,), one (b_ok, D_m) tensor per source for the rows OK in every modality). A row's status is
+    its first problem: image before title."""
+    status = image_status.copy()
+    for source in sources:
+        if source.modality == "text":
+            empty = np.array([not clean_title(inputs.titles[row]) for row in rows], dtype=bool)
+            status[(status == STATUS_OK) & empty] = STATUS_EMPTY_TITLE
+    ok = status == STATUS_OK
+    outputs = []
+    with torch.inference_mode(), autocast_for(device):
+        for source in sources:
+            if source.modality == "image":
+                keep = torch.from_numpy(ok[image_status == STATUS_OK])  # of the decoded images, the rows kept
+                pixels = images[keep] if images is not None else None
+                if pixels is None or not len(pixels):
+                    outputs.append(None)
+                    continue
+                outputs.append(source.compute(pixels.to(device, memory_format=torch.channels_last)))
+            elif ok.any():
+                tokens = source.prepare([inputs.titles[row] for row in rows[ok]])  # (b_ok, 30) each
+                outputs.append(source.compute({k: v.to(device) for k, v in tokens.items()}))
+            else:
+                outputs.append(None)
+    return status, [None if out is None else out.float().cpu() for out in outputs]
+
+
+# ----------------------------------------------------------------------------------------------- the run
+
+
+def predict_products(head_dir: str | os.PathLike, inputs: str | os.PathLike, out_csv: str | os.PathLike,
+                     settings: PredictSettings = PredictSettings()) -> PredictSummary:
+    """Classify every row of `inputs` with the head in `head_dir`; write `out_csv` (id, label_k, probability_k
+    for k = 1..top_k, reason) in input order and return what was predicted and skipped."""
+    start = time.perf_counter()
+    head_dir, out_csv = Path(head_dir), Path(out_csv)
+    if not head_dir.is_dir():
+        raise FileNotFoundError(f"head folder not found: {head_dir}; give RESULTS/heads/<cell> from `heads sweep`")
+    head = FusionHead.load(head_dir)
+    classes = head.metadata_.get("classes") or []
+    if len(classes) != head.config.num_classes:
+        raise ValueError(f"{head_dir}/config.json names {len(classes)} classes for a head with "
+                         f"{head.config.num_classes} outputs; save it again with `heads sweep`")
+    device = resolve_device(settings.device)
+    sources = load_sources(head, settings, device)
+    items = read_inputs(inputs, settings.columns, tuple(s.modality for s in sources))
+    top_k = min(settings.top_k, len(classes))
+    image_source = next((s for s in sources if s.modality == "image"), None)
+    summary = PredictSummary(out_csv, rows=len(items.ids), predicted=0, malformed=items.malformed)
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    partial = out_csv.with_name(out_csv.name + ".partial")  # a failed run leaves no half-written CSV behind
+    with open(partial, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id"] + [f"{c}_{k}" for k in range(1, top_k + 1) for c in ("label", "probability")]
+                        + ["reason"])
+        for rows, images, image_status in _batches(items, image_source, settings):
+            status, features = _features(rows, images, image_status, items, sources, device)
+            ok = status == STATUS_OK
+            probabilities = head.predict_proba(features) if ok.any() else np.zeros((0, len(classes)))  # (b_ok, C)
+            _write_rows(writer, [items.ids[r] for r in rows], status, probabilities, classes, top_k, summary)
+    os.replace(partial, out_csv)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _write_rows(writer, ids, status, probabilities, classes, top_k: int, summary: PredictSummary) -> None:
+    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]  # (b_ok, k), most probable first
+    predicted = iter(range(len(probabilities)))
+    for row_id, code in zip(ids, status):
+        if code != STATUS_OK:
+            reason = REASONS[int(code)]
+            summary.skipped[reason] = summary.skipped.get(reason, 0) + 1
+            writer.writerow([row_id] + [""] * (2 * top_k) + [reason])
+            continue
+        i = next(predicted)
+        cells = [value for c in order[i] for value in (classes[c], f"{probabilities[i, c]:.6f}")]
+        writer.writerow([row_id] + cells + [""])
+        summary.predicted += 1
