@@ -156,6 +156,8 @@ def demo(out, image_backbone, text_backbone, seeds, device):
 from cli.finetune_cmd import finetune  # noqa: E402
 
 embed.add_command(finetune)
+from cli.paper_cmd import paper  # noqa: E402
+embed.add_command(paper)
 
 main = embed
 

@@ -110,7 +110,7 @@ def _tables(cells: list[dict]) -> dict[str, tuple[list[str], list[list]]]:
     return tables
 
 
-def _markdown(header: list[str], rows: list[list]) -> str:
+def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
@@ -142,14 +142,16 @@ def write_report(results_dir: str | Path, out_dir: str | Path) -> list[Path]:
         with open(path, "w", newline="") as f:
             csv.writer(f).writerows([header] + body)
         written.append(path)
-        md += ["", f"## {TITLES[name]}", "", _markdown(header, body)]
+        md += ["", f"## {TITLES[name]}", "", markdown_table(header, body)]
     (out_dir / "report.md").write_text("\n".join(md) + "\n")
     written.append(out_dir / "report.md")
-    written += _plots(cells, out_dir)
+    written += plot_bars(cells, out_dir)
     return written
 
 
-def _plots(cells: list[dict], out_dir: Path) -> list[Path]:
+def plot_bars(cells: list[dict], out_dir: Path, prefix: str = "") -> list[Path]:
+    """Bar charts of accuracy and training time, one bar per summary (keys: cell, accuracy_mean/_std,
+    train_seconds_mean/_std), as PREFIXaccuracy.png and PREFIXtraining_time.png."""
     import matplotlib
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
@@ -158,6 +160,7 @@ def _plots(cells: list[dict], out_dir: Path) -> list[Path]:
     paths = []
     for key, label, fname, scale in [("accuracy", "test accuracy %", "accuracy.png", 100.0),
                                      ("train_seconds", "training time per head (s)", "training_time.png", 1.0)]:
+        fname = prefix + fname
         mean = np.array([c[f"{key}_mean"] for c in cells]) * scale
         std = np.array([c[f"{key}_std"] for c in cells]) * scale
         fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(names)), 4))

@@ -1,0 +1,80 @@
+"""`embed paper`: the paper's whole comparison on one catalog, in one command (embedstore/paper.py)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from cli.common import comma_list, one_line_errors
+
+
+def _ints(text: str, option: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in comma_list(text))
+    except ValueError:
+        raise ValueError(f"{option} takes comma-separated integers, got {text!r}") from None
+
+
+@click.command()
+@click.argument("catalog", type=click.Path(path_type=Path))
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path),
+              help="Folder for every step's output and OUT/report/; rerun to resume (finished steps are skipped).")
+@click.option("--image-backbone", default="efficientnet_lite0", show_default=True, help="The paper's: resnet50.")
+@click.option("--text-backbone", default="all-MiniLM-L6-v2", show_default=True, help="The paper's: bert-base-uncased.")
+@click.option("--image-weights", type=click.Path(path_type=Path), help="Local image weights file.")
+@click.option("--text-weights", type=click.Path(path_type=Path), help="Local Hugging Face folder of the text backbone.")
+@click.option("--image-size", default=224, show_default=True, help="Center-crop size of images.")
+@click.option("--seeds", default="0,1,2", show_default=True, help="Seeds of the heads and of the S1/S2 modules.")
+@click.option("--manifest-seeds", default="0,1", show_default=True, help="Seeds of the draws (at least two).")
+@click.option("--min-items", default=250, show_default=True, help="Keep classes with at least this many usable items.")
+@click.option("--items-per-class", default=250, show_default=True)
+@click.option("--train", default=175, show_default=True, help="Training items per class.")
+@click.option("--val", default=25, show_default=True, help="Validation items per class.")
+@click.option("--test", default=50, show_default=True, help="Test items per class.")
+@click.option("--fusions", default="add,average,product,concat,gated", show_default=True)
+@click.option("--pair", default="2,3", show_default=True,
+              help="Image and text module strategies whose features 1-A/1-B fuse (the paper's best: 2,3).")
+@click.option("--text-s3-epochs", default=3, show_default=True, help="Most epochs of text S3 (the slow step).")
+@click.option("--text-s3-seeds", default="0", show_default=True)
+@click.option("--image-s3/--no-image-s3", default=None,
+              help="Fine-tune the image backbone (S3) [default: on with CUDA, off on CPU: 20-70 min per epoch].")
+@click.option("--image-s3-epochs", default=3, show_default=True)
+@click.option("--image-s3-seeds", default="0", show_default=True)
+@click.option("--end-to-end/--no-end-to-end", default=False, show_default=True,
+              help="Also train strategies 3-A/3-B end to end on the raw catalog (slow).")
+@click.option("--end-to-end-fusions", default="concat", show_default=True)
+@click.option("--end-to-end-epochs", default=10, show_default=True)
+@click.option("--head-epochs", default=40, show_default=True, help="Most epochs of a fusion head.")
+@click.option("--module-epochs", type=int, default=None, help="Most epochs of S1/S2 modules [default: 100].")
+@click.option("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when present, else CPU).")
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
+              help="The heads' precision (auto: bf16 autocast on CUDA, float32 on CPU).")
+@click.option("--workers", default=2, show_default=True, help="DataLoader processes decoding images.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@one_line_errors
+def paper(catalog, out, image_backbone, text_backbone, image_weights, text_weights, image_size, seeds,
+          manifest_seeds, min_items, items_per_class, train, val, test, fusions, pair, text_s3_epochs, text_s3_seeds,
+          image_s3, image_s3_epochs, image_s3_seeds, end_to_end, end_to_end_fusions, end_to_end_epochs, head_epochs,
+          module_epochs, device, precision, workers, progress):
+    """Run the 14-strategy comparison of Seo, Lee & Jang (2025) on CATALOG: manifests, features, modules,
+    heads sweeps and one report (OUT/report/report.md)."""
+    from embedstore.manifest import SplitSettings
+    from embedstore.paper import PaperSettings, run_paper
+
+    pair_strategies = _ints(pair, "--pair")
+    if len(pair_strategies) != 2:
+        raise ValueError(f"--pair takes two strategies (image,text), e.g. 2,3; got {pair!r}")
+    settings = PaperSettings(
+        image_backbone=image_backbone, text_backbone=text_backbone,
+        image_weights=str(image_weights) if image_weights else None,
+        text_weights=str(text_weights) if text_weights else None, image_size=image_size,
+        seeds=_ints(seeds, "--seeds"), manifest_seeds=_ints(manifest_seeds, "--manifest-seeds"),
+        split=SplitSettings(min_items=min_items, items_per_class=items_per_class, train=train, val=val, test=test),
+        fusions=tuple(comma_list(fusions)), pair=pair_strategies, text_s3_epochs=text_s3_epochs,
+        text_s3_seeds=_ints(text_s3_seeds, "--text-s3-seeds"), image_s3=image_s3, image_s3_epochs=image_s3_epochs,
+        image_s3_seeds=_ints(image_s3_seeds, "--image-s3-seeds"), end_to_end=end_to_end,
+        end_to_end_fusions=tuple(comma_list(end_to_end_fusions)), end_to_end_epochs=end_to_end_epochs,
+        head_epochs=head_epochs, module_epochs=module_epochs, device=device, precision=precision, workers=workers,
+        progress=progress)
+    report = run_paper(catalog, out, settings, log=click.echo)
+    click.echo(f"report: {report}")

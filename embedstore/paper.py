@@ -1,0 +1,390 @@
+"""`embed paper`: the whole 14-strategy comparison of Seo, Lee & Jang (2025) on one catalog, in one command.
+
+For each manifest seed m, into OUT/manifest-seed-m/:
+  prepare -> manifest.json; extract pooled features -> store.h5; modules (`embed finetune`) image S1/S2 (S3
+  optional) and text S1/S2/S3 -> modules/<modality>-s<k>-seed-<s>/; for each head seed s a copy of the store
+  with the fused pair's module features (image S2 + text S3 by default) -> module-stores/seed-<s>.h5; heads
+  sweeps -> results/pooled (2-A, 2-B, baselines), results/modules-seed-<s> (1-A, 1-B), results/end-to-end
+  (3-A, 3-B, when asked). Then one report over everything (embedstore/paper_report.py) -> OUT/report/.
+
+Why a copy of the store per module seed: a sweep finds its features by (modality, layer), so a store may hold
+one module per modality; the copy keeps the pooled features, so frozen modules need no backbone pass.
+
+Every step writes a JSON stamp of its inputs beside its output (`<output>.stamp.json`) and is skipped when the
+stamp matches and says finished. A changed input removes the stale output first, except where the step can
+continue from it (S3 given more epochs resumes its checkpoint; a sweep given more seeds or operators keeps its
+runs). Extraction, S3 training and sweeps resume inside a step, so an interrupted run loses little.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+from embedstore.manifest import SplitSettings
+
+STAMP_SUFFIX = ".stamp.json"
+PLAN_FILE = "plan.json"
+LOG_FILE = "paper.log"
+
+
+@dataclass(frozen=True)
+class PaperSettings:
+    image_backbone: str = "efficientnet_lite0"
+    text_backbone: str = "all-MiniLM-L6-v2"
+    image_weights: str | None = None      # local weights file / Hugging Face folder; default: the standard places
+    text_weights: str | None = None
+    image_size: int = 224
+    seeds: tuple[int, ...] = (0, 1, 2)    # heads, and the modules trained over cached features (S1/S2)
+    manifest_seeds: tuple[int, ...] = (0, 1)
+    split: SplitSettings = field(default_factory=SplitSettings)  # its seed is replaced by each manifest seed
+    catalog_format: str = "auto"
+    fusions: tuple[str, ...] = ("add", "average", "product", "concat", "gated")
+    pair: tuple[int, int] = (2, 3)        # (image, text) module strategies whose features 1-A/1-B fuse
+    text_s3_epochs: int = 3               # S3 is the slow step: few epochs, one seed by default
+    text_s3_seeds: tuple[int, ...] = (0,)
+    image_s3: bool | None = None          # None: on with CUDA, off on CPU (an epoch is 20-70 min on 2 cores)
+    image_s3_epochs: int = 3
+    image_s3_seeds: tuple[int, ...] = (0,)
+    end_to_end: bool = False              # strategies 3-A/3-B: the whole model trained on the raw catalog
+    end_to_end_fusions: tuple[str, ...] = ("concat",)
+    end_to_end_epochs: int = 10
+    head_epochs: int = 40                 # most epochs of a fusion head (early stopping usually ends sooner)
+    module_epochs: int | None = None      # most epochs of S1/S2 modules (default: finetune's 100)
+    device: str | None = None             # default: CUDA when present, else CPU
+    precision: str = "auto"               # the heads' (heads/train.py); modules use bf16 autocast on CUDA
+    workers: int = 2                      # DataLoader processes decoding images
+    progress: bool = True
+
+    def checked(self) -> "PaperSettings":
+        """Validated, with image_s3 decided by the device."""
+        from embedstore.extract import resolve_device
+        from heads.fusion import list_fusions
+        from heads.train import PRECISIONS
+
+        if len(set(self.manifest_seeds)) < 2:
+            raise ValueError(f"give at least two manifest seeds (--manifest-seeds 0,1), got {list(self.manifest_seeds)}"
+                             ": the report's spread over draws of the catalog needs two")
+        for name in ("seeds", "text_s3_seeds", "image_s3_seeds"):
+            values = getattr(self, name)
+            if not values or len(set(values)) != len(values) or min(values) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} needs distinct non-negative integers, got {list(values)}")
+        for f in set(self.fusions) | set(self.end_to_end_fusions):
+            if f not in list_fusions():
+                raise ValueError(f"unknown fusion operator {f!r}; registered: {', '.join(list_fusions())}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; use one of {', '.join(PRECISIONS)}")
+        for name in ("text_s3_epochs", "image_s3_epochs", "end_to_end_epochs", "head_epochs", "image_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        image_s3 = resolve_device(self.device).type == "cuda" if self.image_s3 is None else self.image_s3
+        image_pair, text_pair = self.pair
+        if image_pair not in (2, 3) or text_pair not in (2, 3):
+            raise ValueError(f"--pair {image_pair},{text_pair}: 1-A fuses the modules' 500-d middle layers, which "
+                             "S1 modules lack; use strategies 2 or 3, e.g. --pair 2,3")
+        if image_pair == 3 and not image_s3:
+            raise ValueError("--pair 3,... fuses image S3 modules, but image S3 is off: add --image-s3")
+        return replace(self, image_s3=image_s3, seeds=tuple(self.seeds), manifest_seeds=tuple(self.manifest_seeds))
+
+    def module_seeds(self, modality: str, strategy: int) -> tuple[int, ...]:
+        if strategy < 3:
+            return self.seeds
+        if modality == "text":
+            return self.text_s3_seeds
+        return self.image_s3_seeds if self.image_s3 else ()
+
+
+# ----------------------------------------------------------------------------------------------- steps
+
+
+def _json(value):
+    """JSON-normalised (tuples -> lists, paths -> str), so a stamp read back compares equal."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def digest(inputs: dict) -> str:
+    return hashlib.sha256(json.dumps(_json(inputs), sort_keys=True).encode()).hexdigest()
+
+
+def stamp_path(output: Path) -> Path:
+    return output.with_name(output.name + STAMP_SUFFIX)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def run_step(label: str, output: Path, inputs: dict, work: Callable[[], None], log: Callable[[str], None], *,
+             resumable: tuple[str, ...] = ()) -> str:
+    """Run `work` unless `output` exists with a finished stamp of these `inputs`; returns the inputs' digest.
+
+    `resumable`: input keys whose change keeps the old output (the step continues from it)."""
+    inputs = _json(inputs)
+    path = stamp_path(output)
+    old = json.loads(path.read_text()) if path.is_file() else None
+    if old and old["inputs"] == inputs and old["finished"] and output.exists():
+        log(f"{label}: skipped (current; ran {old['seconds']:.1f} s at {old['finished_at']})")
+        return digest(inputs)
+    reason = "new"
+    if old and old["inputs"] != inputs:
+        changed = sorted(k for k in set(old["inputs"]) | set(inputs) if old["inputs"].get(k) != inputs.get(k))
+        if not set(changed) <= set(resumable):
+            _remove(output)  # made from other inputs: stale
+        reason = f"changed: {', '.join(changed)}"
+    elif old:
+        reason = "resuming an unfinished run" if output.exists() else "output missing"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"inputs": inputs, "finished": False}, indent=1, sort_keys=True) + "\n")
+    start = time.perf_counter()
+    work()
+    seconds = time.perf_counter() - start
+    path.write_text(json.dumps({"inputs": inputs, "finished": True, "seconds": seconds,
+                                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1, sort_keys=True) + "\n")
+    log(f"{label}: run ({reason}) in {seconds:.1f} s")
+    return digest(inputs)
+
+
+# ----------------------------------------------------------------------------------------------- the run
+
+
+def backbone_identity(settings: PaperSettings) -> dict:
+    """Each backbone's name, weights_id and preprocessing: what every stamp depends on. Building them here also
+    fails at once, before hours of work, when weights are missing."""
+    from embedstore.backbones import create_backbone
+
+    identity = {}
+    for modality, name, weights in (("image", settings.image_backbone, settings.image_weights),
+                                    ("text", settings.text_backbone, settings.text_weights)):
+        options = {"image_size": settings.image_size} if modality == "image" else {}
+        backbone = create_backbone(modality, name, weights=weights, **options)
+        identity[modality] = _json({"backbone": backbone.name, "weights_id": backbone.weights_id,
+                                    "preprocessing": backbone.preprocessing, "feature_dim": backbone.feature_dim})
+        del backbone
+    return identity
+
+
+def run_paper(catalog: str | Path, out: str | Path, settings: PaperSettings = PaperSettings(),
+              log: Callable[[str], None] = print) -> Path:
+    """Run (or bring up to date) every step into OUT; returns OUT/report/report.md."""
+    from embedstore.paper_report import report_inputs, write_paper_report
+
+    settings = settings.checked()
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    catalog = Path(catalog).resolve()
+    if not catalog.exists():
+        raise FileNotFoundError(f"catalog not found: {catalog}; give the Fashion Product Images folder or zip")
+
+    def say(line: str) -> None:
+        log(line)
+        with open(out / LOG_FILE, "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}\n")
+
+    say(f"embed paper {catalog} -> {out}")
+    identity = backbone_identity(settings)
+    plan = {"catalog": str(catalog), "settings": _json(asdict(settings)), "backbones": identity, "manifests": []}
+    for m in settings.manifest_seeds:
+        job = _ManifestJob(catalog, out / f"manifest-seed-{m}", m, settings, identity, say)
+        plan["manifests"].append(job.run())
+    plan["catalog_images"] = _image_sizes(Path(plan["manifests"][0]["manifest"]))
+    (out / PLAN_FILE).write_text(json.dumps(plan, indent=1, sort_keys=True) + "\n")
+    report_dir = out / "report"
+    run_step("report", report_dir, report_inputs(out), lambda: write_paper_report(out, report_dir), say)
+    return report_dir / "report.md"
+
+
+def _image_sizes(manifest_path: Path, sample: int = 20) -> dict:
+    """The catalog's photo sizes (width x height) over a sample of the manifest's items, for the report."""
+    import io
+
+    from PIL import Image
+
+    from embedstore.manifest import Manifest
+
+    manifest = Manifest.load(manifest_path)
+    catalog, sizes = manifest.open_catalog(), {}
+    for item in manifest.items[:: max(1, len(manifest.items) // sample)][:sample]:
+        try:
+            with Image.open(io.BytesIO(catalog.read_image_bytes(item.image))) as image:
+                key = f"{image.width}x{image.height}"
+        except (OSError, ValueError, SyntaxError):
+            continue  # missing or corrupt: the store counts those
+        sizes[key] = sizes.get(key, 0) + 1
+    return {"sampled": sum(sizes.values()), "sizes": sizes}
+
+
+class _ManifestJob:
+    """Every step of one manifest seed. run() returns its entry of the plan the report reads."""
+
+    def __init__(self, catalog: Path, root: Path, seed: int, settings: PaperSettings, identity: dict, log):
+        self.catalog, self.root, self.seed, self.s, self.identity = catalog, root, seed, settings, identity
+        self.log = lambda line: log(f"[manifest-seed-{seed}] {line}")
+        self.manifest, self.store = root / "manifest.json", root / "store.h5"
+        self.entry = {"seed": seed, "manifest": str(self.manifest), "store": str(self.store), "modules": [],
+                      "results": [], "pairs": {}}
+
+    def run(self) -> dict:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._prepare()
+        from embedstore.manifest import Manifest
+
+        self.sha = Manifest.load(self.manifest).sha256
+        self.entry["manifest_sha256"] = self.sha
+        self.store_digest = self._extract()
+        modules = self._modules()
+        self._sweep_pooled()
+        for s in self.s.seeds:
+            self._sweep_modules(s, modules)
+        if self.s.end_to_end:
+            self._sweep_end_to_end()
+        return self.entry
+
+    def _prepare(self) -> None:
+        from embedstore.catalog import open_catalog
+        from embedstore.manifest import format_summary, prepare_manifest
+
+        split = replace(self.s.split, seed=self.seed)
+        stat = self.catalog.stat()
+        inputs = {"catalog": str(self.catalog), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                  "format": self.s.catalog_format, "split": asdict(split)}
+
+        def work():
+            manifest = prepare_manifest(open_catalog(self.catalog, fmt=self.s.catalog_format), split)
+            manifest.save(self.manifest)
+            self.log(format_summary(manifest).replace("\n", "; "))
+
+        run_step("prepare manifest.json", self.manifest, inputs, work, self.log)
+
+    def _extract(self) -> str:
+        from embedstore.extract import ExtractSettings, extract
+
+        s = self.s
+        settings = ExtractSettings(image_backbone=s.image_backbone, text_backbone=s.text_backbone,
+                                   image_weights=s.image_weights, text_weights=s.text_weights,
+                                   image_size=s.image_size, workers=s.workers, device=s.device, progress=s.progress)
+
+        def work():
+            for report in extract(self.manifest, self.store, settings):
+                if not report.complete:
+                    raise ValueError(f"{report.name} in {self.store} is incomplete; rerun to resume extraction")
+                self.log(f"extract {report.name}: {report.computed} rows, {report.counts}")
+
+        inputs = {"manifest_sha256": self.sha, "image": self.identity["image"], "text": self.identity["text"]}
+        return run_step("extract store.h5", self.store, inputs, work, self.log)
+
+    def _modules(self) -> dict:
+        """Train every module; returns {(modality, strategy, seed): (folder, step digest)}."""
+        from embedstore.finetune import FinetuneSettings, finetune
+
+        done = {}
+        for modality in ("image", "text"):
+            for strategy in (1, 2, 3):
+                epochs = {1: self.s.module_epochs, 2: self.s.module_epochs,
+                          3: self.s.text_s3_epochs if modality == "text" else self.s.image_s3_epochs}[strategy]
+                for seed in self.s.module_seeds(modality, strategy):
+                    folder = self.root / "modules" / f"{modality}-s{strategy}-seed-{seed}"
+                    settings = FinetuneSettings(
+                        modality=modality, strategy=strategy, backbone=getattr(self.s, f"{modality}_backbone"),
+                        weights=getattr(self.s, f"{modality}_weights"), image_size=self.s.image_size,
+                        max_epochs=epochs, seed=seed, device=self.s.device, workers=self.s.workers,
+                        progress=self.s.progress).resolved()
+                    recorded = {k: v for k, v in asdict(settings).items()
+                                if k not in ("device", "workers", "progress", "max_epochs", "patience")}
+                    inputs = {"manifest_sha256": self.sha, "backbone": self.identity[modality], "settings": recorded,
+                              "max_epochs": settings.max_epochs, "patience": settings.patience,
+                              "store": self.store_digest if strategy < 3 else None}
+                    store = self.store if strategy < 3 else None
+                    work = (lambda f=folder, st=settings, sp=store: finetune(self.manifest, f, st, store_path=sp))
+                    # S3 given more epochs or patience resumes from its checkpoint (finetune.RESUME_KEYS)
+                    key = run_step(f"finetune {folder.name}", folder, inputs, work, self.log,
+                                   resumable=("max_epochs", "patience") if strategy == 3 else ())
+                    done[modality, strategy, seed] = (folder, key)
+                    self.entry["modules"].append({"modality": modality, "strategy": strategy, "seed": seed,
+                                                  "dir": str(folder)})
+        return done
+
+    def _train_settings(self):
+        from heads.train import TrainSettings
+
+        return TrainSettings(max_epochs=self.s.head_epochs, precision=self.s.precision)
+
+    def _sweep(self, label: str, store: Path, results: Path, inputs: dict, settings) -> None:
+        from heads.sweep import run_sweep
+
+        inputs = {**inputs, "train": asdict(settings.train), "dropout": settings.dropout,
+                  "strategies": settings.strategies, "seeds": settings.seeds, "fusions": settings.fusions,
+                  "baselines": settings.baselines}
+
+        def work():
+            summary = run_sweep(store, results, settings, log=lambda line: None)
+            self.log(f"{label}: {summary['trained']} heads trained, {summary['skipped']} already in runs.jsonl")
+
+        # more seeds or operators keep the runs already there (the sweep skips them by run key)
+        run_step(label, results, inputs, work, self.log, resumable=("seeds", "fusions", "strategies"))
+        self.entry["results"].append({"dir": str(results), "seeds": list(settings.seeds),
+                                      "fusions": list(settings.fusions), "strategies": list(settings.strategies),
+                                      "baselines": settings.baselines})
+
+    def _sweep_pooled(self) -> None:
+        from heads.sweep import SweepSettings
+
+        settings = SweepSettings(strategies=("2A", "2B"), fusions=self.s.fusions, seeds=self.s.seeds, baselines=True,
+                                 device=self.s.device, train=self._train_settings())
+        self._sweep("sweep results/pooled (2-A, 2-B, baselines)", self.store, self.root / "results" / "pooled",
+                    {"store": self.store_digest}, settings)
+
+    def _pair_module(self, modality: str, seed: int, modules: dict) -> tuple[Path, str]:
+        """The module of the fused pair for head seed `seed`: the same seed where one was trained, else the
+        first seed's (S3 trains fewer seeds; the report says so)."""
+        strategy = self.s.pair[0 if modality == "image" else 1]
+        seeds = self.s.module_seeds(modality, strategy)
+        return modules[modality, strategy, seed if seed in seeds else seeds[0]]
+
+    def _sweep_modules(self, seed: int, modules: dict) -> None:
+        from embedstore.extract import ExtractSettings, extract
+        from embedstore.modules import module_id
+        from heads.sweep import SweepSettings
+
+        (image_dir, _), (text_dir, _) = (self._pair_module(m, seed, modules) for m in ("image", "text"))
+        store = self.root / "module-stores" / f"seed-{seed}.h5"
+        settings = ExtractSettings(image_backbone=None, text_backbone=None, image_module=str(image_dir),
+                                   text_module=str(text_dir), workers=self.s.workers, device=self.s.device,
+                                   progress=self.s.progress)
+
+        def work():
+            if not store.exists():  # a copy of the pooled features: frozen modules then need no backbone pass
+                store.parent.mkdir(parents=True, exist_ok=True)
+                partial = store.with_name(store.name + ".partial")
+                shutil.copyfile(self.store, partial)
+                partial.replace(store)
+            for report in extract(self.manifest, store, settings):
+                self.log(f"module features {report.name}: {report.computed} rows, {report.counts}")
+
+        inputs = {"store": self.store_digest, "image_module": module_id(image_dir), "text_module": module_id(text_dir)}
+        store_digest = run_step(f"module features module-stores/{store.name}", store, inputs, work, self.log)
+        self.entry["pairs"][str(seed)] = {"image": str(image_dir), "text": str(text_dir), "store": str(store)}
+        sweep = SweepSettings(strategies=("1A", "1B"), fusions=self.s.fusions, seeds=(seed,), baselines=False,
+                              device=self.s.device, train=self._train_settings())
+        self._sweep(f"sweep results/modules-seed-{seed} (1-A, 1-B)", store,
+                    self.root / "results" / f"modules-seed-{seed}", {"store": store_digest}, sweep)
+
+    def _sweep_end_to_end(self) -> None:
+        from heads.end_to_end import EndToEndSettings
+        from heads.sweep import SweepSettings
+
+        end_to_end = EndToEndSettings(max_epochs=self.s.end_to_end_epochs, image_weights=self.s.image_weights,
+                                      text_weights=self.s.text_weights, workers=self.s.workers,
+                                      progress=self.s.progress)
+        settings = SweepSettings(strategies=("3A", "3B"), fusions=self.s.end_to_end_fusions, seeds=self.s.seeds,
+                                 baselines=False, device=self.s.device, train=self._train_settings(),
+                                 manifest=str(self.manifest), end_to_end=end_to_end)
+        recorded = {k: v for k, v in asdict(end_to_end).items() if k not in ("workers", "progress", "device")}
+        self._sweep("sweep results/end-to-end (3-A, 3-B)", self.store, self.root / "results" / "end-to-end",
+                    {"store": self.store_digest, "end_to_end": recorded}, settings)
