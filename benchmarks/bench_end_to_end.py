@@ -35,14 +35,14 @@ from heads.models import HeadConfig  # noqa: E402
 from heads.train import HeadData, TrainSettings, train_heads  # noqa: E402
 
 
-def head_side(store_path: Path, fusion: str, seeds: list[int], device: str) -> dict:
+def head_side(store_path: Path, fusion: str, seeds: list[int], device: str, precision: str) -> dict:
     with FeatureStore(store_path) as store:
         names = [store.find("image", "pooled"), store.find("text", "pooled")]
         loaded = store.load(names)
         classes = len(store.classes)
     data = HeadData.from_arrays([loaded.features[n] for n in names], loaded.labels, loaded.split, device)
     config = HeadConfig("2A", fusion, tuple(loaded.features[n].shape[1] for n in names), classes)
-    settings = TrainSettings()
+    settings = TrainSettings(precision=precision)
     stack = train_heads(config, seeds, data, settings, batched=True)
     alone = train_heads(config, seeds[:1], data, settings, batched=False)[0]
     head_epochs = sum(r.epochs_run for r in stack)
@@ -113,7 +113,9 @@ def main(argv=None) -> None:
     p.add_argument("--extract-items", type=int, default=64, help="items whose extraction is timed")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default=None)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="threads of the end-to-end side (default: torch's)")
+    p.add_argument("--head-threads", type=int, default=1, help="threads of the head side (heads sweep's default)")
+    p.add_argument("--precision", default="auto", help="of the head side: auto (fp32 on CPU), bf16, fp32")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -121,10 +123,13 @@ def main(argv=None) -> None:
     print("command: python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
 
-    heads = head_side(args.store, args.fusion, list(range(args.seeds)), device)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.head_threads)
+    heads = head_side(args.store, args.fusion, list(range(args.seeds)), device, args.precision)
+    torch.set_num_threads(threads)
     s = heads["settings"]
     print(f"\nhead 2A-{args.fusion} over the store ({heads['train_items']} training items, batch {s.batch_size}, "
-          f"lr {s.lr}, patience {s.patience}):")
+          f"lr {s.lr}, patience {s.patience}, {args.head_threads} thread(s), precision {s.precision}):")
     print(f"  {heads['stack_size']} heads in one stack: {heads['stack_seconds']:.2f} s for {heads['head_epochs']} "
           f"head-epochs -> {heads['per_head_epoch'] * 1000:.1f} ms per head per epoch (validation included)")
     print(f"  best epochs {heads['best_epochs']}, test accuracy {', '.join(f'{a:.4f}' for a in heads['accuracy'])}")

@@ -64,7 +64,7 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--no-baselines", action="store_true")
     p.add_argument("--max-epochs", type=int, default=TrainSettings.max_epochs)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--skip-sequential", action="store_true", help="time the batched path only")
     args = p.parse_args(argv)

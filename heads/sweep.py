@@ -36,7 +36,10 @@ class SweepSettings:
     baselines: bool = True                # also train the unimodal "image" and "text" heads (Table 7)
     batched: bool = True                  # all seeds of a cell in one stack; False: one head at a time
     device: str | None = None             # None: cuda when available, else cpu
-    threads: int | None = None            # torch.set_num_threads, when given
+    # torch.set_num_threads while training. 1 by default: on this project's 2-vCPU machines one thread measured
+    # 0.4-0.5 s per 2-A/2-B head-epoch and two threads 1.1-9.5 s (OpenMP barriers stall whenever the other vCPU
+    # is busy). Give more on a dedicated many-core machine; None leaves torch's own setting.
+    threads: int | None = 1
     dropout: float = 0.3
     train: TrainSettings = field(default_factory=TrainSettings)
     manifest: str | None = None           # 3A/3B train end to end on the raw catalog through this manifest
@@ -138,10 +141,18 @@ def resolve_device(name: str | None) -> torch.device:
 def run_sweep(store_path: str | Path, out_dir: str | Path, settings: SweepSettings = SweepSettings(),
               *, log: Callable[[str], None] = print) -> dict:
     """Train every cell's missing seeds; returns {"trained": n, "skipped": n, "seconds": s, "cells": [...]}."""
-    from embedstore.store import FeatureStore  # the store's reader contract, docs/ARCHITECTURE.md
-
+    threads_before = torch.get_num_threads()
     if settings.threads:
         torch.set_num_threads(settings.threads)
+    try:
+        return _run_sweep(store_path, out_dir, settings, log)
+    finally:  # the thread count suits small heads only: give the caller's back (extraction wants them all)
+        torch.set_num_threads(threads_before)
+
+
+def _run_sweep(store_path, out_dir, settings: SweepSettings, log) -> dict:
+    from embedstore.store import FeatureStore  # the store's reader contract, docs/ARCHITECTURE.md
+
     device = str(resolve_device(settings.device))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
