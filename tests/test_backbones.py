@@ -284,3 +284,23 @@ def test_minilm_ranks_a_paraphrase_above_an_unrelated_title():
         features = torch.nn.functional.normalize(backbone(**backbone.tokenize(titles)), dim=1)  # (3, 384)
     similarity = features @ features.T  # (3, 3)
     assert similarity[0, 1] > similarity[0, 2] + 0.1
+
+
+def test_resnet50_loads_torchvision_checkpoint_format_with_its_imagenet_head(tmp_path, monkeypatch):
+    """The paper's backbone from a file as torchvision downloads it (fc included, unused), and from the cache."""
+    import torchvision
+
+    reference = torchvision.models.resnet50()
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    path = tmp_path / "hub" / "checkpoints" / "resnet50-0676ba61.pth"
+    torch.save(reference.state_dict(), path)
+    explicit = create_backbone("image", "resnet50", weights=str(path)).eval()
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    cached = create_backbone("image", "resnet50").eval()
+    images = torch.randn(1, 3, 64, 64)
+    reference.fc = torch.nn.Identity()
+    with torch.no_grad():
+        expected = reference.eval()(images)  # (1, 2048)
+        torch.testing.assert_close(explicit(images), expected)
+        torch.testing.assert_close(cached(images), expected)
+    assert explicit.weights_id == cached.weights_id and explicit.weights_id.startswith("resnet50:")
