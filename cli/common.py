@@ -30,6 +30,14 @@ def comma_list(text: str | None) -> list[str]:
     return [part.strip() for part in (text or "").split(",") if part.strip()]
 
 
+def int_list(text: str | None, option: str) -> tuple[int, ...]:
+    """`--seeds 0,1,2` -> (0, 1, 2), or a one-line error naming the option."""
+    try:
+        return tuple(int(part) for part in comma_list(text))
+    except ValueError:
+        raise ValueError(f"{option} takes comma-separated integers, got {text!r}") from None
+
+
 def optional_name(text: str | None) -> str | None:
     """`--image-backbone none` skips a modality."""
     return None if text is None or text.lower() in ("", "none") else text

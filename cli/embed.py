@@ -144,11 +144,11 @@ def inspect(store):
 @one_line_errors
 def demo(out, image_backbone, text_backbone, seeds, device):
     """The built-in default job: generated catalog -> prepare -> extract -> heads sweep -> report."""
-    from cli.common import comma_list
+    from cli.common import int_list
     from embedstore.demo import DemoSettings, run_demo
 
     settings = DemoSettings(image_backbone=image_backbone, text_backbone=text_backbone, device=device,
-                            seeds=tuple(int(seed) for seed in comma_list(seeds)))
+                            seeds=int_list(seeds, "--seeds"))
     report = run_demo(out, settings, log=click.echo)
     click.echo(report.read_text())
 

@@ -5,19 +5,12 @@ from pathlib import Path
 
 import click
 
-from cli.common import comma_list, one_line_errors
+from cli.common import comma_list, int_list, one_line_errors
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def heads():
     """Train fusion heads (strategies 1-A/1-B/2-A/2-B x fusion operators x seeds) over cached features."""
-
-
-def _seeds(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(s) for s in comma_list(text))
-    except ValueError:
-        raise ValueError(f"--seeds takes comma-separated integers, got {text!r}") from None
 
 
 @heads.command()
@@ -58,7 +51,7 @@ def sweep(store, out, strategies, fusions, seeds, baselines, sequential, device,
     from heads.train import TrainSettings
 
     settings = SweepSettings(
-        strategies=tuple(comma_list(strategies)), fusions=tuple(comma_list(fusions)), seeds=_seeds(seeds),
+        strategies=tuple(comma_list(strategies)), fusions=tuple(comma_list(fusions)), seeds=int_list(seeds, "--seeds"),
         baselines=baselines, batched=not sequential, device=device, threads=threads,
         train=TrainSettings(batch_size=batch_size, lr=lr, max_epochs=max_epochs, patience=patience,
                             precision=precision),

@@ -5,14 +5,7 @@ from pathlib import Path
 
 import click
 
-from cli.common import comma_list, one_line_errors
-
-
-def _ints(text: str, option: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in comma_list(text))
-    except ValueError:
-        raise ValueError(f"{option} takes comma-separated integers, got {text!r}") from None
+from cli.common import comma_list, int_list, one_line_errors
 
 
 @click.command()
@@ -61,18 +54,18 @@ def paper(catalog, out, image_backbone, text_backbone, image_weights, text_weigh
     from embedstore.manifest import SplitSettings
     from embedstore.paper import PaperSettings, run_paper
 
-    pair_strategies = _ints(pair, "--pair")
+    pair_strategies = int_list(pair, "--pair")
     if len(pair_strategies) != 2:
         raise ValueError(f"--pair takes two strategies (image,text), e.g. 2,3; got {pair!r}")
     settings = PaperSettings(
         image_backbone=image_backbone, text_backbone=text_backbone,
         image_weights=str(image_weights) if image_weights else None,
         text_weights=str(text_weights) if text_weights else None, image_size=image_size,
-        seeds=_ints(seeds, "--seeds"), manifest_seeds=_ints(manifest_seeds, "--manifest-seeds"),
+        seeds=int_list(seeds, "--seeds"), manifest_seeds=int_list(manifest_seeds, "--manifest-seeds"),
         split=SplitSettings(min_items=min_items, items_per_class=items_per_class, train=train, val=val, test=test),
         fusions=tuple(comma_list(fusions)), pair=pair_strategies, text_s3_epochs=text_s3_epochs,
-        text_s3_seeds=_ints(text_s3_seeds, "--text-s3-seeds"), image_s3=image_s3, image_s3_epochs=image_s3_epochs,
-        image_s3_seeds=_ints(image_s3_seeds, "--image-s3-seeds"), end_to_end=end_to_end,
+        text_s3_seeds=int_list(text_s3_seeds, "--text-s3-seeds"), image_s3=image_s3, image_s3_epochs=image_s3_epochs,
+        image_s3_seeds=int_list(image_s3_seeds, "--image-s3-seeds"), end_to_end=end_to_end,
         end_to_end_fusions=tuple(comma_list(end_to_end_fusions)), end_to_end_epochs=end_to_end_epochs,
         head_epochs=head_epochs, module_epochs=module_epochs, device=device, precision=precision, workers=workers,
         progress=progress)

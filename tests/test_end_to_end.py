@@ -28,13 +28,7 @@ QUICK = dict(image_backbone="tiny-resnet", text_backbone="tiny-bert", image_size
              batch_size=8, lr=3e-3)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and thread barriers are slow on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

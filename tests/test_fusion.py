@@ -5,13 +5,7 @@ import torch
 from heads.fusion import Fusion, create_fusion, list_fusions, register_fusion
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a shared machine thread barriers cost milliseconds."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 G, B, D = 2, 5, 6

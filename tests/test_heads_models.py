@@ -6,13 +6,7 @@ from heads.fusion import list_fusions
 from heads.models import HeadConfig, StackedHead
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a shared machine thread barriers cost milliseconds."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 C, DI, DT, M, F = 5, 12, 8, 10, 6

@@ -25,13 +25,7 @@ TINY = ["--image-backbone", "tiny-resnet", "--image-size", "64", "--text-backbon
 TOP_K = 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and thread barriers are slow on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def invoke(group, args):

@@ -13,13 +13,7 @@ from heads.sweep import SweepSettings, read_runs, run_sweep
 from heads.train import TrainSettings
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a shared machine thread barriers cost milliseconds."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 C = 4

@@ -12,13 +12,7 @@ from cli.embed import embed
 from tests.catalog_factory import make_fashion_catalog
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and the machine is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SMALL = ["--image-backbone", "tiny-resnet", "--text-backbone", "tiny-bert", "--image-size", "64", "--seeds", "0,1",
