@@ -30,7 +30,7 @@ from cli.common import comma_list, int_list, one_line_errors
 @click.option("--text-s3-epochs", default=3, show_default=True, help="Most epochs of text S3 (the slow step).")
 @click.option("--text-s3-seeds", default="0", show_default=True)
 @click.option("--image-s3/--no-image-s3", default=None,
-              help="Fine-tune the image backbone (S3) [default: on with CUDA, off on CPU: 20-70 min per epoch].")
+              help="Fine-tune the image backbone (S3) [default: on with CUDA, off on CPU: ~6-8 min per epoch, tens of epochs].")
 @click.option("--image-s3-epochs", default=3, show_default=True)
 @click.option("--image-s3-seeds", default="0", show_default=True)
 @click.option("--end-to-end/--no-end-to-end", default=False, show_default=True,

@@ -47,7 +47,7 @@ class PaperSettings:
     pair: tuple[int, int] = (2, 3)        # (image, text) module strategies whose features 1-A/1-B fuse
     text_s3_epochs: int = 3               # S3 is the slow step: few epochs, one seed by default
     text_s3_seeds: tuple[int, ...] = (0,)
-    image_s3: bool | None = None          # None: on with CUDA, off on CPU (an epoch is 20-70 min on 2 cores)
+    image_s3: bool | None = None          # None: on with CUDA, off on CPU (~6-8 min per epoch on 2 idle cores, tens of epochs)
     image_s3_epochs: int = 3
     image_s3_seeds: tuple[int, ...] = (0,)
     end_to_end: bool = False              # strategies 3-A/3-B: the whole model trained on the raw catalog

@@ -343,7 +343,7 @@ def differences(plan: dict, modules: dict) -> list[str]:
                  f"center-crops {s['image_size']} px, so small photos are upscaled.")
     image_s3 = modules.get("image S3")
     if not s["image_s3"]:
-        lines.append("- Image S3: skipped (--no-image-s3; an epoch takes 20-70 min on 2 CPU cores).")
+        lines.append("- Image S3: skipped (--no-image-s3; an epoch takes about 6-8 min on 2 idle CPU cores, and it needs tens of epochs).")
     elif image_s3:
         lines.append(f"- Image S3: {len(s['image_s3_seeds'])} seed(s), at most {s['image_s3_epochs']} epochs "
                      f"(mean {image_s3['epochs_mean']:.1f} run).")
