@@ -199,10 +199,7 @@ class FashionCatalog(Catalog):
                 item = CatalogItem(id=fields[columns[0]], label=fields[columns[1]], title=fields[columns[2]],
                                    image=f"images/{fields[columns[0]]}.jpg")
                 reason = _row_problem(item, seen, line_no)
-            if reason is None:
-                rows.items.append(item)
-            else:
-                rows.malformed.append((line_no, reason))
+            _keep(rows, item if reason is None else None, line_no, reason)
         return rows
 
 
@@ -248,15 +245,19 @@ class CsvCatalog(Catalog):
                 rows.malformed.append((line_no, f"expected {len(reader.fieldnames)} fields, found fewer"))
                 continue
             item = CatalogItem(*(value.strip() for value in values))
-            reason = _row_problem(item, seen, line_no)
-            if reason is None:
-                rows.items.append(item)
-            else:
-                rows.malformed.append((line_no, reason))
+            _keep(rows, item, line_no, _row_problem(item, seen, line_no))
         return rows
 
 
 # ------------------------------------------------------------------------------------------------- helpers
+def _keep(rows: CatalogRows, item: CatalogItem | None, line_no: int, reason: str | None) -> None:
+    """A row becomes an item, or a counted malformed row with its reason: never silently dropped."""
+    if reason is None:
+        rows.items.append(item)
+    else:
+        rows.malformed.append((line_no, reason))
+
+
 def _split_fashion_line(raw: bytes, n_fields: int) -> tuple[list[str], str | None]:
     """(fields, None) or ([], reason). Split on the first n_fields - 1 commas so commas in the title survive;
     a line with quotes is first tried as proper CSV, for copies re-saved by a tool that quotes titles."""

@@ -80,14 +80,19 @@ class FinetuneSettings:
             max_epochs=self.max_epochs or (100 if heads else 10),
             patience=self.patience or (5 if heads else 3),
         )
-        for name in ("lr", "batch_size", "max_epochs", "patience"):
-            if getattr(done, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(done, name)}")
-        if not 0 <= done.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {done.dropout}")
-        if done.max_steps_per_epoch is not None and done.max_steps_per_epoch <= 0:
-            raise ValueError(f"max_steps_per_epoch must be positive, got {done.max_steps_per_epoch}")
-        return done
+        return check_training_numbers(done)
+
+
+def check_training_numbers(settings):
+    """The checks every training loop's settings share (modules here, end-to-end models in heads/)."""
+    for name in ("lr", "batch_size", "max_epochs", "patience"):
+        if getattr(settings, name) <= 0:
+            raise ValueError(f"{name} must be positive, got {getattr(settings, name)}")
+    if not 0 <= settings.dropout < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {settings.dropout}")
+    if settings.max_steps_per_epoch is not None and settings.max_steps_per_epoch <= 0:
+        raise ValueError(f"max_steps_per_epoch must be positive, got {settings.max_steps_per_epoch}")
+    return settings
 
 
 # Settings that must match for a checkpoint to be resumed (max_epochs and patience may grow, device may change).

@@ -24,7 +24,7 @@ from sklearn.metrics import accuracy_score, f1_score
 from torch import nn
 
 from embedstore.backbones import create_backbone
-from embedstore.finetune import ImageItems, fit, predict, training_processes
+from embedstore.finetune import ImageItems, check_training_numbers, fit, predict, training_processes
 from embedstore.manifest import Manifest
 from embedstore.modules import MIDDLE_DIM, build_module
 from heads.fusion import create_fusion, list_fusions
@@ -61,14 +61,7 @@ class EndToEndSettings:
             raise ValueError(f"unknown end-to-end strategy {self.strategy!r}; use 3A or 3B")
         if self.fusion not in list_fusions():
             raise ValueError(f"unknown fusion operator {self.fusion!r}; registered: {', '.join(list_fusions())}")
-        for name in ("lr", "batch_size", "max_epochs", "patience"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch <= 0:
-            raise ValueError(f"max_steps_per_epoch must be positive, got {self.max_steps_per_epoch}")
-        return self
+        return check_training_numbers(self)
 
 
 # What may change between a run and its resumption: how long it goes on, and where and how verbosely it runs.
