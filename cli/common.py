@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import click
 
@@ -24,6 +25,13 @@ def one_line_errors(command):
             raise InputError(str(message).splitlines()[0] if message else type(error).__name__) from None
 
     return wrapper
+
+
+def finite(ctx, param, value):
+    """click callback: refuse NaN and infinities, naming the option."""
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"must be a finite number, got {value}", ctx=ctx, param=param)
+    return value
 
 
 def comma_list(text: str | None) -> list[str]:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from cli.common import comma_list, int_list, one_line_errors
+from cli.common import comma_list, finite, int_list, one_line_errors
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -17,49 +17,77 @@ def heads():
 @click.argument("store", type=click.Path(path_type=Path))
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path),
               help="Results directory: runs.jsonl and heads/<cell>/ (re-runs skip runs already there).")
-@click.option("--strategies", default="1A,1B,2A,2B", show_default=True,
+@click.option("--strategies", default=None,
               help="Comma-separated: 1A, 1B (fine-tuned modules' features), 2A, 2B (pooled backbone features); "
-                   "image, text name a unimodal baseline alone; "
-                   "3A, 3B train end to end on the raw catalog (slow, needs --manifest).")
-@click.option("--fusions", default="add,average,product,concat,gated", show_default=True,
-              help="Comma-separated fusion operators.")
+                   "image, text name a unimodal baseline alone; 3A, 3B train end to end on the raw catalog (slow, "
+                   "needs --manifest).  [default: every cached strategy the store's features allow]")
+@click.option("--fusions", default=None,
+              help="Comma-separated fusion operators.  [default: every registered operator]")
+@click.option("--image-source", "image_sources", multiple=True,
+              help="Only this image source (a feature set's source or backbone name); repeatable. [default: every "
+                   "image source in the store: each (image, text) pair is swept]")
+@click.option("--text-source", "text_sources", multiple=True, help="Likewise for text sources; repeatable.")
 @click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated seeds; one head per seed.")
 @click.option("--baselines/--no-baselines", default=True, show_default=True,
               help="Also train the unimodal image-only and text-only heads (Table 7).")
 @click.option("--sequential", is_flag=True, help="Train one head at a time instead of all seeds of a cell at once.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [default: cuda if available, else cpu]")
-@click.option("--threads", type=int, default=1, show_default=True,
-              help="CPU threads while training; 1 measured fastest for small heads on 2 shared vCPUs.")
-@click.option("--batch-size", default=128, show_default=True)
-@click.option("--lr", default=1e-3, show_default=True)
-@click.option("--max-epochs", default=40, show_default=True)
-@click.option("--patience", default=5, show_default=True, help="Epochs without a better validation accuracy.")
+@click.option("--jobs", type=click.IntRange(min=1), default=None,
+              help="Worker processes training cells at once, one thread each [default: the cores this process may "
+                   "use on a CPU, 1 on CUDA]. Same rows as --jobs 1.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="CPU threads while training in this process (--jobs 1); 1 measured fastest for small heads.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
+              callback=finite)
+@click.option("--max-epochs", type=click.IntRange(min=1), default=40, show_default=True)
+@click.option("--patience", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Epochs without a better validation accuracy.")
+@click.option("--class-weight", type=click.Choice(["none", "balanced"]), default="none", show_default=True,
+              help="balanced: weigh each class n / (C * n_class) in the loss, for imbalanced catalogs.")
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
-              help="auto: bf16 autocast on CUDA, float32 on CPU. bf16 on a CPU with AVX512-BF16/AMX: ~2x faster.")
+              help="auto: bf16 autocast on CUDA, float32 on CPU (see README, Precision). bf16 on a CPU with "
+                   "AVX512-BF16/AMX: ~2x faster.")
 @click.option("--manifest", type=click.Path(path_type=Path), default=None,
               help="3A/3B: the manifest the store was extracted from (they train end to end on the raw catalog, "
                    "with the backbones named in the store's provenance).")
-@click.option("--end-to-end-epochs", type=int, default=10, show_default=True, help="3A/3B: most epochs.")
-@click.option("--max-steps-per-epoch", type=int, default=None,
+@click.option("--end-to-end-epochs", type=click.IntRange(min=1), default=10, show_default=True,
+              help="3A/3B: most epochs.")
+@click.option("--max-steps-per-epoch", type=click.IntRange(min=1), default=None,
               help="3A/3B: stop each epoch after this many steps (the full epoch's time is extrapolated).")
+@click.option("--progress/--no-progress", default=True, show_default=True)
 @one_line_errors
-def sweep(store, out, strategies, fusions, seeds, baselines, sequential, device, threads, batch_size, lr,
-          max_epochs, patience, precision, manifest, end_to_end_epochs, max_steps_per_epoch):
-    """Train the grid over STORE; one JSON row per run in OUT/runs.jsonl, best head per cell in OUT/heads/."""
+def sweep(store, out, strategies, fusions, image_sources, text_sources, seeds, baselines, sequential, device, jobs,
+          threads, batch_size, lr, max_epochs, patience, class_weight, precision, manifest, end_to_end_epochs,
+          max_steps_per_epoch, progress):
+    """Train the grid over STORE; one JSON row per run in OUT/runs.jsonl, best head per cell in OUT/heads/.
+
+    On several machines: `torchrun --nnodes M --nproc_per_node K -m cli.heads sweep ...` deals the cells to the
+    ranks; rank 0 writes every row."""
     from heads.end_to_end import EndToEndSettings
     from heads.sweep import SweepSettings, run_sweep
     from heads.train import TrainSettings
 
     settings = SweepSettings(
-        strategies=tuple(comma_list(strategies)), fusions=tuple(comma_list(fusions)), seeds=int_list(seeds, "--seeds"),
-        baselines=baselines, batched=not sequential, device=device, threads=threads,
+        strategies=tuple(comma_list(strategies)) if strategies else None,
+        fusions=tuple(comma_list(fusions)) if fusions else None, seeds=int_list(seeds, "--seeds"),
+        image_sources=image_sources, text_sources=text_sources,
+        baselines=baselines, batched=not sequential, device=device, jobs=jobs, threads=threads, progress=progress,
         train=TrainSettings(batch_size=batch_size, lr=lr, max_epochs=max_epochs, patience=patience,
-                            precision=precision),
+                            precision=precision, class_weight=None if class_weight == "none" else class_weight),
         manifest=str(manifest) if manifest else None,
         end_to_end=EndToEndSettings(max_epochs=end_to_end_epochs, max_steps_per_epoch=max_steps_per_epoch))
     summary = run_sweep(store, out, settings, log=click.echo)
     click.echo(f"trained {summary['trained']} heads, skipped {summary['skipped']} already in {out / 'runs.jsonl'}, "
-               f"{summary['seconds']:.1f} s")
+               f"{summary['seconds']:.1f} s ({summary['jobs']} job(s), {summary['ranks']} rank(s), "
+               f"{summary['device']})")
+    if summary.get("gflops"):
+        click.echo(f"training matmuls: {summary['gflops']:.1f} GFLOP/s ({summary['precision']}) = "
+                   f"{100 * summary['gflops'] / summary['peak_gflops']:.0f} % of a {summary['peak_gflops']:.1f} "
+                   f"GFLOP/s matmul peak measured now on the same {summary['jobs']} core(s)"
+                   if summary["device"] == "cpu" else
+                   f"training matmuls: {summary['gflops']:.1f} GFLOP/s ({summary['precision']}); a matmul peak "
+                   f"measured now: {summary['peak_gflops']:.1f} GFLOP/s")
 
 
 @heads.command()

@@ -17,7 +17,6 @@ runs). Extraction, S3 training and sweeps resume inside a step, so an interrupte
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -25,6 +24,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+from embedstore.fingerprint import fingerprint
 from embedstore.manifest import SplitSettings
 
 STAMP_SUFFIX = ".stamp.json"
@@ -107,7 +107,7 @@ def _json(value):
 
 
 def digest(inputs: dict) -> str:
-    return hashlib.sha256(json.dumps(_json(inputs), sort_keys=True).encode()).hexdigest()
+    return fingerprint(inputs)
 
 
 def stamp_path(output: Path) -> Path:

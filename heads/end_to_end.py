@@ -11,7 +11,6 @@ torchrun, bf16 autocast and pinned memory on CUDA only. Saved as model.safetenso
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -23,6 +22,7 @@ from safetensors.torch import save_file
 from sklearn.metrics import accuracy_score, f1_score
 from torch import nn
 
+from embedstore.fingerprint import fingerprint
 from embedstore.backbones import create_backbone
 from embedstore.finetune import ImageItems, check_training_numbers, fit, predict, training_processes
 from embedstore.manifest import Manifest
@@ -217,8 +217,8 @@ def sweep_cell(store, store_path, manifest_path, out_dir: Path, strategy: str, f
     for seed in seeds:
         run = EndToEndSettings(**{**asdict(settings), "strategy": strategy, "fusion": fusion, "seed": seed})
         identity = {k: v for k, v in asdict(run).items() if k in RESUME_KEYS + ("max_epochs", "patience")}
-        key = hashlib.sha256(json.dumps({"settings": identity, "manifest_sha256": manifest.sha256, "backbones": {
-            m: provenance[m]["weights_id"] for m in provenance}}, sort_keys=True).encode()).hexdigest()
+        key = fingerprint({"settings": identity, "manifest_sha256": manifest.sha256, "backbones": {
+            m: provenance[m]["weights_id"] for m in provenance}})
         if key in done:
             skipped += 1
             continue
@@ -229,12 +229,16 @@ def sweep_cell(store, store_path, manifest_path, out_dir: Path, strategy: str, f
         log(f"{cell} seed {seed}: test accuracy {m['test_accuracy']:.4f} (best epoch {m['best_epoch']}, "
             f"{m['training_seconds']:.1f} s of training)")
         rows.append({
-            "run_key": key, "cell": cell, "strategy": strategy, "fusion": fusion, "seed": seed,
+            "run_key": key, "cell": cell, "cell_base": cell, "strategy": strategy, "fusion": fusion, "seed": seed,
+            "pair": f"{run.image_backbone}+{run.text_backbone}", "image_source": run.image_backbone,
+            "text_source": run.text_backbone, "diverged": False, "train_flops": None,
+            "precision": "bf16" if m["device"].startswith("cuda") else "fp32",
             "config": {"strategy": strategy, "fusion": fusion, "num_classes": len(manifest.classes),
                        "middle_dim": MIDDLE_DIM, "fusion_dim": FUSION_DIM, "dropout": run.dropout,
                        "image_backbone": run.image_backbone, "text_backbone": run.text_backbone},
             "train_settings": asdict(run),
-            "store": {"path": str(store_path), "manifest_sha256": manifest.sha256, "manifest": str(manifest_path),
+            "store": {"path": os.path.relpath(store_path, out_dir), "manifest_sha256": manifest.sha256,
+                      "manifest": os.path.relpath(manifest_path, out_dir),
                       "feature_sets": {}, "backbones": provenance, "split_rows": m["items"]},
             "test_accuracy": m["test_accuracy"], "test_macro_f1": m["test_macro_f1"],
             "best_val_accuracy": m["best_val_accuracy"], "best_epoch": m["best_epoch"], "epochs_run": m["epochs"],

@@ -45,7 +45,8 @@ def make_store(path, *, modules=True, classifier_dim=C, n=240, seed=0):
 def swept(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     store = make_store(root / "store.h5")
-    settings = SweepSettings(fusions=("concat", "gated"), seeds=(0, 1), train=FAST, device="cpu")
+    settings = SweepSettings(fusions=("concat", "gated"), seeds=(0, 1), train=FAST, device="cpu", jobs=1,
+                             progress=False)
     summary = run_sweep(store, root / "results", settings, log=lambda _: None)
     return store, root / "results", settings, summary
 
@@ -143,7 +144,13 @@ def test_cli_sweep_then_report(tmp_path):
     (["--strategies", "3C"], "unknown strategy '3C'"),  # 3A/3B exist: heads/end_to_end.py
     (["--seeds", "a,b"], "--seeds takes comma-separated integers"),
     (["--device", "tpu"], "unknown device 'tpu'"),
-    (["--threads", "0"], "--threads must be at least 1"),
+    (["--threads", "0"], "'--threads'"),
+    (["--max-epochs", "0"], "'--max-epochs'"),
+    (["--batch-size", "-5"], "'--batch-size'"),
+    (["--lr", "-1"], "'--lr'"),
+    (["--lr", "nan"], "'--lr'"),
+    (["--jobs", "0"], "'--jobs'"),
+    (["--image-source", "resnet9"], "--image-source resnet9"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, args, message):
     store = make_store(tmp_path / "s.h5")
