@@ -98,9 +98,11 @@ def _fractions(text: str) -> list[float]:
 @click.option("--shard", default=None, metavar="k/n|auto|none",
               help="Extract only shard k (0-based) of n contiguous item ranges into STORE.shard-k-of-n.h5 "
                    "(join them with `embed merge`); auto = RANK/WORLD_SIZE of torchrun, the default under it.")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+              help="Stored feature values: float16 halves disk and memory (heads upcast each batch to float32).")
 @one_line_errors
 def extract(manifest, store, image_backbone, text_backbone, image_weights, text_weights, image_size, batch_size,
-            text_batch_size, workers, device, add, progress, image_module, text_module, shard):
+            text_batch_size, workers, device, add, progress, image_module, text_module, shard, dtype):
     """Write every MANIFEST item's pooled image and text features into STORE; resumes where it stopped.
 
     With --image-module / --text-module only the modules' features are written, unless backbones are named too.
@@ -123,7 +125,7 @@ def extract(manifest, store, image_backbone, text_backbone, image_weights, text_
         image_size=image_size, batch_size=batch_size, text_batch_size=text_batch_size, workers=workers,
         device=device, add=add, progress=progress,
         image_module=str(image_module) if image_module else None,
-        text_module=str(text_module) if text_module else None, shard=shard,
+        text_module=str(text_module) if text_module else None, shard=shard, dtype=dtype,
     )
     if shard is not None:
         click.echo(f"shard {shard.index} of {shard.count} -> {shard.path_for(store)}")
