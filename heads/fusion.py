@@ -65,6 +65,10 @@ class Fusion:
         bound = 1.0 / math.sqrt(2 * self.dim)
         return (torch.rand(shape, generator=generator) * 2 - 1) * bound
 
+    def flops_per_row(self) -> int:
+        """Matmul FLOPs per example of the operator's learned weights (2 per multiply-add)."""
+        return sum(2 * math.prod(shape) for name, shape in self.param_shapes().items() if name == "weight")
+
     def forward(self, params: dict[str, torch.Tensor], a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 

@@ -118,6 +118,12 @@ class StackedHead:
             shapes[f"{prefix}.weight"], shapes[f"{prefix}.bias"] = (inp, out), (out,)
         return shapes
 
+    def forward_flops_per_row(self) -> int:
+        """Matmul FLOPs of one head's forward pass over one example (2 per multiply-add); a training step costs
+        about 3x this (forward, input gradient, weight gradient). Elementwise work is not counted."""
+        linears = sum(2 * inp * out for _, out, inp in self._linears)
+        return linears + (0 if self.fusion is None else self.fusion.flops_per_row())
+
     def num_parameters(self) -> int:
         """Trainable parameters of ONE head."""
         return sum(math.prod(s) for s in self.param_shapes().values())

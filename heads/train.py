@@ -1,33 +1,43 @@
 """Training of many heads at once (stacked weights, batched matmuls) with per-head early stopping.
 
-Each head owns a torch.Generator seeded from (seed, config). It draws, in this order and nothing else: its
-init (StackedHead.init_params), then per epoch one permutation of the training rows, then per step one
-uniform (B, dropout_width) block for its dropout masks. Generators live on the CPU, so a head sees the same
-stream whether it trains alone (`batched=False`: torch.optim.AdamW + clip_grad_norm_, the plain reference)
-or in a stack of G (`batched=True`: the stacked AdamW below, with per-head gradient clipping), on any device.
-A head whose validation accuracy stopped improving for `patience` epochs is removed from the stack (its best
-weights are kept), so it stops changing and stops costing compute.
+Each head owns a generator seeded from (seed, config). It draws, in this order and nothing else: its init
+(StackedHead.init_params, always on the CPU), then per epoch one permutation of the training rows, then per step
+one uniform (B, dropout_width) block for its dropout masks. On the CPU one generator draws all three; on CUDA the
+per-epoch and per-step draws come from a generator on the device, so nothing is drawn on the host and copied
+each step. A head sees the same stream whether it trains alone (`batched=False`: torch.optim.AdamW +
+clip_grad_norm_, the plain reference) or in a stack of G (`batched=True`: the stacked AdamW below, with
+per-head gradient clipping), so both paths agree to the bit on one device (not across devices).
+
+Nothing inside an epoch waits for the device: early stopping, divergence (a head whose loss turned non-finite)
+and the best-weight snapshots are decided once per epoch. A head that stopped improving for `patience` epochs,
+or diverged, leaves the stack (its best weights are kept), so it stops changing and stops costing compute.
+
+Data access goes through a split's two iterators, `train_batches` (per-head permutations, (A, B, D) gathers)
+and `eval_batches` (sequential chunks), so a split held in memory and one streamed from disk train the same way.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from dataclasses import dataclass
+from typing import Iterator, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import accuracy_score, f1_score
 
-from heads.models import HeadConfig, StackedHead, predict_logits
+from embedstore.defaults import PRECISIONS, SPLITS, autocast, resolve_precision
+from embedstore.metrics import classification_metrics
+from heads.models import HeadConfig, StackedHead
 
-
-PRECISIONS = ("auto", "bf16", "fp32")
+CLASS_WEIGHTS = (None, "balanced")
 
 
 def uses_bf16(precision: str, device: torch.device) -> bool:
-    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    """Whether heads train under bf16 autocast: see embedstore.defaults.resolve_precision."""
+    return resolve_precision(precision, device) == "bf16"
 
 
 @dataclass(frozen=True)
@@ -44,45 +54,108 @@ class TrainSettings:
     # "auto": bf16 autocast on CUDA, float32 on the CPU; "bf16" also on a CPU with native bf16 instructions
     # (measured 2x faster for 2-A heads on an AVX512-BF16 CPU, test accuracy within 0.2 points); "fp32": never
     precision: str = "auto"
+    # None: every example counts the same; "balanced": each class weighs n / (C * n_class) in the loss
+    # (scikit-learn's "balanced"), for imbalanced catalogs
+    class_weight: str | None = None
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; use one of {', '.join(PRECISIONS)}")
+        if self.class_weight not in CLASS_WEIGHTS:
+            raise ValueError(f"unknown class weight {self.class_weight!r}; use 'balanced' or none")
+        checks = {"batch_size": self.batch_size >= 1, "max_epochs": self.max_epochs >= 1,
+                  "patience": self.patience >= 1, "eval_chunk": self.eval_chunk >= 1,
+                  "lr": math.isfinite(self.lr) and self.lr > 0,
+                  "weight_decay": math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+                  "clip_norm": math.isfinite(self.clip_norm) and self.clip_norm > 0,
+                  "eps": math.isfinite(self.eps) and self.eps > 0,
+                  "betas": all(math.isfinite(b) and 0 <= b < 1 for b in self.betas)}
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"training setting {name} must be a finite positive value, got "
+                                 f"{getattr(self, name)!r}")
+
+
+class DataSplit(Protocol):
+    """What the trainer needs of a split; `Split` (in memory) and a streamed split both provide it."""
+
+    device: torch.device
+
+    def __len__(self) -> int: ...
+
+    def label_counts(self, num_classes: int) -> torch.Tensor: ...   # (C,) int64
+
+    def train_batches(self, generators: list[torch.Generator], batch_size: int
+                      ) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]: ...  # xs: (A, B, D_m), y: (A, B)
+
+    def eval_batches(self, chunk: int) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]: ...  # (b, D_m), (b,)
 
 
 @dataclass
 class Split:
-    inputs: list[torch.Tensor]   # one (n, D_m) float32 tensor per modality, on the training device
+    """A split held in memory on the training device: minibatches are index gathers."""
+    inputs: list[torch.Tensor]   # one (n, D_m) tensor per modality (float32, or float16 upcast per batch)
     labels: torch.Tensor         # (n,) int64
+
+    @property
+    def device(self) -> torch.device:
+        return self.labels.device
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def label_counts(self, num_classes: int) -> torch.Tensor:
+        return torch.bincount(self.labels.cpu(), minlength=num_classes)
+
+    def train_batches(self, generators, batch_size):
+        """Each head walks its own permutation of the rows, drawn from its own generator."""
+        n = len(self)
+        perms = torch.stack([torch.randperm(n, generator=g, device=g.device) for g in generators])
+        perms = perms.to(self.device)                                     # (A, n)
+        for start in range(0, n, batch_size):
+            idx = perms[:, start:start + batch_size]                      # (A, B)
+            yield [x[idx].float() for x in self.inputs], self.labels[idx]  # (A, B, D_m) gathers, (A, B)
+
+    def eval_batches(self, chunk):
+        for start in range(0, len(self), chunk):
+            yield [x[start:start + chunk].float() for x in self.inputs], self.labels[start:start + chunk]
 
 
 @dataclass
 class HeadData:
-    train: Split
-    val: Split
-    test: Split
+    train: DataSplit
+    val: DataSplit
+    test: DataSplit | None = None    # optional: without it, results carry no test metrics
 
     @classmethod
     def from_arrays(cls, features: list[np.ndarray], labels: np.ndarray, split: np.ndarray,
-                    device: str | torch.device = "cpu") -> "HeadData":
-        """Move features to float32 tensors on `device` once; minibatches are then index gathers."""
+                    device: str | torch.device = "cpu", *, require_test: bool = True) -> "HeadData":
+        """Move features to tensors on `device` once (float16 stays float16 and is upcast per batch)."""
         split = np.asarray(split).astype(str)
         parts = {}
-        for name in ("train", "val", "test"):
+        for name in SPLITS:
             rows = np.flatnonzero(split == name)
             if len(rows) == 0:
-                raise ValueError(f"no {name!r} rows in the data; a head needs train, val and test splits")
-            parts[name] = Split([torch.as_tensor(np.asarray(f)[rows], dtype=torch.float32).to(device)
-                                 for f in features],
+                if name == "test" and not require_test:
+                    parts[name] = None
+                    continue
+                raise ValueError(f"no {name!r} rows in the data; a head needs train and val splits"
+                                 + (" and a test split" if require_test else ""))
+            parts[name] = Split([_as_tensor(np.asarray(f)[rows]).to(device) for f in features],
                                 torch.as_tensor(np.asarray(labels)[rows], dtype=torch.int64).to(device))
         return cls(**parts)
+
+
+def _as_tensor(array: np.ndarray) -> torch.Tensor:
+    dtype = torch.float16 if array.dtype == np.float16 else torch.float32
+    return torch.as_tensor(array, dtype=dtype)
 
 
 @dataclass
 class HeadResult:
     seed: int
-    test_accuracy: float
-    test_macro_f1: float
+    test_accuracy: float | None   # None without a test split
+    test_macro_f1: float | None
     best_val_accuracy: float
     best_epoch: int
     epochs_run: int
@@ -90,6 +163,9 @@ class HeadResult:
     group_seconds: float          # wall time of the whole stack it trained in
     group_size: int
     params: dict[str, torch.Tensor]  # best-epoch weights, (1, ...) each, on the CPU
+    diverged: bool = False        # its loss turned non-finite: it stopped then, and is never saved
+    precision: str = "fp32"       # the precision it trained in: "fp32" | "bf16"
+    train_flops: float = 0.0      # matmul FLOPs of its training steps (forward + backward), for GFLOP/s
 
 
 def head_seed(config: HeadConfig, seed: int) -> int:
@@ -99,22 +175,29 @@ def head_seed(config: HeadConfig, seed: int) -> int:
 
 
 def train_heads(config: HeadConfig, seeds: list[int], data: HeadData, settings: TrainSettings = TrainSettings(),
-                *, batched: bool = True) -> list[HeadResult]:
-    """Train one head per seed; all in one stack (batched) or one after another. Same results either way."""
+                *, batched: bool = True, cpu_auto_bf16: bool = False) -> list[HeadResult]:
+    """Train one head per seed; all in one stack (batched) or one after another. Same results either way.
+    `cpu_auto_bf16`: precision "auto" may pick bf16 on a CPU with native bf16 (the sweep decides)."""
     if batched:
-        return _train_stack(config, list(seeds), data, settings, reference=False)
-    return [r for s in seeds for r in _train_stack(config, [s], data, settings, reference=True)]
+        return _train_stack(config, list(seeds), data, settings, reference=False, cpu_auto_bf16=cpu_auto_bf16)
+    return [r for s in seeds
+            for r in _train_stack(config, [s], data, settings, reference=True, cpu_auto_bf16=cpu_auto_bf16)]
+
+
+def _generators(config: HeadConfig, seeds: list[int], device: torch.device):
+    """(init generators on the CPU, stream generators on the device): the same objects on a CPU device."""
+    init = [torch.Generator().manual_seed(head_seed(config, sd)) for sd in seeds]
+    if device.type == "cpu":
+        return init, init
+    return init, [torch.Generator(device=device).manual_seed(head_seed(config, sd)) for sd in seeds]
 
 
 def _dropout_masks(generators: list[torch.Generator], batch: int, width: int, p: float,
                    device: torch.device) -> torch.Tensor | None:
     if p == 0.0:
         return None
-    u = torch.stack([torch.rand(batch, width, generator=g) for g in generators])  # (G, B, W), on the CPU
-    masks = (u >= p).to(torch.float32) / (1.0 - p)
-    if device.type == "cuda":  # pinned memory lets the copy overlap with compute
-        return masks.pin_memory().to(device, non_blocking=True)
-    return masks
+    u = torch.stack([torch.rand(batch, width, generator=g, device=g.device) for g in generators])  # (G, B, W)
+    return ((u >= p).to(torch.float32) / (1.0 - p)).to(device)
 
 
 class _StackedAdamW:
@@ -154,21 +237,43 @@ class _StackedAdamW:
         self.exp_avg_sq = {k: v[rows] for k, v in self.exp_avg_sq.items()}
 
 
-def _accuracy(model, params, split: Split, chunk: int) -> torch.Tensor:
-    pred = predict_logits(model, params, split.inputs, chunk=chunk).argmax(-1)  # (G, n)
-    return (pred == split.labels.unsqueeze(0)).to(torch.float64).mean(1).cpu()
+def _predictions(model, params, split: DataSplit, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predicted classes (G, n) of G heads and the labels (n,) over a split, chunk by chunk, on the device."""
+    preds, labels = [], []
+    with torch.no_grad():
+        for xs, y in split.eval_batches(chunk):
+            G = next(iter(params.values())).shape[0]
+            logits = model.forward(params, [x.unsqueeze(0).expand(G, -1, -1) for x in xs])  # (G, b, C)
+            preds.append(logits.argmax(-1))
+            labels.append(y)
+    return torch.cat(preds, dim=1), torch.cat(labels)
+
+
+def _accuracy(model, params, split: DataSplit, chunk: int) -> torch.Tensor:
+    pred, labels = _predictions(model, params, split, chunk)
+    return (pred == labels.unsqueeze(0)).to(torch.float64).mean(1).cpu()   # (G,): the epoch's one host sync
+
+
+def _class_weights(split: DataSplit, num_classes: int, how: str | None) -> torch.Tensor | None:
+    if how is None:
+        return None
+    counts = split.label_counts(num_classes).to(torch.float64)
+    present = counts > 0
+    weights = torch.zeros(num_classes, dtype=torch.float64)
+    weights[present] = counts.sum() / (present.sum() * counts[present])   # scikit-learn's "balanced"
+    return weights.to(torch.float32).to(split.device)
 
 
 def _train_stack(config: HeadConfig, seeds: list[int], data: HeadData, s: TrainSettings,
-                 *, reference: bool) -> list[HeadResult]:
+                 *, reference: bool, cpu_auto_bf16: bool = False) -> list[HeadResult]:
     t0 = time.perf_counter()
-    device = data.train.labels.device
+    device = data.train.device
     model = StackedHead(config)
-    G, n, p_drop = len(seeds), data.train.labels.shape[0], config.dropout
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16,
-                              enabled=uses_bf16(s.precision, device))
-    gens = [torch.Generator().manual_seed(head_seed(config, sd)) for sd in seeds]
-    params = {k: v.to(device).requires_grad_() for k, v in model.init_params(gens).items()}
+    G, n, p_drop = len(seeds), len(data.train), config.dropout
+    precision = resolve_precision(s.precision, device, cpu_auto_bf16=cpu_auto_bf16)
+    init_gens, gens = _generators(config, seeds, device)
+    params = {k: v.to(device).requires_grad_() for k, v in model.init_params(init_gens).items()}
+    class_weight = _class_weights(data.train, config.num_classes, s.class_weight)
     if reference:  # the plain one-model path every PyTorch user writes
         assert G == 1
         # fused=True: the same kernel the stack uses, so both paths agree to the bit, not just to 1e-7
@@ -181,21 +286,27 @@ def _train_stack(config: HeadConfig, seeds: list[int], data: HeadData, s: TrainS
     best_acc = torch.full((G,), -1.0, dtype=torch.float64)
     best_epoch = torch.zeros(G, dtype=torch.long)
     epochs_run = torch.zeros(G, dtype=torch.long)
+    diverged = torch.zeros(G, dtype=torch.bool)
     active = torch.arange(G)          # rows of `best` that the current stack holds
+    flops_per_row = 3 * model.forward_flops_per_row()   # forward + backward (input and weight gradients)
+    train_flops = torch.zeros(G, dtype=torch.float64)
 
     for epoch in range(1, s.max_epochs + 1):
         A = len(active)
-        perms = torch.stack([torch.randperm(n, generator=g) for g in gens]).to(device)  # (A, n)
-        for start in range(0, n, s.batch_size):
-            idx = perms[:, start:start + s.batch_size]                    # (A, B)
-            xs = [x[idx] for x in data.train.inputs]                      # (A, B, D_m) gathers
-            y = data.train.labels[idx]                                    # (A, B)
-            masks = _dropout_masks(gens, idx.shape[1], model.dropout_width, p_drop, device)
-            with autocast:
+        bad = torch.zeros(A, dtype=torch.bool, device=device)   # loss turned non-finite this epoch, per head
+        for xs, y in data.train.train_batches(gens, s.batch_size):      # (A, B, D_m) each, (A, B)
+            masks = _dropout_masks(gens, y.shape[1], model.dropout_width, p_drop, device)
+            with autocast(device, precision):
                 logits = model.forward(params, xs, masks)                 # (A, B, C)
-            # sum over heads of each head's mean loss: each head gets exactly its own gradient
-            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(A, -1).mean(1).sum()
-            grads = torch.autograd.grad(loss, list(params.values()))
+            per_example = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), weight=class_weight,
+                                          reduction="none").view(A, -1)   # (A, B)
+            if class_weight is None:
+                per_head = per_example.mean(1)                            # (A,)
+            else:  # each head's weighted mean, as cross_entropy(weight=...) computes it
+                per_head = per_example.sum(1) / class_weight[y].sum(1)
+            bad |= ~torch.isfinite(per_head)
+            # sum over heads of each head's loss: each head gets exactly its own gradient
+            grads = torch.autograd.grad(per_head.sum(), list(params.values()))
             if reference:
                 for p, g in zip(params.values(), grads):
                     p.grad = g
@@ -203,17 +314,20 @@ def _train_stack(config: HeadConfig, seeds: list[int], data: HeadData, s: TrainS
                 torch_opt.step()
             else:
                 stacked_opt.step(params, grads)
-        with autocast:
+        train_flops[active] += flops_per_row * n
+        with autocast(device, precision):
             val_acc = _accuracy(model, params, data.val, s.eval_chunk)    # (A,)
+        bad = bad.cpu()
         epochs_run[active] = epoch
-        improved = val_acc > best_acc[active]
+        improved = (val_acc > best_acc[active]) & ~bad
         if improved.any():
             rows = active[improved]
             best_acc[rows], best_epoch[rows] = val_acc[improved], epoch
             rows_d, improved_d = rows.to(device), improved.to(device)  # bookkeeping is on the CPU
             for k in best:
                 best[k][rows_d] = params[k].detach()[improved_d]
-        stopped = (epoch - best_epoch[active]) >= s.patience
+        diverged[active[bad]] = True
+        stopped = ((epoch - best_epoch[active]) >= s.patience) | bad
         if stopped.all():
             break
         if stopped.any():  # drop stopped heads from the stack: they stop changing and stop costing
@@ -226,16 +340,18 @@ def _train_stack(config: HeadConfig, seeds: list[int], data: HeadData, s: TrainS
                 stacked_opt.keep(keep_d)
     elapsed = time.perf_counter() - t0
 
-    with autocast:
-        test_pred = predict_logits(model, best, data.test.inputs, chunk=s.eval_chunk).argmax(-1).cpu().numpy()
-    y_test = data.test.labels.cpu().numpy()
-    results = []
-    for i, sd in enumerate(seeds):
-        results.append(HeadResult(
-            seed=int(sd),
-            test_accuracy=float(accuracy_score(y_test, test_pred[i])),
-            test_macro_f1=float(f1_score(y_test, test_pred[i], average="macro", zero_division=0)),
-            best_val_accuracy=float(best_acc[i]), best_epoch=int(best_epoch[i]), epochs_run=int(epochs_run[i]),
-            train_seconds=elapsed / G, group_seconds=elapsed, group_size=G,
-            params={k: v[i:i + 1].detach().cpu().clone() for k, v in best.items()}))
-    return results
+    metrics = [None] * G
+    if data.test is not None:
+        with autocast(device, precision):
+            test_pred, y_test = _predictions(model, best, data.test, s.eval_chunk)
+        test_pred, y_test = test_pred.cpu().numpy(), y_test.cpu().numpy()
+        metrics = [classification_metrics(y_test, test_pred[i]) for i in range(G)]
+    return [HeadResult(
+        seed=int(sd),
+        test_accuracy=None if metrics[i] is None else metrics[i]["accuracy"],
+        test_macro_f1=None if metrics[i] is None else metrics[i]["macro_f1"],
+        best_val_accuracy=float(best_acc[i]), best_epoch=int(best_epoch[i]), epochs_run=int(epochs_run[i]),
+        train_seconds=elapsed / G, group_seconds=elapsed, group_size=G,
+        params={k: v[i:i + 1].detach().cpu().clone() for k, v in best.items()},
+        diverged=bool(diverged[i]), precision=precision, train_flops=float(train_flops[i]))
+        for i, sd in enumerate(seeds)]

