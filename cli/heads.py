@@ -42,15 +42,20 @@ def heads():
 @click.option("--end-to-end-epochs", type=int, default=10, show_default=True, help="3A/3B: most epochs.")
 @click.option("--max-steps-per-epoch", type=int, default=None,
               help="3A/3B: stop each epoch after this many steps (the full epoch's time is extrapolated).")
+@click.option("--memory-budget", default=None, metavar="SIZE",
+              help="Memory the features may take, e.g. 1GB or 512MiB [default: half the available memory]; "
+                   "larger feature sets are streamed from the store in row blocks.")
 @one_line_errors
 def sweep(store, out, strategies, fusions, seeds, baselines, sequential, device, threads, batch_size, lr,
-          max_epochs, patience, precision, manifest, end_to_end_epochs, max_steps_per_epoch):
+          max_epochs, patience, precision, manifest, end_to_end_epochs, max_steps_per_epoch, memory_budget):
     """Train the grid over STORE; one JSON row per run in OUT/runs.jsonl, best head per cell in OUT/heads/."""
     from heads.end_to_end import EndToEndSettings
     from heads.sweep import SweepSettings, run_sweep
+    from embedstore.streaming import parse_memory_size
     from heads.train import TrainSettings
 
     settings = SweepSettings(
+        memory_budget=None if memory_budget is None else parse_memory_size(memory_budget),
         strategies=tuple(comma_list(strategies)), fusions=tuple(comma_list(fusions)), seeds=int_list(seeds, "--seeds"),
         baselines=baselines, batched=not sequential, device=device, threads=threads,
         train=TrainSettings(batch_size=batch_size, lr=lr, max_epochs=max_epochs, patience=patience,

@@ -20,6 +20,7 @@ from heads.end_to_end import END_TO_END, EndToEndSettings
 from heads.fusion import list_fusions
 from heads.models import (BASELINES, MULTIMODAL_STRATEGIES, STRATEGY_LAYER, STRATEGY_MODALITIES, FusionHead,
                           HeadConfig, StackedHead)
+from heads.streamed import load_head_data, only_input
 from heads.train import HeadData, TrainSettings, train_heads
 
 DEFAULT_FUSIONS = ("add", "average", "product", "concat", "gated")
@@ -44,6 +45,9 @@ class SweepSettings:
     train: TrainSettings = field(default_factory=TrainSettings)
     manifest: str | None = None           # 3A/3B train end to end on the raw catalog through this manifest
     end_to_end: EndToEndSettings = field(default_factory=EndToEndSettings)  # their training (heads/end_to_end.py)
+    # bytes the features of a cell may take in memory; beyond it heads stream them from the store (heads/streamed.py).
+    # None: half of the memory available when the sweep starts
+    memory_budget: int | None = None
 
     def __post_init__(self):
         known = MULTIMODAL_STRATEGIES + BASELINES + END_TO_END
@@ -192,17 +196,12 @@ def _run_sweep(store_path, out_dir, settings: SweepSettings, log) -> dict:
             if not todo:
                 log(f"{config.cell}: all {len(settings.seeds)} seeds already in {out_dir / 'runs.jsonl'}; skipped")
                 continue
-            if tuple(names) not in loaded:  # features -> float32 tensors on the device, once per set of sets
-                data = store.load(names)
-                loaded[tuple(names)] = (HeadData.from_arrays([data.features[n] for n in names], data.labels,
-                                                             data.split, device),
-                                        {"rows": len(data.labels), "skipped_rows": data.skipped,
-                                         "split_rows": {k: int((data.split == k).sum())
-                                                        for k in ("train", "val", "test")}})
+            if tuple(names) not in loaded:  # once per set of sets: in memory when it fits the budget, else streamed
+                loaded[tuple(names)] = load_head_data(store, names, device=device, budget=settings.memory_budget,
+                                                      log=log)
             head_data, row_counts = loaded[tuple(names)]
             if strategy in BASELINES:
-                i = modality_index
-                head_data = HeadData(*(type(sp)([sp.inputs[i]], sp.labels)
+                head_data = HeadData(*(only_input(sp, modality_index)
                                        for sp in (head_data.train, head_data.val, head_data.test)))
             results = train_heads(config, todo, head_data, settings.train, batched=settings.batched)
             non_trainable, note = _non_trainable(provenance)
