@@ -16,11 +16,17 @@ def embed():
 @embed.command()
 @click.argument("catalog", type=click.Path(path_type=Path))
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Manifest file to write (JSON).")
-@click.option("--min-items", default=250, show_default=True, help="Keep classes with at least this many usable items.")
+@click.option("--min-items", type=int, default=None, show_default="250; with --fractions 20",
+              help="Keep classes with at least this many usable items.")
 @click.option("--items-per-class", default=250, show_default=True, help="Items drawn from each kept class.")
 @click.option("--train", default=175, show_default=True, help="Training items per class.")
 @click.option("--val", default=25, show_default=True, help="Validation items per class.")
 @click.option("--test", default=50, show_default=True, help="Test items per class.")
+@click.option("--fractions", default=None, metavar="TRAIN,VAL,TEST",
+              help="Keep every usable item of each kept class and split each class by these fractions, e.g. "
+                   "0.7,0.1,0.2 (instead of the fixed counts above).")
+@click.option("--max-per-class", type=int, default=None,
+              help="With --fractions: at most this many items of a class (a seeded draw; the rest 'not sampled').")
 @click.option("--seed", default=0, show_default=True, help="Seed of the draw and the split.")
 @click.option("--format", "fmt", type=click.Choice(["auto", "fashion", "csv"]), default="auto", show_default=True,
               help="fashion = styles.csv + images/ (folder or zip); csv = a generic catalog with named columns.")
@@ -29,20 +35,44 @@ def embed():
 @click.option("--title-column", default="title", show_default=True, help="Generic CSV: title column.")
 @click.option("--label-column", default="label", show_default=True, help="Generic CSV: label column.")
 @one_line_errors
-def prepare(catalog, out, min_items, items_per_class, train, val, test, seed, fmt, id_column, image_column,
-            title_column, label_column):
-    """Under-sample and split CATALOG (folder, zip or CSV) into a manifest, saying what was dropped and why."""
-    from embedstore.catalog import CsvColumns, open_catalog
-    from embedstore.manifest import SplitSettings, format_summary, prepare_manifest
+def prepare(catalog, out, min_items, items_per_class, train, val, test, fractions, max_per_class, seed, fmt,
+            id_column, image_column, title_column, label_column):
+    """Under-sample and split CATALOG (folder, zip or CSV) into a manifest, saying what was dropped and why.
 
+    Default: the paper's fixed counts per class. With --fractions: every usable item, split per class.
+    """
+    from embedstore.catalog import CsvColumns, open_catalog
+    from embedstore.manifest import FractionSettings, SplitSettings, format_summary, prepare_manifest
+
+    context = click.get_current_context()
+    if fractions is not None:
+        fixed = [f"--{name.replace('_', '-')}" for name in ("items_per_class", "train", "val", "test")
+                 if context.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
+        if fixed:
+            raise ValueError(f"{', '.join(fixed)} set fixed counts per class; --fractions splits every item by "
+                             "fractions instead: give one or the other")
+        settings = FractionSettings(fractions=tuple(_fractions(fractions)), seed=seed, max_per_class=max_per_class,
+                                    min_items=20 if min_items is None else min_items)
+    else:
+        if max_per_class is not None:
+            raise ValueError("--max-per-class caps a class under --fractions; with fixed counts use "
+                             "--items-per-class")
+        settings = SplitSettings(min_items=250 if min_items is None else min_items,
+                                 items_per_class=items_per_class, train=train, val=val, test=test, seed=seed)
     columns = CsvColumns(id=id_column, image=image_column, title=title_column, label=label_column)
     opened = open_catalog(catalog, fmt=fmt, columns=columns)
-    settings = SplitSettings(min_items=min_items, items_per_class=items_per_class, train=train, val=val,
-                             test=test, seed=seed)
     manifest = prepare_manifest(opened, settings)
     manifest.save(out)
     click.echo(format_summary(manifest))
     click.echo(f"wrote {out} (sha256 {manifest.sha256[:16]})")
+
+
+def _fractions(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--fractions takes three comma-separated numbers (train,val,test), got {text!r}; "
+                         "e.g. 0.7,0.1,0.2") from None
 
 
 @embed.command()
@@ -68,9 +98,11 @@ def prepare(catalog, out, min_items, items_per_class, train, val, test, seed, fm
 @click.option("--shard", default=None, metavar="k/n|auto|none",
               help="Extract only shard k (0-based) of n contiguous item ranges into STORE.shard-k-of-n.h5 "
                    "(join them with `embed merge`); auto = RANK/WORLD_SIZE of torchrun, the default under it.")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+              help="Stored feature values: float16 halves disk and memory (heads upcast each batch to float32).")
 @one_line_errors
 def extract(manifest, store, image_backbone, text_backbone, image_weights, text_weights, image_size, batch_size,
-            text_batch_size, workers, device, add, progress, image_module, text_module, shard):
+            text_batch_size, workers, device, add, progress, image_module, text_module, shard, dtype):
     """Write every MANIFEST item's pooled image and text features into STORE; resumes where it stopped.
 
     With --image-module / --text-module only the modules' features are written, unless backbones are named too.
@@ -93,7 +125,7 @@ def extract(manifest, store, image_backbone, text_backbone, image_weights, text_
         image_size=image_size, batch_size=batch_size, text_batch_size=text_batch_size, workers=workers,
         device=device, add=add, progress=progress,
         image_module=str(image_module) if image_module else None,
-        text_module=str(text_module) if text_module else None, shard=shard,
+        text_module=str(text_module) if text_module else None, shard=shard, dtype=dtype,
     )
     if shard is not None:
         click.echo(f"shard {shard.index} of {shard.count} -> {shard.path_for(store)}")

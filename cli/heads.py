@@ -55,20 +55,25 @@ def heads():
               help="3A/3B: most epochs.")
 @click.option("--max-steps-per-epoch", type=click.IntRange(min=1), default=None,
               help="3A/3B: stop each epoch after this many steps (the full epoch's time is extrapolated).")
+@click.option("--memory-budget", default=None, metavar="SIZE",
+              help="Memory the features may take, e.g. 1GB or 512MiB [default: half the available memory]; "
+                   "larger feature sets are streamed from the store in row blocks.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @one_line_errors
 def sweep(store, out, strategies, fusions, image_sources, text_sources, seeds, baselines, sequential, device, jobs,
           threads, batch_size, lr, max_epochs, patience, class_weight, precision, manifest, end_to_end_epochs,
-          max_steps_per_epoch, progress):
+          max_steps_per_epoch, memory_budget, progress):
     """Train the grid over STORE; one JSON row per run in OUT/runs.jsonl, best head per cell in OUT/heads/.
 
     On several machines: `torchrun --nnodes M --nproc_per_node K -m cli.heads sweep ...` deals the cells to the
     ranks; rank 0 writes every row."""
+    from embedstore.streaming import parse_memory_size
     from heads.end_to_end import EndToEndSettings
     from heads.sweep import SweepSettings, run_sweep
     from heads.train import TrainSettings
 
     settings = SweepSettings(
+        memory_budget=None if memory_budget is None else parse_memory_size(memory_budget),
         strategies=tuple(comma_list(strategies)) if strategies else None,
         fusions=tuple(comma_list(fusions)) if fusions else None, seeds=int_list(seeds, "--seeds"),
         image_sources=image_sources, text_sources=text_sources,

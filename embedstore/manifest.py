@@ -54,6 +54,63 @@ class SplitSettings:
 
 
 @dataclass(frozen=True)
+class FractionSettings:
+    """Every usable item of every class with >= min_items of them, split per class by fractions (real catalogs).
+
+    `max_per_class` caps a large class (its draw is the first N of the seeded shuffle; the rest count as "not
+    sampled"). Each split of a kept class gets at least one item, so min_items must be >= 3.
+    """
+
+    fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)   # train, val, test
+    min_items: int = 20
+    max_per_class: int | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        try:
+            fractions = tuple(float(f) for f in self.fractions)
+        except (TypeError, ValueError):
+            raise ValueError(f"fractions must be three numbers (train, val, test), got {self.fractions!r}") from None
+        if len(fractions) != 3 or any(not 0.0 < f < 1.0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
+            raise ValueError(f"fractions must be three numbers in (0, 1) for train, val, test summing to 1, "
+                             f"got {self.fractions!r}; e.g. 0.7,0.1,0.2")
+        object.__setattr__(self, "fractions", fractions)  # a tuple of floats, also when loaded from JSON lists
+        for name in ("min_items", "seed") + (("max_per_class",) if self.max_per_class is not None else ()):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+                raise ValueError(f"FractionSettings.{name} must be an integer, got {value!r}")
+        if self.min_items < len(SPLITS):
+            raise ValueError(f"min_items = {self.min_items} must be at least {len(SPLITS)}: every split of a kept "
+                             "class gets at least one item")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if self.max_per_class is not None and self.max_per_class < self.min_items:
+            raise ValueError(f"max_per_class = {self.max_per_class} must be >= min_items = {self.min_items}")
+
+
+def settings_from_dict(data: dict) -> "SplitSettings | FractionSettings":
+    """Fixed-count settings (every manifest before fractions existed) or fraction settings, by their keys."""
+    if "fractions" in data:
+        return FractionSettings(**{**data, "fractions": tuple(data["fractions"])})
+    return SplitSettings(**data)
+
+
+def split_counts(n: int, fractions: tuple[float, float, float]) -> dict[str, int]:
+    """n items -> {split: count}, largest remainder (ties: train, val, test), then every split at least 1
+    (taken from the largest split). n >= 3. Depends on n and the fractions only, so it is the same everywhere."""
+    exact = [n * f for f in fractions]
+    counts = [int(np.floor(x)) for x in exact]
+    by_remainder = sorted(range(3), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in by_remainder[: n - sum(counts)]:
+        counts[i] += 1
+    for i in range(3):
+        if counts[i] == 0:
+            counts[max(range(3), key=lambda j: (counts[j], -j))] -= 1
+            counts[i] = 1
+    return dict(zip(SPLITS, counts))
+
+
+@dataclass(frozen=True)
 class ManifestItem:
     id: str
     label: str
@@ -71,7 +128,7 @@ class Manifest:
     """
 
     catalog: dict                          # the catalog's spec(); open_catalog() re-opens it
-    settings: SplitSettings
+    settings: SplitSettings | FractionSettings
     classes: list[str]                     # sorted; a label's index is its position here
     items: list[ManifestItem]
     dropped: dict[str, int]                # reason -> number of catalog rows (every reason in DROP_REASONS)
@@ -156,7 +213,7 @@ class Manifest:
         if missing:
             raise bad(f"missing key(s) {', '.join(missing)}")
         try:
-            settings = SplitSettings(**data["settings"])
+            settings = settings_from_dict(data["settings"])
         except (TypeError, ValueError) as error:
             raise bad(f"settings: {error}") from None
         classes = data["classes"]
@@ -188,8 +245,9 @@ def natural_key(item_id: str) -> tuple:
     return (0, int(item_id), item_id) if item_id.isdigit() else (1, 0, item_id)
 
 
-def prepare_manifest(catalog: Catalog, settings: SplitSettings | None = None) -> Manifest:
+def prepare_manifest(catalog: Catalog, settings: SplitSettings | FractionSettings | None = None) -> Manifest:
     """Keep classes with >= min_items usable items, draw items_per_class from each, split each class.
+    With FractionSettings: keep every usable item (up to max_per_class) and split each class by fractions.
 
     Usable = the image exists in the catalog and the title is non-empty after `clean_title`. An item failing
     both is counted once, as "no image". Each class draws with its own generator, seeded from (seed, class
@@ -216,8 +274,9 @@ def prepare_manifest(catalog: Catalog, settings: SplitSettings | None = None) ->
             dropped["class too small"] += len(members)
             continue
         classes.append(label)
-        dropped["not sampled"] += len(members) - settings.items_per_class
-        items.extend(_draw_class(label, members, settings))
+        drawn = _draw_class(label, members, settings)
+        dropped["not sampled"] += len(members) - len(drawn)
+        items.extend(drawn)
     return Manifest(catalog=catalog.spec(), settings=settings, classes=classes, items=items, dropped=dropped,
                     small_classes=small_classes, malformed=list(rows.malformed))
 
@@ -230,12 +289,19 @@ def _unusable_reason(catalog: Catalog, item: CatalogItem) -> str | None:
     return None
 
 
-def _draw_class(label: str, members: list[CatalogItem], settings: SplitSettings) -> list[ManifestItem]:
+def _draw_class(label: str, members: list[CatalogItem],
+                settings: SplitSettings | FractionSettings) -> list[ManifestItem]:
     """The class's drawn items: train, then val, then test, each in natural id order."""
     members = sorted(members, key=lambda item: natural_key(item.id))
     rng = np.random.default_rng([settings.seed, zlib.crc32(label.encode("utf-8"))])
-    order = rng.permutation(len(members))[: settings.items_per_class]
-    ends = {"test": settings.test, "val": settings.test + settings.val, "train": settings.items_per_class}
+    if isinstance(settings, FractionSettings):
+        n = min(len(members), settings.max_per_class or len(members))
+        counts = split_counts(n, settings.fractions)
+    else:
+        n = settings.items_per_class
+        counts = {"train": settings.train, "val": settings.val, "test": settings.test}
+    order = rng.permutation(len(members))[:n]
+    ends = {"test": counts["test"], "val": counts["test"] + counts["val"], "train": n}
     drawn, start = [], 0
     for split in ("test", "val", "train"):
         chosen = sorted((members[i] for i in order[start:ends[split]]), key=lambda item: natural_key(item.id))
@@ -250,7 +316,9 @@ def format_summary(manifest: Manifest) -> str:
     counts = manifest.split_counts()
     lines = [f"{len(manifest.classes)} classes kept, {len(manifest.items):,} items: "
              + " / ".join(f"{counts[split]:,} {split}" for split in SPLITS)
-             + f" (seed {manifest.settings.seed})",
+             + f" (seed {manifest.settings.seed}"
+             + (f", fractions {','.join(f'{f:g}' for f in manifest.settings.fractions)}"
+                if isinstance(manifest.settings, FractionSettings) else "") + ")",
              "dropped:"]
     for reason in DROP_REASONS:
         line = f"  {reason}: {manifest.dropped.get(reason, 0):,}"

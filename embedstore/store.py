@@ -3,7 +3,8 @@
 Layout (readable with plain h5py; see docs/ARCHITECTURE.md):
 
     /items/id, /items/label, /items/split, /classes           every manifest item, manifest order
-    /features/<modality>/<source>/<layer>                      (N, D) float32, provenance in attrs
+    /features/<modality>/<source>/<layer>                      (N, D) float32 or float16, row-chunked,
+                                                               provenance in attrs
     /features/<modality>/<source>/status                       (N,) int8, see STATUS_NAMES
 
 A shard (`embed extract --shard k/n`, see shards.py) is a store of the same layout holding one contiguous
@@ -15,6 +16,10 @@ early allocation, NaN fill), so writing a batch touches raw data only and never 
 status is set only after its values are flushed. A killed writer therefore leaves rows that are either
 finished (status set, values on disk) or pending (redone on resume), never half-counted ones. `complete` is
 an attribute set last, so a half-written store is never mistaken for a complete one.
+
+Row chunks (embedstore/chunks.py): feature datasets are stored in uncompressed chunks of whole rows, each
+chunk allocated at creation like the rest (a compressed chunk would change size when rewritten, and a batch write
+would then touch the file's metadata). Stores written before chunking stay readable (contiguous datasets).
 """
 from __future__ import annotations
 
@@ -29,6 +34,8 @@ from typing import Iterable, Mapping
 
 import h5py
 import numpy as np
+
+from embedstore.chunks import check_feature_dtype, chunk_rows_for, read_rows
 
 FORMAT = "embedstore-feature-store"
 FORMAT_VERSION = 1
@@ -171,11 +178,13 @@ def describe_rows(shard: Mapping | None) -> str:
             f"{shard['shard_row_stop'] - 1} of {shard['total_items']})")
 
 
-def _allocated_dataset(group: h5py.Group, name: str, shape: tuple, dtype, fill) -> h5py.Dataset:
-    """A fixed-shape dataset whose storage is allocated and filled now, so later writes are raw data only."""
+def _allocated_dataset(group: h5py.Group, name: str, shape: tuple, dtype, fill,
+                       chunks: tuple | None = None) -> h5py.Dataset:
+    """A fixed-shape dataset whose storage (every chunk, when chunked) is allocated and filled now, so later
+    writes are raw data only."""
     dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
     dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
-    return group.create_dataset(name, shape=shape, dtype=dtype, fillvalue=fill, dcpl=dcpl)
+    return group.create_dataset(name, shape=shape, dtype=dtype, fillvalue=fill, dcpl=dcpl, chunks=chunks)
 
 
 class FeatureSetWriter:
@@ -194,10 +203,12 @@ class FeatureSetWriter:
         layers: Mapping[str, int],
         provenance: Mapping[str, Mapping],
         add: bool = False,
+        dtype: str = "float32",
     ):
         self.path = Path(path)
         self.modality, self.source = modality, source
         self.layers = dict(layers)
+        self.dtype = check_feature_dtype(dtype)   # how values are stored; readers upcast to float32
         self._file = None
         self._lock = _take_writer_lock(self.path)
         try:
@@ -219,10 +230,13 @@ class FeatureSetWriter:
         else:
             self._refuse_other_sources_unless_add(add)
             group = self._file.require_group(group_path)
+            itemsize = np.dtype(self.dtype).itemsize
             for layer, dim in self.layers.items():
-                dataset = _allocated_dataset(group, layer, (n_items, dim), np.float32, np.nan)
+                rows = chunk_rows_for(dim, itemsize, n_items)
+                dataset = _allocated_dataset(group, layer, (n_items, dim), self.dtype, np.nan,
+                                             chunks=(rows, dim) if n_items else None)
                 attrs = {**provenance[layer], "manifest_sha256": manifest_sha256, "layer": layer,
-                         "dtype": "float32", "feature_dim": dim, "complete": False}
+                         "dtype": self.dtype, "feature_dim": dim, "chunk_rows": rows, "complete": False}
                 dataset.attrs.update({k: _encode_attr(v) for k, v in attrs.items()})
             _allocated_dataset(group, "status", (n_items,), np.int8, STATUS_PENDING)
             group.attrs["complete"] = False
@@ -235,7 +249,7 @@ class FeatureSetWriter:
             if layer not in group:
                 raise ValueError(f"{self.path}: {group_path} has no layer {layer!r}; it holds {sorted(group)}")
             stored = _read_attrs(group[layer])
-            wanted = {**provenance[layer], "layer": layer, "dtype": "float32",
+            wanted = {**provenance[layer], "layer": layer, "dtype": self.dtype,
                       "manifest_sha256": stored.get("manifest_sha256")}
             for key in IDENTITY_KEYS:
                 if stored.get(key) != _decode_attr(_encode_attr(wanted.get(key))):
@@ -268,10 +282,20 @@ class FeatureSetWriter:
         ok_rows = rows[status == STATUS_OK]
         if ok_rows.size:
             for layer, matrix in values.items():
-                _write_rows(self._group[layer], ok_rows, np.asarray(matrix, dtype=np.float32))
+                _write_rows(self._group[layer], ok_rows, self._stored(layer, matrix))
             self._file.flush()
         _write_rows(self._group["status"], rows, status)
         self._file.flush()
+
+    def _stored(self, layer: str, matrix) -> np.ndarray:
+        """The values in the stored dtype; a finite value that float16 cannot hold is refused, not made inf."""
+        matrix = np.asarray(matrix)
+        with np.errstate(over="ignore"):   # an overflow is reported below, as a one-line error
+            stored = matrix.astype(self.dtype, copy=False)
+        if self.dtype != "float32" and not np.array_equal(np.isfinite(stored), np.isfinite(matrix)):
+            raise ValueError(f"{self.modality}/{self.source}/{layer} has values beyond {self.dtype}'s range "
+                             f"(largest {np.nanmax(np.abs(matrix)):.4g}); extract with --dtype float32")
+        return stored
 
     def finish(self) -> bool:
         """Mark the layers complete if no row is pending; returns whether they are."""
@@ -327,6 +351,7 @@ def write_store_from_arrays(
     classes: Iterable[str],
     features: Mapping[str, tuple[np.ndarray, Mapping]],
     manifest_sha256: str = "synthetic",
+    dtype: str = "float32",
 ) -> Path:
     """Build a complete store from in-memory arrays: `features[name] = (matrix (N, D), provenance)` with
     name "<modality>/<source>/<layer>". For tests and synthetic benchmarks; rows with NaN are marked skipped."""
@@ -335,12 +360,12 @@ def write_store_from_arrays(
     by_source: dict[tuple[str, str], dict[str, tuple[np.ndarray, Mapping]]] = {}
     for name, (matrix, provenance) in features.items():
         modality, source, layer = name.split("/")
-        by_source.setdefault((modality, source), {})[layer] = (np.asarray(matrix, np.float32), provenance)
+        by_source.setdefault((modality, source), {})[layer] = (np.asarray(matrix), provenance)
     for (modality, source), layers in by_source.items():
         provenance = {layer: {"backbone": source, "weights_id": "synthetic", "preprocessing": {}, **dict(p)}
                       for layer, (_, p) in layers.items()}
         with FeatureSetWriter(path, modality=modality, source=source, add=True, provenance=provenance,
-                              layers={layer: m.shape[1] for layer, (m, _) in layers.items()}) as writer:
+                              layers={layer: m.shape[1] for layer, (m, _) in layers.items()}, dtype=dtype) as writer:
             first = next(iter(layers.values()))[0]
             ok = ~np.isnan(first).any(axis=1)
             status = np.where(ok, STATUS_OK, STATUS_UNREADABLE_IMAGE).astype(np.int8)
@@ -402,7 +427,7 @@ class FeatureSetInfo:
 
 @dataclass
 class LoadedFeatures:
-    features: dict[str, np.ndarray]  # name -> (n, D) float32
+    features: dict[str, np.ndarray]  # name -> (n, D) float32 (the stored dtype with upcast=False)
     labels: np.ndarray  # (n,) int64
     split: np.ndarray  # (n,) str
     ids: np.ndarray  # (n,) str
@@ -469,8 +494,12 @@ class FeatureStore:
         modality, source, _ = name.split("/")
         return self._file[f"features/{modality}/{source}/status"][:]
 
-    def load(self, names: Iterable[str], *, allow_incomplete: bool = False) -> LoadedFeatures:
-        names = list(names)
+    def dataset(self, name: str) -> h5py.Dataset:
+        """The h5py dataset of a feature set (streaming readers slice it in row blocks)."""
+        return self._file[f"features/{name}"]
+
+    def ok_rows(self, names: Iterable[str], *, allow_incomplete: bool = False) -> np.ndarray:
+        """(n,) increasing row indices whose status is ok in every named set; refuses unknown/incomplete sets."""
         sets = self.feature_sets
         ok = np.ones(len(self.ids), dtype=bool)
         for name in names:
@@ -479,10 +508,17 @@ class FeatureStore:
             if not sets[name].complete and not allow_incomplete:
                 raise ValueError(f"feature set {name} in {self.path} is incomplete; finish it with `embed extract` (it resumes)")
             ok &= self.status(name) == STATUS_OK
-        rows = np.flatnonzero(ok)
-        features = {name: self._file[f"features/{name}"][:][rows] for name in names}  # (n, D) each
+        return np.flatnonzero(ok)
+
+    def load(self, names: Iterable[str], *, allow_incomplete: bool = False, upcast: bool = True) -> LoadedFeatures:
+        """The rows ok in every named set, as (n, D) arrays: float32 (upcast), or as stored (upcast=False: a
+        float16 store stays half the memory, and the caller upcasts per batch). Read in row blocks into the
+        result, so the peak is the result plus one block, not twice the matrix."""
+        names = list(names)
+        rows = self.ok_rows(names, allow_incomplete=allow_incomplete)
+        features = {name: read_rows(self.dataset(name), rows, np.float32 if upcast else None) for name in names}
         return LoadedFeatures(features=features, labels=self.labels[rows], split=self.split[rows],
-                              ids=self.ids[rows], skipped=int((~ok).sum()))
+                              ids=self.ids[rows], skipped=len(self.ids) - len(rows))
 
     def close(self) -> None:
         if self._file.id.valid:

@@ -27,7 +27,8 @@ from heads.fusion import list_fusions
 from heads.grid import CACHED_STRATEGIES, Cell, build_grid
 from heads.models import FusionHead, HeadConfig, StackedHead
 from heads.throughput import matmul_peak_gflops
-from heads.train import HeadData, HeadResult, Split, TrainSettings
+from heads.streamed import load_head_data, only_input
+from heads.train import HeadData, HeadResult, TrainSettings
 
 # bf16 vs fp32 over the whole real-catalog grid (benchmarks/results/precision.md): see README "Precision" for
 # whether "auto" may pick bf16 on a CPU with native bf16.
@@ -54,6 +55,9 @@ class SweepSettings:
     manifest: str | None = None           # 3A/3B train end to end on the raw catalog through this manifest
     end_to_end: EndToEndSettings = field(default_factory=EndToEndSettings)  # their training (heads/end_to_end.py)
     progress: bool = True
+    # bytes the features of a cell may take in memory; beyond it heads stream them from the store (heads/streamed.py).
+    # None: half of the memory available when the sweep starts
+    memory_budget: int | None = None
 
     def __post_init__(self):
         known = CACHED_STRATEGIES + END_TO_END
@@ -154,12 +158,17 @@ def _sweep_ranks(store_path: Path, out_dir: Path, settings: SweepSettings, devic
             log(note)
         tasks = _tasks(store, cells, settings, done, summary, log, out_dir)
         mine = my_tasks(tasks, rank, size)
-        data = _DataCache(store, device)
+        data = _DataCache(store, device, settings.memory_budget, log)
         finished: list[tuple[Task, list[HeadResult]]] = []
         bar = tqdm(total=sum(len(t.seeds) for t in mine), unit="head", desc="heads sweep",
                    disable=not settings.progress or rank != 0, leave=False)
-        for task, results in run_tasks(mine, data.for_task, settings.train, jobs=jobs,
-                                       batched=settings.batched, cpu_auto_bf16=CPU_AUTO_BF16):
+        # streamed cells read the store in this process (an open HDF5 file does not travel to workers)
+        streamed = [t for t in mine if data.streamed(t)]
+        in_memory = [t for t in mine if t not in streamed]
+        for task, results in _chain(run_tasks(in_memory, data.for_task, settings.train, jobs=jobs,
+                                              batched=settings.batched, cpu_auto_bf16=CPU_AUTO_BF16),
+                                    run_tasks(streamed, data.for_task, settings.train, jobs=1,
+                                              batched=settings.batched, cpu_auto_bf16=CPU_AUTO_BF16)):
             bar.update(len(results))
             if group is None:  # write as each cell finishes, so a killed sweep resumes from here
                 _record(out_dir, store, store_path, task, results, settings, device, data, summary, log)
@@ -186,6 +195,11 @@ def _sweep_ranks(store_path: Path, out_dir: Path, settings: SweepSettings, devic
     return summary
 
 
+def _chain(*iterators):
+    for iterator in iterators:
+        yield from iterator
+
+
 def _cached(strategies):
     return None if strategies is None else tuple(s for s in strategies if s not in END_TO_END)
 
@@ -209,27 +223,28 @@ def _tasks(store, cells: list[Cell], settings: SweepSettings, done: set, summary
 
 
 class _DataCache:
-    """Features as tensors on the training device, loaded once per set of row-defining feature sets."""
+    """Features on the training device, loaded once per set of row-defining feature sets: in memory when they fit
+    the memory budget, else streamed from the store (heads/streamed.py)."""
 
-    def __init__(self, store, device: torch.device):
-        self.store, self.device = store, device
+    def __init__(self, store, device: torch.device, budget: int | None, log):
+        self.store, self.device, self.budget, self.log = store, device, budget, log
         self.loaded: dict[tuple[str, ...], tuple[HeadData, dict]] = {}
 
     def counts(self, cell: Cell) -> dict:
         return self._load(cell.row_sets)[1]
 
+    def streamed(self, task: Task) -> bool:
+        return self.counts(task.cell)["data_access"] == "streamed"
+
     def _load(self, row_sets: tuple[str, ...]):
         if row_sets not in self.loaded:
-            loaded = self.store.load(list(row_sets))
-            data = HeadData.from_arrays([loaded.features[n] for n in row_sets], loaded.labels, loaded.split,
-                                        self.device)
-            if self.device.type == "cpu":  # worker processes then map these pages instead of copying them
-                for split in (data.train, data.val, data.test):
-                    for x in split.inputs + [split.labels]:
+            data, counts = load_head_data(self.store, list(row_sets), device=self.device, budget=self.budget,
+                                          log=self.log)
+            if counts["data_access"] == "in memory" and self.device.type == "cpu":
+                for split in (data.train, data.val, data.test):   # worker processes then map these pages
+                    for x in split.inputs + [split.labels]:        # instead of receiving copies
                         x.share_memory_()
-            self.loaded[row_sets] = (data, {"rows": len(loaded.labels), "skipped_rows": loaded.skipped,
-                                            "split_rows": {k: int((loaded.split == k).sum())
-                                                           for k in ("train", "val", "test")}})
+            self.loaded[row_sets] = (data, counts)
         return self.loaded[row_sets]
 
     def for_task(self, task: Task) -> HeadData:
@@ -237,9 +252,8 @@ class _DataCache:
         data, _ = self._load(cell.row_sets)
         if cell.feature_sets == cell.row_sets:
             return data
-        columns = [cell.row_sets.index(n) for n in cell.feature_sets]
-        return HeadData(*(Split([sp.inputs[i] for i in columns], sp.labels)
-                          for sp in (data.train, data.val, data.test)))
+        column = cell.row_sets.index(cell.feature_sets[0])   # a baseline: one modality of its rows
+        return HeadData(*(only_input(sp, column) for sp in (data.train, data.val, data.test)))
 
 
 def _record(out_dir: Path, store, store_path: Path, task: Task, results: list[HeadResult], settings: SweepSettings,

@@ -1,0 +1,223 @@
+"""Streaming row batches from the feature store, for heads whose features do not fit a memory budget.
+
+Reads are chunk-aligned: the store's rows are cut into blocks of `block` rows (the widest chunk of the named
+sets; chunks are powers of two, so every set's chunk boundaries fall on block boundaries), and a block is read as
+one contiguous slice per set: the span from its first to its last row of the split. A training epoch visits the
+split's blocks in a shuffled order and shuffles the rows within each block (one numpy Generator per epoch, seeded
+from (seed, epoch)); batches are then cut from that stream, across block boundaries, so every batch but the
+last is full. This is not a full permutation: rows of one block stay together within an epoch (a batch holds
+rows of one or two blocks), and since the manifest stores items class by class, a batch tends to hold few
+classes. Validation and test are one sequential pass in chunks.
+
+A background thread reads blocks into a bounded queue while the caller trains, so reading overlaps compute and
+memory stays bounded: at most `queue_blocks` blocks waiting, one being read and one being consumed.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import queue
+import re
+import threading
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from embedstore.chunks import block_rows
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+READ_AHEAD_SHARE = 8      # the queue of blocks read ahead may hold 1/8 of the memory budget
+QUEUE_BLOCKS = (2, 64)    # ... but at least 2 blocks (reading overlaps compute) and at most 64
+IN_MEMORY_FACTOR = 2      # the in-memory path holds the loaded matrix and its per-split copies at once
+
+
+def parse_memory_size(text: str | int) -> int:
+    """"1GB" -> 10**9, "512MiB" -> 512 * 2**20, "1.5G" -> 1.5e9, "2048" -> 2048 bytes."""
+    if isinstance(text, int):
+        size = text
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+        unit = match.group(2).lower() if match else None
+        if not match or unit not in _UNITS:
+            raise ValueError(f"memory size {text!r} is not a size; write e.g. 1GB, 512MiB, 2.5G or a byte count")
+        size = int(float(match.group(1)) * _UNITS[unit])
+    if size <= 0:
+        raise ValueError(f"memory size {text!r} must be positive")
+    return size
+
+
+def available_memory() -> int:
+    """Bytes of memory available now: MemAvailable from /proc/meminfo, else free pages from os.sysconf."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def default_memory_budget() -> int:
+    """Half of the memory available now."""
+    return available_memory() // 2
+
+
+def format_size(size: int) -> str:
+    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if size >= scale:
+            return f"{size / scale:.2f} {unit}"
+    return f"{size} B"
+
+
+def in_memory_bytes(store, names: Iterable[str], n_rows: int) -> int:
+    """What holding `n_rows` rows of the named sets in memory costs (as stored: float16 stays float16),
+    times IN_MEMORY_FACTOR for the copies made while loading."""
+    row_bytes = sum(store.dataset(name).shape[1] * store.dataset(name).dtype.itemsize for name in names)
+    return IN_MEMORY_FACTOR * n_rows * row_bytes
+
+
+def fits_in_memory(store, names: Iterable[str], n_rows: int, budget: int) -> bool:
+    return in_memory_bytes(store, list(names), n_rows) <= budget
+
+
+def queue_blocks_for(budget: int, block_bytes: int) -> int:
+    low, high = QUEUE_BLOCKS
+    return int(min(high, max(low, budget // (READ_AHEAD_SHARE * max(1, block_bytes)))))
+
+
+_END = object()
+
+
+class RowStream:
+    """Batches of one split's rows of several feature sets, read block by block from the store.
+
+    `rows`: (n,) increasing store row indices (e.g. the rows ok in every set, of one split). Batches are
+    (list of (b, D_m) float32 tensors, (b,) int64 labels) on the CPU, upcast from the stored dtype per batch.
+    """
+
+    def __init__(self, store, names: list[str], rows: np.ndarray, *, budget: int | None = None,
+                 queue_blocks: int | None = None):
+        self.names = list(names)
+        self.datasets = [store.dataset(name) for name in self.names]
+        self.rows = np.asarray(rows, dtype=np.int64)
+        if len(self.rows) and np.any(np.diff(self.rows) <= 0):
+            raise ValueError("RowStream rows must be increasing and distinct")
+        self.labels = np.asarray(store.labels, dtype=np.int64)[self.rows]          # (n,)
+        self.block = max(block_rows(d) for d in self.datasets)
+        n_store = self.datasets[0].shape[0]
+        bounds = np.searchsorted(self.rows, np.arange(0, n_store + self.block, self.block))
+        # the blocks holding rows of this split, as [first, stop) positions in self.rows
+        self.blocks = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+        self.block_bytes = self.block * sum(d.shape[1] * d.dtype.itemsize for d in self.datasets)
+        if queue_blocks is None:
+            queue_blocks = queue_blocks_for(budget if budget is not None else default_memory_budget(),
+                                            self.block_bytes)
+        self.queue_blocks = int(queue_blocks)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def only(self, index: int) -> "RowStream":
+        """The same rows, blocks and queue bound, one feature set only (a unimodal baseline's)."""
+        single = copy.copy(self)
+        single.names, single.datasets = [self.names[index]], [self.datasets[index]]
+        return single
+
+    def read_block(self, i: int) -> tuple[list[np.ndarray], np.ndarray]:
+        """Block i's rows of the split: one contiguous slice per set, (m, D_m) as stored, and (m,) labels."""
+        first, stop = self.blocks[i]
+        lo, hi = int(self.rows[first]), int(self.rows[stop - 1]) + 1
+        picked = self.rows[first:stop] - lo
+        whole = len(picked) == hi - lo
+        return [d[lo:hi] if whole else d[lo:hi][picked] for d in self.datasets], self.labels[first:stop]
+
+    # ------------------------------------------------------------------------------------------- batches
+    def shuffled_batches(self, batch_size: int, *, seed: int, epoch: int
+                         ) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
+        """One training epoch: blocks in a shuffled order, rows shuffled within each block, cut into batches."""
+        rng = np.random.default_rng([int(seed), int(epoch)])
+        order = rng.permutation(len(self.blocks))
+        return _rebatch(self._read_in_background(order, rng), batch_size)
+
+    def sequential_batches(self, chunk: int) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
+        """Every row once, in store order, in chunks of `chunk` rows (validation, test)."""
+        return _rebatch(self._read_in_background(np.arange(len(self.blocks)), None), chunk)
+
+    def _read_in_background(self, order: np.ndarray, rng: np.random.Generator | None):
+        """Blocks in `order` (rows shuffled by `rng` when given), read by a thread into a bounded queue."""
+        blocks: queue.Queue = queue.Queue(maxsize=self.queue_blocks)
+        stop = threading.Event()
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    blocks.put(item, timeout=0.05)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def work():
+            try:
+                for i in order:   # the generator is used by this thread only: the order is deterministic
+                    xs, y = self.read_block(int(i))
+                    if rng is not None:
+                        perm = rng.permutation(len(y))
+                        xs, y = [x[perm] for x in xs], y[perm]
+                    if not put((xs, y)):
+                        return
+                put(_END)
+            except BaseException as error:   # re-raised in the consumer, never lost in the thread
+                put(error)
+
+        thread = threading.Thread(target=work, name="embedstore-row-stream", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = blocks.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:   # also when the consumer stops early: the thread ends instead of blocking on a full queue
+            stop.set()
+            thread.join()
+
+
+def _rebatch(blocks: Iterator[tuple[list[np.ndarray], np.ndarray]], size: int
+             ) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
+    """Cut a stream of row blocks into batches of `size` rows (the last may be smaller), upcast to float32."""
+    pieces: list[tuple[list[np.ndarray], np.ndarray]] = []
+    held = 0
+    for xs, y in blocks:
+        pieces.append((xs, y))
+        held += len(y)
+        if held < size:
+            continue
+        joined = _join(pieces)
+        n_full = held // size * size
+        for start in range(0, n_full, size):
+            yield _batch(joined, start, start + size)
+        pieces = [([x[n_full:] for x in joined[0]], joined[1][n_full:])] if held > n_full else []
+        held -= n_full
+    if held:
+        joined = _join(pieces)
+        yield _batch(joined, 0, held)
+
+
+def _join(pieces):
+    if len(pieces) == 1:
+        return pieces[0]
+    n_sets = len(pieces[0][0])
+    return ([np.concatenate([xs[m] for xs, _ in pieces]) for m in range(n_sets)],
+            np.concatenate([y for _, y in pieces]))
+
+
+def _batch(joined, start: int, stop: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    xs, y = joined
+    return ([torch.from_numpy(np.ascontiguousarray(x[start:stop], dtype=np.float32)) for x in xs],
+            torch.from_numpy(np.ascontiguousarray(y[start:stop])))

@@ -1,0 +1,110 @@
+"""Splits streamed from the feature store (embedstore/streaming.py) for heads whose features exceed the memory
+budget: the same two iterators as the in-memory `heads.train.Split`, so the trainer does not know the difference.
+
+What changes against the in-memory split: every head of a stack sees the same batches (one read feeds them all),
+in the block-shuffled order of `RowStream.shuffled_batches` instead of a per-head full permutation. The order is
+seeded from (order_seed, epoch) and not from the heads' generators, which then draw only their init and dropout
+masks: a head therefore trains the same alone (`batched=False`) as in a stack. Seeds of one cell differ in init and
+dropout, not in data order.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from embedstore.defaults import SPLITS
+from embedstore.streaming import RowStream
+
+
+class StreamedSplit:
+    """A DataSplit (heads.train) whose rows are read from the store block by block in a background thread."""
+
+    def __init__(self, stream: RowStream, device: str | torch.device = "cpu", *, order_seed: int = 0):
+        self.stream = stream
+        self.device = torch.device(device)
+        self.order_seed = int(order_seed)
+        # epochs counted per head generator: a stack's heads joined together, so they agree on the count, and a
+        # head trained alone starts at epoch 1 like it would in a stack (the generators are kept alive, so an id
+        # is never reused by another generator while this split exists)
+        self._epochs: dict[int, tuple[torch.Generator, int]] = {}
+
+    def __len__(self) -> int:
+        return len(self.stream)
+
+    def label_counts(self, num_classes: int) -> torch.Tensor:
+        return torch.bincount(torch.from_numpy(self.stream.labels), minlength=num_classes)   # (C,)
+
+    def _next_epoch(self, generators: list[torch.Generator]) -> int:
+        epoch = 1 + max((self._epochs.get(id(g), (g, 0))[1] for g in generators), default=0)
+        for g in generators:
+            self._epochs[id(g)] = (g, epoch)
+        return epoch
+
+    def train_batches(self, generators, batch_size):
+        """One epoch: the same batch for every head of the stack, (A, B, D_m) views of one (B, D_m) read."""
+        A = len(generators)
+        epoch = self._next_epoch(generators)
+        for xs, y in self.stream.shuffled_batches(batch_size, seed=self.order_seed, epoch=epoch):
+            xs, y = [self._to_device(x) for x in xs], self._to_device(y)
+            yield [x.unsqueeze(0).expand(A, -1, -1) for x in xs], y.unsqueeze(0).expand(A, -1)
+
+    def eval_batches(self, chunk):
+        for xs, y in self.stream.sequential_batches(chunk):
+            yield [self._to_device(x) for x in xs], self._to_device(y)
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":   # pinned host memory lets the copy overlap compute
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor
+
+
+def streamed_head_data(store, names: list[str], *, device: str | torch.device = "cpu", budget: int | None = None,
+                       require_test: bool = True, order_seed: int = 0):
+    """HeadData whose train/val/test splits stream the rows ok in every named set from the store."""
+    from heads.train import HeadData
+
+    ok = store.ok_rows(names)
+    split = np.asarray(store.split)[ok]
+    parts = {}
+    for name in SPLITS:
+        rows = ok[split == name]
+        if len(rows) == 0:
+            if name == "test" and not require_test:
+                parts[name] = None
+                continue
+            raise ValueError(f"no {name!r} rows in {store.path}; a head needs train and val splits"
+                             + (" and a test split" if require_test else ""))
+        parts[name] = StreamedSplit(RowStream(store, names, rows, budget=budget), device, order_seed=order_seed)
+    return HeadData(**parts)
+
+
+def load_head_data(store, names: list[str], *, device: str | torch.device, budget: int | None,
+                   log=print) -> tuple:
+    """The named sets' HeadData, in memory when that fits `budget` bytes (None: half the available memory),
+    else streamed; and the row counts a result row records, with "data_access": "in memory" | "streamed"."""
+    from embedstore.streaming import default_memory_budget, format_size, in_memory_bytes
+    from heads.train import HeadData
+
+    budget = default_memory_budget() if budget is None else budget
+    ok = store.ok_rows(names)
+    split = np.asarray(store.split)[ok]
+    counts = {"rows": len(ok), "skipped_rows": len(store.ids) - len(ok),
+              "split_rows": {name: int((split == name).sum()) for name in SPLITS}}
+    need = in_memory_bytes(store, names, len(ok))
+    if need <= budget:
+        data = store.load(names, upcast=False)   # float16 stays float16; batches are upcast
+        head_data = HeadData.from_arrays([data.features.pop(n) for n in names], data.labels, data.split, device)
+        return head_data, {**counts, "data_access": "in memory"}
+    head_data = streamed_head_data(store, names, device=device, budget=budget)
+    log(f"{' + '.join(names)}: {format_size(need)} to hold in memory exceeds the memory budget of "
+        f"{format_size(budget)}; streaming from the store in blocks of {head_data.train.stream.block} rows")
+    return head_data, {**counts, "data_access": "streamed"}
+
+
+def only_input(split, index: int):
+    """The split with one modality's input only (the unimodal baselines), in memory or streamed alike."""
+    if split is None:
+        return None
+    if isinstance(split, StreamedSplit):
+        return StreamedSplit(split.stream.only(index), split.device, order_seed=split.order_seed)
+    return type(split)([split.inputs[index]], split.labels)

@@ -1,0 +1,124 @@
+"""Heads trained on splits streamed from the store (heads/streamed.py), and `heads sweep --memory-budget`."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import embedstore.chunks as chunks
+from cli.heads import main
+from embedstore.store import FeatureStore, write_store_from_arrays
+from heads.models import HeadConfig
+from heads.streamed import StreamedSplit, load_head_data, streamed_head_data
+from heads.sweep import SweepSettings, read_runs, run_sweep
+from heads.train import TrainSettings, train_heads
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+C, N = 4, 400
+FAST = TrainSettings(batch_size=32, max_epochs=5, patience=3, lr=3e-3)
+NAMES = ["image/img/pooled", "text/txt/pooled"]
+
+
+@pytest.fixture()
+def store_path(tmp_path, monkeypatch):
+    """Separable class-dependent features in manifest order (class by class, train/val/test), small chunks so
+    that a split spans many blocks."""
+    monkeypatch.setattr(chunks, "CHUNK_BYTES", 16 * 24 * 4)   # 16 rows of the 24-d set, 16-row blocks
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(C), N // C)
+    split = np.tile(["train"] * 60 + ["val"] * 15 + ["test"] * 25, C)
+
+    def feats(dim):
+        return rng.normal(size=(C, dim))[y] * 2 + rng.normal(size=(N, dim))
+
+    image = feats(24)
+    image[3] = np.nan   # a skipped row
+    write_store_from_arrays(tmp_path / "s.h5", ids=range(N), labels=y, splits=split,
+                            classes=[f"c{i}" for i in range(C)], manifest_sha256="m",
+                            features={NAMES[0]: (image, {}), NAMES[1]: (feats(16), {})})
+    return tmp_path / "s.h5"
+
+
+def _config(strategy="2A", fusion="concat"):
+    return HeadConfig(strategy, fusion, (24, 16), C, dropout=0.3)
+
+
+def test_streamed_heads_learn_and_batched_equals_sequential(store_path):
+    with FeatureStore(store_path) as store:
+        data = streamed_head_data(store, NAMES)
+        assert isinstance(data.train, StreamedSplit) and len(data.train.stream.blocks) > 10
+        assert len(data.train) + len(data.val) + len(data.test) == N - 1
+        stacked = train_heads(_config(), [0, 1], data, FAST, batched=True)
+        alone = train_heads(_config(), [0, 1], data, FAST, batched=False)
+    for a, b in zip(stacked, alone):
+        assert a.test_accuracy > 0.9                                       # separable: streaming learns
+        assert a.test_accuracy == b.test_accuracy and a.best_epoch == b.best_epoch
+        assert all(torch.equal(a.params[k], b.params[k]) for k in a.params)
+    assert not all(torch.equal(stacked[0].params[k], stacked[1].params[k]) for k in stacked[0].params)
+
+
+def test_each_epoch_sees_another_order(store_path):
+    with FeatureStore(store_path) as store:
+        split = streamed_head_data(store, NAMES).train
+        gens = [torch.Generator().manual_seed(0)]
+        epoch1 = torch.cat([xs[0][0, :, 0] for xs, _ in split.train_batches(gens, 32)])
+        epoch2 = torch.cat([xs[0][0, :, 0] for xs, _ in split.train_batches(gens, 32)])
+        fresh = torch.cat([xs[0][0, :, 0] for xs, _ in split.train_batches([torch.Generator()], 32)])
+    assert torch.equal(epoch1.sort().values, epoch2.sort().values) and not torch.equal(epoch1, epoch2)
+    assert torch.equal(epoch1, fresh)     # a head starting now gets epoch 1's order, as it would alone
+
+
+def test_budget_decides_in_memory_or_streamed(store_path):
+    logged = []
+    with FeatureStore(store_path) as store:
+        _, counts = load_head_data(store, NAMES, device="cpu", budget=10**9, log=logged.append)
+        assert counts["data_access"] == "in memory" and not logged
+        data, counts = load_head_data(store, NAMES, device="cpu", budget=1000, log=logged.append)
+        assert counts["data_access"] == "streamed" and isinstance(data.val, StreamedSplit)
+        assert counts["rows"] == N - 1 and counts["split_rows"]["train"] == 239
+        assert "exceeds the memory budget of 1.00 kB; streaming" in logged[0]
+
+
+def test_sweep_streams_under_a_small_budget_with_baselines(store_path, tmp_path):
+    settings = SweepSettings(strategies=("2A", "2B"), fusions=("concat",), seeds=(0,), train=FAST, device="cpu",
+                             memory_budget=2000)
+    run_sweep(store_path, tmp_path / "r", settings, log=lambda _: None)
+    rows = read_runs(tmp_path / "r")
+    assert {r["cell"] for r in rows} == {"2A-concat", "2B-concat", "image", "text"}
+    for r in rows:
+        assert r["store"]["data_access"] == "streamed"
+        assert r["test_accuracy"] > 0.85, r["cell"]
+    baselines = {r["cell"]: r for r in rows if r["strategy"] in ("image", "text")}
+    assert baselines["image"]["config"]["input_dims"] == [24] and baselines["text"]["config"]["input_dims"] == [16]
+
+
+def test_cli_memory_budget(store_path, tmp_path):
+    args = ["sweep", str(store_path), "--strategies", "2A", "--fusions", "add", "--seeds", "0", "--max-epochs", "2",
+            "--device", "cpu", "--no-baselines"]
+    res = CliRunner().invoke(main, args + ["--out", str(tmp_path / "a"), "--memory-budget", "1KiB"])
+    assert res.exit_code == 0, res.output
+    assert "streaming from the store" in res.output
+    assert read_runs(tmp_path / "a")[0]["store"]["data_access"] == "streamed"
+    res = CliRunner().invoke(main, args + ["--out", str(tmp_path / "b")])      # default: half the free memory
+    assert res.exit_code == 0 and "streaming" not in res.output
+    assert read_runs(tmp_path / "b")[0]["store"]["data_access"] == "in memory"
+    res = CliRunner().invoke(main, args + ["--out", str(tmp_path / "c"), "--memory-budget", "lots"])
+    assert res.exit_code == 2 and "memory size 'lots' is not a size" in res.output
+
+
+def test_float16_store_trains_in_memory_and_streamed(tmp_path):
+    rng = np.random.default_rng(1)
+    y = np.arange(200) % C
+    split = np.array(["train"] * 120 + ["val"] * 40 + ["test"] * 40)
+    features = {NAMES[0]: (rng.normal(size=(C, 24))[y] * 2 + rng.normal(size=(200, 24)), {}),
+                NAMES[1]: (rng.normal(size=(C, 16))[y] * 2 + rng.normal(size=(200, 16)), {})}
+    write_store_from_arrays(tmp_path / "h.h5", ids=range(200), labels=y, splits=split, classes=list("abcd"),
+                            features=features, dtype="float16")
+    with FeatureStore(tmp_path / "h.h5") as store:
+        memory, _ = load_head_data(store, NAMES, device="cpu", budget=10**9)
+        assert memory.train.inputs[0].dtype == torch.float16                 # half the memory, upcast per batch
+        streamed, _ = load_head_data(store, NAMES, device="cpu", budget=1, log=lambda _: None)
+        for data in (memory, streamed):
+            assert train_heads(_config(), [0], data, FAST)[0].test_accuracy > 0.9
