@@ -29,7 +29,8 @@ from embedstore.extract import _collate_images, _ImageRows, autocast_for
 from embedstore.modules import load_module, module_id
 from embedstore.preprocess import clean_title
 from embedstore.store import STATUS_EMPTY_TITLE, STATUS_NAMES, STATUS_OK
-from heads.models import STRATEGY_LAYER, STRATEGY_MODALITIES, FusionHead
+from heads.estimator import FusionHead
+from heads.models import STRATEGY_LAYER, STRATEGY_MODALITIES
 from heads.sweep import resolve_device
 
 REASONS = {code: name.removeprefix("skipped: ") for code, name in STATUS_NAMES.items() if name.startswith("skipped")}
@@ -204,7 +205,7 @@ def _module_source(name: str, modality: str, layer: str, recorded: dict, device)
 
 def load_sources(head: FusionHead, settings: PredictSettings, device) -> list[FeatureSource]:
     """The head's inputs in its order (image first), each rebuilt and checked against its provenance."""
-    doc, config = head.metadata_, head.config
+    doc, config = head.metadata_, head.config_
     names, provenance = doc.get("inputs"), (doc.get("store") or {}).get("feature_sets")
     if not names or not provenance:
         raise ValueError("the head's config.json records no feature sets ('inputs', 'store.feature_sets'); "
@@ -279,11 +280,8 @@ def predict_products(head_dir: str | os.PathLike, inputs: str | os.PathLike, out
     head_dir, out_csv = Path(head_dir), Path(out_csv)
     if not head_dir.is_dir():
         raise FileNotFoundError(f"head folder not found: {head_dir}; give RESULTS/heads/<cell> from `heads sweep`")
-    head = FusionHead.load(head_dir)
-    classes = head.metadata_.get("classes") or []
-    if len(classes) != head.config.num_classes:
-        raise ValueError(f"{head_dir}/config.json names {len(classes)} classes for a head with "
-                         f"{head.config.num_classes} outputs; save it again with `heads sweep`")
+    head = FusionHead.from_pretrained(head_dir)
+    classes = [str(c) for c in head.classes_]
     device = resolve_device(settings.device)
     sources = load_sources(head, settings, device)
     items = read_inputs(inputs, settings.columns, tuple(s.modality for s in sources))

@@ -18,8 +18,8 @@ import torch
 
 from heads.end_to_end import END_TO_END, EndToEndSettings
 from heads.fusion import list_fusions
-from heads.models import (BASELINES, MULTIMODAL_STRATEGIES, STRATEGY_LAYER, STRATEGY_MODALITIES, FusionHead,
-                          HeadConfig, StackedHead)
+from heads.estimator import FusionHead
+from heads.models import BASELINES, MULTIMODAL_STRATEGIES, STRATEGY_LAYER, STRATEGY_MODALITIES, HeadConfig, StackedHead
 from heads.train import HeadData, TrainSettings, train_heads
 
 DEFAULT_FUSIONS = ("add", "average", "product", "concat", "gated")
@@ -244,12 +244,10 @@ def _save_best(out_dir: Path, config: HeadConfig, results, rows, classes) -> Non
         same = all(saved.get(k) == v for k, v in now.items())
         if same and saved.get("best_val_accuracy", -1) >= best.best_val_accuracy:
             return
-    head = FusionHead(config, seed=best.seed)
-    head.params_ = best.params
-    head.save(directory, metadata={
-        "classes": classes, "store": row["store"], "run_key": row["run_key"], "train_settings": row["train_settings"],
+    head = FusionHead.from_trained(config, best.params, classes, seed=best.seed)
+    head.save_pretrained(directory, metadata={
+        "store": row["store"], "run_key": row["run_key"], "train_settings": row["train_settings"],
         "best_val_accuracy": best.best_val_accuracy, "test_accuracy": best.test_accuracy,
         "test_macro_f1": best.test_macro_f1, "best_epoch": best.best_epoch,
-        "weight_layout": "linear weights are (in, out): y = x @ W + b",
         "inputs": list(row["store"]["feature_sets"]),
     })

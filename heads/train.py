@@ -226,15 +226,18 @@ def _train_stack(config: HeadConfig, seeds: list[int], data: HeadData, s: TrainS
                 stacked_opt.keep(keep_d)
     elapsed = time.perf_counter() - t0
 
-    with autocast:
-        test_pred = predict_logits(model, best, data.test.inputs, chunk=s.eval_chunk).argmax(-1).cpu().numpy()
     y_test = data.test.labels.cpu().numpy()
+    if len(y_test):
+        with autocast:
+            test_pred = predict_logits(model, best, data.test.inputs, chunk=s.eval_chunk).argmax(-1).cpu().numpy()
     results = []
     for i, sd in enumerate(seeds):
+        tested = len(y_test) > 0  # the estimator (heads/estimator.py) may train without a test split: NaN metrics
         results.append(HeadResult(
             seed=int(sd),
-            test_accuracy=float(accuracy_score(y_test, test_pred[i])),
-            test_macro_f1=float(f1_score(y_test, test_pred[i], average="macro", zero_division=0)),
+            test_accuracy=float(accuracy_score(y_test, test_pred[i])) if tested else float("nan"),
+            test_macro_f1=float(f1_score(y_test, test_pred[i], average="macro", zero_division=0))
+            if tested else float("nan"),
             best_val_accuracy=float(best_acc[i]), best_epoch=int(best_epoch[i]), epochs_run=int(epochs_run[i]),
             train_seconds=elapsed / G, group_seconds=elapsed, group_size=G,
             params={k: v[i:i + 1].detach().cpu().clone() for k, v in best.items()}))

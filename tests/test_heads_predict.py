@@ -18,7 +18,7 @@ from embedstore.backbones import create_backbone
 from embedstore.manifest import Manifest
 from embedstore.store import FeatureStore
 from embedstore.synthetic_catalog import make_fashion_catalog
-from heads.models import FusionHead
+from heads.estimator import FusionHead
 
 TINY = ["--image-backbone", "tiny-resnet", "--image-size", "64", "--text-backbone", "tiny-bert", "--workers", "0",
         "--no-progress"]
@@ -80,7 +80,7 @@ def read_predictions(path: Path) -> tuple[list[str], dict[str, dict]]:
 
 def store_probabilities(store: Path, head_dir: Path) -> dict[str, np.ndarray]:
     """The head's probabilities from the store's features, by item id."""
-    head = FusionHead.load(head_dir)
+    head = FusionHead.from_pretrained(head_dir)
     with FeatureStore(store) as opened:
         data = opened.load(head.metadata_["inputs"])
     probabilities = head.predict_proba([data.features[n] for n in head.metadata_["inputs"]])

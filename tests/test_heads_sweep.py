@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from cli.heads import main
 from embedstore.store import FeatureStore, write_store_from_arrays
-from heads.models import FusionHead
+from heads.estimator import FusionHead
 from heads.sweep import SweepSettings, read_runs, run_sweep
 from heads.train import TrainSettings
 
@@ -82,13 +82,13 @@ def test_runs_already_in_results_are_skipped(swept):
 
 def test_saved_best_head_round_trips(swept):
     store, results, _, _ = swept
-    head = FusionHead.load(results / "heads" / "2A-gated")
+    head = FusionHead.from_pretrained(results / "heads" / "2A-gated")
     saved = json.loads((results / "heads" / "2A-gated" / "config.json").read_text())
     with FeatureStore(store) as s:
         data = s.load(saved["inputs"])
     test = data.split == "test"
     pred = head.predict([data.features[n][test] for n in saved["inputs"]])
-    assert (pred == data.labels[test]).mean() == pytest.approx(saved["test_accuracy"])
+    assert (pred == np.asarray(saved["classes"])[data.labels[test]]).mean() == pytest.approx(saved["test_accuracy"])
     best_run = next(r for r in read_runs(results) if r["run_key"] == saved["run_key"])
     assert best_run["test_accuracy"] == pytest.approx(saved["test_accuracy"])
     assert not list(results.rglob("*.pt")) and not list(results.rglob("*.pkl"))
