@@ -18,16 +18,12 @@ import torch
 
 from heads.end_to_end import END_TO_END, EndToEndSettings
 from heads.fusion import list_fusions
+from heads.inputs import inputs_with_shared_rows
 from heads.estimator import FusionHead
-from heads.models import BASELINES, MULTIMODAL_STRATEGIES, STRATEGY_LAYER, STRATEGY_MODALITIES, HeadConfig, StackedHead
+from heads.models import BASELINES, MULTIMODAL_STRATEGIES, HeadConfig, StackedHead
 from heads.train import HeadData, TrainSettings, train_heads
 
 DEFAULT_FUSIONS = ("add", "average", "product", "concat", "gated")
-MODULE_HINT = ("`embed extract MANIFEST --store STORE --image-module DIR --text-module DIR` writes the "
-               "fine-tuned modules' (from `embed finetune`) 'dense' and 'classifier' features")
-POOLED_HINT = "`embed extract MANIFEST --store STORE` writes the backbones' 'pooled' features"
-
-
 @dataclass(frozen=True)
 class SweepSettings:
     strategies: tuple[str, ...] = MULTIMODAL_STRATEGIES
@@ -67,38 +63,10 @@ class SweepSettings:
         return cells + [(b, None) for b in extra]
 
 
-def resolve_feature_sets(store, strategy: str) -> list[str]:
-    """The store's feature sets a strategy reads (image first), or ValueError naming what is missing and the
-    command that produces it. Baselines read both pooled sets where both exist, so they train on the same
-    rows as 2-A; a store of one modality still gets its baseline."""
-    layer = STRATEGY_LAYER[strategy]
-    modalities = STRATEGY_MODALITIES[strategy]
-    if strategy in BASELINES:
-        other = "text" if strategy == "image" else "image"
-        try:  # the other modality's rows too, when the store has them: then baselines and 2-A share rows
-            store.find(other, layer)
-            modalities = ("image", "text")
-        except ValueError:
-            pass
-    names, missing = [], []
-    for m in modalities:
-        try:
-            names.append(store.find(m, layer))
-        except ValueError as error:
-            missing.append(f"{m} '{layer}' ({error})" if "several" in str(error) else f"{m} '{layer}'")
-    hint = MODULE_HINT if layer in ("dense", "classifier") else POOLED_HINT
-    if missing:
-        raise ValueError(f"strategy {strategy} needs {' and '.join(missing)} features, which {store.path} lacks "
-                         f"(it holds {', '.join(sorted(store.feature_sets)) or 'nothing'}); {hint}")
-    sets = store.feature_sets
-    dims = [sets[n].dim for n in names]
-    if layer == "classifier" and any(d != len(store.classes) for d in dims):
-        raise ValueError(f"strategy 1B fuses classifier outputs, but {', '.join(names)} have {dims} outputs and "
-                         f"the store has {len(store.classes)} classes; {hint} with modules trained on these classes")
-    if strategy in ("1A", "1B") and dims[0] != dims[1]:
-        raise ValueError(f"strategy {strategy} fuses {names[0]} ({dims[0]}-d) with {names[1]} ({dims[1]}-d) "
-                         f"directly; their sizes must match; {hint}")
-    return names
+def resolve_feature_sets(store, strategy: str, image_source: str | None = None,
+                         text_source: str | None = None) -> list[str]:
+    """The store's feature sets a strategy's cell loads (image first); heads/inputs.py decides."""
+    return inputs_with_shared_rows(store, strategy, image_source, text_source)
 
 
 def _provenance(info) -> dict:
