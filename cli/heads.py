@@ -130,7 +130,8 @@ def report(results, out):
 def predict(head_dir, inputs, out, top_k, batch_size, device, image_weights, text_weights, id_column, image_column,
             title_column, workers):
     """Classify the products in INPUT (a CSV of image paths and titles, or a catalog) with the saved head in
-    HEAD_DIR (RESULTS/heads/<cell> from `heads sweep`), rebuilding and checking its backbones or modules."""
+    HEAD_DIR (RESULTS/heads/<cell> from `heads sweep`), rebuilding and checking its backbones or modules, or with
+    a trained 3-A/3-B model (HEAD_DIR = RESULTS/end_to_end/<cell>/seed-<seed>: images and titles through it)."""
     from heads.predict import InputColumns, PredictSettings, predict_products
 
     settings = PredictSettings(

@@ -160,8 +160,8 @@ def _finetune(manifest: Manifest, out_dir: Path, settings: FinetuneSettings, dev
         return FinetuneResult(out_dir, metrics)  # only rank 0 writes
     module.cpu().save(out_dir, classes=manifest.classes, manifest_sha256=manifest.sha256,
                       extra={"settings": asdict(settings), "metrics": {k: v for k, v in metrics.items()
-                                                                       if k != "history"}})
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True) + "\n")
+                                                                       if k != "history"}},
+                      extra_files={"metrics.json": json.dumps(metrics, indent=1, sort_keys=True) + "\n"})
     return FinetuneResult(out_dir, metrics)
 
 

@@ -271,7 +271,7 @@ def confusion(heads_rows: list[dict], best: dict, report_dir: Path) -> tuple[lis
     from sklearn.metrics import confusion_matrix
 
     from embedstore.store import FeatureStore
-    from heads.models import FusionHead
+    from heads.estimator import FusionHead
 
     dirs = sorted({r["results_dir"] for r in heads_rows if r["group"] == best["cell"]})
     saved = [Path(d) / "heads" / best["cell"] for d in dirs]
@@ -279,14 +279,14 @@ def confusion(heads_rows: list[dict], best: dict, report_dir: Path) -> tuple[lis
     if not saved:
         return [f"No saved head of {best['cell']}; no confusion matrix."], []
     head_dir = max(saved, key=lambda d: json.loads((d / "config.json").read_text())["best_val_accuracy"])
-    head = FusionHead.load(head_dir)
+    head = FusionHead.from_pretrained(head_dir)
     from heads.sweep import head_store_path
     with FeatureStore(head_store_path(head_dir, head.metadata_)) as store:
         data = store.load(head.metadata_["inputs"])
         classes = list(store.classes)
     test = data.split == "test"
     predicted = head.predict([data.features[n][test] for n in head.metadata_["inputs"]])
-    matrix = confusion_matrix(data.labels[test], predicted, labels=list(range(len(classes))))
+    matrix = confusion_matrix(np.asarray(classes)[data.labels[test]], predicted, labels=classes)  # class names
     csv_path, png_path = report_dir / "confusion_matrix.csv", report_dir / "confusion_matrix.png"
     with open(csv_path, "w", newline="") as f:
         csv.writer(f).writerows([["true \\ predicted"] + classes] + [[c] + list(r) for c, r in zip(classes, matrix)])

@@ -520,6 +520,18 @@ class FeatureStore:
         return LoadedFeatures(features=features, labels=self.labels[rows], split=self.split[rows],
                               ids=self.ids[rows], skipped=len(self.ids) - len(rows))
 
+    def arrays(self, split: str, names: Iterable[str]) -> tuple[list[np.ndarray], np.ndarray]:
+        """(list of X, y) for one split: X (n, D) float32 per named set, in the order named, over the rows ok in
+        every named set (as `load`); y (n,) the class names. Ready for heads.FusionHead.fit / score."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+        if isinstance(names, str):
+            names = [names]
+        names = list(names)
+        data = self.load(names)
+        rows = data.split == split
+        return [data.features[n][rows] for n in names], np.asarray(self.classes)[data.labels[rows]]
+
     def close(self) -> None:
         if self._file.id.valid:
             self._file.close()

@@ -7,7 +7,9 @@ Dropout [-> classifier 500->C for 3-B]); the two branches are fused by an operat
 (at the 500-d layers for 3-A, at the classifier outputs for 3-B), then fused -> 250 -> ReLU -> Dropout -> C.
 Training is finetune.py's loop (`fit`): AdamW, gradient clipping at 1.0, random horizontal flip, early stopping
 on validation accuracy, a checkpoint per epoch (safetensors + JSON) with resume, DistributedDataParallel under
-torchrun, bf16 autocast and pinned memory on CUDA only. Saved as model.safetensors + config.json + metrics.json.
+torchrun, bf16 autocast and pinned memory on CUDA only. Saved with the model-folder convention
+(embedstore/model_folder.py, kind "end-to-end": model.safetensors + config.json, plus metrics.json);
+`load_end_to_end` rebuilds the model from such a folder, and `heads predict` runs it on new products.
 """
 from __future__ import annotations
 
@@ -18,7 +20,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from sklearn.metrics import accuracy_score, f1_score
 from torch import nn
 
@@ -26,10 +27,12 @@ from embedstore.fingerprint import fingerprint
 from embedstore.backbones import create_backbone
 from embedstore.finetune import ImageItems, check_training_numbers, fit, predict, training_processes
 from embedstore.manifest import Manifest
+from embedstore.model_folder import load_pretrained, save_pretrained
 from embedstore.modules import MIDDLE_DIM, build_module
 from heads.fusion import create_fusion, list_fusions
 
 END_TO_END = ("3A", "3B")
+KIND = "end-to-end"
 FUSION_DIM = 250
 
 
@@ -175,13 +178,43 @@ def train_end_to_end(manifest_path: str | Path, out_dir: str | Path, settings: E
             "items": data.counts(), **summary,
         }
         if ranks.rank == 0:  # only rank 0 writes
-            save_file({k: v.detach().cpu().float().contiguous() if v.is_floating_point() else v.cpu().contiguous()
-                       for k, v in best.items()}, str(out_dir / "model.safetensors"))
-            config = {"format": "embedstore-end-to-end", "settings": asdict(settings), "classes": manifest.classes,
+            config = {"settings": asdict(settings), "classes": manifest.classes,
+                      "preprocessing": {m.modality: m.preprocessing for m in (image, text)},
                       "metrics": {k: v for k, v in metrics.items() if k != "history"}}
-            (out_dir / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True) + "\n")
-            (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True) + "\n")
+            save_pretrained(out_dir, {k: v.float() if v.is_floating_point() else v for k, v in best.items()},
+                            json.loads(json.dumps(config, default=list)), kind=KIND,
+                            extra_files={"metrics.json": json.dumps(metrics, indent=1, sort_keys=True) + "\n"})
     return EndToEndResult(out_dir, metrics)
+
+
+def load_end_to_end(folder: str | Path, *, device: str | torch.device = "cpu") -> tuple[EndToEndModel, dict]:
+    """A trained 3-A / 3-B model (eval mode) and its config.json, from a folder `train_end_to_end` wrote.
+    Every weight is in the file; the backbones are rebuilt as architectures (and the text tokenizer) only."""
+    tensors, config = load_pretrained(folder, kind=KIND)
+    known = EndToEndSettings.__dataclass_fields__
+    settings = EndToEndSettings(**{k: v for k, v in config["settings"].items() if k in known})
+    text_weights = settings.text_weights
+    if text_weights and not os.path.isdir(text_weights):
+        raise FileNotFoundError(f"{folder}: the text model folder {text_weights} it was trained from (its "
+                                "tokenizer) is not there; put it back")
+    image = create_backbone("image", settings.image_backbone, pretrained=False, image_size=settings.image_size)
+    text = create_backbone("text", settings.text_backbone, weights=text_weights, pretrained=False)
+    for backbone in (image, text):  # the tokenizer and image transform must be the ones it was trained with
+        recorded = (config.get("preprocessing") or {}).get(backbone.modality)
+        built = json.loads(json.dumps(backbone.preprocessing, default=list))
+        recorded, built = ({k: v for k, v in d.items() if k != "folder"} for d in (recorded or {}, built))
+        if recorded and recorded != built:  # a moved local folder is the same model
+            differ = sorted(k for k in recorded.keys() | built.keys() if recorded.get(k) != built.get(k))
+            raise ValueError(f"{folder}: {backbone.name}'s preprocessing here differs from training "
+                             f"({', '.join(differ)}); restore the backbone it was trained with")
+    model = EndToEndModel(image, text, len(config["classes"]), strategy=settings.strategy, fusion=settings.fusion,
+                          dropout=settings.dropout, freeze_batchnorm=settings.freeze_batchnorm)
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as error:
+        raise ValueError(f"{folder}/model.safetensors does not fit its config ({str(error).splitlines()[0]}); "
+                         "train it again") from None
+    return model.to(device, memory_format=torch.channels_last).eval(), config
 
 
 # ----------------------------------------------------------------------------------------------- heads sweep

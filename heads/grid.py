@@ -13,11 +13,9 @@ from dataclasses import dataclass
 
 from heads.end_to_end import END_TO_END
 from heads.fusion import list_fusions
+from heads.inputs import MODULE_HINT, POOLED_HINT, inputs_for, inputs_with_shared_rows
 from heads.models import BASELINES, MULTIMODAL_STRATEGIES, STRATEGY_LAYER
 
-MODULE_HINT = ("`embed extract MANIFEST --store STORE --image-module DIR --text-module DIR` writes the "
-               "fine-tuned modules' (from `embed finetune`) 'dense' and 'classifier' features")
-POOLED_HINT = "`embed extract MANIFEST --store STORE` writes the backbones' 'pooled' features"
 CACHED_STRATEGIES = MULTIMODAL_STRATEGIES + BASELINES
 
 
@@ -88,19 +86,6 @@ def missing_message(store, strategy: str) -> str:
             f"{', '.join(sorted(store.feature_sets)) or 'nothing'}); {hint}")
 
 
-def check_pair(store, strategy: str, names: list[str]) -> None:
-    """Refuse feature sets a strategy cannot fuse, naming them and the fix."""
-    sets = store.feature_sets
-    dims = [sets[n].dim for n in names]
-    hint = MODULE_HINT
-    if STRATEGY_LAYER[strategy] == "classifier" and any(d != len(store.classes) for d in dims):
-        raise ValueError(f"strategy 1B fuses classifier outputs, but {', '.join(names)} have {dims} outputs and "
-                         f"the store has {len(store.classes)} classes; {hint} with modules trained on these classes")
-    if strategy in ("1A", "1B") and dims[0] != dims[1]:
-        raise ValueError(f"strategy {strategy} fuses {names[0]} ({dims[0]}-d) with {names[1]} ({dims[1]}-d) "
-                         f"directly; their sizes must match; {hint}")
-
-
 def build_grid(store, *, strategies: tuple[str, ...] | None, fusions: tuple[str, ...] | None, baselines: bool,
                image_sources: tuple[str, ...] = (), text_sources: tuple[str, ...] = ()
                ) -> tuple[list[Cell], list[str]]:
@@ -125,15 +110,12 @@ def build_grid(store, *, strategies: tuple[str, ...] | None, fusions: tuple[str,
         plan.append((strategy, pairs))
     named = any(len(pairs) > 1 for _, pairs in plan)   # several backbones (or modules) of one kind
     cells = []
-    layer_of = STRATEGY_LAYER
     for strategy, pairs in plan:
-        layer = layer_of[strategy]
         for image, text in pairs:
             if strategy in BASELINES:
                 cells.append(_baseline_cell(store, strategy, image or text, named))
                 continue
-            names = [f"image/{image}/{layer}", f"text/{text}/{layer}"]
-            check_pair(store, strategy, names)
+            names = inputs_for(store, strategy, image, text)   # checks that the pair can be fused
             for fusion in fusions:
                 cells.append(Cell(strategy, fusion, tuple(names), tuple(names), (image, text), named))
     return cells, notes
@@ -143,8 +125,8 @@ def _baseline_cell(store, strategy: str, source: str, named: bool) -> Cell:
     """A unimodal head reads one pooled set, on the rows 2-A uses: those ok in the other modality's first
     pooled source too, when the store has one (so baselines and 2-A are scored on the same test items)."""
     other = "text" if strategy == "image" else "image"
-    own = f"{strategy}/{source}/pooled"
     partners = sources(store, other, "pooled")
-    rows = (own, f"{other}/{partners[0]}/pooled") if partners else (own,)
     pair = (source, None) if strategy == "image" else (None, source)
-    return Cell(strategy, None, (own,), tuple(sorted(rows)), pair, named)
+    named_sources = {strategy: source, other: partners[0] if partners else None}
+    rows = inputs_with_shared_rows(store, strategy, named_sources["image"], named_sources["text"])
+    return Cell(strategy, None, (f"{strategy}/{source}/pooled",), tuple(rows), pair, named)

@@ -1,4 +1,6 @@
-"""`heads predict`: classify new products with a saved head (from `heads sweep`) into a CSV of top-k categories.
+"""`heads predict`: classify new products with a saved head (from `heads sweep`) or a trained 3-A/3-B model
+(`heads sweep --strategies 3A`, heads/end_to_end.py: images and titles straight through it) into a CSV of top-k
+categories.
 
 The head's config.json names the feature sets it was trained on (`inputs`) and their provenance
 (`store.feature_sets`): a `pooled` set names its backbone, weights_id and preprocessing; a module set
@@ -26,10 +28,13 @@ from torch.utils.data import DataLoader
 from embedstore.backbones import create_backbone
 from embedstore.catalog import Catalog, _FolderFiles, _is_fashion_header, open_catalog
 from embedstore.extract import _collate_images, _ImageRows, autocast_for
+from embedstore.model_folder import read_config
 from embedstore.modules import load_module, module_id
 from embedstore.preprocess import clean_title
 from embedstore.store import STATUS_EMPTY_TITLE, STATUS_NAMES, STATUS_OK
-from heads.models import STRATEGY_LAYER, STRATEGY_MODALITIES, FusionHead
+from heads.end_to_end import load_end_to_end
+from heads.estimator import FusionHead
+from heads.models import STRATEGY_LAYER, STRATEGY_MODALITIES
 from heads.sweep import resolve_device
 
 REASONS = {code: name.removeprefix("skipped: ") for code, name in STATUS_NAMES.items() if name.startswith("skipped")}
@@ -204,7 +209,7 @@ def _module_source(name: str, modality: str, layer: str, recorded: dict, device)
 
 def load_sources(head: FusionHead, settings: PredictSettings, device) -> list[FeatureSource]:
     """The head's inputs in its order (image first), each rebuilt and checked against its provenance."""
-    doc, config = head.metadata_, head.config
+    doc, config = head.metadata_, head.config_
     names, provenance = doc.get("inputs"), (doc.get("store") or {}).get("feature_sets")
     if not names or not provenance:
         raise ValueError("the head's config.json records no feature sets ('inputs', 'store.feature_sets'); "
@@ -227,28 +232,33 @@ def load_sources(head: FusionHead, settings: PredictSettings, device) -> list[Fe
 # ----------------------------------------------------------------------------------------------- batches
 
 
-def _batches(inputs: Inputs, image_source: FeatureSource | None, settings: PredictSettings):
+def _batches(inputs: Inputs, image_prepare: Callable | None, settings: PredictSettings):
     """(rows (b,), images (b_ok, 3, S, S) or None, image status (b,) int8) in input order; status is all OK
-    and images None when the head reads no images."""
+    and images None when the model reads no images."""
     n, size = len(inputs.ids), settings.batch_size
-    if image_source is None:
+    if image_prepare is None:
         for begin in range(0, n, size):
             rows = np.arange(begin, min(begin + size, n))
             yield rows, None, np.full(len(rows), STATUS_OK, dtype=np.int8)
         return
-    loader = DataLoader(_ImageRows(inputs.files, inputs.images, np.arange(n), image_source.prepare),
+    loader = DataLoader(_ImageRows(inputs.files, inputs.images, np.arange(n), image_prepare),
                         batch_size=size, shuffle=False, num_workers=settings.workers, collate_fn=_collate_images)
     yield from loader
+
+
+def _title_status(rows, image_status, inputs: Inputs) -> np.ndarray:
+    """A row's status is its first problem: image before title."""
+    status = image_status.copy()
+    empty = np.array([not clean_title(inputs.titles[row]) for row in rows], dtype=bool)
+    status[(status == STATUS_OK) & empty] = STATUS_EMPTY_TITLE
+    return status
 
 
 def _features(rows, images, image_status, inputs: Inputs, sources, device):
     """(status (b,), one (b_ok, D_m) tensor per source for the rows OK in every modality). A row's status is
     its first problem: image before title."""
-    status = image_status.copy()
-    for source in sources:
-        if source.modality == "text":
-            empty = np.array([not clean_title(inputs.titles[row]) for row in rows], dtype=bool)
-            status[(status == STATUS_OK) & empty] = STATUS_EMPTY_TITLE
+    reads_titles = any(source.modality == "text" for source in sources)
+    status = _title_status(rows, image_status, inputs) if reads_titles else image_status.copy()
     ok = status == STATUS_OK
     outputs = []
     with torch.inference_mode(), autocast_for(device):
@@ -271,24 +281,72 @@ def _features(rows, images, image_status, inputs: Inputs, sources, device):
 # ----------------------------------------------------------------------------------------------- the run
 
 
+@dataclass
+class Predictor:
+    """What `predict_products` needs of a model: its classes, the modalities it reads, how it prepares an image,
+    and (rows, images, image status, inputs) -> (status (b,), probabilities (b_ok, C)) for one batch."""
+
+    classes: list[str]
+    modalities: tuple[str, ...]
+    image_prepare: Callable | None
+    probabilities: Callable
+
+
+def head_predictor(head_dir: Path, settings: PredictSettings, device) -> Predictor:
+    """A fusion head over features that its recorded backbones or modules compute from the raw products."""
+    head = FusionHead.from_pretrained(head_dir)
+    sources = load_sources(head, settings, device)
+    classes = [str(c) for c in head.classes_]
+
+    def probabilities(rows, images, image_status, inputs):
+        status, features = _features(rows, images, image_status, inputs, sources, device)
+        ok = status == STATUS_OK
+        return status, head.predict_proba(features) if ok.any() else np.zeros((0, len(classes)))  # (b_ok, C)
+
+    image = next((s for s in sources if s.modality == "image"), None)
+    return Predictor(classes, tuple(s.modality for s in sources), image and image.prepare, probabilities)
+
+
+def end_to_end_predictor(model_dir: Path, device) -> Predictor:
+    """A 3-A / 3-B model: images and titles straight through the trained model."""
+    model, config = load_end_to_end(model_dir, device=device)
+    classes, tokenize = list(config["classes"]), model.text.backbone.tokenize
+
+    def probabilities(rows, images, image_status, inputs):
+        status = _title_status(rows, image_status, inputs)
+        ok = status == STATUS_OK
+        if not ok.any():
+            return status, np.zeros((0, len(classes)))
+        pixels = images[torch.from_numpy(ok[image_status == STATUS_OK])]  # (b_ok, 3, S, S)
+        tokens = tokenize([inputs.titles[row] for row in rows[ok]])      # (b_ok, 30) each
+        with torch.inference_mode(), autocast_for(device):
+            logits = model({"images": pixels.to(device), **{k: v.to(device) for k, v in tokens.items()}})
+        return status, torch.softmax(logits.float(), dim=-1).cpu().numpy()  # (b_ok, C)
+
+    return Predictor(classes, ("image", "text"), model.image.backbone.image_transform(train=False), probabilities)
+
+
 def predict_products(head_dir: str | os.PathLike, inputs: str | os.PathLike, out_csv: str | os.PathLike,
                      settings: PredictSettings = PredictSettings()) -> PredictSummary:
-    """Classify every row of `inputs` with the head in `head_dir`; write `out_csv` (id, label_k, probability_k
-    for k = 1..top_k, reason) in input order and return what was predicted and skipped."""
+    """Classify every row of `inputs` with the head (or 3-A/3-B model) in `head_dir`; write `out_csv` (id,
+    label_k, probability_k for k = 1..top_k, reason) in input order and return what was predicted and skipped."""
     start = time.perf_counter()
     head_dir, out_csv = Path(head_dir), Path(out_csv)
     if not head_dir.is_dir():
-        raise FileNotFoundError(f"head folder not found: {head_dir}; give RESULTS/heads/<cell> from `heads sweep`")
-    head = FusionHead.load(head_dir)
-    classes = head.metadata_.get("classes") or []
-    if len(classes) != head.config.num_classes:
-        raise ValueError(f"{head_dir}/config.json names {len(classes)} classes for a head with "
-                         f"{head.config.num_classes} outputs; save it again with `heads sweep`")
+        raise FileNotFoundError(f"head folder not found: {head_dir}; give RESULTS/heads/<cell> from `heads sweep` "
+                                "or a 3-A/3-B model folder (RESULTS/end_to_end/<cell>/seed-<seed>)")
+    kind = read_config(head_dir)["kind"]
     device = resolve_device(settings.device)
-    sources = load_sources(head, settings, device)
-    items = read_inputs(inputs, settings.columns, tuple(s.modality for s in sources))
+    if kind == "end-to-end":
+        predictor = end_to_end_predictor(head_dir, device)
+    elif kind == "fusion-head":
+        predictor = head_predictor(head_dir, settings, device)
+    else:
+        raise ValueError(f"{head_dir} holds a {kind} model; `heads predict` takes a head from `heads sweep` or a "
+                         "3-A/3-B model folder")
+    classes = predictor.classes
+    items = read_inputs(inputs, settings.columns, predictor.modalities)
     top_k = min(settings.top_k, len(classes))
-    image_source = next((s for s in sources if s.modality == "image"), None)
     summary = PredictSummary(out_csv, rows=len(items.ids), predicted=0, malformed=items.malformed)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     partial = out_csv.with_name(out_csv.name + ".partial")  # a failed run leaves no half-written CSV behind
@@ -296,10 +354,8 @@ def predict_products(head_dir: str | os.PathLike, inputs: str | os.PathLike, out
         writer = csv.writer(handle)
         writer.writerow(["id"] + [f"{c}_{k}" for k in range(1, top_k + 1) for c in ("label", "probability")]
                         + ["reason"])
-        for rows, images, image_status in _batches(items, image_source, settings):
-            status, features = _features(rows, images, image_status, items, sources, device)
-            ok = status == STATUS_OK
-            probabilities = head.predict_proba(features) if ok.any() else np.zeros((0, len(classes)))  # (b_ok, C)
+        for rows, images, image_status in _batches(items, predictor.image_prepare, settings):
+            status, probabilities = predictor.probabilities(rows, images, image_status, items)
             _write_rows(writer, [items.ids[r] for r in rows], status, probabilities, classes, top_k, summary)
     os.replace(partial, out_csv)
     summary.seconds = time.perf_counter() - start

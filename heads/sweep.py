@@ -25,7 +25,9 @@ from heads.dispatch import RankGroup, Task, default_jobs, my_tasks, run_tasks, w
 from heads.end_to_end import END_TO_END, EndToEndSettings
 from heads.fusion import list_fusions
 from heads.grid import CACHED_STRATEGIES, Cell, build_grid
-from heads.models import FusionHead, HeadConfig, StackedHead
+from heads.inputs import inputs_with_shared_rows
+from heads.estimator import FusionHead
+from heads.models import HeadConfig, StackedHead
 from heads.throughput import matmul_peak_gflops
 from heads.streamed import load_head_data, only_input
 from heads.train import HeadData, HeadResult, TrainSettings
@@ -85,6 +87,12 @@ class SweepSettings:
             raise ValueError(f"--jobs must be at least 1, got {self.jobs}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
+
+
+def resolve_feature_sets(store, strategy: str, image_source: str | None = None,
+                         text_source: str | None = None) -> list[str]:
+    """The store's feature sets a strategy's cell loads (image first); heads/inputs.py decides."""
+    return inputs_with_shared_rows(store, strategy, image_source, text_source)
 
 
 def run_key(config: HeadConfig, train: TrainSettings, seed: int, manifest_sha256: str, provenance: dict) -> str:
@@ -335,12 +343,10 @@ def _save_best(out_dir: Path, cell: Cell, config: HeadConfig, results, rows, cla
         same = all(saved.get(k) == v for k, v in now.items())
         if same and saved.get("best_val_accuracy", -1) >= best.best_val_accuracy:
             return
-    head = FusionHead(config, seed=best.seed)
-    head.params_ = best.params
-    head.save(directory, metadata={
-        "classes": classes, "store": store, "run_key": row["run_key"], "train_settings": row["train_settings"],
+    head = FusionHead.from_trained(config, best.params, classes, seed=best.seed)
+    head.save_pretrained(directory, metadata={
+        "store": store, "run_key": row["run_key"], "train_settings": row["train_settings"],
         "best_val_accuracy": best.best_val_accuracy, "test_accuracy": best.test_accuracy,
         "test_macro_f1": best.test_macro_f1, "best_epoch": best.best_epoch, "precision": best.precision,
-        "weight_layout": "linear weights are (in, out): y = x @ W + b",
         "inputs": list(row["store"]["feature_sets"]),
     })

@@ -341,7 +341,7 @@ def _train_stack(config: HeadConfig, seeds: list[int], data: HeadData, s: TrainS
     elapsed = time.perf_counter() - t0
 
     metrics = [None] * G
-    if data.test is not None:
+    if data.test is not None and len(data.test) > 0:
         with autocast(device, precision):
             test_pred, y_test = _predictions(model, best, data.test, s.eval_chunk)
         test_pred, y_test = test_pred.cpu().numpy(), y_test.cpu().numpy()
