@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from cli.common import one_line_errors, optional_name
+from cli.common import NON_NEGATIVE, POSITIVE, one_line_errors, optional_name
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -16,12 +16,12 @@ def embed():
 @embed.command()
 @click.argument("catalog", type=click.Path(path_type=Path))
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Manifest file to write (JSON).")
-@click.option("--min-items", default=250, show_default=True, help="Keep classes with at least this many usable items.")
-@click.option("--items-per-class", default=250, show_default=True, help="Items drawn from each kept class.")
-@click.option("--train", default=175, show_default=True, help="Training items per class.")
-@click.option("--val", default=25, show_default=True, help="Validation items per class.")
-@click.option("--test", default=50, show_default=True, help="Test items per class.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the draw and the split.")
+@click.option("--min-items", default=250, type=POSITIVE, show_default=True, help="Keep classes with at least this many usable items.")
+@click.option("--items-per-class", default=250, type=POSITIVE, show_default=True, help="Items drawn from each kept class.")
+@click.option("--train", default=175, type=NON_NEGATIVE, show_default=True, help="Training items per class.")
+@click.option("--val", default=25, type=NON_NEGATIVE, show_default=True, help="Validation items per class.")
+@click.option("--test", default=50, type=NON_NEGATIVE, show_default=True, help="Test items per class.")
+@click.option("--seed", default=0, type=NON_NEGATIVE, show_default=True, help="Seed of the draw and the split.")
 @click.option("--format", "fmt", type=click.Choice(["auto", "fashion", "csv"]), default="auto", show_default=True,
               help="fashion = styles.csv + images/ (folder or zip); csv = a generic catalog with named columns.")
 @click.option("--id-column", default="id", show_default=True, help="Generic CSV: the id column.")
@@ -54,10 +54,10 @@ def prepare(catalog, out, min_items, items_per_class, train, val, test, seed, fm
               help="Text backbone name or local Hugging Face folder ('none' to skip texts).")
 @click.option("--image-weights", type=click.Path(path_type=Path), help="Local image weights file.")
 @click.option("--text-weights", type=click.Path(path_type=Path), help="Local Hugging Face folder of the text backbone.")
-@click.option("--image-size", default=224, show_default=True, help="Center-crop size (resize keeps the 256/224 ratio).")
-@click.option("--batch-size", default=64, show_default=True, help="Images per forward pass.")
-@click.option("--text-batch-size", default=256, show_default=True, help="Titles per forward pass.")
-@click.option("--workers", default=2, show_default=True, help="DataLoader processes decoding images.")
+@click.option("--image-size", default=224, type=POSITIVE, show_default=True, help="Center-crop size (resize keeps the 256/224 ratio).")
+@click.option("--batch-size", default=64, type=POSITIVE, show_default=True, help="Images per forward pass.")
+@click.option("--text-batch-size", default=256, type=POSITIVE, show_default=True, help="Titles per forward pass.")
+@click.option("--workers", default=2, type=NON_NEGATIVE, show_default=True, help="DataLoader processes decoding images.")
 @click.option("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when present, else CPU).")
 @click.option("--add", is_flag=True, help="Store these backbones' features beside other backbones' already in STORE.")
 @click.option("--progress/--no-progress", default=True, show_default=True)

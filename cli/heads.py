@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from cli.common import comma_list, int_list, one_line_errors
+from cli.common import NON_NEGATIVE, POSITIVE, FiniteFloat, comma_list, int_list, one_line_errors
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -30,17 +30,17 @@ def heads():
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [default: cuda if available, else cpu]")
 @click.option("--threads", type=int, default=1, show_default=True,
               help="CPU threads while training; 1 measured fastest for small heads on 2 shared vCPUs.")
-@click.option("--batch-size", default=128, show_default=True)
-@click.option("--lr", default=1e-3, show_default=True)
-@click.option("--max-epochs", default=40, show_default=True)
-@click.option("--patience", default=5, show_default=True, help="Epochs without a better validation accuracy.")
+@click.option("--batch-size", default=128, type=POSITIVE, show_default=True)
+@click.option("--lr", default=1e-3, type=FiniteFloat(min=0, min_open=True), show_default=True)
+@click.option("--max-epochs", default=40, type=POSITIVE, show_default=True)
+@click.option("--patience", default=5, type=POSITIVE, show_default=True, help="Epochs without a better validation accuracy.")
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
               help="auto: bf16 autocast on CUDA, float32 on CPU. bf16 on a CPU with AVX512-BF16/AMX: ~2x faster.")
 @click.option("--manifest", type=click.Path(path_type=Path), default=None,
               help="3A/3B: the manifest the store was extracted from (they train end to end on the raw catalog, "
                    "with the backbones named in the store's provenance).")
-@click.option("--end-to-end-epochs", type=int, default=10, show_default=True, help="3A/3B: most epochs.")
-@click.option("--max-steps-per-epoch", type=int, default=None,
+@click.option("--end-to-end-epochs", type=POSITIVE, default=10, show_default=True, help="3A/3B: most epochs.")
+@click.option("--max-steps-per-epoch", type=POSITIVE, default=None,
               help="3A/3B: stop each epoch after this many steps (the full epoch's time is extrapolated).")
 @one_line_errors
 def sweep(store, out, strategies, fusions, seeds, baselines, sequential, device, threads, batch_size, lr,
@@ -80,8 +80,8 @@ def report(results, out):
 @click.argument("inputs", metavar="INPUT", type=click.Path(path_type=Path))
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path),
               help="CSV to write: id, label_k, probability_k for k = 1..top-k, reason (empty when predicted).")
-@click.option("--top-k", default=3, show_default=True, help="Most probable categories per row.")
-@click.option("--batch-size", default=64, show_default=True, help="Rows per forward pass.")
+@click.option("--top-k", default=3, type=POSITIVE, show_default=True, help="Most probable categories per row.")
+@click.option("--batch-size", default=64, type=POSITIVE, show_default=True, help="Rows per forward pass.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [default: cuda if available, else cpu]")
 @click.option("--image-weights", type=click.Path(path_type=Path),
               help="The image backbone's weights file, when it is not in its standard places (pooled heads).")
@@ -92,7 +92,7 @@ def report(results, out):
 @click.option("--image-column", default="image", show_default=True,
               help="Input CSV: image path column (relative to the CSV's folder, or absolute).")
 @click.option("--title-column", default="title", show_default=True, help="Input CSV: title column.")
-@click.option("--workers", default=2, show_default=True, help="DataLoader processes decoding images.")
+@click.option("--workers", default=2, type=NON_NEGATIVE, show_default=True, help="DataLoader processes decoding images.")
 @one_line_errors
 def predict(head_dir, inputs, out, top_k, batch_size, device, image_weights, text_weights, id_column, image_column,
             title_column, workers):

@@ -7,6 +7,7 @@ accuracy, never by test) is saved as RESULTS/heads/<cell>/{model.safetensors, co
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -20,6 +21,7 @@ from heads.end_to_end import END_TO_END, EndToEndSettings
 from heads.fusion import list_fusions
 from heads.models import (BASELINES, MULTIMODAL_STRATEGIES, STRATEGY_LAYER, STRATEGY_MODALITIES, FusionHead,
                           HeadConfig, StackedHead)
+from heads.results import ResultsLock, append_rows, read_runs  # noqa: F401  (read_runs: re-exported)
 from heads.train import HeadData, TrainSettings, train_heads
 
 DEFAULT_FUSIONS = ("add", "average", "product", "concat", "gated")
@@ -111,13 +113,6 @@ def run_key(config: HeadConfig, train: TrainSettings, seed: int, manifest_sha256
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def read_runs(out_dir: str | Path) -> list[dict]:
-    path = Path(out_dir) / "runs.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _non_trainable(sets: dict) -> tuple[int, str | None]:
     missing = [n for n, p in sets.items() if "parameters" not in p]
     total = sum(int(p.get("parameters", 0)) for p in sets.values())
@@ -151,11 +146,21 @@ def run_sweep(store_path: str | Path, out_dir: str | Path, settings: SweepSettin
 
 
 def _run_sweep(store_path, out_dir, settings: SweepSettings, log) -> dict:
-    from embedstore.store import FeatureStore  # the store's reader contract, docs/ARCHITECTURE.md
+    from embedstore.outputs import check_writable, relative_to_folder
 
     device = str(resolve_device(settings.device))
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_writable(out_dir, folder=True)  # before any work, and as one line naming the path
+    from heads.end_to_end import is_rank_zero
+
+    # one sweep per results folder: the second refuses in one line (under torchrun, rank 0 is the one writer)
+    with ResultsLock(out_dir) if is_rank_zero() else contextlib.nullcontext():
+        return _sweep_locked(store_path, out_dir, settings, log, device, relative_to_folder(store_path, out_dir))
+
+
+def _sweep_locked(store_path, out_dir: Path, settings: SweepSettings, log, device: str, store_in_row: str) -> dict:
+    from embedstore.store import FeatureStore  # the store's reader contract, docs/ARCHITECTURE.md
+
     done = {row["run_key"] for row in read_runs(out_dir)}
     t_start, trained, skipped, cells_done = time.perf_counter(), 0, 0, []
     with FeatureStore(store_path) as store:
@@ -172,8 +177,7 @@ def _run_sweep(store_path, out_dir, settings: SweepSettings, log) -> dict:
                 rows, n_skipped = sweep_cell(store, store_path, settings.manifest, out_dir, strategy, fusion,
                                              settings.seeds, end_to_end, done, log=log)
                 if rows and is_rank_zero():  # under torchrun only rank 0 writes
-                    with open(out_dir / "runs.jsonl", "a") as f:
-                        f.writelines(json.dumps(row, sort_keys=True) + "\n" for row in rows)
+                    append_rows(out_dir, rows)
                 trained, skipped = trained + len(rows), skipped + n_skipped
                 cells_done += [f"{strategy}-{fusion}"] if rows else []
                 continue
@@ -211,7 +215,7 @@ def _run_sweep(store_path, out_dir, settings: SweepSettings, log) -> dict:
                 rows.append({
                     "run_key": keys[r.seed], "cell": config.cell, "strategy": strategy, "fusion": fusion,
                     "seed": r.seed, "config": config.to_dict(), "train_settings": asdict(settings.train),
-                    "store": {"path": str(store_path), "manifest_sha256": manifest, "feature_sets": provenance,
+                    "store": {"path": store_in_row, "manifest_sha256": manifest, "feature_sets": provenance,
                               **row_counts},
                     "test_accuracy": r.test_accuracy, "test_macro_f1": r.test_macro_f1,
                     "best_val_accuracy": r.best_val_accuracy, "best_epoch": r.best_epoch,
@@ -219,11 +223,12 @@ def _run_sweep(store_path, out_dir, settings: SweepSettings, log) -> dict:
                     "group_seconds": r.group_seconds, "group_size": r.group_size, "batched": settings.batched,
                     "device": device, "trainable_parameters": StackedHead(config).num_parameters(),
                     "non_trainable_parameters": non_trainable, "non_trainable_note": note,
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "diverged": r.diverged,
                 })
-            with open(out_dir / "runs.jsonl", "a") as f:
-                f.writelines(json.dumps(row, sort_keys=True) + "\n" for row in rows)
+            # the head first, then its rows: a crash between them re-trains the runs instead of leaving rows
+            # whose cell never got its head (a re-run skips runs whose rows exist)
             _save_best(out_dir, config, results, rows, classes)
+            append_rows(out_dir, rows)
             trained += len(results)
             cells_done.append(config.cell)
             accs = ", ".join(f"{r.test_accuracy:.4f}" for r in results)
@@ -234,7 +239,10 @@ def _run_sweep(store_path, out_dir, settings: SweepSettings, log) -> dict:
 
 def _save_best(out_dir: Path, config: HeadConfig, results, rows, classes) -> None:
     """Keep the cell's saved head unless a new seed beats it on validation accuracy (same store features)."""
-    i = max(range(len(results)), key=lambda j: (results[j].best_val_accuracy, -results[j].seed))
+    usable = [j for j in range(len(results)) if not results[j].diverged]  # a diverged head is never saved
+    if not usable:
+        return
+    i = max(usable, key=lambda j: (results[j].best_val_accuracy, -results[j].seed))
     best, row = results[i], rows[i]
     directory = out_dir / "heads" / config.cell
     if (directory / "config.json").exists():

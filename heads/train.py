@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from dataclasses import dataclass
 
@@ -48,6 +49,19 @@ class TrainSettings:
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; use one of {', '.join(PRECISIONS)}")
+        for option, value in (("--batch-size", self.batch_size), ("--max-epochs", self.max_epochs),
+                              ("--patience", self.patience), ("eval_chunk", self.eval_chunk)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{option} must be an integer of at least 1, got {value!r}")
+        for option, value, low, low_open in (("--lr", self.lr, 0.0, True), ("eps", self.eps, 0.0, True),
+                                             ("clip_norm", self.clip_norm, 0.0, True),
+                                             ("weight_decay", self.weight_decay, 0.0, False)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value)
+                    and (value > low if low_open else value >= low)):
+                raise ValueError(f"{option} must be a finite number {'above' if low_open else 'of at least'} {low}, "
+                                 f"got {value!r}")
+        if not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
 
 
 @dataclass
@@ -90,6 +104,7 @@ class HeadResult:
     group_seconds: float          # wall time of the whole stack it trained in
     group_size: int
     params: dict[str, torch.Tensor]  # best-epoch weights, (1, ...) each, on the CPU
+    diverged: bool = False        # its training loss turned NaN/inf: stopped then, never to be saved
 
 
 def head_seed(config: HeadConfig, seed: int) -> int:
@@ -182,10 +197,12 @@ def _train_stack(config: HeadConfig, seeds: list[int], data: HeadData, s: TrainS
     best_epoch = torch.zeros(G, dtype=torch.long)
     epochs_run = torch.zeros(G, dtype=torch.long)
     active = torch.arange(G)          # rows of `best` that the current stack holds
+    diverged = torch.zeros(G, dtype=torch.bool)
 
     for epoch in range(1, s.max_epochs + 1):
         A = len(active)
         perms = torch.stack([torch.randperm(n, generator=g) for g in gens]).to(device)  # (A, n)
+        non_finite = torch.zeros(A, dtype=torch.bool, device=device)  # per head, on the device: no sync per step
         for start in range(0, n, s.batch_size):
             idx = perms[:, start:start + s.batch_size]                    # (A, B)
             xs = [x[idx] for x in data.train.inputs]                      # (A, B, D_m) gathers
@@ -194,7 +211,9 @@ def _train_stack(config: HeadConfig, seeds: list[int], data: HeadData, s: TrainS
             with autocast:
                 logits = model.forward(params, xs, masks)                 # (A, B, C)
             # sum over heads of each head's mean loss: each head gets exactly its own gradient
-            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(A, -1).mean(1).sum()
+            head_loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(A, -1).mean(1)
+            non_finite |= ~torch.isfinite(head_loss.detach())                # (A,)
+            loss = head_loss.sum()
             grads = torch.autograd.grad(loss, list(params.values()))
             if reference:
                 for p, g in zip(params.values(), grads):
@@ -206,14 +225,16 @@ def _train_stack(config: HeadConfig, seeds: list[int], data: HeadData, s: TrainS
         with autocast:
             val_acc = _accuracy(model, params, data.val, s.eval_chunk)    # (A,)
         epochs_run[active] = epoch
-        improved = val_acc > best_acc[active]
+        diverged_now = non_finite.cpu()                                   # (A,), one sync per epoch
+        diverged[active[diverged_now]] = True
+        improved = (val_acc > best_acc[active]) & ~diverged_now          # NaN weights are never a best epoch
         if improved.any():
             rows = active[improved]
             best_acc[rows], best_epoch[rows] = val_acc[improved], epoch
             rows_d, improved_d = rows.to(device), improved.to(device)  # bookkeeping is on the CPU
             for k in best:
                 best[k][rows_d] = params[k].detach()[improved_d]
-        stopped = (epoch - best_epoch[active]) >= s.patience
+        stopped = ((epoch - best_epoch[active]) >= s.patience) | diverged_now  # a diverged head leaves the stack
         if stopped.all():
             break
         if stopped.any():  # drop stopped heads from the stack: they stop changing and stop costing
@@ -237,5 +258,5 @@ def _train_stack(config: HeadConfig, seeds: list[int], data: HeadData, s: TrainS
             test_macro_f1=float(f1_score(y_test, test_pred[i], average="macro", zero_division=0)),
             best_val_accuracy=float(best_acc[i]), best_epoch=int(best_epoch[i]), epochs_run=int(epochs_run[i]),
             train_seconds=elapsed / G, group_seconds=elapsed, group_size=G,
-            params={k: v[i:i + 1].detach().cpu().clone() for k, v in best.items()}))
+            params={k: v[i:i + 1].detach().cpu().clone() for k, v in best.items()}, diverged=bool(diverged[i])))
     return results
