@@ -1,6 +1,7 @@
 """What every command shares: one-line errors instead of tracebacks, and option parsing helpers."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import warnings
@@ -30,7 +31,8 @@ def one_line_errors(command):
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
-            return command(*args, **kwargs)
+            with _data_warnings_as_lines():
+                return command(*args, **kwargs)
         except UnicodeDecodeError as error:  # its args[0] is just the codec name ("utf-8")
             raise InputError(f"input is not valid {error.encoding} text (byte {error.start}: {error.reason}); "
                              "re-save it as UTF-8") from None
@@ -45,16 +47,23 @@ def one_line_errors(command):
     return wrapper
 
 
-def _one_line_warning(message, category, filename, lineno, line=None):
+@contextlib.contextmanager
+def _data_warnings_as_lines():
+    """Data left out and counted (embedstore.store.DataWarning) is said on stderr in one line, every time."""
     from embedstore.store import DataWarning
 
-    if issubclass(category, DataWarning):
-        return f"Warning: {message}\n"
-    return _default_formatwarning(message, category, filename, lineno, line)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", DataWarning)
+        shown = warnings.showwarning
 
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, DataWarning):
+                click.echo(f"Warning: {message}", err=True)
+            else:
+                shown(message, category, filename, lineno, file, line)
 
-_default_formatwarning = warnings.formatwarning
-warnings.formatwarning = _one_line_warning  # data left out is said in one line, not with a source excerpt
+        warnings.showwarning = show
+        yield
 
 
 POSITIVE = click.IntRange(min=1)

@@ -203,9 +203,10 @@ def _check_existing(path: Path, manifest_sha256: str, manifest_json: str, shard:
     with _open_readonly(path) as f:
         existing = _decode_attr(f.attrs.get("manifest_sha256", ""))
         # stores made before items_identity was recorded still hold their manifest's text: derive it from that
-        stored_json = _decode_attr(f.attrs.get("manifest", ""))
+        stored_json = f.attrs.get("manifest", "")
+        stored_json = stored_json.decode("utf-8") if isinstance(stored_json, bytes) else str(stored_json)
         stored_identity = _decode_attr(f.attrs.get("items_identity", "")) or (
-            manifest_identity(stored_json) if isinstance(stored_json, str) and stored_json else "")
+            manifest_identity(stored_json) if stored_json else "")
         existing_shard = {key: _decode_attr(f.attrs[key]) for key in SHARD_KEYS if key in f.attrs}
     same_items = existing == manifest_sha256 or (
         bool(stored_identity) and bool(manifest_json) and stored_identity == manifest_identity(manifest_json))

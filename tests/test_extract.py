@@ -108,10 +108,10 @@ def test_cli_errors_are_one_line(tmp_path):
     assert result.exit_code == 2 and "tiny-resnet" in result.output  # the error lists what exists
 
 
-def _extract_command(manifest_path, store_path):
+def _extract_command(manifest_path, store_path, workers=0):
     return [sys.executable, "-m", "cli.embed", "extract", str(manifest_path), "--store", str(store_path),
             "--image-backbone", "tiny-resnet", "--text-backbone", "tiny-bert", "--image-size", "64",
-            "--batch-size", "2", "--workers", "0", "--no-progress"]
+            "--batch-size", "2", "--workers", str(workers), "--no-progress"]
 
 
 def _done_rows(store_path) -> int:
@@ -131,9 +131,10 @@ def test_killed_extraction_resumes_to_the_same_store(tmp_path):
     subprocess.run(_extract_command(manifest_path, tmp_path / "whole.h5"), check=True, env=env,
                    capture_output=True)
 
+    # with DataLoader workers: killing the main process must not leave them holding the store (issue #10)
     killed = tmp_path / "killed.h5"
-    process = subprocess.Popen(_extract_command(manifest_path, killed), env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(_extract_command(manifest_path, killed, workers=2), env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while _done_rows(killed) < n_items // 3 and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.02)
@@ -142,7 +143,9 @@ def test_killed_extraction_resumes_to_the_same_store(tmp_path):
     done_when_killed = _done_rows(killed)
     assert 0 < done_when_killed < n_items, "the kill must land halfway through the image pass"
 
-    resumed = subprocess.run(_extract_command(manifest_path, killed), env=env, capture_output=True, text=True)
+    # at once: no sleep for orphaned workers to notice their parent is gone
+    resumed = subprocess.run(_extract_command(manifest_path, killed, workers=2), env=env, capture_output=True,
+                             text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert f"computed {n_items - done_when_killed} rows" in resumed.stdout
 
