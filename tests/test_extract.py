@@ -1,4 +1,5 @@
 """`embed prepare` -> `embed extract` -> `embed inspect` on generated catalogs with tiny random backbones."""
+import fcntl
 import os
 import signal
 import subprocess
@@ -140,6 +141,13 @@ def test_killed_extraction_resumes_to_the_same_store(tmp_path):
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
+    # nothing the killed run started may still hold the store: a forked DataLoader worker inherited the writer's
+    # flock and kept it until it noticed its parent was gone (up to 5 s), refusing an immediate resume
+    descriptor = os.open(killed, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError while anything holds it
+    finally:
+        os.close(descriptor)
     done_when_killed = _done_rows(killed)
     assert 0 < done_when_killed < n_items, "the kill must land halfway through the image pass"
 
