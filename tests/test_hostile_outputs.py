@@ -47,20 +47,23 @@ def world(tmp_path_factory):
                          "--max-epochs", 3, "--no-baselines", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     images = sorted((Path(info.path) / "images").glob("*.jpg"))
-    (root / "bomb.png").write_bytes(bomb_png())
     rows = [{"id": "a", "image": str(images[0]), "title": "blue cotton shirt"},
-            {"id": "bomb", "image": str(root / "bomb.png"), "title": "red leather watch"},
             {"id": "c", "image": str(images[1]), "title": "black running shoes"}]
-    with open(root / "products.csv", "w", newline="") as handle:
+    write_csv(root / "products.csv", rows)
+    return {"root": root, "store": store, "results": results, "head": results / "heads" / "2A-concat",
+            "csv": root / "products.csv", "manifest": manifest, "rows": rows}
+
+
+def write_csv(path, rows):
+    with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["id", "image", "title"])
         writer.writeheader()
         writer.writerows(rows)
-    return {"root": root, "store": store, "results": results, "head": results / "heads" / "2A-concat",
-            "csv": root / "products.csv", "manifest": manifest}
 
 
-def predict(world, out, *extra, head=None):
-    return run(heads, ["predict", head or world["head"], world["csv"], "--out", out, "--workers", 0, *extra])
+def predict(world, out, *extra, head=None, inputs=None):
+    return run(heads, ["predict", head or world["head"], inputs or world["csv"], "--out", out, "--workers", 0,
+                       *extra])
 
 
 # ----------------------------------------------------------------------------------------------- outputs
@@ -126,11 +129,14 @@ def test_one_line_errors_name_the_path_of_any_os_error():
 
 
 def test_an_enormous_image_in_predict_is_a_reason_not_a_traceback(world, tmp_path):
-    result = predict(world, tmp_path / "p.csv")
+    (tmp_path / "bomb.png").write_bytes(bomb_png())
+    bomb = {"id": "bomb", "image": str(tmp_path / "bomb.png"), "title": "red leather watch"}
+    write_csv(tmp_path / "in.csv", [world["rows"][0], bomb, world["rows"][1]])
+    result = predict(world, tmp_path / "p.csv", inputs=tmp_path / "in.csv")
     assert result.exit_code == 0, result.output
     rows = {row["id"]: row for row in csv.DictReader(open(tmp_path / "p.csv"))}
     assert rows["bomb"]["reason"] == "image too large" and rows["a"]["label_1"] and rows["c"]["label_1"]
-    assert [p.name for p in tmp_path.iterdir()] == ["p.csv"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bomb.png", "in.csv", "p.csv"]
 
 
 def test_predict_never_writes_nan(world, tmp_path):
