@@ -8,12 +8,12 @@ whose status is still pending are computed (see store.py for why a killed run le
 from __future__ import annotations
 
 import contextlib
-import ctypes
+import functools
 import io
 import multiprocessing
 import os
-import signal
-import sys
+import select
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -203,18 +203,36 @@ def worker_context():
     return context
 
 
-def die_with_parent(_worker_id: int = 0) -> None:
-    """DataLoader worker_init_fn: on Linux, ask the kernel to kill this worker when its parent dies, so a killed
-    extraction leaves no workers decoding for nobody."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() == 1:  # the parent died before prctl took effect
+def die_with(main_pid: int, _worker_id: int = 0) -> None:
+    """DataLoader worker_init_fn (bind main_pid with functools.partial): end this worker when the process that
+    runs the DataLoader dies. A forkserver worker's parent is the server, which lives as long as any worker
+    does, so neither PR_SET_PDEATHSIG nor torch's parent-pid watchdog ever fires after a kill -9 of the main
+    process: the workers (and the server) would live on forever. A daemon thread waits on a pidfd of the main
+    process (Linux 5.3+; else polls it) and exits the worker when it is gone."""
+
+    def watch():
+        try:
+            descriptor = os.pidfd_open(main_pid)
+        except (AttributeError, OSError):  # no pidfd here, or the main process is already gone
+            descriptor = None
+        if descriptor is not None:
+            select.select([descriptor], [], [])  # readable once the process has exited
+        else:
+            while _alive(main_pid):
+                time.sleep(0.2)
         os._exit(0)
+
+    threading.Thread(target=watch, name="die-with-main", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _extract_images(manifest: Manifest, store_path: Path, settings: ExtractSettings, device) -> SourceReport:
@@ -245,7 +263,7 @@ def _stream_images(manifest: Manifest, writer: FeatureSetWriter, transform, comp
         collate_fn=_collate_images, pin_memory=device.type == "cuda",
         persistent_workers=False, prefetch_factor=2 if settings.workers else None,
         multiprocessing_context=worker_context() if settings.workers else None,
-        worker_init_fn=die_with_parent if settings.workers else None,
+        worker_init_fn=functools.partial(die_with, os.getpid()) if settings.workers else None,
     )
     with tqdm(total=len(manifest.items), initial=len(manifest.items) - len(pending), unit="img",
               desc=desc, disable=not settings.progress) as bar:

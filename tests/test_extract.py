@@ -123,7 +123,36 @@ def _done_rows(store_path) -> int:
         return 0
 
 
+def _parents() -> dict[int, int]:
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except (OSError, ValueError):
+            continue
+        parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])  # the field after the state
+    return parents
+
+
+def _descendants(pid: int) -> set[int]:
+    parents, found, frontier = _parents(), set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 @pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from Linux's /proc")
 def test_killed_extraction_resumes_to_the_same_store(tmp_path):
     _, manifest, manifest_path = prepared(tmp_path, per_class=40, items_per_class=36, split=(30, 2, 4))
     n_items = len(manifest.items)
@@ -136,11 +165,15 @@ def test_killed_extraction_resumes_to_the_same_store(tmp_path):
     killed = tmp_path / "killed.h5"
     process = subprocess.Popen(_extract_command(manifest_path, killed, workers=2), env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while _done_rows(killed) < n_items // 3 and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    try:
+        deadline = time.monotonic() + 120
+        while _done_rows(killed) < n_items // 3 and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.02)
+        helpers = _descendants(process.pid)  # DataLoader workers, and the forkserver they fork from
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert helpers, "the killed run must have had its decoding workers"
     # nothing the killed run started may still hold the store: a forked DataLoader worker inherited the writer's
     # flock and kept it until it noticed its parent was gone (up to 5 s), refusing an immediate resume
     descriptor = os.open(killed, os.O_RDONLY)
@@ -150,6 +183,11 @@ def test_killed_extraction_resumes_to_the_same_store(tmp_path):
         os.close(descriptor)
     done_when_killed = _done_rows(killed)
     assert 0 < done_when_killed < n_items, "the kill must land halfway through the image pass"
+
+    deadline = time.monotonic() + 30  # and they all end: none decodes on for nobody, none lives on forever
+    while {pid for pid in helpers if _running(pid)} and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not {pid for pid in helpers if _running(pid)}, "the killed run's workers outlived it"
 
     # at once: no sleep for orphaned workers to notice their parent is gone
     resumed = subprocess.run(_extract_command(manifest_path, killed, workers=2), env=env, capture_output=True,
