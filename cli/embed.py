@@ -35,6 +35,9 @@ def prepare(catalog, out, min_items, items_per_class, train, val, test, seed, fm
     from embedstore.catalog import CsvColumns, open_catalog
     from embedstore.manifest import SplitSettings, format_summary, prepare_manifest
 
+    from embedstore.outputs import check_writable
+
+    check_writable(out, folder=False)  # before reading the catalog
     columns = CsvColumns(id=id_column, image=image_column, title=title_column, label=label_column)
     opened = open_catalog(catalog, fmt=fmt, columns=columns)
     settings = SplitSettings(min_items=min_items, items_per_class=items_per_class, train=train, val=val,
@@ -114,9 +117,11 @@ def merge(shards, out):
     Its feature datasets are HDF5 virtual datasets reading the shard files by relative name: keep the shard
     files beside the merged store (the folder may move as a whole).
     """
+    from embedstore.outputs import check_writable
     from embedstore.shards import merge_shards
     from embedstore.store import FeatureStore
 
+    check_writable(out, folder=False)
     merge_shards(shards, out)
     with FeatureStore(out) as store:
         click.echo(f"merged {len(shards)} shards into {out}: {len(store.ids)} items, "

@@ -331,12 +331,16 @@ class FeatureSetWriter:
                 status = status.copy()
                 status[ok_index[~finite]] = STATUS_NON_FINITE
         ok_rows = rows[ok_index]
-        if ok_rows.size:
-            for layer, matrix in values.items():
-                _write_rows(self._group[layer], ok_rows, np.asarray(matrix, dtype=np.float32))
+        try:
+            if ok_rows.size:
+                for layer, matrix in values.items():
+                    _write_rows(self._group[layer], ok_rows, np.asarray(matrix, dtype=np.float32))
+                self._file.flush()
+            _write_rows(self._group["status"], rows, status)
             self._file.flush()
-        _write_rows(self._group["status"], rows, status)
-        self._file.flush()
+        except OSError as error:  # a full disk, a vanished mount: h5py's message names no file
+            raise OSError(error.errno or errno.EIO, f"cannot write to the store ({str(error).splitlines()[0]}); "
+                          "rows written so far are kept and a rerun resumes", str(self.path)) from None
 
     def finish(self) -> bool:
         """Mark the layers complete if no row is pending; returns whether they are."""

@@ -17,6 +17,7 @@ import embedstore.store as store_module
 import heads.predict as predict_module
 from cli.embed import embed
 from cli.heads import heads
+from embedstore.manifest import Manifest
 from embedstore.synthetic_catalog import make_fashion_catalog
 from tests.test_hostile import TINY, bomb_png, make_store
 
@@ -109,6 +110,30 @@ def test_a_full_disk_during_predict_is_one_line_and_leaves_no_partial_file(world
     line = one_line(predict(world, tmp_path / "p.csv"))
     assert "No space left on device" in line
     assert list(tmp_path.iterdir()) == []
+
+
+def test_prepare_into_a_folder_is_refused_before_reading_the_catalog(tmp_path):
+    line = one_line(run(embed, ["prepare", tmp_path / "no-catalog-needed", "--out", tmp_path]))
+    assert "is a folder" in line and str(tmp_path) in line
+
+
+def test_a_full_disk_during_extraction_is_one_line_and_the_rerun_resumes(world, tmp_path, monkeypatch):
+    real, calls = store_module._write_rows, []
+
+    def full_after_two_batches(*args):
+        calls.append(1)
+        if len(calls) > 4:  # values + status of two batches, then the disk is full
+            raise OSError(errno.ENOSPC, "Unable to write data (No space left on device)")
+        return real(*args)
+
+    monkeypatch.setattr(store_module, "_write_rows", full_after_two_batches)
+    store = tmp_path / "s.h5"
+    line = one_line(run(embed, ["extract", world["manifest"], "--store", store, *TINY, "--batch-size", 4]))
+    assert "No space left on device" in line and str(store) in line and "resumes" in line
+    monkeypatch.undo()
+    result = run(embed, ["extract", world["manifest"], "--store", store, *TINY])
+    n_items = len(Manifest.load(world["manifest"]).items)
+    assert result.exit_code == 0 and f"image/tiny-resnet-64px: computed {n_items - 8} rows" in result.output
 
 
 def test_one_line_errors_name_the_path_of_any_os_error():
