@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from cli.common import comma_list, finite, int_list, one_line_errors
+from cli.common import NON_NEGATIVE, POSITIVE, FiniteFloat, comma_list, int_list, one_line_errors
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -32,16 +32,15 @@ def heads():
               help="Also train the unimodal image-only and text-only heads (Table 7).")
 @click.option("--sequential", is_flag=True, help="Train one head at a time instead of all seeds of a cell at once.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [default: cuda if available, else cpu]")
-@click.option("--jobs", type=click.IntRange(min=1), default=None,
+@click.option("--jobs", type=POSITIVE, default=None,
               help="Worker processes training cells at once, one thread each [default: the cores this process may "
                    "use on a CPU, 1 on CUDA]. Same rows as --jobs 1.")
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--threads", type=POSITIVE, default=1, show_default=True,
               help="CPU threads while training in this process (--jobs 1); 1 measured fastest for small heads.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
-              callback=finite)
-@click.option("--max-epochs", type=click.IntRange(min=1), default=40, show_default=True)
-@click.option("--patience", type=click.IntRange(min=1), default=5, show_default=True,
+@click.option("--batch-size", type=POSITIVE, default=128, show_default=True)
+@click.option("--lr", default=1e-3, type=FiniteFloat(min=0, min_open=True), show_default=True)
+@click.option("--max-epochs", type=POSITIVE, default=40, show_default=True)
+@click.option("--patience", type=POSITIVE, default=5, show_default=True,
               help="Epochs without a better validation accuracy.")
 @click.option("--class-weight", type=click.Choice(["none", "balanced"]), default="none", show_default=True,
               help="balanced: weigh each class n / (C * n_class) in the loss, for imbalanced catalogs.")
@@ -51,9 +50,8 @@ def heads():
 @click.option("--manifest", type=click.Path(path_type=Path), default=None,
               help="3A/3B: the manifest the store was extracted from (they train end to end on the raw catalog, "
                    "with the backbones named in the store's provenance).")
-@click.option("--end-to-end-epochs", type=click.IntRange(min=1), default=10, show_default=True,
-              help="3A/3B: most epochs.")
-@click.option("--max-steps-per-epoch", type=click.IntRange(min=1), default=None,
+@click.option("--end-to-end-epochs", type=POSITIVE, default=10, show_default=True, help="3A/3B: most epochs.")
+@click.option("--max-steps-per-epoch", type=POSITIVE, default=None,
               help="3A/3B: stop each epoch after this many steps (the full epoch's time is extrapolated).")
 @click.option("--memory-budget", default=None, metavar="SIZE",
               help="Memory the features may take, e.g. 1GB or 512MiB [default: half the available memory]; "
@@ -113,8 +111,8 @@ def report(results, out):
 @click.argument("inputs", metavar="INPUT", type=click.Path(path_type=Path))
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path),
               help="CSV to write: id, label_k, probability_k for k = 1..top-k, reason (empty when predicted).")
-@click.option("--top-k", default=3, show_default=True, help="Most probable categories per row.")
-@click.option("--batch-size", default=64, show_default=True, help="Rows per forward pass.")
+@click.option("--top-k", default=3, type=POSITIVE, show_default=True, help="Most probable categories per row.")
+@click.option("--batch-size", default=64, type=POSITIVE, show_default=True, help="Rows per forward pass.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [default: cuda if available, else cpu]")
 @click.option("--image-weights", type=click.Path(path_type=Path),
               help="The image backbone's weights file, when it is not in its standard places (pooled heads).")
@@ -125,7 +123,7 @@ def report(results, out):
 @click.option("--image-column", default="image", show_default=True,
               help="Input CSV: image path column (relative to the CSV's folder, or absolute).")
 @click.option("--title-column", default="title", show_default=True, help="Input CSV: title column.")
-@click.option("--workers", default=2, show_default=True, help="DataLoader processes decoding images.")
+@click.option("--workers", default=2, type=NON_NEGATIVE, show_default=True, help="DataLoader processes decoding images.")
 @one_line_errors
 def predict(head_dir, inputs, out, top_k, batch_size, device, image_weights, text_weights, id_column, image_column,
             title_column, workers):

@@ -8,9 +8,14 @@ whose status is still pending are computed (see store.py for why a killed run le
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
+import multiprocessing
 import os
+import select
+import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +34,7 @@ from embedstore.preprocess import clean_title
 from embedstore.shards import Shard, shard_job
 from embedstore.store import (
     STATUS_EMPTY_TITLE,
+    STATUS_IMAGE_TOO_LARGE,
     STATUS_MISSING_IMAGE,
     STATUS_NAMES,
     STATUS_OK,
@@ -58,6 +64,12 @@ class ExtractSettings:
     text_module: str | None = None   # outputs as source "module-<id>" beside the pooled features
     shard: Shard | None = None  # only this shard's rows, into its own file <store>.shard-k-of-n.h5 (shards.py)
     dtype: str = "float32"  # stored values: float16 halves disk and memory; readers upcast to float32 per batch
+
+    def __post_init__(self):
+        for option, value, least in (("--image-size", self.image_size, 1), ("--batch-size", self.batch_size, 1),
+                                     ("--text-batch-size", self.text_batch_size, 1), ("--workers", self.workers, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{option} must be an integer of at least {least}, got {value!r}")
 
 
 @dataclass
@@ -158,8 +170,13 @@ class _ImageRows(Dataset):
         except FileNotFoundError:
             return row, None, STATUS_MISSING_IMAGE
         try:
-            with Image.open(io.BytesIO(data)) as image:
-                pixels = self.transform(image.convert("RGB"))  # (3, H, W)
+            with warnings.catch_warnings():
+                # PIL only warns between its pixel limit and twice it, and decodes: gigabytes for one item
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(io.BytesIO(data)) as image:
+                    pixels = self.transform(image.convert("RGB"))  # (3, H, W)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            return row, None, STATUS_IMAGE_TOO_LARGE
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
             return row, None, STATUS_UNREADABLE_IMAGE
         return row, pixels, STATUS_OK
@@ -171,6 +188,54 @@ def _collate_images(batch):
     ok = [pixels for _, pixels, code in batch if code == STATUS_OK]
     images = torch.stack(ok) if ok else None  # (n_ok, 3, H, W)
     return rows, images, status
+
+
+def worker_context():
+    """The start method of the decoding workers while a store is open for writing.
+
+    A forked worker inherits every descriptor of its parent, the store's flock and HDF5 handle included; after
+    a kill -9 of the parent, orphaned workers kept the lock for seconds and an immediate resume was refused.
+    forkserver workers fork from a clean server process started by exec, so they never hold the store (and,
+    unlike spawn, they do not import torch each: the server imports this module once). Opening the store only
+    after the workers start would also work, but every extraction path would need to drop and retake the
+    writer's lock around each DataLoader."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["__main__", "embedstore.extract"])
+    return context
+
+
+def die_with(main_pid: int, _worker_id: int = 0) -> None:
+    """DataLoader worker_init_fn (bind main_pid with functools.partial): end this worker when the process that
+    runs the DataLoader dies. A forkserver worker's parent is the server, which lives as long as any worker
+    does, so neither PR_SET_PDEATHSIG nor torch's parent-pid watchdog ever fires after a kill -9 of the main
+    process: the workers (and the server) would live on forever. A daemon thread waits on a pidfd of the main
+    process (Linux 5.3+; else polls it) and exits the worker when it is gone."""
+
+    def watch():
+        try:
+            descriptor = os.pidfd_open(main_pid)
+        except (AttributeError, OSError):  # no pidfd here, or the main process is already gone
+            descriptor = None
+        if descriptor is not None:
+            select.select([descriptor], [], [])  # readable once the process has exited
+        else:
+            while _alive(main_pid):
+                time.sleep(0.2)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="die-with-main", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _extract_images(manifest: Manifest, store_path: Path, settings: ExtractSettings, device) -> SourceReport:
@@ -201,6 +266,8 @@ def _stream_images(manifest: Manifest, writer: FeatureSetWriter, transform, comp
         batch_size=settings.batch_size, shuffle=False, num_workers=settings.workers,
         collate_fn=_collate_images, pin_memory=device.type == "cuda",
         persistent_workers=False, prefetch_factor=2 if settings.workers else None,
+        multiprocessing_context=worker_context() if settings.workers else None,
+        worker_init_fn=functools.partial(die_with, os.getpid()) if settings.workers else None,
     )
     with tqdm(total=len(manifest.items), initial=len(manifest.items) - len(pending), unit="img",
               desc=desc, disable=not settings.progress) as bar:

@@ -267,8 +267,11 @@ def findings(modules: dict, heads: dict) -> list[tuple[str, str, str]]:
 
 def confusion(heads_rows: list[dict], best: dict, report_dir: Path) -> tuple[list[str], list[Path]]:
     """Confusion matrix of the best cached multimodal cell's best saved head (by validation accuracy) on its
-    store's test items: PNG + CSV, and the 10 most confused class pairs as Markdown lines."""
+    store's test items: PNG + CSV, and the 10 most confused class pairs as Markdown lines (paths in them are
+    relative to the report's folder: a report names no machine's folders)."""
     from sklearn.metrics import confusion_matrix
+
+    from embedstore.outputs import relative_to_folder
 
     from embedstore.store import FeatureStore
     from heads.estimator import FusionHead
@@ -296,7 +299,7 @@ def confusion(heads_rows: list[dict], best: dict, report_dir: Path) -> tuple[lis
     off = [(int(matrix[i, j]), classes[i], classes[j]) for i in range(len(classes)) for j in range(len(classes))
            if i != j and matrix[i, j]]
     pairs = sorted(off, key=lambda x: (-x[0], x[1], x[2]))[:10]
-    lines = [f"Best multimodal model by validation accuracy: **{best['cell']}**, saved head `{head_dir}` (seed "
+    lines = [f"Best multimodal model by validation accuracy: **{best['cell']}**, saved head `{relative_to_folder(head_dir, report_dir)}` (seed "
              f"{head.seed}, validation accuracy {head.metadata_['best_val_accuracy']:.4f}), on the "
              f"{int(test.sum())} test items of its store."
              + (f" The {len(pairs)} most confused pairs (true -> predicted):" if pairs else ""), ""]
@@ -374,7 +377,7 @@ def write_paper_report(out: str | Path, report_dir: str | Path) -> list[Path]:
     modules, heads = _groups(module_rows), _groups(head_rows)
     written = []
     md = ["# The 14-strategy comparison of Seo, Lee & Jang (2025) on this catalog", "",
-          f"Catalog `{plan['catalog']}`; manifests {', '.join(str(e['seed']) for e in plan['manifests'])}; seeds "
+          f"Catalog `{Path(plan['catalog']).name}`; manifests {', '.join(str(e['seed']) for e in plan['manifests'])}; seeds "
           f"{plan['settings']['seeds']}. Accuracy and macro-F1 on the test split at the best validation epoch, mean ± "
           "std over all (manifest seed, seed) runs; the per-manifest columns are mean ± std over that manifest's "
           "seeds. Training time is per model (a head's share of its batched stack)."]

@@ -24,10 +24,14 @@ would then touch the file's metadata). Stores written before chunking stay reada
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import fcntl
+import hashlib
 import json
 import os
 import platform
+import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -41,14 +45,23 @@ FORMAT = "embedstore-feature-store"
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
 
-STATUS_PENDING, STATUS_OK, STATUS_MISSING_IMAGE, STATUS_UNREADABLE_IMAGE, STATUS_EMPTY_TITLE = range(5)
+(STATUS_PENDING, STATUS_OK, STATUS_MISSING_IMAGE, STATUS_UNREADABLE_IMAGE, STATUS_EMPTY_TITLE, STATUS_NON_FINITE,
+ STATUS_IMAGE_TOO_LARGE) = range(7)
 STATUS_NAMES = {
     STATUS_PENDING: "pending",
     STATUS_OK: "ok",
     STATUS_MISSING_IMAGE: "skipped: missing image",
     STATUS_UNREADABLE_IMAGE: "skipped: unreadable image",
     STATUS_EMPTY_TITLE: "skipped: empty title",
+    STATUS_NON_FINITE: "skipped: non-finite features",   # the network gave NaN or inf for this item
+    STATUS_IMAGE_TOO_LARGE: "skipped: image too large",  # more pixels than PIL's decompression-bomb limit
 }
+# What every store holds; a file lacking one of these is not a store (or a damaged one).
+REQUIRED_MEMBERS = ("items/id", "items/label", "items/split", "classes", "features")
+
+
+class DataWarning(UserWarning):
+    """Data left out and counted (e.g. non-finite rows); the CLI prints these as one line."""
 # Provenance keys that identify what a feature matrix is; a mismatch in any of them means "other features".
 IDENTITY_KEYS = ("backbone", "weights_id", "layer", "preprocessing", "dtype", "manifest_sha256")
 # Root attributes of a shard: which part of the manifest's rows [shard_row_start, shard_row_stop) of total_items.
@@ -125,21 +138,14 @@ def create_store(
     shard: Mapping[str, int] | None = None,
 ) -> None:
     """Create the store's item tables, or check that an existing store belongs to the same manifest (and is the
-    same shard: `shard` maps every SHARD_KEYS name to its value; None for a store of every item)."""
+    same shard: `shard` maps every SHARD_KEYS name to its value; None for a store of every item).
+
+    Two processes may create the same new store at once: each builds its own temporary file and links it into
+    place without replacing (os.link fails on an existing name), so exactly one wins and the other checks the
+    winner's store like any existing one."""
     path = Path(path)
     if path.exists():
-        with _open_readonly(path) as f:
-            existing = _decode_attr(f.attrs.get("manifest_sha256", ""))
-            existing_shard = {key: _decode_attr(f.attrs[key]) for key in SHARD_KEYS if key in f.attrs}
-        if existing != manifest_sha256:
-            raise ValueError(
-                f"{path} was built from another manifest (sha256 {existing[:12]}…, this one {manifest_sha256[:12]}…); "
-                "features of different item sets cannot share a store: choose another --store path"
-            )
-        if existing_shard != dict(shard or {}):
-            # its rows are another part of the manifest: resuming into it would misalign every row
-            raise ValueError(f"{path} holds {describe_rows(existing_shard)}, not {describe_rows(shard)}; "
-                             "choose another --store path or the matching --shard")
+        _check_existing(path, manifest_sha256, manifest_json, shard)
         return
     ids, labels, splits, classes = list(ids), np.asarray(list(labels), dtype=np.int32), list(splits), list(classes)
     if not (len(ids) == len(labels) == len(splits)):
@@ -147,27 +153,79 @@ def create_store(
     if unknown := sorted(set(splits) - set(SPLITS)):
         raise ValueError(f"unknown split names {unknown}; expected {list(SPLITS)}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".creating")
-    with h5py.File(tmp, "w", locking=False) as f:
-        f.attrs.update(
-            {
-                "format": FORMAT,
-                "format_version": FORMAT_VERSION,
-                "manifest_sha256": manifest_sha256,
-                "manifest": manifest_json,
-                "catalog": _encode_attr(dict(catalog_spec or {})),
-                "created": now_iso(),
-                "library_versions": _encode_attr(library_versions()),
-                **dict(shard or {}),
-            }
+    # a name of this process's own: a shared ".creating" name let two creators truncate each other's file
+    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".creating")
+    os.close(handle)
+    tmp = Path(tmp_name)
+    try:
+        with h5py.File(tmp, "w", locking=False) as f:
+            f.attrs.update(
+                {
+                    "format": FORMAT,
+                    "format_version": FORMAT_VERSION,
+                    "manifest_sha256": manifest_sha256,
+                    "manifest": manifest_json,
+                    "items_identity": manifest_identity(manifest_json) if manifest_json else "",
+                    "catalog": _encode_attr(dict(catalog_spec or {})),
+                    "created": now_iso(),
+                    "library_versions": _encode_attr(library_versions()),
+                    **dict(shard or {}),
+                }
+            )
+            items = f.create_group("items")
+            items.create_dataset("id", data=_as_str_array(ids), dtype=_STR)
+            items.create_dataset("label", data=labels)
+            items.create_dataset("split", data=_as_str_array(splits), dtype=_STR)
+            f.create_dataset("classes", data=_as_str_array(classes), dtype=_STR)
+            f.create_group("features")
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a store is as shareable as any file written
+        try:
+            os.link(tmp, path)  # the store appears whole or not at all, and never replaces another's
+        except FileExistsError:
+            _check_existing(path, manifest_sha256, manifest_json, shard)  # another process created it first
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def manifest_identity(manifest_json: str) -> str:
+    """sha256 of a manifest's content less its catalog's location: which items, classes, labels and splits a
+    store holds. A catalog moved elsewhere (its path fixed in the manifest) keeps the same identity."""
+    try:
+        doc = json.loads(manifest_json)
+    except json.JSONDecodeError:
+        return ""
+    if not isinstance(doc, dict):
+        return ""
+    doc.pop("catalog", None)
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def _check_existing(path: Path, manifest_sha256: str, manifest_json: str, shard: Mapping | None) -> None:
+    with _open_readonly(path) as f:
+        existing = _decode_attr(f.attrs.get("manifest_sha256", ""))
+        # stores made before items_identity was recorded still hold their manifest's text: derive it from that
+        stored_json = f.attrs.get("manifest", "")
+        stored_json = stored_json.decode("utf-8") if isinstance(stored_json, bytes) else str(stored_json)
+        stored_identity = _decode_attr(f.attrs.get("items_identity", "")) or (
+            manifest_identity(stored_json) if stored_json else "")
+        existing_shard = {key: _decode_attr(f.attrs[key]) for key in SHARD_KEYS if key in f.attrs}
+    same_items = existing == manifest_sha256 or (
+        bool(stored_identity) and bool(manifest_json) and stored_identity == manifest_identity(manifest_json))
+    if not same_items:
+        raise ValueError(
+            f"{path} was built from another manifest (sha256 {existing[:12]}…, this one {manifest_sha256[:12]}…); "
+            "features of different item sets cannot share a store: choose another --store path"
         )
-        items = f.create_group("items")
-        items.create_dataset("id", data=_as_str_array(ids), dtype=_STR)
-        items.create_dataset("label", data=labels)
-        items.create_dataset("split", data=_as_str_array(splits), dtype=_STR)
-        f.create_dataset("classes", data=_as_str_array(classes), dtype=_STR)
-        f.create_group("features")
-    tmp.replace(path)  # the store appears whole or not at all
+    if existing_shard != dict(shard or {}):
+        # its rows are another part of the manifest: resuming into it would misalign every row
+        raise ValueError(f"{path} holds {describe_rows(existing_shard)}, not {describe_rows(shard)}; "
+                         "choose another --store path or the matching --shard")
 
 
 def describe_rows(shard: Mapping | None) -> str:
@@ -214,7 +272,7 @@ class FeatureSetWriter:
         try:
             # HDF5's own lock is off for every open of a store (readers and the writer alike): HDF5 refuses to
             # open one file twice in a process with different locking flags; our flock enforces the one writer.
-            self._file = h5py.File(self.path, "r+", locking=False)
+            self._file = _open_for_writing(self.path)
             _refuse_missing_sources(self._file, self.path)
             self._group = self._open_or_create(modality, source, provenance, add)
         except BaseException:
@@ -279,13 +337,24 @@ class FeatureSetWriter:
         """Store a batch: `rows` (n,) increasing row indices, `values[layer]` (n, D) for the rows whose status
         is ok (in order), `status` (n,) int8. Values are flushed before the statuses that vouch for them."""
         rows, status = np.asarray(rows), np.asarray(status, dtype=np.int8)
-        ok_rows = rows[status == STATUS_OK]
-        if ok_rows.size:
-            for layer, matrix in values.items():
-                _write_rows(self._group[layer], ok_rows, self._stored(layer, matrix))
+        ok_index = np.flatnonzero(status == STATUS_OK)
+        if ok_index.size and values:
+            # a NaN or inf row is never vouched for as ok: it would train every head into NaN without a word
+            finite = np.logical_and.reduce([np.isfinite(np.asarray(m)).all(axis=1) for m in values.values()])
+            if not finite.all():
+                status = status.copy()
+                status[ok_index[~finite]] = STATUS_NON_FINITE
+        ok_rows = rows[ok_index]
+        try:
+            if ok_rows.size:
+                for layer, matrix in values.items():
+                    _write_rows(self._group[layer], ok_rows, self._stored(layer, matrix))
+                self._file.flush()
+            _write_rows(self._group["status"], rows, status)
             self._file.flush()
-        _write_rows(self._group["status"], rows, status)
-        self._file.flush()
+        except OSError as error:  # a full disk, a vanished mount: h5py's message names no file
+            raise OSError(error.errno or errno.EIO, f"cannot write to the store ({str(error).splitlines()[0]}); "
+                          "rows written so far are kept and a rerun resumes", str(self.path)) from None
 
     def _stored(self, layer: str, matrix) -> np.ndarray:
         """The values in the stored dtype; a finite value that float16 cannot hold is refused, not made inf."""
@@ -332,6 +401,17 @@ def _take_writer_lock(path: Path) -> int:
         os.close(descriptor)
         raise ValueError(f"another process is writing to {path}; a store has one writer at a time") from None
     return descriptor
+
+
+def _open_for_writing(path: Path) -> h5py.File:
+    """The store opened read-write, or an OSError naming it (h5py's own message names no file)."""
+    if not os.access(path, os.W_OK):
+        raise PermissionError(errno.EACCES, "cannot write to the store (resuming it needs write access)", str(path))
+    try:
+        return h5py.File(path, "r+", locking=False)
+    except OSError as error:
+        raise OSError(error.errno or errno.EIO, f"cannot open the store for writing ({str(error).splitlines()[0]})",
+                      str(path)) from None
 
 
 def _write_rows(dataset: h5py.Dataset, rows: np.ndarray, values: np.ndarray) -> None:
@@ -389,6 +469,10 @@ def _open_readonly(path: Path) -> h5py.File:
     if _decode_attr(f.attrs.get("format", "")) != FORMAT:
         f.close()
         raise ValueError(f"{path} is an HDF5 file but not an embedstore feature store (no format={FORMAT!r})")
+    if missing := [name for name in REQUIRED_MEMBERS if name not in f]:
+        f.close()
+        raise ValueError(f"{path} is not a usable feature store: it lacks /{', /'.join(missing)} (a damaged or "
+                         "foreign file); extract into a new --store")
     return f
 
 
@@ -431,7 +515,8 @@ class LoadedFeatures:
     labels: np.ndarray  # (n,) int64
     split: np.ndarray  # (n,) str
     ids: np.ndarray  # (n,) str
-    skipped: int  # rows left out because some named set skipped them
+    skipped: int  # rows left out because some named set skipped them (non-finite rows included)
+    non_finite: dict[str, int] = field(default_factory=dict)  # name -> rows marked ok that hold NaN/inf (left out)
 
 
 class FeatureStore:
@@ -513,12 +598,26 @@ class FeatureStore:
     def load(self, names: Iterable[str], *, allow_incomplete: bool = False, upcast: bool = True) -> LoadedFeatures:
         """The rows ok in every named set, as (n, D) arrays: float32 (upcast), or as stored (upcast=False: a
         float16 store stays half the memory, and the caller upcasts per batch). Read in row blocks into the
-        result, so the peak is the result plus one block, not twice the matrix."""
+        result, so the peak is the result plus one block, not twice the matrix. Rows marked ok that hold NaN or
+        inf (an older writer, or a hand edit) are left out and counted, with a warning naming the set."""
         names = list(names)
         rows = self.ok_rows(names, allow_incomplete=allow_incomplete)
         features = {name: read_rows(self.dataset(name), rows, np.float32 if upcast else None) for name in names}
+        finite = np.ones(len(rows), dtype=bool)
+        non_finite = {}
+        for name, matrix in features.items():
+            row_finite = np.isfinite(matrix).all(axis=1)  # (n,)
+            if not row_finite.all():
+                non_finite[name] = int((~row_finite).sum())
+                warnings.warn(f"{self.path}: feature set {name} has {non_finite[name]} rows marked ok that hold "
+                              "NaN or inf; they are left out (extract into a new --store to recompute them)",
+                              DataWarning, stacklevel=2)
+            finite &= row_finite
+        if not finite.all():
+            rows = rows[finite]
+            features = {name: matrix[finite] for name, matrix in features.items()}
         return LoadedFeatures(features=features, labels=self.labels[rows], split=self.split[rows],
-                              ids=self.ids[rows], skipped=len(self.ids) - len(rows))
+                              ids=self.ids[rows], skipped=len(self.ids) - len(rows), non_finite=non_finite)
 
     def arrays(self, split: str, names: Iterable[str]) -> tuple[list[np.ndarray], np.ndarray]:
         """(list of X, y) for one split: X (n, D) float32 per named set, in the order named, over the rows ok in
@@ -531,6 +630,16 @@ class FeatureStore:
         data = self.load(names)
         rows = data.split == split
         return [data.features[n][rows] for n in names], np.asarray(self.classes)[data.labels[rows]]
+
+    def non_finite_rows(self, name: str, chunk: int = 8192) -> int:
+        """Rows of a feature set marked ok whose values hold NaN or inf (a damaged store), read in chunks."""
+        ok = self.status(name) == STATUS_OK
+        dataset = self._file[f"features/{name}"]
+        bad = 0
+        for begin in range(0, len(ok), chunk):
+            block = dataset[begin : begin + chunk]  # (chunk, D)
+            bad += int((ok[begin : begin + chunk] & ~np.isfinite(block).all(axis=1)).sum())
+        return bad
 
     def close(self) -> None:
         if self._file.id.valid:

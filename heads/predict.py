@@ -14,6 +14,7 @@ empty prediction and a reason; an image-only head never looks at titles and a te
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import time
@@ -31,7 +32,8 @@ from embedstore.extract import _collate_images, _ImageRows, autocast_for
 from embedstore.model_folder import read_config
 from embedstore.modules import load_module, module_id
 from embedstore.preprocess import clean_title
-from embedstore.store import STATUS_EMPTY_TITLE, STATUS_NAMES, STATUS_OK
+from embedstore.outputs import check_writable, partial_file
+from embedstore.store import STATUS_EMPTY_TITLE, STATUS_NAMES, STATUS_NON_FINITE, STATUS_OK
 from heads.end_to_end import load_end_to_end
 from heads.estimator import FusionHead
 from heads.models import STRATEGY_LAYER, STRATEGY_MODALITIES
@@ -112,8 +114,15 @@ def read_inputs(path: str | os.PathLike, columns: InputColumns, modalities: tupl
 
 
 def _header(path: Path) -> list[str]:
-    with open(path, encoding="utf-8-sig", newline="") as handle:
-        return [name.strip() for name in next(csv.reader(handle), [])]
+    return [name.strip() for name in next(csv.reader([_csv_text(path).split("\n", 1)[0]]), [])]
+
+
+def _csv_text(path: Path) -> str:
+    """The CSV's text, or a one-line ValueError naming the file when it is not UTF-8."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text (byte {error.start}); re-save it as UTF-8") from None
 
 
 def _csv_inputs(path: Path, header: list[str], columns: InputColumns, modalities) -> Inputs:
@@ -126,8 +135,7 @@ def _csv_inputs(path: Path, header: list[str], columns: InputColumns, modalities
             raise ValueError(f"column {name!r} not in {path} (columns present: {', '.join(header) or 'none'}); "
                              f"name the {role} column with {option}")
     id_column = columns.id or ("id" if "id" in header else None)
-    with open(path, encoding="utf-8-sig", newline="") as handle:
-        records = list(csv.DictReader(handle))
+    records = list(csv.DictReader(io.StringIO(_csv_text(path), newline="")))
 
     def value(record, name):
         return (record.get(name) or "").strip()  # a short row's missing cells read as empty
@@ -335,6 +343,7 @@ def predict_products(head_dir: str | os.PathLike, inputs: str | os.PathLike, out
     if not head_dir.is_dir():
         raise FileNotFoundError(f"head folder not found: {head_dir}; give RESULTS/heads/<cell> from `heads sweep` "
                                 "or a 3-A/3-B model folder (RESULTS/end_to_end/<cell>/seed-<seed>)")
+    check_writable(out_csv, folder=False)  # before loading anything: a bad --out fails now, not after the work
     kind = read_config(head_dir)["kind"]
     device = resolve_device(settings.device)
     if kind == "end-to-end":
@@ -349,17 +358,28 @@ def predict_products(head_dir: str | os.PathLike, inputs: str | os.PathLike, out
     top_k = min(settings.top_k, len(classes))
     summary = PredictSummary(out_csv, rows=len(items.ids), predicted=0, malformed=items.malformed)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
-    partial = out_csv.with_name(out_csv.name + ".partial")  # a failed run leaves no half-written CSV behind
-    with open(partial, "w", newline="", encoding="utf-8") as handle:
+    # a failed run (an error, a full disk, Ctrl-C) leaves neither a half-written CSV nor its .partial behind
+    with partial_file(out_csv) as partial, open(partial, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["id"] + [f"{c}_{k}" for k in range(1, top_k + 1) for c in ("label", "probability")]
                         + ["reason"])
         for rows, images, image_status in _batches(items, predictor.image_prepare, settings):
             status, probabilities = predictor.probabilities(rows, images, image_status, items)
+            status, probabilities = _without_non_finite(status, probabilities)
             _write_rows(writer, [items.ids[r] for r in rows], status, probabilities, classes, top_k, summary)
-    os.replace(partial, out_csv)
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _without_non_finite(status: np.ndarray, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A row whose features or head output hold NaN/inf gets the reason "non-finite features", never a `nan`
+    probability. `probabilities` (b_ok, C) belongs to the rows whose status is ok, in order."""
+    finite = np.isfinite(probabilities).all(axis=1)  # (b_ok,)
+    if finite.all():
+        return status, probabilities
+    status = status.copy()
+    status[np.flatnonzero(status == STATUS_OK)[~finite]] = STATUS_NON_FINITE
+    return status, probabilities[finite]
 
 
 def _write_rows(writer, ids, status, probabilities, classes, top_k: int, summary: PredictSummary) -> None:

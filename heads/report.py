@@ -13,7 +13,18 @@ import numpy as np
 from heads.fusion import list_fusions
 from embedstore.fingerprint import fingerprint
 from heads.models import BASELINES, MULTIMODAL_STRATEGIES
-from heads.sweep import read_runs
+from heads.results import read_runs, runs_path
+
+
+def unique_runs(rows: list[dict]) -> tuple[list[dict], int]:
+    """One row per run_key (the first), and how many repeats were left out: a run counted twice would shrink
+    the spread over seeds and weigh its seed double."""
+    seen, unique = set(), []
+    for row in rows:
+        if row["run_key"] not in seen:
+            seen.add(row["run_key"])
+            unique.append(row)
+    return unique, len(rows) - len(unique)
 
 
 def _variant(row: dict) -> str:
@@ -163,19 +174,25 @@ TITLES = {"table5_strategies": "Table 5: multimodal fine-tuning strategies (test
 
 def write_report(results_dir: str | Path, out_dir: str | Path) -> list[Path]:
     """Write report.md, one CSV per table, accuracy.png and training_time.png; returns the paths written."""
-    rows = read_runs(results_dir)
+    from embedstore.outputs import check_writable, relative_to_folder
+
+    rows, repeats = unique_runs(read_runs(results_dir))
     if not rows:
-        raise FileNotFoundError(f"no runs in {Path(results_dir) / 'runs.jsonl'}; run `heads sweep STORE --out "
+        raise FileNotFoundError(f"no runs in {runs_path(results_dir)}; run `heads sweep STORE --out "
                                 f"{results_dir}` first")
     out_dir = Path(out_dir)
+    check_writable(out_dir, folder=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     cells = summarize(rows)
     tables = _tables(cells)
     written = []
     stores = sorted({r["store"]["manifest_sha256"] for r in rows})
-    md = [f"# Fusion head sweep: {len(rows)} runs from {Path(results_dir) / 'runs.jsonl'}",
+    # paths relative to the report's folder: the report names no machine's folders
+    md = [f"# Fusion head sweep: {len(rows)} runs from {relative_to_folder(runs_path(results_dir), out_dir)}",
           f"Store manifest(s): {', '.join(stores)}. Accuracy and macro-F1 on the test split at each head's best "
           f"validation epoch; train s/head is wall time per head (batched stacks share theirs)."]
+    if repeats:
+        md.append(f"{repeats} repeated rows (a run_key already seen) were left out.")
     for name, (header, body) in tables.items():
         path = out_dir / f"{name}.csv"
         with open(path, "w", newline="") as f:

@@ -30,6 +30,7 @@ from heads.estimator import FusionHead
 from heads.models import HeadConfig, StackedHead
 from heads.throughput import matmul_peak_gflops
 from heads.streamed import load_head_data, only_input
+from heads.results import ResultsLock, append_rows, read_runs  # noqa: F401  (read_runs: re-exported)
 from heads.train import HeadData, HeadResult, TrainSettings
 
 # bf16 vs fp32 over the whole real-catalog grid (benchmarks/results/precision.md): see README "Precision" for
@@ -100,18 +101,6 @@ def run_key(config: HeadConfig, train: TrainSettings, seed: int, manifest_sha256
                         "manifest_sha256": manifest_sha256, "feature_sets": provenance})
 
 
-def read_runs(out_dir: str | Path) -> list[dict]:
-    path = Path(out_dir) / "runs.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _append_rows(out_dir: Path, rows: list[dict]) -> None:
-    with open(out_dir / "runs.jsonl", "a") as f:
-        f.writelines(json.dumps(row, sort_keys=True) + "\n" for row in rows)
-
-
 def _provenance(info) -> dict:
     return {k: v for k, v in info.provenance.items() if k != "complete"}
 
@@ -137,12 +126,17 @@ def run_sweep(store_path: str | Path, out_dir: str | Path, settings: SweepSettin
 
 
 def _run_sweep(store_path: Path, out_dir: Path, settings: SweepSettings, log) -> dict:
+    from embedstore.outputs import check_writable
+
+    check_writable(out_dir, folder=True)  # before any work, and as one line naming the path
     with contextlib.ExitStack() as stack:
         device, group = resolve_device(settings.device), None
         if world()[1] > 1:  # under torchrun: join the ranks (gloo on CPU, nccl on CUDA), leave on the way out
             from embedstore.finetune import training_processes
             device, _ = stack.enter_context(training_processes(settings.device))
             group = RankGroup()
+        if world()[0] == 0:  # one sweep per results folder: a second refuses in one line; rank 0 is the writer
+            stack.enter_context(ResultsLock(out_dir))
         return _sweep_ranks(store_path, out_dir, settings, device, group, log)
 
 
@@ -290,7 +284,7 @@ def _record(out_dir: Path, store, store_path: Path, task: Task, results: list[He
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         })
     _save_best(out_dir, cell, config, results, rows, list(store.classes))
-    _append_rows(out_dir, rows)
+    append_rows(out_dir, rows)
     summary["trained"] += len(results)
     summary["train_flops"] += sum(r.train_flops for r in results)
     summary["cells"].append(cell.name)
@@ -308,7 +302,7 @@ def _end_to_end(store, store_path, out_dir, settings: SweepSettings, device, don
             rows, n_skipped = sweep_cell(store, store_path, settings.manifest, out_dir, strategy, fusion,
                                          settings.seeds, end_to_end, done, log=log)
             if rows and is_rank_zero():  # under torchrun only rank 0 writes
-                _append_rows(out_dir, rows)
+                append_rows(out_dir, rows)
             summary["trained"] += len(rows)
             summary["skipped"] += n_skipped
             summary["cells"] += [f"{strategy}-{fusion}"] if rows else []

@@ -63,17 +63,19 @@ class TrainSettings:
             raise ValueError(f"unknown precision {self.precision!r}; use one of {', '.join(PRECISIONS)}")
         if self.class_weight not in CLASS_WEIGHTS:
             raise ValueError(f"unknown class weight {self.class_weight!r}; use 'balanced' or none")
-        checks = {"batch_size": self.batch_size >= 1, "max_epochs": self.max_epochs >= 1,
-                  "patience": self.patience >= 1, "eval_chunk": self.eval_chunk >= 1,
-                  "lr": math.isfinite(self.lr) and self.lr > 0,
-                  "weight_decay": math.isfinite(self.weight_decay) and self.weight_decay >= 0,
-                  "clip_norm": math.isfinite(self.clip_norm) and self.clip_norm > 0,
-                  "eps": math.isfinite(self.eps) and self.eps > 0,
-                  "betas": all(math.isfinite(b) and 0 <= b < 1 for b in self.betas)}
-        for name, ok in checks.items():
-            if not ok:
-                raise ValueError(f"training setting {name} must be a finite positive value, got "
-                                 f"{getattr(self, name)!r}")
+        for option, value in (("--batch-size", self.batch_size), ("--max-epochs", self.max_epochs),
+                              ("--patience", self.patience), ("eval_chunk", self.eval_chunk)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{option} must be an integer of at least 1, got {value!r}")
+        for option, value, low, low_open in (("--lr", self.lr, 0.0, True), ("eps", self.eps, 0.0, True),
+                                             ("clip_norm", self.clip_norm, 0.0, True),
+                                             ("weight_decay", self.weight_decay, 0.0, False)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value)
+                    and (value > low if low_open else value >= low)):
+                raise ValueError(f"{option} must be a finite number {'above' if low_open else 'of at least'} {low}, "
+                                 f"got {value!r}")
+        if not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
 
 
 class DataSplit(Protocol):

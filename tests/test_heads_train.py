@@ -138,7 +138,7 @@ def test_a_head_whose_loss_turns_non_finite_stops_as_diverged_and_others_go_on()
 @pytest.mark.parametrize("name,value", [("max_epochs", 0), ("batch_size", -5), ("lr", -1.0), ("lr", float("nan")),
                                         ("patience", 0), ("weight_decay", float("inf"))])
 def test_training_settings_refuse_useless_values_naming_them(name, value):
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises(ValueError, match=name.replace("_", "[-_]")):
         TrainSettings(**{name: value})
 
 
