@@ -7,7 +7,6 @@ whose status is still pending are computed (see store.py for why a killed run le
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import io
 import multiprocessing
@@ -26,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from embedstore.backbones import create_backbone
+from embedstore.defaults import autocast, resolve_precision
 from embedstore.catalog import open_catalog_from_spec
 from embedstore.chunks import check_feature_dtype
 from embedstore.manifest import Manifest
@@ -90,11 +90,15 @@ def resolve_device(device: str | None) -> torch.device:
         raise ValueError(f"unknown --device {device!r}; use cpu, cuda or cuda:N") from None
 
 
-def autocast_for(device: torch.device):
-    """bf16 autocast where it pays (CUDA); plain float32 on CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def compute_precision(device: torch.device) -> str:
+    """The precision backbones run in for extraction: bf16 autocast where it pays (CUDA), float32 on a CPU.
+    Every feature set records it (provenance "compute_precision"), so predict can compute features the same way."""
+    return resolve_precision("auto", device)
+
+
+def autocast_for(device: torch.device, precision: str | None = None):
+    """The autocast context of `precision` (default: this device's extraction precision) on `device`."""
+    return autocast(device, precision or compute_precision(device))
 
 
 def image_source_name(backbone_name: str, image_size: int) -> str:
@@ -139,10 +143,11 @@ def extract(manifest_path: str | Path, store_path: str | Path, settings: Extract
     return reports
 
 
-def _provenance(backbone, source: str) -> dict:
+def _provenance(backbone, source: str, device: torch.device) -> dict:
     return {
         "backbone": backbone.name,
         "source": source,
+        "compute_precision": compute_precision(device),
         "weights_id": backbone.weights_id,
         "preprocessing": backbone.preprocessing,
         "parameters": int(backbone.parameter_count),
@@ -243,7 +248,7 @@ def _extract_images(manifest: Manifest, store_path: Path, settings: ExtractSetti
                                image_size=settings.image_size)
     source = image_source_name(backbone.name, settings.image_size)
     with FeatureSetWriter(store_path, modality="image", source=source, layers={"pooled": backbone.feature_dim},
-                          provenance={"pooled": _provenance(backbone, source)}, add=settings.add,
+                          provenance={"pooled": _provenance(backbone, source, device)}, add=settings.add,
                           dtype=settings.dtype) as writer:
         # channels-last convolutions measured 1.6-2.5x faster on CPU for EfficientNet-Lite0 (and suit GPUs)
         backbone = backbone.to(device, memory_format=torch.channels_last).eval()
@@ -290,7 +295,7 @@ def _extract_texts(manifest: Manifest, store_path: Path, settings: ExtractSettin
     backbone = create_backbone("text", settings.text_backbone, weights=settings.text_weights)
     source = backbone.name
     with FeatureSetWriter(store_path, modality="text", source=source, layers={"pooled": backbone.feature_dim},
-                          provenance={"pooled": _provenance(backbone, source)}, add=settings.add,
+                          provenance={"pooled": _provenance(backbone, source, device)}, add=settings.add,
                           dtype=settings.dtype) as writer:
         backbone = backbone.to(device).eval()
         start = time.perf_counter()
@@ -340,6 +345,7 @@ def _extract_module(manifest: Manifest, store_path: Path, module_dir: Path, moda
         "preprocessing": module.backbone.preprocessing, "parameters": module.parameter_counts()["total"],
         "module_dir": str(module_dir.resolve()), "module_id": identity, "module_config_sha256": config_sha256(module_dir),
         "module_strategy": config["strategy"], "module_manifest_sha256": config["manifest_sha256"],
+        "compute_precision": compute_precision(device),
         "library_versions": library_versions(), "created": now_iso(),
     }
     layers = module.head.layers

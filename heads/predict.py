@@ -158,6 +158,10 @@ class FeatureSource:
     network: torch.nn.Module     # a Backbone or a TransferModule, on the device
     compute: Callable            # images (B, 3, H, W) or tokens {(B, 30)} -> (B, D)
     prepare: Callable            # image transform (PIL -> (3, S, S)) or tokenize (titles -> tokens)
+    # the precision the store computed this feature set in ("compute_precision" in its provenance): predict runs
+    # the network in it too, on any device, so a store extracted under bf16 on a GPU and heads served on a CPU
+    # see features made the same way. None (stores written before it was recorded): this device's default.
+    precision: str | None = None
 
 
 def _normalised(value) -> dict:
@@ -192,9 +196,11 @@ def _pooled_source(name: str, modality: str, recorded: dict, settings: PredictSe
     if modality == "image":
         # channels-last, as extraction ran it, so the convolutions round the same way
         backbone = backbone.to(device, memory_format=torch.channels_last).eval()
-        return FeatureSource(name, modality, backbone, backbone, backbone.image_transform(train=False))
+        return FeatureSource(name, modality, backbone, backbone, backbone.image_transform(train=False),
+                             recorded.get("compute_precision"))
     backbone = backbone.to(device).eval()
-    return FeatureSource(name, modality, backbone, lambda tokens: backbone(**tokens), backbone.tokenize)
+    return FeatureSource(name, modality, backbone, lambda tokens: backbone(**tokens), backbone.tokenize,
+                         recorded.get("compute_precision"))
 
 
 def _module_source(name: str, modality: str, layer: str, recorded: dict, device) -> FeatureSource:
@@ -212,7 +218,8 @@ def _module_source(name: str, modality: str, layer: str, recorded: dict, device)
         prepare = module.backbone.image_transform(train=False)
     else:
         prepare = module.backbone.tokenize
-    return FeatureSource(name, modality, module, lambda inputs: module.forward_features(inputs)[layer], prepare)
+    return FeatureSource(name, modality, module, lambda inputs: module.forward_features(inputs)[layer], prepare,
+                         recorded.get("compute_precision"))
 
 
 def load_sources(head: FusionHead, settings: PredictSettings, device) -> list[FeatureSource]:
@@ -269,18 +276,21 @@ def _features(rows, images, image_status, inputs: Inputs, sources, device):
     status = _title_status(rows, image_status, inputs) if reads_titles else image_status.copy()
     ok = status == STATUS_OK
     outputs = []
-    with torch.inference_mode(), autocast_for(device):
+    with torch.inference_mode():
         for source in sources:
+            precision = autocast_for(device, source.precision)
             if source.modality == "image":
                 keep = torch.from_numpy(ok[image_status == STATUS_OK])  # of the decoded images, the rows kept
                 pixels = images[keep] if images is not None else None
                 if pixels is None or not len(pixels):
                     outputs.append(None)
                     continue
-                outputs.append(source.compute(pixels.to(device, memory_format=torch.channels_last)))
+                with precision:
+                    outputs.append(source.compute(pixels.to(device, memory_format=torch.channels_last)))
             elif ok.any():
                 tokens = source.prepare([inputs.titles[row] for row in rows[ok]])  # (b_ok, 30) each
-                outputs.append(source.compute({k: v.to(device) for k, v in tokens.items()}))
+                with precision:
+                    outputs.append(source.compute({k: v.to(device) for k, v in tokens.items()}))
             else:
                 outputs.append(None)
     return status, [None if out is None else out.float().cpu() for out in outputs]

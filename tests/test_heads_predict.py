@@ -249,3 +249,27 @@ def test_a_module_folder_is_no_model_for_predict(world, tmp_path):
     save_pretrained(tmp_path / "module", {"w": torch.zeros(1)}, {}, kind="module")
     result = invoke(heads, ["predict", tmp_path / "module", world["csv"], "--out", tmp_path / "p.csv"])
     assert result.exit_code == 2 and "holds a module model; `heads predict` takes a head" in result.output
+
+
+def test_every_feature_set_records_its_compute_precision_and_predict_follows_it(world, tmp_path):
+    """A store extracted under bf16 (a GPU's default) must be served in bf16 too, on any device: the head's recorded
+    provenance says which, and predict's features follow it (here: a CPU told the store was bf16)."""
+    with FeatureStore(world["store"]) as opened:
+        assert {info.provenance["compute_precision"] for info in opened.feature_sets.values()} == {"fp32"}
+    head_dir = tmp_path / "bf16-head"
+    shutil.copytree(world["results"] / "heads" / "2A-concat", head_dir)
+    config = json.loads((head_dir / "config.json").read_text())
+    for provenance in config["store"]["feature_sets"].values():
+        provenance["compute_precision"] = "bf16"
+    config["store"]["path"] = str(world["store"])
+    (head_dir / "config.json").write_text(json.dumps(config))
+    args = ["--top-k", TOP_K, "--batch-size", 5, "--device", "cpu", "--workers", 0]
+    ok(heads, ["predict", world["results"] / "heads" / "2A-concat", world["csv"], "--out", tmp_path / "fp32.csv", *args])
+    ok(heads, ["predict", head_dir, world["csv"], "--out", tmp_path / "bf16.csv", *args])
+    _, fp32 = read_predictions(tmp_path / "fp32.csv")
+    _, bf16 = read_predictions(tmp_path / "bf16.csv")
+    ids = [item.id for item in world["test_items"]]
+    first = [float(fp32[i]["probability_1"]) for i in ids]
+    second = [float(bf16[i]["probability_1"]) for i in ids]
+    assert first != second                                  # the features were computed in another precision
+    assert np.allclose(first, second, atol=0.05)           # ... and only as far apart as bf16 rounding takes them
