@@ -8,9 +8,11 @@ train their own, and send the results to rank 0, which alone writes rows and hea
 """
 from __future__ import annotations
 
+import errno
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -69,8 +71,12 @@ def run_tasks(tasks: list[Task], data_for: Callable[[Task], HeadData], train: Tr
         order = sorted(tasks, key=lambda t: -t.cost)
         futures = {pool.submit(_train, t.config, t.seeds, data_for(t), train, batched, cpu_auto_bf16): t
                    for t in order}
-        for future in as_completed(futures):
-            yield futures[future], future.result()
+        try:
+            for future in as_completed(futures):
+                yield futures[future], future.result()
+        except BrokenProcessPool as error:  # a worker was killed (out of memory, a signal): say so in one line
+            raise OSError(errno.ECHILD, f"a sweep worker process died ({error}); the cells recorded so far are "
+                                        "kept, so a rerun resumes (with fewer --jobs if memory ran out)") from None
 
 
 # ------------------------------------------------------------------------------------------------- torchrun

@@ -127,3 +127,36 @@ def test_torchrun_two_ranks_give_the_rows_of_one_process(tmp_path):
     assert len(rows_one) == len(rows_two) == (3 * 2 + 2) * 2   # 1A, 2A, 2B x 2 operators + 2 baselines
     assert metrics(rows_one) == metrics(rows_two)
     assert "2 rank(s)" in two.stdout
+
+
+def test_a_worker_killed_with_sigkill_is_one_line_and_the_finished_cells_are_kept(tmp_path):
+    """kill -9 of a worker mid-sweep gives one OSError line; the cells recorded before it stay, and a rerun
+    finishes exactly the rest."""
+    import multiprocessing
+    import signal
+    import threading
+    import time
+
+    store = make_store(tmp_path / "s.h5", n=240)
+    slow = TrainSettings(batch_size=8, max_epochs=10, patience=10, lr=1e-3)   # a second or so per cell
+    settings = dict(strategies=("2A",), fusions=("add", "product", "concat", "gated"), seeds=(0,), train=slow,
+                    baselines=False, progress=False)
+
+    def kill_a_worker_after_the_first_row():
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            children = multiprocessing.active_children()
+            if children and (tmp_path / "r" / "runs.jsonl").exists():
+                os.kill(children[0].pid, signal.SIGKILL)
+                return
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_a_worker_after_the_first_row)
+    killer.start()
+    with pytest.raises(OSError, match="worker process died"):
+        run_sweep(store, tmp_path / "r", SweepSettings(jobs=2, **settings), log=lambda _: None)
+    killer.join()
+    kept = len(read_runs(tmp_path / "r"))
+    assert 1 <= kept < 4
+    rest = run_sweep(store, tmp_path / "r", SweepSettings(jobs=1, **settings), log=lambda _: None)
+    assert rest["trained"] == 4 - kept and rest["skipped"] == kept and len(read_runs(tmp_path / "r")) == 4
