@@ -11,6 +11,7 @@ import contextlib
 import functools
 import io
 import multiprocessing
+import numbers
 import os
 import select
 import threading
@@ -66,7 +67,7 @@ class ExtractSettings:
     def __post_init__(self):
         for option, value, least in (("--image-size", self.image_size, 1), ("--batch-size", self.batch_size, 1),
                                      ("--text-batch-size", self.text_batch_size, 1), ("--workers", self.workers, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
                 raise ValueError(f"{option} must be an integer of at least {least}, got {value!r}")
 
 

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from heads.end_to_end import END_TO_END, EndToEndSettings
+from heads.end_to_end import END_TO_END, EndToEndSettings, is_rank_zero
 from heads.fusion import list_fusions
 from heads.models import (BASELINES, MULTIMODAL_STRATEGIES, STRATEGY_LAYER, STRATEGY_MODALITIES, FusionHead,
                           HeadConfig, StackedHead)
@@ -151,14 +151,13 @@ def _run_sweep(store_path, out_dir, settings: SweepSettings, log) -> dict:
     device = str(resolve_device(settings.device))
     out_dir = Path(out_dir)
     check_writable(out_dir, folder=True)  # before any work, and as one line naming the path
-    from heads.end_to_end import is_rank_zero
-
     # one sweep per results folder: the second refuses in one line (under torchrun, rank 0 is the one writer)
     with ResultsLock(out_dir) if is_rank_zero() else contextlib.nullcontext():
         return _sweep_locked(store_path, out_dir, settings, log, device, relative_to_folder(store_path, out_dir))
 
 
 def _sweep_locked(store_path, out_dir: Path, settings: SweepSettings, log, device: str, store_in_row: str) -> dict:
+    from embedstore.outputs import relative_to_folder
     from embedstore.store import FeatureStore  # the store's reader contract, docs/ARCHITECTURE.md
 
     done = {row["run_key"] for row in read_runs(out_dir)}
@@ -176,6 +175,9 @@ def _sweep_locked(store_path, out_dir: Path, settings: SweepSettings, log, devic
                 end_to_end = EndToEndSettings(**{**asdict(settings.end_to_end), "device": device})
                 rows, n_skipped = sweep_cell(store, store_path, settings.manifest, out_dir, strategy, fusion,
                                              settings.seeds, end_to_end, done, log=log)
+                for row in rows:  # paths relative to the results folder; divergence is not tracked end to end
+                    row["store"].update(path=store_in_row, manifest=relative_to_folder(settings.manifest, out_dir))
+                    row.setdefault("diverged", None)
                 if rows and is_rank_zero():  # under torchrun only rank 0 writes
                     append_rows(out_dir, rows)
                 trained, skipped = trained + len(rows), skipped + n_skipped
