@@ -203,6 +203,7 @@ def _sweep_locked(store_path, out_dir: Path, settings: SweepSettings, log, devic
                 loaded[tuple(names)] = (HeadData.from_arrays([data.features[n] for n in names], data.labels,
                                                              data.split, device),
                                         {"rows": len(data.labels), "skipped_rows": data.skipped,
+                                         "non_finite_rows": data.non_finite,  # ok rows left out: NaN/inf
                                          "split_rows": {k: int((data.split == k).sum())
                                                         for k in ("train", "val", "test")}})
             head_data, row_counts = loaded[tuple(names)]
