@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import select
+import sys
 import threading
 import time
 
@@ -15,13 +16,21 @@ def worker_context():
     A forked worker inherits every descriptor of its parent, the store's flock and HDF5 handle included; after
     a kill -9 of the parent, orphaned workers kept the lock for seconds and an immediate resume was refused.
     forkserver workers fork from a clean server process started by exec, so they never hold the store (and,
-    unlike spawn, they do not import torch each: the server imports embedstore.extract once). Opening the store only
-    after the workers start would also work, but every extraction path would need to drop and retake the
-    writer's lock around each DataLoader."""
+    unlike spawn, they do not import torch each: the server imports it once per process, measured 4-6 s on 2
+    busy cores, and each worker then starts in about 0.1 s). Opening the store only after the workers start
+    would also work, but every extraction path would need to drop and retake the writer's lock around each
+    DataLoader."""
+    main = sys.modules.get("__main__")
+    main_file = getattr(main, "__file__", None)
+    if getattr(getattr(main, "__spec__", None), "name", None) is None and main_file and not os.path.isfile(main_file):
+        # a program read from stdin: forkserver and spawn workers must re-import __main__ and cannot. Forked
+        # workers inherit the store's descriptors, but die_with ends them as soon as this process ends.
+        return multiprocessing.get_context("fork")
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["__main__", "embedstore.extract"])  # torch, PIL, the dataset class
+    # what unpickling a worker's dataset imports (torch, PIL, torchvision's transforms, the dataset class), once
+    context.set_forkserver_preload(["__main__", "embedstore.extract", "torchvision.transforms"])
     return context
 
 
