@@ -329,3 +329,15 @@ def test_an_enormous_image_is_a_counted_skip(tmp_path):
     result = run(embed, ["extract", manifest_path, "--store", tmp_path / "s.h5", *TINY, "--text-backbone", "none"])
     assert result.exit_code == 0, result.output
     assert "skipped: image too large 1" in result.output and "; complete" in result.output
+
+
+def test_decoding_workers_start_from_a_forkserver_unless_main_cannot_be_reimported(monkeypatch):
+    import types
+
+    from embedstore.workers import worker_context
+
+    assert worker_context().get_start_method() == "forkserver"  # pytest's __main__ is a file
+    stdin = types.ModuleType("__main__")
+    stdin.__file__, stdin.__spec__ = "<stdin>", None  # `python - < script.py`
+    monkeypatch.setitem(sys.modules, "__main__", stdin)
+    assert worker_context().get_start_method() == "fork"
