@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import functools
 import io
-import multiprocessing
+import numbers
 import os
-import select
-import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -45,6 +43,7 @@ from embedstore.store import (
     library_versions,
     now_iso,
 )
+from embedstore.workers import die_with, worker_context
 
 
 @dataclass
@@ -68,7 +67,7 @@ class ExtractSettings:
     def __post_init__(self):
         for option, value, least in (("--image-size", self.image_size, 1), ("--batch-size", self.batch_size, 1),
                                      ("--text-batch-size", self.text_batch_size, 1), ("--workers", self.workers, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
                 raise ValueError(f"{option} must be an integer of at least {least}, got {value!r}")
 
 
@@ -193,54 +192,6 @@ def _collate_images(batch):
     ok = [pixels for _, pixels, code in batch if code == STATUS_OK]
     images = torch.stack(ok) if ok else None  # (n_ok, 3, H, W)
     return rows, images, status
-
-
-def worker_context():
-    """The start method of the decoding workers while a store is open for writing.
-
-    A forked worker inherits every descriptor of its parent, the store's flock and HDF5 handle included; after
-    a kill -9 of the parent, orphaned workers kept the lock for seconds and an immediate resume was refused.
-    forkserver workers fork from a clean server process started by exec, so they never hold the store (and,
-    unlike spawn, they do not import torch each: the server imports this module once). Opening the store only
-    after the workers start would also work, but every extraction path would need to drop and retake the
-    writer's lock around each DataLoader."""
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("spawn")
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["__main__", "embedstore.extract"])
-    return context
-
-
-def die_with(main_pid: int, _worker_id: int = 0) -> None:
-    """DataLoader worker_init_fn (bind main_pid with functools.partial): end this worker when the process that
-    runs the DataLoader dies. A forkserver worker's parent is the server, which lives as long as any worker
-    does, so neither PR_SET_PDEATHSIG nor torch's parent-pid watchdog ever fires after a kill -9 of the main
-    process: the workers (and the server) would live on forever. A daemon thread waits on a pidfd of the main
-    process (Linux 5.3+; else polls it) and exits the worker when it is gone."""
-
-    def watch():
-        try:
-            descriptor = os.pidfd_open(main_pid)
-        except (AttributeError, OSError):  # no pidfd here, or the main process is already gone
-            descriptor = None
-        if descriptor is not None:
-            select.select([descriptor], [], [])  # readable once the process has exited
-        else:
-            while _alive(main_pid):
-                time.sleep(0.2)
-        os._exit(0)
-
-    threading.Thread(target=watch, name="die-with-main", daemon=True).start()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _extract_images(manifest: Manifest, store_path: Path, settings: ExtractSettings, device) -> SourceReport:

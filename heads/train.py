@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 import time
 from dataclasses import dataclass
 from typing import Iterator, Protocol
@@ -65,16 +66,16 @@ class TrainSettings:
             raise ValueError(f"unknown class weight {self.class_weight!r}; use 'balanced' or none")
         for option, value in (("--batch-size", self.batch_size), ("--max-epochs", self.max_epochs),
                               ("--patience", self.patience), ("eval_chunk", self.eval_chunk)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"{option} must be an integer of at least 1, got {value!r}")
         for option, value, low, low_open in (("--lr", self.lr, 0.0, True), ("eps", self.eps, 0.0, True),
                                              ("clip_norm", self.clip_norm, 0.0, True),
                                              ("weight_decay", self.weight_decay, 0.0, False)):
-            if not (isinstance(value, (int, float)) and math.isfinite(value)
+            if not (isinstance(value, numbers.Real) and math.isfinite(value)
                     and (value > low if low_open else value >= low)):
                 raise ValueError(f"{option} must be a finite number {'above' if low_open else 'of at least'} {low}, "
                                  f"got {value!r}")
-        if not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in self.betas):
+        if not all(isinstance(b, numbers.Real) and 0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
 
 

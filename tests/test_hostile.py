@@ -124,7 +124,9 @@ def test_non_finite_rows_in_a_store_are_left_out_counted_and_said(tmp_path):
     assert f"feature set {IMAGE} has 5 rows" in result.output  # said, in one line
     weights = load_file(str(tmp_path / "r" / "heads" / "2A-concat" / "model.safetensors"))
     assert all(torch.isfinite(w).all() for w in weights.values())
-    assert all(row["test_accuracy"] > 0.5 for row in read_runs(tmp_path / "r"))  # far above chance (1/6)
+    rows = read_runs(tmp_path / "r")
+    assert all(row["test_accuracy"] > 0.5 for row in rows)  # far above chance (1/6)
+    assert rows[0]["store"]["non_finite_rows"] == {IMAGE: 5, TEXT: 1}  # and the rows record what was left out
 
 
 def test_a_head_whose_loss_turns_non_finite_is_recorded_as_diverged_and_never_saved(tmp_path):
@@ -327,3 +329,15 @@ def test_an_enormous_image_is_a_counted_skip(tmp_path):
     result = run(embed, ["extract", manifest_path, "--store", tmp_path / "s.h5", *TINY, "--text-backbone", "none"])
     assert result.exit_code == 0, result.output
     assert "skipped: image too large 1" in result.output and "; complete" in result.output
+
+
+def test_decoding_workers_start_from_a_forkserver_unless_main_cannot_be_reimported(monkeypatch):
+    import types
+
+    from embedstore.workers import worker_context
+
+    assert worker_context().get_start_method() == "forkserver"  # pytest's __main__ is a file
+    stdin = types.ModuleType("__main__")
+    stdin.__file__, stdin.__spec__ = "<stdin>", None  # `python - < script.py`
+    monkeypatch.setitem(sys.modules, "__main__", stdin)
+    assert worker_context().get_start_method() == "fork"

@@ -19,7 +19,7 @@ from cli.embed import embed
 from cli.heads import heads
 from embedstore.manifest import Manifest
 from embedstore.synthetic_catalog import make_fashion_catalog
-from tests.test_hostile import TINY, bomb_png, make_store
+from tests.test_hostile import TINY, bomb_png
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
