@@ -71,3 +71,8 @@ def autocast(device: torch.device, precision: str):
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def autocast_for(device: torch.device):
+    """The default precision's autocast on `device`: bf16 on CUDA (where it pays), plain float32 on a CPU."""
+    return autocast(device, resolve_precision("auto", device))

@@ -7,7 +7,6 @@ whose status is still pending are computed (see store.py for why a killed run le
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import io
 import multiprocessing
@@ -28,6 +27,7 @@ from tqdm.auto import tqdm
 from embedstore.backbones import create_backbone
 from embedstore.catalog import open_catalog_from_spec
 from embedstore.chunks import check_feature_dtype
+from embedstore.defaults import autocast_for, resolve_device
 from embedstore.manifest import Manifest
 from embedstore.modules import config_sha256, load_module, module_id, pooled_set_for, read_module_config
 from embedstore.preprocess import clean_title
@@ -81,22 +81,6 @@ class SourceReport:
     seconds: float = 0.0
 
 
-def resolve_device(device: str | None) -> torch.device:
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"unknown --device {device!r}; use cpu, cuda or cuda:N") from None
-
-
-def autocast_for(device: torch.device):
-    """bf16 autocast where it pays (CUDA); plain float32 on CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def image_source_name(backbone_name: str, image_size: int) -> str:
     return backbone_name if image_size == 224 else f"{backbone_name}-{image_size}px"
 
@@ -125,9 +109,7 @@ def extract(manifest_path: str | Path, store_path: str | Path, settings: Extract
         catalog_spec=manifest.catalog,
         shard=shard_attrs,
     )
-    device = resolve_device(settings.device)
-    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # under torchrun: one GPU per process
+    device = resolve_device(settings.device)  # under torchrun: this process's GPU (LOCAL_RANK)
     reports = []
     if settings.image_backbone:
         reports.append(_extract_images(manifest, Path(store_path), settings, device))
