@@ -21,12 +21,12 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from embedstore.defaults import DEFAULT_IMAGE_BACKBONE, DEFAULT_TEXT_BACKBONE
-from embedstore.extract import STATUS_OK, _collate_images, _ImageRows
+from embedstore.images import ImageRows, collate_images
 from embedstore.manifest import SPLITS, Manifest
 from embedstore.metrics import classification_metrics
 from embedstore.preprocess import clean_title
 from embedstore.modules import TransferModule, build_module, check_strategy, pooled_set_for
-from embedstore.store import FeatureStore
+from embedstore.store import STATUS_OK, FeatureStore
 from embedstore.training import Ranks, check_training_numbers, fit, predict, training_processes
 
 DEFAULT_BACKBONES = {"image": DEFAULT_IMAGE_BACKBONE, "text": DEFAULT_TEXT_BACKBONE}
@@ -197,10 +197,10 @@ class ImageItems:
 
     def _loader(self, split: str, batch_size: int, sampler=None, generator=None):
         """Yields (manifest rows (n_ok,), images (n_ok, 3, H, W)) of the readable images."""
-        dataset = _ImageRows(self.catalog, self.refs, self.rows[split], self.transforms[split == "train"])
+        dataset = ImageRows(self.catalog, self.refs, self.rows[split], self.transforms[split == "train"])
         workers = self.settings.workers
         loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, generator=generator,
-                            num_workers=workers, collate_fn=_collate_images, pin_memory=self.pin,
+                            num_workers=workers, collate_fn=collate_images, pin_memory=self.pin,
                             prefetch_factor=2 if workers else None)
         bad = 0
         for rows, images, status in loader:
