@@ -1,7 +1,8 @@
 """The package layers (`embedstore` imports neither `heads` nor `pipelines`), no private helper imported across
-modules, split modules keeping their old import paths."""
+modules, split modules keeping their old import paths, and the installed import names being this checkout's."""
 import ast
 import json
+import os
 import pkgutil
 import subprocess
 import sys
@@ -56,3 +57,15 @@ def test_split_modules_import_in_any_order_and_keep_their_old_names():
         done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
 
+
+def test_the_installed_import_names_are_this_checkouts(tmp_path):
+    check = [sys.executable, str(ROOT / "scripts" / "check_import_names.py")]
+    done = subprocess.run(check, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    # another distribution's `heads` earlier on the path: the check names it
+    (tmp_path / "heads").mkdir()
+    (tmp_path / "heads" / "__init__.py").write_text("")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(check, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 1 and f"heads -> {tmp_path.resolve()}" in done.stderr
+    assert "embedstore ->" not in done.stderr and done.stderr.count("\n") <= 1  # one line, naming only that one
