@@ -41,7 +41,7 @@ CHECKPOINT, CHECKPOINT_STATE, BEST = "checkpoint.safetensors", "checkpoint.json"
 
 
 def check_training_numbers(settings):
-    """The checks every training loop's settings share (modules here, end-to-end models in heads/)."""
+    """The checks every training loop's settings share (modules in finetune.py, end-to-end models in heads/)."""
     for name in ("lr", "batch_size", "max_epochs", "patience"):
         if getattr(settings, name) <= 0:
             raise ValueError(f"{name} must be positive, got {getattr(settings, name)}")
@@ -50,7 +50,6 @@ def check_training_numbers(settings):
     if settings.max_steps_per_epoch is not None and settings.max_steps_per_epoch <= 0:
         raise ValueError(f"max_steps_per_epoch must be positive, got {settings.max_steps_per_epoch}")
     return settings
-
 
 
 # ----------------------------------------------------------------------------------------------- processes
