@@ -181,7 +181,7 @@ def inspect(store):
 def demo(out, image_backbone, text_backbone, seeds, device):
     """The built-in default job: generated catalog -> prepare -> extract -> heads sweep -> report."""
     from cli.common import int_list
-    from embedstore.demo import DemoSettings, run_demo
+    from pipelines.demo import DemoSettings, run_demo
 
     settings = DemoSettings(image_backbone=image_backbone, text_backbone=text_backbone, device=device,
                             seeds=int_list(seeds, "--seeds"))

@@ -1,4 +1,4 @@
-"""`embed paper`: the paper's whole comparison on one catalog, in one command (embedstore/paper.py)."""
+"""`embed paper`: the paper's whole comparison on one catalog, in one command (pipelines/paper.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -52,7 +52,7 @@ def paper(catalog, out, image_backbone, text_backbone, image_weights, text_weigh
     """Run the 14-strategy comparison of Seo, Lee & Jang (2025) on CATALOG: manifests, features, modules,
     heads sweeps and one report (OUT/report/report.md)."""
     from embedstore.manifest import SplitSettings
-    from embedstore.paper import PaperSettings, run_paper
+    from pipelines.paper import PaperSettings, run_paper
 
     pair_strategies = int_list(pair, "--pair")
     if len(pair_strategies) != 2:

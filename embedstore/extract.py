@@ -8,35 +8,30 @@ whose status is still pending are computed (see store.py for why a killed run le
 from __future__ import annotations
 
 import functools
-import io
 import numbers
 import os
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from embedstore.backbones import create_backbone
-from embedstore.defaults import autocast, resolve_precision
 from embedstore.catalog import open_catalog_from_spec
 from embedstore.chunks import check_feature_dtype
+from embedstore.defaults import autocast_for, compute_precision, resolve_device
+from embedstore.images import ImageRows, collate_images
 from embedstore.manifest import Manifest
 from embedstore.modules import config_sha256, load_module, module_id, pooled_set_for, read_module_config
 from embedstore.preprocess import clean_title
 from embedstore.shards import Shard, shard_job
 from embedstore.store import (
     STATUS_EMPTY_TITLE,
-    STATUS_IMAGE_TOO_LARGE,
-    STATUS_MISSING_IMAGE,
     STATUS_NAMES,
     STATUS_OK,
-    STATUS_UNREADABLE_IMAGE,
     FeatureSetWriter,
     FeatureStore,
     create_store,
@@ -80,26 +75,6 @@ class SourceReport:
     seconds: float = 0.0
 
 
-def resolve_device(device: str | None) -> torch.device:
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"unknown --device {device!r}; use cpu, cuda or cuda:N") from None
-
-
-def compute_precision(device: torch.device) -> str:
-    """The precision backbones run in for extraction: bf16 autocast where it pays (CUDA), float32 on a CPU.
-    Every feature set records it (provenance "compute_precision"), so predict can compute features the same way."""
-    return resolve_precision("auto", device)
-
-
-def autocast_for(device: torch.device, precision: str | None = None):
-    """The autocast context of `precision` (default: this device's extraction precision) on `device`."""
-    return autocast(device, precision or compute_precision(device))
-
-
 def image_source_name(backbone_name: str, image_size: int) -> str:
     return backbone_name if image_size == 224 else f"{backbone_name}-{image_size}px"
 
@@ -128,9 +103,7 @@ def extract(manifest_path: str | Path, store_path: str | Path, settings: Extract
         catalog_spec=manifest.catalog,
         shard=shard_attrs,
     )
-    device = resolve_device(settings.device)
-    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # under torchrun: one GPU per process
+    device = resolve_device(settings.device)  # under torchrun: this process's GPU (LOCAL_RANK)
     reports = []
     if settings.image_backbone:
         reports.append(_extract_images(manifest, Path(store_path), settings, device))
@@ -158,40 +131,6 @@ def _provenance(backbone, source: str, device: torch.device) -> dict:
 # ----------------------------------------------------------------------------------------------- images
 
 
-class _ImageRows(Dataset):
-    """Decodes and transforms one item per call, in a worker process; bad images become a status, not an error."""
-
-    def __init__(self, catalog, refs: list[str], rows: np.ndarray, transform):
-        self.catalog, self.refs, self.rows, self.transform = catalog, refs, rows, transform
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int):
-        row = int(self.rows[i])
-        try:
-            data = self.catalog.read_image_bytes(self.refs[row])
-        except FileNotFoundError:
-            return row, None, STATUS_MISSING_IMAGE
-        try:
-            with warnings.catch_warnings():
-                # PIL only warns between its pixel limit and twice it, and decodes: gigabytes for one item
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(io.BytesIO(data)) as image:
-                    pixels = self.transform(image.convert("RGB"))  # (3, H, W)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            return row, None, STATUS_IMAGE_TOO_LARGE
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-            return row, None, STATUS_UNREADABLE_IMAGE
-        return row, pixels, STATUS_OK
-
-
-def _collate_images(batch):
-    rows = np.array([row for row, _, _ in batch], dtype=np.int64)
-    status = np.array([code for _, _, code in batch], dtype=np.int8)
-    ok = [pixels for _, pixels, code in batch if code == STATUS_OK]
-    images = torch.stack(ok) if ok else None  # (n_ok, 3, H, W)
-    return rows, images, status
 
 
 def _extract_images(manifest: Manifest, store_path: Path, settings: ExtractSettings, device) -> SourceReport:
@@ -218,9 +157,9 @@ def _stream_images(manifest: Manifest, writer: FeatureSetWriter, transform, comp
     refs = [item.image for item in manifest.items]
     pending = writer.pending_rows()
     loader = DataLoader(
-        _ImageRows(catalog, refs, pending, transform),
+        ImageRows(catalog, refs, pending, transform),
         batch_size=settings.batch_size, shuffle=False, num_workers=settings.workers,
-        collate_fn=_collate_images, pin_memory=device.type == "cuda",
+        collate_fn=collate_images, pin_memory=device.type == "cuda",
         persistent_workers=False, prefetch_factor=2 if settings.workers else None,
         multiprocessing_context=worker_context() if settings.workers else None,
         worker_init_fn=functools.partial(die_with, os.getpid()) if settings.workers else None,

@@ -24,10 +24,10 @@ import torch
 from torch import nn
 
 from embedstore.backbones import RANDOM_INIT, Backbone, create_backbone
+from embedstore.defaults import MIDDLE_DIM  # the paper's middle layer: module feature "A" / dense
 from embedstore.model_folder import CONFIG_FILE, WEIGHTS_FILE, load_pretrained, read_config, save_pretrained
 
 STRATEGIES = (1, 2, 3)
-MIDDLE_DIM = 500  # the paper's middle layer: module feature "A" / dense
 MODULE_KIND = "module"
 LAYERS = ("dense", "classifier")
 

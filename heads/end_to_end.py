@@ -5,7 +5,7 @@ to avoid; `benchmarks/bench_end_to_end.py` measures how much slower it is than a
 Model: each modality is an S3 module (embedstore/modules.py: backbone -> pooled (D) -> dense D->500 -> ReLU ->
 Dropout [-> classifier 500->C for 3-B]); the two branches are fused by an operator of heads/fusion.py's registry
 (at the 500-d layers for 3-A, at the classifier outputs for 3-B), then fused -> 250 -> ReLU -> Dropout -> C.
-Training is finetune.py's loop (`fit`): AdamW, gradient clipping at 1.0, random horizontal flip, early stopping
+Training is the shared loop (embedstore/training.py, `fit`): AdamW, gradient clipping at 1.0, random horizontal flip, early stopping
 on validation accuracy, a checkpoint per epoch (safetensors + JSON) with resume, DistributedDataParallel under
 torchrun, bf16 autocast and pinned memory on CUDA only. Saved with the model-folder convention
 (embedstore/model_folder.py, kind "end-to-end": model.safetensors + config.json, plus metrics.json);
@@ -20,28 +20,29 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from sklearn.metrics import accuracy_score, f1_score
 from torch import nn
 
 from embedstore.fingerprint import fingerprint
 from embedstore.backbones import create_backbone
-from embedstore.finetune import ImageItems, check_training_numbers, fit, predict, training_processes
+from embedstore.finetune import ImageItems
 from embedstore.manifest import Manifest
+from embedstore.metrics import classification_metrics
 from embedstore.model_folder import load_pretrained, save_pretrained
-from embedstore.modules import MIDDLE_DIM, build_module
+from embedstore.defaults import DEFAULT_IMAGE_BACKBONE, DEFAULT_TEXT_BACKBONE, FUSION_DIM, MIDDLE_DIM
+from embedstore.modules import build_module
+from embedstore.training import check_training_numbers, fit, predict, training_processes
 from heads.fusion import create_fusion, list_fusions
 
 END_TO_END = ("3A", "3B")
 KIND = "end-to-end"
-FUSION_DIM = 250
 
 
 @dataclass
 class EndToEndSettings:
     strategy: str = "3A"                 # "3A": fused at the 500-d layers; "3B": at the classifier outputs
     fusion: str = "concat"               # any operator of heads/fusion.py
-    image_backbone: str = "efficientnet_lite0"
-    text_backbone: str = "all-MiniLM-L6-v2"
+    image_backbone: str = DEFAULT_IMAGE_BACKBONE
+    text_backbone: str = DEFAULT_TEXT_BACKBONE
     image_weights: str | None = None     # local weights file / Hugging Face folder; default: the standard places
     text_weights: str | None = None
     image_size: int = 224
@@ -167,13 +168,12 @@ def train_end_to_end(manifest_path: str | Path, out_dir: str | Path, settings: E
         model.load_state_dict(best)
         labels, predictions = predict(model, data.batches("test"), device)
         counts = model.parameter_counts()
+        scores = classification_metrics(labels, predictions, n_classes=len(manifest.classes))
         metrics = {
             "strategy": settings.strategy, "fusion": settings.fusion, "manifest_sha256": manifest.sha256,
             "backbones": {m.modality: {"name": m.name, "weights_id": m.weights_id} for m in (image, text)},
             "device": str(device), "processes": ranks.world,
-            "test_accuracy": float(accuracy_score(labels, predictions)),
-            "test_macro_f1": float(f1_score(labels, predictions, average="macro",
-                                            labels=list(range(len(manifest.classes))), zero_division=0)),
+            "test_accuracy": scores["accuracy"], "test_macro_f1": scores["macro_f1"],
             "trainable_parameters": counts["trainable"], "non_trainable_parameters": counts["non_trainable"],
             "items": data.counts(), **summary,
         }

@@ -27,8 +27,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from embedstore.backbones import create_backbone
-from embedstore.catalog import Catalog, _FolderFiles, _is_fashion_header, open_catalog
-from embedstore.extract import _collate_images, _ImageRows, autocast_for
+from embedstore.catalog import Catalog, FolderFiles, is_fashion_header, open_catalog
+from embedstore.defaults import autocast_for, resolve_device
+from embedstore.images import ImageRows, collate_images
 from embedstore.model_folder import read_config
 from embedstore.modules import load_module, module_id
 from embedstore.preprocess import clean_title
@@ -37,7 +38,7 @@ from embedstore.store import STATUS_EMPTY_TITLE, STATUS_NAMES, STATUS_NON_FINITE
 from heads.end_to_end import load_end_to_end
 from heads.estimator import FusionHead
 from heads.models import STRATEGY_LAYER, STRATEGY_MODALITIES
-from heads.sweep import resolve_device
+
 
 REASONS = {code: name.removeprefix("skipped: ") for code, name in STATUS_NAMES.items() if name.startswith("skipped")}
 
@@ -104,7 +105,7 @@ def read_inputs(path: str | os.PathLike, columns: InputColumns, modalities: tupl
     if path.is_file() and path.suffix.lower() == ".csv":
         header = _header(path)
         wanted = {columns.image, columns.title}
-        if not (_is_fashion_header(header) and not wanted & set(header)):
+        if not (is_fashion_header(header) and not wanted & set(header)):
             return _csv_inputs(path, header, columns, modalities)
         path = path.parent  # a styles.csv: the Fashion catalog rooted at its folder
     catalog = open_catalog(path, fmt="fashion")
@@ -143,7 +144,7 @@ def _csv_inputs(path: Path, header: list[str], columns: InputColumns, modalities
     ids = [value(r, id_column) if id_column else str(n) for n, r in enumerate(records, start=1)]
     # relative image paths are relative to the CSV's folder; the catalog's folder reader does exactly that
     return Inputs(ids, [value(r, columns.image) for r in records], [value(r, columns.title) for r in records],
-                  Catalog(_FolderFiles(str(path.resolve().parent))))
+                  Catalog(FolderFiles(str(path.resolve().parent))))
 
 
 # ----------------------------------------------------------------------------------------------- features
@@ -256,8 +257,8 @@ def _batches(inputs: Inputs, image_prepare: Callable | None, settings: PredictSe
             rows = np.arange(begin, min(begin + size, n))
             yield rows, None, np.full(len(rows), STATUS_OK, dtype=np.int8)
         return
-    loader = DataLoader(_ImageRows(inputs.files, inputs.images, np.arange(n), image_prepare),
-                        batch_size=size, shuffle=False, num_workers=settings.workers, collate_fn=_collate_images)
+    loader = DataLoader(ImageRows(inputs.files, inputs.images, np.arange(n), image_prepare),
+                        batch_size=size, shuffle=False, num_workers=settings.workers, collate_fn=collate_images)
     yield from loader
 
 

@@ -132,7 +132,7 @@ def _run_sweep(store_path: Path, out_dir: Path, settings: SweepSettings, log) ->
     with contextlib.ExitStack() as stack:
         device, group = resolve_device(settings.device), None
         if world()[1] > 1:  # under torchrun: join the ranks (gloo on CPU, nccl on CUDA), leave on the way out
-            from embedstore.finetune import training_processes
+            from embedstore.training import training_processes
             device, _ = stack.enter_context(training_processes(settings.device))
             group = RankGroup()
         if world()[0] == 0:  # one sweep per results folder: a second refuses in one line; rank 0 is the writer

@@ -17,7 +17,7 @@ from cli.heads import heads
 from embedstore.backbones import create_backbone
 from embedstore.catalog import open_catalog
 from embedstore.extract import ExtractSettings, extract
-from embedstore.finetune import predict
+from embedstore.training import predict
 from embedstore.manifest import SplitSettings, prepare_manifest
 from embedstore.synthetic_catalog import make_fashion_catalog
 from heads.end_to_end import (END_TO_END, EndToEndModel, EndToEndSettings, PairItems, load_end_to_end,

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 import embedstore.extract as extract_module
-import embedstore.store as store_module
+import embedstore.store_writer as store_module  # the writer: create_store, FeatureSetWriter
 from cli.embed import embed
 from cli.heads import heads
 from embedstore.catalog import open_catalog

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from embedstore.paper import PLAN_FILE
+from pipelines.paper import PLAN_FILE
 from heads.report import markdown_table, plot_bars
 from heads.sweep import read_runs
 
