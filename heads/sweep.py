@@ -17,13 +17,15 @@ from typing import Callable
 import torch
 
 from heads.end_to_end import END_TO_END, EndToEndSettings
+from heads.estimator import FusionHead
 from heads.fusion import list_fusions
 from heads.inputs import inputs_with_shared_rows
-from heads.estimator import FusionHead
 from heads.models import BASELINES, MULTIMODAL_STRATEGIES, HeadConfig, StackedHead
 from heads.train import HeadData, TrainSettings, train_heads
 
 DEFAULT_FUSIONS = ("add", "average", "product", "concat", "gated")
+
+
 @dataclass(frozen=True)
 class SweepSettings:
     strategies: tuple[str, ...] = MULTIMODAL_STRATEGIES
