@@ -234,7 +234,8 @@ def missing_weights(name: str, looked: list[str], how: str) -> FileNotFoundError
 
 # The built-in backbones' public names stay importable from here (e.g. `backbones.efficientnet_lite0_state`).
 _IMAGE_NAMES = frozenset(("resnet50", "tiny_resnet", "mobilenet_v2", "efficientnet_lite0_state", "efficientnet_lite0"))
-_TEXT_NAMES = frozenset(("hf_cache_dir", "bert_base_uncased", "all_minilm_l6_v2", "local_text_folder", "tiny_bert"))
+_TEXT_NAMES = frozenset(("hf_cache_dir", "bert_base_uncased", "all_minilm_l6_v2", "all_mpnet_base_v2", "local_text_folder",
+                         "tiny_bert"))
 
 
 def __getattr__(name: str):

