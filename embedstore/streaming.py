@@ -3,14 +3,19 @@
 Reads are chunk-aligned: the store's rows are cut into blocks of `block` rows (the widest chunk of the named
 sets; chunks are powers of two, so every set's chunk boundaries fall on block boundaries), and a block is read as
 one contiguous slice per set: the span from its first to its last row of the split. A training epoch visits the
-split's blocks in a shuffled order and shuffles the rows within each block (one numpy Generator per epoch, seeded
-from (seed, epoch)); batches are then cut from that stream, across block boundaries, so every batch but the
-last is full. This is not a full permutation: rows of one block stay together within an epoch (a batch holds
-rows of one or two blocks), and since the manifest stores items class by class, a batch tends to hold few
-classes. Validation and test are one sequential pass in chunks.
+split's blocks in a shuffled order; every `window_blocks` consecutive blocks of that order (plus the few rows
+the previous window left over) are pooled and permuted, which also shuffles each block, and batches are cut from
+the permuted window (all full but the last). The generators are seeded from (seed, epoch).
+
+This is not a full permutation: a batch draws its rows from one window of blocks (a few thousand rows), not from
+the whole split, and the rows of one block reach the model within one window. The window is what makes it
+work: the manifest stores items class by class, so one block usually holds one class, and batches cut from one
+block at a time (measured: 72 % test accuracy after one epoch against 100 % in memory on a 100k-row synthetic
+store) would each see a single class. Validation and test are one sequential pass in chunks.
 
 A background thread reads blocks into a bounded queue while the caller trains, so reading overlaps compute and
-memory stays bounded: at most `queue_blocks` blocks waiting, one being read and one being consumed.
+memory stays bounded: at most `queue_blocks` blocks waiting, one being read, and one window being consumed.
+Both sizes come from the memory budget (each 1/READ_AHEAD_SHARE of it, within QUEUE_BLOCKS).
 """
 from __future__ import annotations
 
@@ -99,7 +104,7 @@ class RowStream:
     """
 
     def __init__(self, store, names: list[str], rows: np.ndarray, *, budget: int | None = None,
-                 queue_blocks: int | None = None):
+                 queue_blocks: int | None = None, window_blocks: int | None = None):
         self.names = list(names)
         self.datasets = [store.dataset(name) for name in self.names]
         self.rows = np.asarray(rows, dtype=np.int64)
@@ -112,10 +117,10 @@ class RowStream:
         # the blocks holding rows of this split, as [first, stop) positions in self.rows
         self.blocks = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
         self.block_bytes = self.block * sum(d.shape[1] * d.dtype.itemsize for d in self.datasets)
-        if queue_blocks is None:
-            queue_blocks = queue_blocks_for(budget if budget is not None else default_memory_budget(),
-                                            self.block_bytes)
-        self.queue_blocks = int(queue_blocks)
+        if queue_blocks is None or window_blocks is None:
+            share = queue_blocks_for(budget if budget is not None else default_memory_budget(), self.block_bytes)
+        self.queue_blocks = int(share if queue_blocks is None else queue_blocks)
+        self.window_blocks = int(share if window_blocks is None else window_blocks)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -137,17 +142,18 @@ class RowStream:
     # ------------------------------------------------------------------------------------------- batches
     def shuffled_batches(self, batch_size: int, *, seed: int, epoch: int
                          ) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
-        """One training epoch: blocks in a shuffled order, rows shuffled within each block, cut into batches."""
-        rng = np.random.default_rng([int(seed), int(epoch)])
-        order = rng.permutation(len(self.blocks))
-        return _rebatch(self._read_in_background(order, rng), batch_size)
+        """One training epoch: blocks in a shuffled order, rows permuted within windows of blocks, batches."""
+        order_rng, window_rng = (np.random.default_rng(s)
+                                 for s in np.random.SeedSequence([int(seed), int(epoch)]).spawn(2))
+        order = order_rng.permutation(len(self.blocks))
+        return _batches(self._read_in_background(order), batch_size, window=self.window_blocks, rng=window_rng)
 
     def sequential_batches(self, chunk: int) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
         """Every row once, in store order, in chunks of `chunk` rows (validation, test)."""
-        return _rebatch(self._read_in_background(np.arange(len(self.blocks)), None), chunk)
+        return _batches(self._read_in_background(np.arange(len(self.blocks))), chunk)
 
-    def _read_in_background(self, order: np.ndarray, rng: np.random.Generator | None):
-        """Blocks in `order` (rows shuffled by `rng` when given), read by a thread into a bounded queue."""
+    def _read_in_background(self, order: np.ndarray):
+        """Blocks in `order`, read by a thread into a bounded queue."""
         blocks: queue.Queue = queue.Queue(maxsize=self.queue_blocks)
         stop = threading.Event()
 
@@ -162,12 +168,8 @@ class RowStream:
 
         def work():
             try:
-                for i in order:   # the generator is used by this thread only: the order is deterministic
-                    xs, y = self.read_block(int(i))
-                    if rng is not None:
-                        perm = rng.permutation(len(y))
-                        xs, y = [x[perm] for x in xs], y[perm]
-                    if not put((xs, y)):
+                for i in order:
+                    if not put(self.read_block(int(i))):
                         return
                 put(_END)
             except BaseException as error:   # re-raised in the consumer, never lost in the thread
@@ -188,25 +190,27 @@ class RowStream:
             thread.join()
 
 
-def _rebatch(blocks: Iterator[tuple[list[np.ndarray], np.ndarray]], size: int
-             ) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
-    """Cut a stream of row blocks into batches of `size` rows (the last may be smaller), upcast to float32."""
+def _batches(blocks: Iterator[tuple[list[np.ndarray], np.ndarray]], size: int, *, window: int = 1,
+             rng: np.random.Generator | None = None) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
+    """Cut a stream of row blocks into batches of `size` rows (the last may be smaller), upcast to float32.
+    With `rng`: every `window` blocks (and the rows the previous window left over) are permuted together first."""
     pieces: list[tuple[list[np.ndarray], np.ndarray]] = []
-    held = 0
+    held = waiting = 0
     for xs, y in blocks:
         pieces.append((xs, y))
-        held += len(y)
-        if held < size:
+        held, waiting = held + len(y), waiting + 1
+        if held < size or (rng is not None and waiting < window):
             continue
         joined = _join(pieces)
+        order = None if rng is None else rng.permutation(held)   # (held,)
         n_full = held // size * size
         for start in range(0, n_full, size):
-            yield _batch(joined, start, start + size)
-        pieces = [([x[n_full:] for x in joined[0]], joined[1][n_full:])] if held > n_full else []
-        held -= n_full
+            yield _as_batch(_take(joined, order, start, start + size))
+        pieces = [_take(joined, order, n_full, held)] if held > n_full else []
+        held, waiting = held - n_full, 0
     if held:
         joined = _join(pieces)
-        yield _batch(joined, 0, held)
+        yield _as_batch(_take(joined, None if rng is None else rng.permutation(held), 0, held))
 
 
 def _join(pieces):
@@ -217,7 +221,16 @@ def _join(pieces):
             np.concatenate([y for _, y in pieces]))
 
 
-def _batch(joined, start: int, stop: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+def _take(joined, order: np.ndarray | None, start: int, stop: int):
+    """Rows start..stop of the joined window, through `order` when given (a gather), else a slice."""
     xs, y = joined
-    return ([torch.from_numpy(np.ascontiguousarray(x[start:stop], dtype=np.float32)) for x in xs],
-            torch.from_numpy(np.ascontiguousarray(y[start:stop])))
+    if order is None:
+        return [x[start:stop] for x in xs], y[start:stop]
+    index = order[start:stop]
+    return [x[index] for x in xs], y[index]
+
+
+def _as_batch(part) -> tuple[list[torch.Tensor], torch.Tensor]:
+    xs, y = part
+    return ([torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)) for x in xs],
+            torch.from_numpy(np.ascontiguousarray(y)))
