@@ -26,8 +26,10 @@ def describe_store(path: str | Path) -> list[str]:
             p = info.provenance
             skipped = {k: v for k, v in info.counts.items() if k.startswith("skipped") and v}
             state = "complete" if info.complete else f"INCOMPLETE ({info.counts.get('pending', '?')} rows pending)"
+            layout = (f"chunks of {p['chunk_rows']} rows" if p.get("chunk_rows") else
+                      "contiguous (written before row chunking; streamed in row blocks)")
             lines += [
-                f"feature set {name}: ({len(store.ids)}, {info.dim}) {info.dtype}, {state}",
+                f"feature set {name}: ({len(store.ids)}, {info.dim}) {info.dtype}, {layout}, {state}",
                 f"    backbone {p.get('backbone')}  weights {p.get('weights_id')}  parameters {p.get('parameters', '?'):,}"
                 if isinstance(p.get("parameters"), int) else
                 f"    backbone {p.get('backbone')}  weights {p.get('weights_id')}",

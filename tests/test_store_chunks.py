@@ -10,6 +10,7 @@ from click.testing import CliRunner
 import embedstore.chunks as chunks
 from cli.embed import embed
 from embedstore.catalog import open_catalog
+from embedstore.inspect import describe_store
 from embedstore.chunks import block_rows, chunk_rows_for, read_rows
 from embedstore.manifest import SplitSettings, prepare_manifest
 from embedstore.store import FeatureSetWriter, FeatureStore, write_store_from_arrays
@@ -92,6 +93,9 @@ def test_store_written_before_chunking_reads_the_same(tmp_path):
         assert block_rows(new) == chunk_rows_for(40, 4)
     with FeatureStore(tmp_path / "s.h5") as store:
         np.testing.assert_array_equal(store.load(["image/x/pooled"]).features["image/x/pooled"], image)
+    lines = describe_store(tmp_path / "s.h5")
+    assert any("image/x/pooled" in line and "contiguous (written before row chunking" in line for line in lines)
+    assert any("text/y/pooled" in line and f"chunks of {chunk_rows_for(12, 4, N)} rows" in line for line in lines)
 
 
 @pytest.mark.parametrize("contiguous", [False, True])
