@@ -15,7 +15,9 @@ store) would each see a single class. Validation and test are one sequential pas
 
 A background thread reads blocks into a bounded queue while the caller trains, so reading overlaps compute and
 memory stays bounded: at most `queue_blocks` blocks waiting, one being read, and one window being consumed.
-Both sizes come from the memory budget (each 1/READ_AHEAD_SHARE of it, within QUEUE_BLOCKS / WINDOW_BLOCKS).
+Both sizes come from the memory budget (1/WINDOW_SHARE and 1/QUEUE_SHARE of it, within their bounds), and a
+window is held once: its blocks are released as soon as they are joined, and the joined window before the next
+one is gathered.
 """
 from __future__ import annotations
 
@@ -33,11 +35,13 @@ from embedstore.chunks import block_rows
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-READ_AHEAD_SHARE = 8      # the queue of blocks read ahead may hold 1/8 of the memory budget
-QUEUE_BLOCKS = (2, 64)    # ... but at least 2 blocks (reading overlaps compute) and at most 64
-# the shuffle window too, but at least 16 blocks (at most ~50 MB for 1664 float32 features): a window of 2
-# blocks of a class-by-class store held ~2 classes, and one epoch reached 30 % test accuracy against 100 %
-WINDOW_BLOCKS = (16, 64)
+# The shuffle window may hold 1/8 of the memory budget, at least 16 blocks (~55 MB for 1664 float32 features: a
+# window of 2 blocks of a class-by-class store held ~2 classes, and one epoch reached 30 % test accuracy against
+# 100 % in memory) and at most 64.
+WINDOW_SHARE, WINDOW_BLOCKS = 8, (16, 64)
+# The queue of blocks read ahead only has to hide reading behind compute (a 3.4 MB block reads in ~1 ms from the
+# page cache and trains in ~0.1 s): 1/32 of the budget, 2-16 blocks.
+QUEUE_SHARE, QUEUE_BLOCKS = 32, (2, 16)
 IN_MEMORY_FACTOR = 2      # the in-memory path holds the loaded matrix and its per-split copies at once
 
 
@@ -91,9 +95,11 @@ def fits_in_memory(store, names: Iterable[str], n_rows: int, budget: int) -> boo
     return in_memory_bytes(store, list(names), n_rows) <= budget
 
 
-def queue_blocks_for(budget: int, block_bytes: int, bounds: tuple[int, int] = QUEUE_BLOCKS) -> int:
+def queue_blocks_for(budget: int, block_bytes: int, share: int = QUEUE_SHARE,
+                     bounds: tuple[int, int] = QUEUE_BLOCKS) -> int:
+    """Blocks in budget / share, within bounds."""
     low, high = bounds
-    return int(min(high, max(low, budget // (READ_AHEAD_SHARE * max(1, block_bytes)))))
+    return int(min(high, max(low, budget // (share * max(1, block_bytes)))))
 
 
 _END = object()
@@ -122,7 +128,8 @@ class RowStream:
         self.block_bytes = self.block * sum(d.shape[1] * d.dtype.itemsize for d in self.datasets)
         budget = budget if budget is not None else default_memory_budget()
         self.queue_blocks = int(queue_blocks or queue_blocks_for(budget, self.block_bytes))
-        self.window_blocks = int(window_blocks or queue_blocks_for(budget, self.block_bytes, WINDOW_BLOCKS))
+        self.window_blocks = int(window_blocks or queue_blocks_for(budget, self.block_bytes, WINDOW_SHARE,
+                                                                   WINDOW_BLOCKS))
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -203,12 +210,13 @@ def _batches(blocks: Iterator[tuple[list[np.ndarray], np.ndarray]], size: int, *
         held, waiting = held + len(y), waiting + 1
         if held < size or (rng is not None and waiting < window):
             continue
-        joined = _join(pieces)
+        joined, pieces, xs, y = _join(pieces), None, None, None   # the blocks are released once joined
         order = None if rng is None else rng.permutation(held)   # (held,)
         n_full = held // size * size
         for start in range(0, n_full, size):
             yield _as_batch(_take(joined, order, start, start + size))
         pieces = [_take(joined, order, n_full, held)] if held > n_full else []
+        joined = order = None   # released before the next window gathers
         held, waiting = held - n_full, 0
     if held:
         joined = _join(pieces)

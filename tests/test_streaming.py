@@ -174,8 +174,9 @@ def test_budget_decision_and_queue_size(store_path, monkeypatch):
         need = streaming.in_memory_bytes(store, NAMES, 100)
         assert need == 2 * 100 * (16 + 4) * 4                   # float32 rows, times the loading copies
         assert fits_in_memory(store, NAMES, 100, need) and not fits_in_memory(store, NAMES, 100, need - 1)
-    assert queue_blocks_for(10**9, 10**6) == 64 and queue_blocks_for(1, 10**6) == 2
+    assert queue_blocks_for(10**9, 10**6) == 16 and queue_blocks_for(1, 10**6) == 2
+    assert queue_blocks_for(10**9, 10**6, 8, (16, 64)) == 64 and queue_blocks_for(1, 10**6, 8, (16, 64)) == 16
     with FeatureStore(store_path) as store:
         tiny = _train_stream(store, budget=1)      # a tiny budget still mixes 16 blocks per window
         assert (tiny.queue_blocks, tiny.window_blocks) == (2, 16)
-    assert queue_blocks_for(80 * 10**6, 10**6) == 10
+    assert queue_blocks_for(320 * 10**6, 10**6) == 10
