@@ -19,6 +19,7 @@ import json
 import os
 import resource
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -79,8 +80,10 @@ def measure(store: Path, out: Path, *, budget: str, epochs: int) -> dict:
                              memory_budget=parse_memory_size(budget),
                              train=TrainSettings(max_epochs=epochs, patience=epochs))
     t0 = time.perf_counter()
-    run_sweep(store, out, settings, log=lambda line: print(line, file=sys.stderr))
+    summary = run_sweep(store, out, settings, log=lambda line: print(line, file=sys.stderr))
     wall = time.perf_counter() - t0
+    if summary["trained"] != 1:
+        raise RuntimeError(f"expected one trained head in {out}, got {summary}; measure into an empty folder")
     row = read_runs(out)[-1]
     return {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "baseline_rss_bytes": baseline, "sweep_wall_s": wall,
@@ -92,8 +95,8 @@ def measure(store: Path, out: Path, *, budget: str, epochs: int) -> dict:
 def run_measurement(store: Path, out: Path, *, budget: str, epochs: int) -> dict:
     # under /usr/bin/time: Linux keeps a process's peak RSS across exec, so a child forked straight from this
     # (large) process would start at this process's RSS; time's own child starts small
-    command = ["/usr/bin/time", "-f", "time-peak-rss-kib %M", sys.executable, __file__, "--measure", str(store), "--measure-out", str(out), "--budget", budget,
-               "--epochs", str(epochs)]
+    command = ["/usr/bin/time", "-f", "time-peak-rss-kib %M", sys.executable, __file__, "--measure", str(store),
+               "--measure-out", str(out), "--budget", budget, "--epochs", str(epochs)]
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(
         Path(__file__).resolve().parents[1])})
     if done.returncode != 0:
@@ -139,6 +142,23 @@ def plot(results: list[dict], png: Path) -> None:
     fig.savefig(png, dpi=120)
 
 
+def table(results: list[dict]) -> str:
+    """The measurements as a Markdown table (what scale.md shows)."""
+    lines = ["| rows | classes | dtype | data | store | budget | epoch s | us/train row | peak RSS | test acc | load |",
+             "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(results, key=lambda r: (r["classes"], r["rows"], r["dtype"] != "float32", r["mode"])):
+        head = (f"| {r['rows']:,} | {r['classes']:,} | {r['dtype']} | {r['mode']} | "
+                f"{r['store_bytes'] / 1e9:.2f} GB | ")
+        if "skipped" in r:
+            lines.append(head + f"- | skipped: {r['skipped']} | | | | | {r['loadavg_before']:.1f} |")
+            continue
+        peak = max(r["peak_rss_bytes"], r.get("time_peak_rss_bytes", 0))
+        lines.append(head + f"{int(r['budget']) / 1e9:.2f} GB | {r['epoch_s']:.1f} | "
+                     f"{1e6 * r['epoch_s'] / r['train_rows']:.0f} | {peak / 2**30:.2f} GiB | "
+                     f"{r['test_accuracy']:.4f} | {r['loadavg_before']:.1f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs/scale"), help="folder for the stores and sweep outputs")
@@ -154,7 +174,7 @@ def main(argv=None) -> None:
     p.add_argument("--max-in-memory", default="8GB",
                    help="skip in-memory runs whose matrix x 2.5 exceeds this or the available memory (the machine "
                         "is shared)")
-    p.add_argument("--plot-only", action="store_true", help="redraw the PNG from --json")
+    p.add_argument("--plot-only", action="store_true", help="redraw the PNG from --json and print the table")
     p.add_argument("--measure", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--measure-out", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--budget", help=argparse.SUPPRESS)
@@ -166,6 +186,7 @@ def main(argv=None) -> None:
         return
     if args.plot_only:
         plot(json.loads(args.json.read_text())["results"], args.png)
+        print(table(json.loads(args.json.read_text())["results"]))
         return
     command = "python benchmarks/bench_scale.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     previous = json.loads(args.json.read_text()) if args.json.exists() else {"commands": [], "results": []}
@@ -200,6 +221,7 @@ def main(argv=None) -> None:
                     else:   # below the in-memory need, so that small stores stream too
                         budget = str(min(parse_memory_size(args.stream_budget), matrix - 1))
                     out = args.out / f"sweep-{rows}-{classes}-{dtype}-{mode}"
+                    shutil.rmtree(out, ignore_errors=True)   # else the sweep skips the run already there
                     entry.update(run_measurement(store, out, budget=budget, epochs=args.epochs), budget=budget)
                     print(json.dumps(entry), flush=True)
                     results.append(entry)
