@@ -107,6 +107,15 @@ def run_measurement(store: Path, out: Path, *, budget: str, epochs: int) -> dict
     return result
 
 
+def _complete(store: Path) -> bool:
+    from embedstore.store import FeatureStore
+    try:
+        with FeatureStore(store) as opened:
+            return opened.complete
+    except (OSError, ValueError):
+        return False
+
+
 def _available() -> int:
     from embedstore.streaming import available_memory
     return available_memory()
@@ -201,6 +210,8 @@ def main(argv=None) -> None:
                     continue
                 store = args.out / f"store-{rows}-{classes}-{dtype}.h5"
                 t0 = time.perf_counter()
+                if store.exists() and not _complete(store):   # an interrupted write: start again
+                    store.unlink()
                 if not store.exists():
                     write_store(store, rows=rows, classes=classes, dtype=dtype)
                 write_s = time.perf_counter() - t0
