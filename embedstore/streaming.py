@@ -201,26 +201,32 @@ class RowStream:
 
 def _batches(blocks: Iterator[tuple[list[np.ndarray], np.ndarray]], size: int, *, window: int = 1,
              rng: np.random.Generator | None = None) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
-    """Cut a stream of row blocks into batches of `size` rows (the last may be smaller), upcast to float32.
-    With `rng`: every `window` blocks (and the rows the previous window left over) are permuted together first."""
+    """Cut a stream of row blocks into batches of `size` rows (only the very last may be smaller), upcast to
+    float32. With `rng`: every `window` blocks (and the rows the previous window left over) are permuted
+    together first; the last window may hold fewer blocks."""
     pieces: list[tuple[list[np.ndarray], np.ndarray]] = []
     held = waiting = 0
     for xs, y in blocks:
         pieces.append((xs, y))
         held, waiting = held + len(y), waiting + 1
+        xs = y = None
         if held < size or (rng is not None and waiting < window):
             continue
-        joined, pieces, xs, y = _join(pieces), None, None, None   # the blocks are released once joined
-        order = None if rng is None else rng.permutation(held)   # (held,)
-        n_full = held // size * size
-        for start in range(0, n_full, size):
-            yield _as_batch(_take(joined, order, start, start + size))
-        pieces = [_take(joined, order, n_full, held)] if held > n_full else []
-        joined = order = None   # released before the next window gathers
-        held, waiting = held - n_full, 0
+        pieces = yield from _cut(pieces, held, size, rng, last=False)
+        held, waiting = sum(len(y) for _, y in pieces), 0
     if held:
-        joined = _join(pieces)
-        yield _as_batch(_take(joined, None if rng is None else rng.permutation(held), 0, held))
+        yield from _cut(pieces, held, size, rng, last=True)
+
+
+def _cut(pieces, held: int, size: int, rng, *, last: bool):
+    """Yield the full batches of one window (and, if last, the rest); returns the rows left over, as pieces."""
+    joined = _join(pieces)
+    pieces.clear()   # the blocks are released once joined
+    order = None if rng is None else rng.permutation(held)   # (held,)
+    n_full = held if last else held // size * size
+    for start in range(0, n_full, size):
+        yield _as_batch(_take(joined, order, start, min(start + size, n_full)))
+    return [_take(joined, order, n_full, held)] if held > n_full else []
 
 
 def _join(pieces):

@@ -52,7 +52,7 @@ def test_every_row_once_per_epoch_in_full_batches(store_path):
         batches = list(stream.shuffled_batches(10, seed=0, epoch=1))
         seen = np.concatenate(_rows_of(batches))
         assert sorted(seen) == list(stream.rows)                # every row exactly once
-        assert [len(y) for _, y in batches[:-1]] == [10] * (len(batches) - 1)
+        assert [len(y) for _, y in batches] == [10] * (len(seen) // 10) + [len(seen) % 10] * (len(seen) % 10 > 0)
         for xs, y in batches:                                   # features, labels and sets stay aligned
             rows = xs[0][:, 0].numpy().astype(int)
             assert xs[0].dtype == xs[1].dtype == torch.float32
@@ -89,6 +89,15 @@ def test_windows_mix_blocks_within_batches(store_path):
     assert sum(mixed) > 0.8 * len(batches)                     # one block per batch would be one class per batch
     # drawn from one window of 4 blocks, plus < 10 rows carried over from the previous window's 4 blocks
     assert max(len(set(rows // 32)) for rows in batches) <= 4 + 4
+
+
+@pytest.mark.parametrize("window", [1, 4, 64])   # 64: more than the split's blocks, one window for all
+def test_batch_sizes_for_any_window(store_path, window):
+    with FeatureStore(store_path) as store:
+        stream = _train_stream(store, window_blocks=window)
+        sizes = [len(y) for _, y in stream.shuffled_batches(32, seed=0, epoch=1)]
+        n = len(stream)
+    assert sizes == [32] * (n // 32) + [n % 32] * (n % 32 > 0)
 
 
 def test_sequential_chunks_equal_load(store_path):
