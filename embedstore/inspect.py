@@ -29,7 +29,8 @@ def describe_store(path: str | Path) -> list[str]:
             layout = (f"chunks of {p['chunk_rows']} rows" if p.get("chunk_rows") else
                       "contiguous (written before row chunking; streamed in row blocks)")
             lines += [
-                f"feature set {name}: ({len(store.ids)}, {info.dim}) {info.dtype}, {layout}, {state}",
+                f"feature set {name}: ({len(store.ids)}, {info.dim}) {info.dtype}, {state}",
+                f"    layout {layout}",
                 f"    backbone {p.get('backbone')}  weights {p.get('weights_id')}  parameters {p.get('parameters', '?'):,}"
                 if isinstance(p.get("parameters"), int) else
                 f"    backbone {p.get('backbone')}  weights {p.get('weights_id')}",

@@ -94,8 +94,10 @@ def test_store_written_before_chunking_reads_the_same(tmp_path):
     with FeatureStore(tmp_path / "s.h5") as store:
         np.testing.assert_array_equal(store.load(["image/x/pooled"]).features["image/x/pooled"], image)
     lines = describe_store(tmp_path / "s.h5")
-    assert any("image/x/pooled" in line and "contiguous (written before row chunking" in line for line in lines)
-    assert any("text/y/pooled" in line and f"chunks of {chunk_rows_for(12, 4, N)} rows" in line for line in lines)
+    layouts = {line.split(":")[0].removeprefix("feature set "): lines[i + 1] for i, line in enumerate(lines)
+               if line.startswith("feature set ")}
+    assert "contiguous (written before row chunking" in layouts["image/x/pooled"]
+    assert f"chunks of {chunk_rows_for(12, 4, N)} rows" in layouts["text/y/pooled"]
 
 
 @pytest.mark.parametrize("contiguous", [False, True])
