@@ -16,6 +16,7 @@ import statistics
 import sys
 from pathlib import Path
 
+import h5py
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -29,9 +30,12 @@ COPY_BLOCK = 8192
 
 def float16_copy(source: Path, target: Path) -> Path:
     """The source store's pooled feature sets (values, status, provenance) as a float16 store."""
+    with h5py.File(source, "r", locking=False) as raw:   # the manifest text as stored (attrs decode JSON)
+        manifest_text = raw.attrs.get("manifest", "")
+        manifest_text = manifest_text.decode() if isinstance(manifest_text, bytes) else str(manifest_text)
     with FeatureStore(source) as store:
         create_store(target, ids=store.ids, labels=store.labels, splits=store.split, classes=store.classes,
-                     manifest_sha256=store.manifest_sha256, manifest_json=store.attrs.get("manifest", ""),
+                     manifest_sha256=store.manifest_sha256, manifest_json=manifest_text,
                      catalog_spec=store.attrs.get("catalog") or {})
         for name, info in store.feature_sets.items():
             if info.layer != "pooled":
