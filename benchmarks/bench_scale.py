@@ -130,7 +130,8 @@ def plot(results: list[dict], png: Path) -> None:
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
     keys = sorted({(r["classes"], r["dtype"], r["mode"]) for r in results if "epoch_s" in r})
     for classes, dtype, mode in keys:
-        points = sorted((r["rows"], r["epoch_s"], r["peak_rss_bytes"]) for r in results
+        points = sorted((r["rows"], r["epoch_s"], max(r["peak_rss_bytes"], r.get("time_peak_rss_bytes", 0)))
+                        for r in results
                         if (r["classes"], r["dtype"], r["mode"]) == (classes, dtype, mode) and "epoch_s" in r)
         label = f"{mode}, {dtype}, {classes} classes"
         style = "-" if mode == "streamed" else "--"
@@ -145,7 +146,8 @@ def plot(results: list[dict], png: Path) -> None:
         ax.set_ylabel(unit)
         ax.set_title(title, fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
-    ax_m.axhline(2, color="grey", lw=0.8, ls=":")
+    ax_m.axhline(2e9 / 2**30, color="grey", lw=0.8, ls=":", label="2 GB target (1M rows, 1 GB budget)")
+    ax_m.legend(fontsize=7)
     ax_t.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
