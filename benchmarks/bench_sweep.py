@@ -1,9 +1,12 @@
 """Batched vs one-head-at-a-time training of the same sweep grid, in one run, on one store.
 
-    python benchmarks/bench_sweep.py --synthetic            # store-shaped random data of the real sizes
-    python benchmarks/bench_sweep.py --store runs/store.h5  # a real store (needs 1A/1B features for those)
+    python benchmarks/bench_sweep.py --synthetic                      # store-shaped random data of the real sizes
+    python benchmarks/bench_sweep.py --store runs/store.h5 --compare jobs       # --jobs 1 vs --jobs 2
+    python benchmarks/bench_sweep.py --store runs/store.h5 --compare precision  # fp32 vs bf16, cell by cell
 
-Prints both wall times, their ratio, whether the two paths gave the same metrics, and the command line.
+Two sweeps of the same grid, back to back in one process: their wall times and ratio, the GFLOP/s each reached
+beside a matmul peak measured in the same run, whether both gave the same rows (or, for precision, whether each
+cell's bf16 accuracy is within its fp32 seed spread), and the command line.
 """
 from __future__ import annotations
 
@@ -54,56 +57,91 @@ def synthetic_store(path: Path, *, classes: int = 37, per_class=(175, 25, 50), d
                                    manifest_sha256=f"synthetic-seed{seed}")
 
 
+COMPARISONS = {
+    # name: (label, settings overrides) for each of the two runs timed back to back in one process
+    "batching": [("batched", {"batched": True, "jobs": 1}), ("sequential", {"batched": False, "jobs": 1})],
+    "jobs": [("jobs=1", {"jobs": 1}), ("jobs=2", {"jobs": 2})],
+    "precision": [("fp32", {"precision": "fp32"}), ("bf16", {"precision": "bf16"})],
+}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--store", type=Path, help="an existing feature store")
     src.add_argument("--synthetic", action="store_true", help="generate a store of the real sizes first")
-    p.add_argument("--strategies", default="1A,1B,2A,2B")
-    p.add_argument("--fusions", default="add,average,product,concat,gated")
+    p.add_argument("--compare", choices=sorted(COMPARISONS), default="batching",
+                   help="batching: stacked vs one head at a time; jobs: --jobs 1 vs --jobs 2; precision: fp32 vs bf16")
+    p.add_argument("--strategies", default=None, help="default: every strategy the store allows")
+    p.add_argument("--fusions", default=None, help="default: every registered operator")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--no-baselines", action="store_true")
     p.add_argument("--max-epochs", type=int, default=TrainSettings.max_epochs)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--skip-sequential", action="store_true", help="time the batched path only")
+    p.add_argument("--out", type=Path, default=None, help="keep each run's results folder here (default: temporary)")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+        tmp = Path(args.out or tmp)
         store = args.store or synthetic_store(tmp / "synthetic.h5")
-        settings = SweepSettings(strategies=tuple(args.strategies.split(",")), fusions=tuple(args.fusions.split(",")),
-                                 seeds=tuple(int(s) for s in args.seeds.split(",")), baselines=not args.no_baselines,
-                                 device=args.device, threads=args.threads,
-                                 train=TrainSettings(max_epochs=args.max_epochs))
-        times, rows = {}, {}
-        for mode in ("batched",) + (() if args.skip_sequential else ("sequential",)):
-            s = SweepSettings(**{**settings.__dict__, "batched": mode == "batched"})
+        base = dict(strategies=tuple(args.strategies.split(",")) if args.strategies else None,
+                    fusions=tuple(args.fusions.split(",")) if args.fusions else None,
+                    seeds=tuple(int(s) for s in args.seeds.split(",")), baselines=not args.no_baselines,
+                    device=args.device, threads=args.threads, progress=False)
+        times, rows, summaries = {}, {}, {}
+        for label, overrides in COMPARISONS[args.compare]:
+            train = TrainSettings(max_epochs=args.max_epochs, precision=overrides.pop("precision", "auto"))
+            settings = SweepSettings(**{**base, **overrides, "train": train})
             t0 = time.perf_counter()
-            run_sweep(store, tmp / mode, s, log=lambda line: print(f"  [{mode}] {line}", flush=True))
-            times[mode] = time.perf_counter() - t0
-            rows[mode] = {(r["cell"], r["seed"]): r for r in read_runs(tmp / mode)}
+            summaries[label] = run_sweep(store, tmp / label.replace("=", ""), settings,
+                                         log=lambda line, label=label: print(f"  [{label}] {line}", flush=True))
+            times[label] = time.perf_counter() - t0
+            rows[label] = {r["run_key"] if args.compare != "precision" else (r["cell"], r["seed"]): r
+                           for r in read_runs(tmp / label.replace("=", ""))}
 
-    heads = len(rows["batched"])
-    epochs = sum(r["epochs_run"] for r in rows["batched"].values())
-    # A lower bound on the matmul work: forward + weight gradient = 4 FLOP per weight per training example
-    gflop = sum(4 * r["store"]["split_rows"]["train"] * r["trainable_parameters"] * r["epochs_run"]
-                for r in rows["batched"].values()) / 1e9
+    first, second = [label for label, _ in COMPARISONS[args.compare]]
+    heads = len(rows[first])
+    epochs = sum(r["epochs_run"] for r in rows[first].values())
     print(f"\nstore: {'synthetic 9,250 x (1280 | 384), 37 classes' if args.synthetic else args.store}")
-    print(f"grid: {heads} heads, {epochs} head-epochs in total; {args.threads} threads, device {args.device}")
-    print(f"matmul work: at least {gflop:,.0f} GFLOP (4 x train rows x weights x epochs, summed over heads)")
-    print(f"batched:    {times['batched']:.1f} s  ({times['batched'] / heads:.2f} s per head, "
-          f">= {gflop / times['batched']:.0f} GFLOP/s)")
-    if "sequential" in times:
-        same = all(abs(rows["batched"][k]["test_accuracy"] - r["test_accuracy"]) < 1e-12 and
-                   rows["batched"][k]["best_epoch"] == r["best_epoch"] for k, r in rows["sequential"].items())
-        print(f"sequential: {times['sequential']:.1f} s  ({times['sequential'] / heads:.2f} s per head)")
-        print(f"ratio sequential / batched: {times['sequential'] / times['batched']:.2f}x; "
-              f"same metrics on both paths: {same}")
-    best = max(rows["batched"].values(), key=lambda r: r["test_accuracy"])
-    print(f"best test accuracy: {best['test_accuracy']:.4f} ({best['cell']}, seed {best['seed']})")
+    print(f"grid: {heads} heads, {epochs} head-epochs in total; device {args.device}")
+    for label in (first, second):
+        s = summaries[label]
+        print(f"{label:>10}: {times[label]:.1f} s ({times[label] / heads:.2f} s per head); training matmuls "
+              f"{s.get('gflops', 0):.1f} GFLOP/s ({s.get('precision')}), {s['jobs']} job(s), matmul peak measured in "
+              f"the same run {s.get('peak_gflops', 0):.1f} GFLOP/s on {s['jobs']} core(s) = "
+              f"{100 * s.get('gflops', 0) / max(s.get('peak_gflops', 1), 1e-9):.0f} %")
+    print(f"ratio {first} / {second} wall time: {times[first] / times[second]:.2f}x")
+    if args.compare != "precision":
+        same = rows[first].keys() == rows[second].keys() and all(
+            rows[second][k]["test_accuracy"] == r["test_accuracy"] and rows[second][k]["best_epoch"] == r["best_epoch"]
+            for k, r in rows[first].items())
+        print(f"same run keys and metrics in both runs: {same}")
+    else:
+        print_precision_table(rows[first], rows[second])
+    best = max(rows[first].values(), key=lambda r: r["test_accuracy"])
+    print(f"best test accuracy ({first}): {best['test_accuracy']:.4f} ({best['cell']}, seed {best['seed']})")
     print("command: python " + " ".join(shlex.quote(a) for a in sys.argv))
+
+
+def print_precision_table(fp32: dict, bf16: dict) -> None:
+    """Per cell: mean test accuracy in each precision, the difference, and the cell's seed spread (fp32 std);
+    the verdict the README's precision rule needs: is every difference within its cell's spread?"""
+    cells = sorted({cell for cell, _ in fp32})
+    print("\n| cell | fp32 mean % | bf16 mean % | bf16 - fp32 | fp32 seed std | within spread |")
+    print("|---|---|---|---|---|---|")
+    verdicts = []
+    for cell in cells:
+        a = np.array([r["test_accuracy"] for (c, _), r in fp32.items() if c == cell])
+        b = np.array([r["test_accuracy"] for (c, _), r in bf16.items() if c == cell])
+        spread = float(a.std(ddof=1)) if len(a) > 1 else 0.0
+        diff = float(b.mean() - a.mean())
+        ok = abs(diff) <= spread
+        verdicts.append(ok)
+        print(f"| {cell} | {100 * a.mean():.2f} | {100 * b.mean():.2f} | {100 * diff:+.2f} | {100 * spread:.2f} | "
+              f"{'yes' if ok else 'NO'} |")
+    print(f"\nevery cell within its seed spread: {all(verdicts)} ({sum(verdicts)} of {len(verdicts)})")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
 """What every command shares: one-line errors instead of tracebacks, and option parsing helpers."""
 from __future__ import annotations
 
+import contextlib
 import functools
+import math
+import warnings
 
 import click
 
@@ -12,18 +15,71 @@ class InputError(click.ClickException):
     exit_code = 2
 
 
+def os_error_line(error: OSError) -> str:
+    """'No space left on device: out/runs.jsonl': what went wrong and the path, in one line."""
+    what = error.strerror or (str(error.args[0]) if error.args else type(error).__name__)
+    what = what.splitlines()[0] if what else type(error).__name__
+    paths = [str(p) for p in (error.filename, error.filename2) if p is not None]
+    return f"{what}: {' -> '.join(paths)}" if paths else what
+
+
 def one_line_errors(command):
-    """Library code raises ValueError / FileNotFoundError naming the bad value and the fix; show just that."""
+    """Library code raises ValueError / FileNotFoundError naming the bad value and the fix; show just that.
+    Every other OSError (permissions, a file where a folder should be, a full disk) becomes one line naming
+    the path too."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
-            return command(*args, **kwargs)
+            with _data_warnings_as_lines():
+                return command(*args, **kwargs)
+        except UnicodeDecodeError as error:  # its args[0] is just the codec name ("utf-8")
+            raise InputError(f"input is not valid {error.encoding} text (byte {error.start}: {error.reason}); "
+                             "re-save it as UTF-8") from None
         except (ValueError, FileNotFoundError, NotADirectoryError, KeyError) as error:
+            if isinstance(error, OSError) and error.filename is not None and error.strerror:
+                raise InputError(os_error_line(error)) from None
             message = error.args[0] if error.args else str(error)
             raise InputError(str(message).splitlines()[0] if message else type(error).__name__) from None
+        except OSError as error:
+            raise InputError(os_error_line(error)) from None
 
     return wrapper
+
+
+@contextlib.contextmanager
+def _data_warnings_as_lines():
+    """Data left out and counted (embedstore.store.DataWarning) is said on stderr in one line, every time."""
+    from embedstore.store import DataWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", DataWarning)
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, DataWarning):
+                click.echo(f"Warning: {message}", err=True)
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
+
+
+POSITIVE = click.IntRange(min=1)
+NON_NEGATIVE = click.IntRange(min=0)
+
+
+class FiniteFloat(click.FloatRange):
+    """A float option that must be finite (click's FloatRange lets nan and inf through) and in range."""
+
+    name = "finite float"
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{number} is not a finite number", param, ctx)
+        return number
 
 
 def comma_list(text: str | None) -> list[str]:

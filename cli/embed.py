@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from cli.common import one_line_errors, optional_name
+from cli.common import NON_NEGATIVE, POSITIVE, one_line_errors, optional_name
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -16,18 +16,18 @@ def embed():
 @embed.command()
 @click.argument("catalog", type=click.Path(path_type=Path))
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Manifest file to write (JSON).")
-@click.option("--min-items", type=int, default=None, show_default="250; with --fractions 20",
+@click.option("--min-items", type=POSITIVE, default=None, show_default="250; with --fractions 20",
               help="Keep classes with at least this many usable items.")
-@click.option("--items-per-class", default=250, show_default=True, help="Items drawn from each kept class.")
-@click.option("--train", default=175, show_default=True, help="Training items per class.")
-@click.option("--val", default=25, show_default=True, help="Validation items per class.")
-@click.option("--test", default=50, show_default=True, help="Test items per class.")
+@click.option("--items-per-class", default=250, type=POSITIVE, show_default=True, help="Items drawn from each kept class.")
+@click.option("--train", default=175, type=NON_NEGATIVE, show_default=True, help="Training items per class.")
+@click.option("--val", default=25, type=NON_NEGATIVE, show_default=True, help="Validation items per class.")
+@click.option("--test", default=50, type=NON_NEGATIVE, show_default=True, help="Test items per class.")
 @click.option("--fractions", default=None, metavar="TRAIN,VAL,TEST",
               help="Keep every usable item of each kept class and split each class by these fractions, e.g. "
                    "0.7,0.1,0.2 (instead of the fixed counts above).")
-@click.option("--max-per-class", type=int, default=None,
+@click.option("--max-per-class", type=POSITIVE, default=None,
               help="With --fractions: at most this many items of a class (a seeded draw; the rest 'not sampled').")
-@click.option("--seed", default=0, show_default=True, help="Seed of the draw and the split.")
+@click.option("--seed", default=0, type=NON_NEGATIVE, show_default=True, help="Seed of the draw and the split.")
 @click.option("--format", "fmt", type=click.Choice(["auto", "fashion", "csv"]), default="auto", show_default=True,
               help="fashion = styles.csv + images/ (folder or zip); csv = a generic catalog with named columns.")
 @click.option("--id-column", default="id", show_default=True, help="Generic CSV: the id column.")
@@ -42,8 +42,10 @@ def prepare(catalog, out, min_items, items_per_class, train, val, test, fraction
     Default: the paper's fixed counts per class. With --fractions: every usable item, split per class.
     """
     from embedstore.catalog import CsvColumns, open_catalog
+    from embedstore.outputs import check_writable
     from embedstore.manifest import FractionSettings, SplitSettings, format_summary, prepare_manifest
 
+    check_writable(out, folder=False)  # before reading the catalog
     context = click.get_current_context()
     if fractions is not None:
         fixed = [f"--{name.replace('_', '-')}" for name in ("items_per_class", "train", "val", "test")
@@ -84,10 +86,10 @@ def _fractions(text: str) -> list[float]:
               help="Text backbone name or local Hugging Face folder ('none' to skip texts).")
 @click.option("--image-weights", type=click.Path(path_type=Path), help="Local image weights file.")
 @click.option("--text-weights", type=click.Path(path_type=Path), help="Local Hugging Face folder of the text backbone.")
-@click.option("--image-size", default=224, show_default=True, help="Center-crop size (resize keeps the 256/224 ratio).")
-@click.option("--batch-size", default=64, show_default=True, help="Images per forward pass.")
-@click.option("--text-batch-size", default=256, show_default=True, help="Titles per forward pass.")
-@click.option("--workers", default=2, show_default=True, help="DataLoader processes decoding images.")
+@click.option("--image-size", default=224, type=POSITIVE, show_default=True, help="Center-crop size (resize keeps the 256/224 ratio).")
+@click.option("--batch-size", default=64, type=POSITIVE, show_default=True, help="Images per forward pass.")
+@click.option("--text-batch-size", default=256, type=POSITIVE, show_default=True, help="Titles per forward pass.")
+@click.option("--workers", default=2, type=NON_NEGATIVE, show_default=True, help="DataLoader processes decoding images.")
 @click.option("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when present, else CPU).")
 @click.option("--add", is_flag=True, help="Store these backbones' features beside other backbones' already in STORE.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
@@ -146,9 +148,11 @@ def merge(shards, out):
     Its feature datasets are HDF5 virtual datasets reading the shard files by relative name: keep the shard
     files beside the merged store (the folder may move as a whole).
     """
+    from embedstore.outputs import check_writable
     from embedstore.shards import merge_shards
     from embedstore.store import FeatureStore
 
+    check_writable(out, folder=False)
     merge_shards(shards, out)
     with FeatureStore(out) as store:
         click.echo(f"merged {len(shards)} shards into {out}: {len(store.ids)} items, "
@@ -177,7 +181,7 @@ def inspect(store):
 def demo(out, image_backbone, text_backbone, seeds, device):
     """The built-in default job: generated catalog -> prepare -> extract -> heads sweep -> report."""
     from cli.common import int_list
-    from embedstore.demo import DemoSettings, run_demo
+    from pipelines.demo import DemoSettings, run_demo
 
     settings = DemoSettings(image_backbone=image_backbone, text_backbone=text_backbone, device=device,
                             seeds=int_list(seeds, "--seeds"))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from cli.common import InputError, one_line_errors
+from cli.common import NON_NEGATIVE, POSITIVE, FiniteFloat, InputError, one_line_errors
 
 # The columns of the paper's Tables 3/4, in order.
 TABLE_COLUMNS = (("test accuracy", "test_accuracy", "{:.4f}"), ("macro-F1", "test_macro_f1", "{:.4f}"),
@@ -27,18 +27,18 @@ TABLE_COLUMNS = (("test accuracy", "test_accuracy", "{:.4f}"), ("macro-F1", "tes
               "(strategies 1 and 2).")
 @click.option("--backbone", default=None, help="Backbone name (default: efficientnet_lite0 / all-MiniLM-L6-v2).")
 @click.option("--weights", type=click.Path(path_type=Path), help="Local backbone weights file / Hugging Face folder.")
-@click.option("--image-size", default=224, show_default=True, help="Center-crop size of images.")
-@click.option("--epochs", type=int, default=None, help="Most epochs (default: 100 for S1/S2, 10 for S3).")
-@click.option("--batch-size", type=int, default=None, help="Default: 128 for S1/S2, 32 for S3.")
-@click.option("--lr", type=float, default=None, help="Default: 1e-3 for S1/S2; S3: 1e-4 images, 5e-5 texts.")
-@click.option("--patience", type=int, default=None, help="Epochs without a better validation accuracy "
+@click.option("--image-size", default=224, type=POSITIVE, show_default=True, help="Center-crop size of images.")
+@click.option("--epochs", type=POSITIVE, default=None, help="Most epochs (default: 100 for S1/S2, 10 for S3).")
+@click.option("--batch-size", type=POSITIVE, default=None, help="Default: 128 for S1/S2, 32 for S3.")
+@click.option("--lr", type=FiniteFloat(min=0, min_open=True), default=None, help="Default: 1e-3 for S1/S2; S3: 1e-4 images, 5e-5 texts.")
+@click.option("--patience", type=POSITIVE, default=None, help="Epochs without a better validation accuracy "
               "(default: 5 for S1/S2, 3 for S3).")
-@click.option("--dropout", type=float, default=0.3, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--dropout", type=FiniteFloat(min=0, max=1, max_open=True), default=0.3, show_default=True)
+@click.option("--seed", type=NON_NEGATIVE, default=0, show_default=True)
 @click.option("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when present, else CPU).")
-@click.option("--max-steps-per-epoch", type=int, default=None,
+@click.option("--max-steps-per-epoch", type=POSITIVE, default=None,
               help="Stop each epoch after this many steps (measures time per step; the full epoch is extrapolated).")
-@click.option("--workers", default=2, show_default=True, help="DataLoader processes decoding images (S3).")
+@click.option("--workers", default=2, type=NON_NEGATIVE, show_default=True, help="DataLoader processes decoding images (S3).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @one_line_errors
 def finetune(manifest, modality, strategy, out, store, backbone, weights, image_size, epochs, batch_size, lr,

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from cli.common import comma_list, int_list, one_line_errors
+from cli.common import NON_NEGATIVE, POSITIVE, FiniteFloat, comma_list, int_list, one_line_errors
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -17,54 +17,80 @@ def heads():
 @click.argument("store", type=click.Path(path_type=Path))
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path),
               help="Results directory: runs.jsonl and heads/<cell>/ (re-runs skip runs already there).")
-@click.option("--strategies", default="1A,1B,2A,2B", show_default=True,
+@click.option("--strategies", default=None,
               help="Comma-separated: 1A, 1B (fine-tuned modules' features), 2A, 2B (pooled backbone features); "
-                   "image, text name a unimodal baseline alone; "
-                   "3A, 3B train end to end on the raw catalog (slow, needs --manifest).")
-@click.option("--fusions", default="add,average,product,concat,gated", show_default=True,
-              help="Comma-separated fusion operators.")
+                   "image, text name a unimodal baseline alone; 3A, 3B train end to end on the raw catalog (slow, "
+                   "needs --manifest).  [default: every cached strategy the store's features allow]")
+@click.option("--fusions", default=None,
+              help="Comma-separated fusion operators.  [default: every registered operator]")
+@click.option("--image-source", "image_sources", multiple=True,
+              help="Only this image source (a feature set's source or backbone name); repeatable. [default: every "
+                   "image source in the store: each (image, text) pair is swept]")
+@click.option("--text-source", "text_sources", multiple=True, help="Likewise for text sources; repeatable.")
 @click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated seeds; one head per seed.")
 @click.option("--baselines/--no-baselines", default=True, show_default=True,
               help="Also train the unimodal image-only and text-only heads (Table 7).")
 @click.option("--sequential", is_flag=True, help="Train one head at a time instead of all seeds of a cell at once.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [default: cuda if available, else cpu]")
-@click.option("--threads", type=int, default=1, show_default=True,
-              help="CPU threads while training; 1 measured fastest for small heads on 2 shared vCPUs.")
-@click.option("--batch-size", default=128, show_default=True)
-@click.option("--lr", default=1e-3, show_default=True)
-@click.option("--max-epochs", default=40, show_default=True)
-@click.option("--patience", default=5, show_default=True, help="Epochs without a better validation accuracy.")
+@click.option("--jobs", type=POSITIVE, default=None,
+              help="Worker processes training cells at once, one thread each [default: the cores this process may "
+                   "use on a CPU, 1 on CUDA]. Same rows as --jobs 1.")
+@click.option("--threads", type=POSITIVE, default=1, show_default=True,
+              help="CPU threads while training in this process (--jobs 1); 1 measured fastest for small heads.")
+@click.option("--batch-size", type=POSITIVE, default=128, show_default=True)
+@click.option("--lr", default=1e-3, type=FiniteFloat(min=0, min_open=True), show_default=True)
+@click.option("--max-epochs", type=POSITIVE, default=40, show_default=True)
+@click.option("--patience", type=POSITIVE, default=5, show_default=True,
+              help="Epochs without a better validation accuracy.")
+@click.option("--class-weight", type=click.Choice(["none", "balanced"]), default="none", show_default=True,
+              help="balanced: weigh each class n / (C * n_class) in the loss, for imbalanced catalogs.")
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
-              help="auto: bf16 autocast on CUDA, float32 on CPU. bf16 on a CPU with AVX512-BF16/AMX: ~2x faster.")
+              help="auto: bf16 autocast on CUDA, float32 on CPU (see README, Precision). bf16 on a CPU with "
+                   "AVX512-BF16/AMX: ~2x faster.")
 @click.option("--manifest", type=click.Path(path_type=Path), default=None,
               help="3A/3B: the manifest the store was extracted from (they train end to end on the raw catalog, "
                    "with the backbones named in the store's provenance).")
-@click.option("--end-to-end-epochs", type=int, default=10, show_default=True, help="3A/3B: most epochs.")
-@click.option("--max-steps-per-epoch", type=int, default=None,
+@click.option("--end-to-end-epochs", type=POSITIVE, default=10, show_default=True, help="3A/3B: most epochs.")
+@click.option("--max-steps-per-epoch", type=POSITIVE, default=None,
               help="3A/3B: stop each epoch after this many steps (the full epoch's time is extrapolated).")
 @click.option("--memory-budget", default=None, metavar="SIZE",
               help="Memory the features may take, e.g. 1GB or 512MiB [default: half the available memory]; "
                    "larger feature sets are streamed from the store in row blocks.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
 @one_line_errors
-def sweep(store, out, strategies, fusions, seeds, baselines, sequential, device, threads, batch_size, lr,
-          max_epochs, patience, precision, manifest, end_to_end_epochs, max_steps_per_epoch, memory_budget):
-    """Train the grid over STORE; one JSON row per run in OUT/runs.jsonl, best head per cell in OUT/heads/."""
+def sweep(store, out, strategies, fusions, image_sources, text_sources, seeds, baselines, sequential, device, jobs,
+          threads, batch_size, lr, max_epochs, patience, class_weight, precision, manifest, end_to_end_epochs,
+          max_steps_per_epoch, memory_budget, progress):
+    """Train the grid over STORE; one JSON row per run in OUT/runs.jsonl, best head per cell in OUT/heads/.
+
+    On several machines: `torchrun --nnodes M --nproc_per_node K -m cli.heads sweep ...` deals the cells to the
+    ranks; rank 0 writes every row."""
+    from embedstore.streaming import parse_memory_size
     from heads.end_to_end import EndToEndSettings
     from heads.sweep import SweepSettings, run_sweep
-    from embedstore.streaming import parse_memory_size
     from heads.train import TrainSettings
 
     settings = SweepSettings(
         memory_budget=None if memory_budget is None else parse_memory_size(memory_budget),
-        strategies=tuple(comma_list(strategies)), fusions=tuple(comma_list(fusions)), seeds=int_list(seeds, "--seeds"),
-        baselines=baselines, batched=not sequential, device=device, threads=threads,
+        strategies=tuple(comma_list(strategies)) if strategies else None,
+        fusions=tuple(comma_list(fusions)) if fusions else None, seeds=int_list(seeds, "--seeds"),
+        image_sources=image_sources, text_sources=text_sources,
+        baselines=baselines, batched=not sequential, device=device, jobs=jobs, threads=threads, progress=progress,
         train=TrainSettings(batch_size=batch_size, lr=lr, max_epochs=max_epochs, patience=patience,
-                            precision=precision),
+                            precision=precision, class_weight=None if class_weight == "none" else class_weight),
         manifest=str(manifest) if manifest else None,
         end_to_end=EndToEndSettings(max_epochs=end_to_end_epochs, max_steps_per_epoch=max_steps_per_epoch))
     summary = run_sweep(store, out, settings, log=click.echo)
     click.echo(f"trained {summary['trained']} heads, skipped {summary['skipped']} already in {out / 'runs.jsonl'}, "
-               f"{summary['seconds']:.1f} s")
+               f"{summary['seconds']:.1f} s ({summary['jobs']} job(s), {summary['ranks']} rank(s), "
+               f"{summary['device']})")
+    if summary.get("gflops"):
+        click.echo(f"training matmuls: {summary['gflops']:.1f} GFLOP/s ({summary['precision']}) = "
+                   f"{100 * summary['gflops'] / summary['peak_gflops']:.0f} % of a {summary['peak_gflops']:.1f} "
+                   f"GFLOP/s matmul peak measured now on the same {summary['jobs']} core(s)"
+                   if summary["device"] == "cpu" else
+                   f"training matmuls: {summary['gflops']:.1f} GFLOP/s ({summary['precision']}); a matmul peak "
+                   f"measured now: {summary['peak_gflops']:.1f} GFLOP/s")
 
 
 @heads.command()
@@ -85,8 +111,8 @@ def report(results, out):
 @click.argument("inputs", metavar="INPUT", type=click.Path(path_type=Path))
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path),
               help="CSV to write: id, label_k, probability_k for k = 1..top-k, reason (empty when predicted).")
-@click.option("--top-k", default=3, show_default=True, help="Most probable categories per row.")
-@click.option("--batch-size", default=64, show_default=True, help="Rows per forward pass.")
+@click.option("--top-k", default=3, type=POSITIVE, show_default=True, help="Most probable categories per row.")
+@click.option("--batch-size", default=64, type=POSITIVE, show_default=True, help="Rows per forward pass.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [default: cuda if available, else cpu]")
 @click.option("--image-weights", type=click.Path(path_type=Path),
               help="The image backbone's weights file, when it is not in its standard places (pooled heads).")
@@ -97,12 +123,13 @@ def report(results, out):
 @click.option("--image-column", default="image", show_default=True,
               help="Input CSV: image path column (relative to the CSV's folder, or absolute).")
 @click.option("--title-column", default="title", show_default=True, help="Input CSV: title column.")
-@click.option("--workers", default=2, show_default=True, help="DataLoader processes decoding images.")
+@click.option("--workers", default=2, type=NON_NEGATIVE, show_default=True, help="DataLoader processes decoding images.")
 @one_line_errors
 def predict(head_dir, inputs, out, top_k, batch_size, device, image_weights, text_weights, id_column, image_column,
             title_column, workers):
     """Classify the products in INPUT (a CSV of image paths and titles, or a catalog) with the saved head in
-    HEAD_DIR (RESULTS/heads/<cell> from `heads sweep`), rebuilding and checking its backbones or modules."""
+    HEAD_DIR (RESULTS/heads/<cell> from `heads sweep`), rebuilding and checking its backbones or modules, or with
+    a trained 3-A/3-B model (HEAD_DIR = RESULTS/end_to_end/<cell>/seed-<seed>: images and titles through it)."""
     from heads.predict import InputColumns, PredictSettings, predict_products
 
     settings = PredictSettings(

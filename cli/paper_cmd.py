@@ -1,11 +1,11 @@
-"""`embed paper`: the paper's whole comparison on one catalog, in one command (embedstore/paper.py)."""
+"""`embed paper`: the paper's whole comparison on one catalog, in one command (pipelines/paper.py)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import click
 
-from cli.common import comma_list, int_list, one_line_errors
+from cli.common import NON_NEGATIVE, POSITIVE, comma_list, int_list, one_line_errors
 
 
 @click.command()
@@ -16,33 +16,33 @@ from cli.common import comma_list, int_list, one_line_errors
 @click.option("--text-backbone", default="all-MiniLM-L6-v2", show_default=True, help="The paper's: bert-base-uncased.")
 @click.option("--image-weights", type=click.Path(path_type=Path), help="Local image weights file.")
 @click.option("--text-weights", type=click.Path(path_type=Path), help="Local Hugging Face folder of the text backbone.")
-@click.option("--image-size", default=224, show_default=True, help="Center-crop size of images.")
+@click.option("--image-size", default=224, type=POSITIVE, show_default=True, help="Center-crop size of images.")
 @click.option("--seeds", default="0,1,2", show_default=True, help="Seeds of the heads and of the S1/S2 modules.")
 @click.option("--manifest-seeds", default="0,1", show_default=True, help="Seeds of the draws (at least two).")
-@click.option("--min-items", default=250, show_default=True, help="Keep classes with at least this many usable items.")
-@click.option("--items-per-class", default=250, show_default=True)
-@click.option("--train", default=175, show_default=True, help="Training items per class.")
-@click.option("--val", default=25, show_default=True, help="Validation items per class.")
-@click.option("--test", default=50, show_default=True, help="Test items per class.")
+@click.option("--min-items", default=250, type=POSITIVE, show_default=True, help="Keep classes with at least this many usable items.")
+@click.option("--items-per-class", default=250, type=POSITIVE, show_default=True)
+@click.option("--train", default=175, type=NON_NEGATIVE, show_default=True, help="Training items per class.")
+@click.option("--val", default=25, type=NON_NEGATIVE, show_default=True, help="Validation items per class.")
+@click.option("--test", default=50, type=NON_NEGATIVE, show_default=True, help="Test items per class.")
 @click.option("--fusions", default="add,average,product,concat,gated", show_default=True)
 @click.option("--pair", default="2,3", show_default=True,
               help="Image and text module strategies whose features 1-A/1-B fuse (the paper's best: 2,3).")
-@click.option("--text-s3-epochs", default=3, show_default=True, help="Most epochs of text S3 (the slow step).")
+@click.option("--text-s3-epochs", default=3, type=POSITIVE, show_default=True, help="Most epochs of text S3 (the slow step).")
 @click.option("--text-s3-seeds", default="0", show_default=True)
 @click.option("--image-s3/--no-image-s3", default=None,
               help="Fine-tune the image backbone (S3) [default: on with CUDA, off on CPU: ~6-8 min per epoch, tens of epochs].")
-@click.option("--image-s3-epochs", default=3, show_default=True)
+@click.option("--image-s3-epochs", default=3, type=POSITIVE, show_default=True)
 @click.option("--image-s3-seeds", default="0", show_default=True)
 @click.option("--end-to-end/--no-end-to-end", default=False, show_default=True,
               help="Also train strategies 3-A/3-B end to end on the raw catalog (slow).")
 @click.option("--end-to-end-fusions", default="concat", show_default=True)
-@click.option("--end-to-end-epochs", default=10, show_default=True)
-@click.option("--head-epochs", default=40, show_default=True, help="Most epochs of a fusion head.")
-@click.option("--module-epochs", type=int, default=None, help="Most epochs of S1/S2 modules [default: 100].")
+@click.option("--end-to-end-epochs", default=10, type=POSITIVE, show_default=True)
+@click.option("--head-epochs", default=40, type=POSITIVE, show_default=True, help="Most epochs of a fusion head.")
+@click.option("--module-epochs", type=POSITIVE, default=None, help="Most epochs of S1/S2 modules [default: 100].")
 @click.option("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when present, else CPU).")
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
               help="The heads' precision (auto: bf16 autocast on CUDA, float32 on CPU).")
-@click.option("--workers", default=2, show_default=True, help="DataLoader processes decoding images.")
+@click.option("--workers", default=2, type=NON_NEGATIVE, show_default=True, help="DataLoader processes decoding images.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @one_line_errors
 def paper(catalog, out, image_backbone, text_backbone, image_weights, text_weights, image_size, seeds,
@@ -52,7 +52,7 @@ def paper(catalog, out, image_backbone, text_backbone, image_weights, text_weigh
     """Run the 14-strategy comparison of Seo, Lee & Jang (2025) on CATALOG: manifests, features, modules,
     heads sweeps and one report (OUT/report/report.md)."""
     from embedstore.manifest import SplitSettings
-    from embedstore.paper import PaperSettings, run_paper
+    from pipelines.paper import PaperSettings, run_paper
 
     pair_strategies = int_list(pair, "--pair")
     if len(pair_strategies) != 2:

@@ -60,7 +60,7 @@ class CsvColumns:
 
 
 # ----------------------------------------------------------------------------------------------- file access
-class _FolderFiles:
+class FolderFiles:
     """Files under a folder; refs are relative to it (an absolute ref is used as is)."""
 
     def __init__(self, folder: str):
@@ -177,7 +177,7 @@ class FashionCatalog(Catalog):
                              f"folder or its zip")
         self.root = _find_fashion_root(self.path, self.is_zip) if root is None else root.strip("/")
         prefix = self.root + "/" if self.root else ""
-        files = _ZipFiles(self.path, prefix) if self.is_zip else _FolderFiles(os.path.join(self.path, self.root))
+        files = _ZipFiles(self.path, prefix) if self.is_zip else FolderFiles(os.path.join(self.path, self.root))
         super().__init__(files)
         if not files.exists(FASHION_STYLES):
             raise FileNotFoundError(f"{FASHION_STYLES} not found in {self.path} under {self.root or '/'}")
@@ -213,7 +213,7 @@ class CsvCatalog(Catalog):
         if not os.path.isfile(self.path):
             raise FileNotFoundError(f"catalog CSV not found: {self.path}")
         self.columns = columns or CsvColumns()
-        super().__init__(_FolderFiles(os.path.dirname(self.path)))
+        super().__init__(FolderFiles(os.path.dirname(self.path)))
         self._check_columns(next(csv.reader([self._text(header_only=True)]), []))
 
     def spec(self) -> dict:
@@ -335,7 +335,7 @@ def _csv_header(csv_path: str) -> list[str]:
         return [name.strip() for name in handle.readline().decode("utf-8", "replace").lstrip("\ufeff").split(",")]
 
 
-def _is_fashion_header(header: list[str]) -> bool:
+def is_fashion_header(header: list[str]) -> bool:
     """Whether a CSV header is a Fashion Product Images styles.csv's (it names the fashion columns)."""
     return all(name in header for name in (FASHION_ID, FASHION_LABEL, FASHION_TITLE))
 
@@ -365,7 +365,7 @@ def _detect_format(path: str, columns: CsvColumns) -> str:
         return "fashion"
     if path.lower().endswith(".csv"):
         header = _csv_header(path)
-        if not set(asdict(columns).values()) <= set(header) and _is_fashion_header(header):
+        if not set(asdict(columns).values()) <= set(header) and is_fashion_header(header):
             return "fashion"
         return "csv"
     if zipfile.is_zipfile(path):

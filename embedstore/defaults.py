@@ -71,3 +71,14 @@ def autocast(device: torch.device, precision: str):
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def compute_precision(device: torch.device) -> str:
+    """The precision backbones run in (extraction, S3, predict): bf16 autocast where it pays (CUDA), float32 on a
+    CPU. Every feature set records it (provenance "compute_precision"), so predict computes features the same way."""
+    return resolve_precision("auto", device)
+
+
+def autocast_for(device: torch.device, precision: str | None = None):
+    """The autocast context of `precision` on `device`; None: the device's default (`compute_precision`)."""
+    return autocast(device, precision or compute_precision(device))

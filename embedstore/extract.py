@@ -7,8 +7,8 @@ whose status is still pending are computed (see store.py for why a killed run le
 """
 from __future__ import annotations
 
-import contextlib
-import io
+import functools
+import numbers
 import os
 import time
 from dataclasses import dataclass, field
@@ -16,29 +16,29 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from embedstore.backbones import create_backbone
 from embedstore.catalog import open_catalog_from_spec
 from embedstore.chunks import check_feature_dtype
+from embedstore.defaults import autocast_for, compute_precision, resolve_device
+from embedstore.images import ImageRows, collate_images
 from embedstore.manifest import Manifest
 from embedstore.modules import config_sha256, load_module, module_id, pooled_set_for, read_module_config
 from embedstore.preprocess import clean_title
 from embedstore.shards import Shard, shard_job
 from embedstore.store import (
     STATUS_EMPTY_TITLE,
-    STATUS_MISSING_IMAGE,
     STATUS_NAMES,
     STATUS_OK,
-    STATUS_UNREADABLE_IMAGE,
     FeatureSetWriter,
     FeatureStore,
     create_store,
     library_versions,
     now_iso,
 )
+from embedstore.workers import die_with, worker_context
 
 
 @dataclass
@@ -59,6 +59,12 @@ class ExtractSettings:
     shard: Shard | None = None  # only this shard's rows, into its own file <store>.shard-k-of-n.h5 (shards.py)
     dtype: str = "float32"  # stored values: float16 halves disk and memory; readers upcast to float32 per batch
 
+    def __post_init__(self):
+        for option, value, least in (("--image-size", self.image_size, 1), ("--batch-size", self.batch_size, 1),
+                                     ("--text-batch-size", self.text_batch_size, 1), ("--workers", self.workers, 0)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+                raise ValueError(f"{option} must be an integer of at least {least}, got {value!r}")
+
 
 @dataclass
 class SourceReport:
@@ -67,22 +73,6 @@ class SourceReport:
     counts: dict = field(default_factory=dict)  # status name -> rows, over the whole set
     complete: bool = False
     seconds: float = 0.0
-
-
-def resolve_device(device: str | None) -> torch.device:
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"unknown --device {device!r}; use cpu, cuda or cuda:N") from None
-
-
-def autocast_for(device: torch.device):
-    """bf16 autocast where it pays (CUDA); plain float32 on CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def image_source_name(backbone_name: str, image_size: int) -> str:
@@ -113,9 +103,7 @@ def extract(manifest_path: str | Path, store_path: str | Path, settings: Extract
         catalog_spec=manifest.catalog,
         shard=shard_attrs,
     )
-    device = resolve_device(settings.device)
-    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # under torchrun: one GPU per process
+    device = resolve_device(settings.device)  # under torchrun: this process's GPU (LOCAL_RANK)
     reports = []
     if settings.image_backbone:
         reports.append(_extract_images(manifest, Path(store_path), settings, device))
@@ -127,10 +115,11 @@ def extract(manifest_path: str | Path, store_path: str | Path, settings: Extract
     return reports
 
 
-def _provenance(backbone, source: str) -> dict:
+def _provenance(backbone, source: str, device: torch.device) -> dict:
     return {
         "backbone": backbone.name,
         "source": source,
+        "compute_precision": compute_precision(device),
         "weights_id": backbone.weights_id,
         "preprocessing": backbone.preprocessing,
         "parameters": int(backbone.parameter_count),
@@ -142,35 +131,6 @@ def _provenance(backbone, source: str) -> dict:
 # ----------------------------------------------------------------------------------------------- images
 
 
-class _ImageRows(Dataset):
-    """Decodes and transforms one item per call, in a worker process; bad images become a status, not an error."""
-
-    def __init__(self, catalog, refs: list[str], rows: np.ndarray, transform):
-        self.catalog, self.refs, self.rows, self.transform = catalog, refs, rows, transform
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int):
-        row = int(self.rows[i])
-        try:
-            data = self.catalog.read_image_bytes(self.refs[row])
-        except FileNotFoundError:
-            return row, None, STATUS_MISSING_IMAGE
-        try:
-            with Image.open(io.BytesIO(data)) as image:
-                pixels = self.transform(image.convert("RGB"))  # (3, H, W)
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-            return row, None, STATUS_UNREADABLE_IMAGE
-        return row, pixels, STATUS_OK
-
-
-def _collate_images(batch):
-    rows = np.array([row for row, _, _ in batch], dtype=np.int64)
-    status = np.array([code for _, _, code in batch], dtype=np.int8)
-    ok = [pixels for _, pixels, code in batch if code == STATUS_OK]
-    images = torch.stack(ok) if ok else None  # (n_ok, 3, H, W)
-    return rows, images, status
 
 
 def _extract_images(manifest: Manifest, store_path: Path, settings: ExtractSettings, device) -> SourceReport:
@@ -178,7 +138,7 @@ def _extract_images(manifest: Manifest, store_path: Path, settings: ExtractSetti
                                image_size=settings.image_size)
     source = image_source_name(backbone.name, settings.image_size)
     with FeatureSetWriter(store_path, modality="image", source=source, layers={"pooled": backbone.feature_dim},
-                          provenance={"pooled": _provenance(backbone, source)}, add=settings.add,
+                          provenance={"pooled": _provenance(backbone, source, device)}, add=settings.add,
                           dtype=settings.dtype) as writer:
         # channels-last convolutions measured 1.6-2.5x faster on CPU for EfficientNet-Lite0 (and suit GPUs)
         backbone = backbone.to(device, memory_format=torch.channels_last).eval()
@@ -197,10 +157,12 @@ def _stream_images(manifest: Manifest, writer: FeatureSetWriter, transform, comp
     refs = [item.image for item in manifest.items]
     pending = writer.pending_rows()
     loader = DataLoader(
-        _ImageRows(catalog, refs, pending, transform),
+        ImageRows(catalog, refs, pending, transform),
         batch_size=settings.batch_size, shuffle=False, num_workers=settings.workers,
-        collate_fn=_collate_images, pin_memory=device.type == "cuda",
+        collate_fn=collate_images, pin_memory=device.type == "cuda",
         persistent_workers=False, prefetch_factor=2 if settings.workers else None,
+        multiprocessing_context=worker_context() if settings.workers else None,
+        worker_init_fn=functools.partial(die_with, os.getpid()) if settings.workers else None,
     )
     with tqdm(total=len(manifest.items), initial=len(manifest.items) - len(pending), unit="img",
               desc=desc, disable=not settings.progress) as bar:
@@ -223,7 +185,7 @@ def _extract_texts(manifest: Manifest, store_path: Path, settings: ExtractSettin
     backbone = create_backbone("text", settings.text_backbone, weights=settings.text_weights)
     source = backbone.name
     with FeatureSetWriter(store_path, modality="text", source=source, layers={"pooled": backbone.feature_dim},
-                          provenance={"pooled": _provenance(backbone, source)}, add=settings.add,
+                          provenance={"pooled": _provenance(backbone, source, device)}, add=settings.add,
                           dtype=settings.dtype) as writer:
         backbone = backbone.to(device).eval()
         start = time.perf_counter()
@@ -273,6 +235,7 @@ def _extract_module(manifest: Manifest, store_path: Path, module_dir: Path, moda
         "preprocessing": module.backbone.preprocessing, "parameters": module.parameter_counts()["total"],
         "module_dir": str(module_dir.resolve()), "module_id": identity, "module_config_sha256": config_sha256(module_dir),
         "module_strategy": config["strategy"], "module_manifest_sha256": config["manifest_sha256"],
+        "compute_precision": compute_precision(device),
         "library_versions": library_versions(), "created": now_iso(),
     }
     layers = module.head.layers

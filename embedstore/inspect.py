@@ -22,12 +22,16 @@ def describe_store(path: str | Path) -> list[str]:
         sets = store.feature_sets
         if not sets:
             lines.append("features    none yet: run `embed extract`")
+        damaged = 0
         for name, info in sorted(sets.items()):
             p = info.provenance
             skipped = {k: v for k, v in info.counts.items() if k.startswith("skipped") and v}
             state = "complete" if info.complete else f"INCOMPLETE ({info.counts.get('pending', '?')} rows pending)"
             layout = (f"chunks of {p['chunk_rows']} rows" if p.get("chunk_rows") else
                       "contiguous (written before row chunking; streamed in row blocks)")
+            if bad := store.non_finite_rows(name):  # values edited or written by an older version: say so
+                damaged += 1
+                state = f"DAMAGED: {bad} rows marked ok hold NaN or inf (readers leave them out)"
             lines += [
                 f"feature set {name}: ({len(store.ids)}, {info.dim}) {info.dtype}, {state}",
                 f"    layout {layout}",
@@ -39,7 +43,10 @@ def describe_store(path: str | Path) -> list[str]:
                 f"    rows ok {info.counts.get('ok', 0):,}; skipped "
                 + (", ".join(f"{k.removeprefix('skipped: ')} {v}" for k, v in skipped.items()) or "none"),
             ]
-        lines.append(f"status      {'complete' if store.complete else 'NOT complete'}")
+        overall = "complete" if store.complete else "NOT complete"
+        if damaged:
+            overall = f"DAMAGED ({damaged} feature sets hold non-finite rows marked ok)"
+        lines.append(f"status      {overall}")
     return lines
 
 

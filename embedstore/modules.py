@@ -8,7 +8,8 @@ A module = backbone -> pooled feature (D) -> middle dense D->500 -> ReLU -> Drop
 The trainable part of S1/S2 is `ModuleHead`, which runs on pooled features, so S1/S2 train and run over the
 store's cached features without the backbone (finetune.py) and give the same outputs as through it.
 
-Saved as `model.safetensors` + `config.json` in a folder, never pickled. S1/S2 save the head only and name
+Saved with the model-folder convention (embedstore/model_folder.py, kind "module"): `model.safetensors` +
+`config.json`, written atomically, never pickled. S1/S2 save the head only and name
 their backbone (build arguments + weights_id); loading rebuilds it and refuses other weights. A backbone with
 random weights ("random-init") has no file to be rebuilt from, so its weights travel inside the module.
 """
@@ -20,15 +21,14 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from embedstore.backbones import RANDOM_INIT, Backbone, create_backbone
+from embedstore.defaults import MIDDLE_DIM  # the paper's middle layer: module feature "A" / dense
+from embedstore.model_folder import CONFIG_FILE, WEIGHTS_FILE, load_pretrained, read_config, save_pretrained
 
 STRATEGIES = (1, 2, 3)
-MIDDLE_DIM = 500  # the paper's middle layer: module feature "A" / dense
-MODULE_FORMAT, MODULE_VERSION = "embedstore-module", 1
-WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
+MODULE_KIND = "module"
 LAYERS = ("dense", "classifier")
 
 
@@ -137,7 +137,7 @@ class TransferModule(nn.Module):
     def describe(self) -> dict:
         """The module's own identity (what config.json records besides training settings and metrics)."""
         return {
-            "format": MODULE_FORMAT, "format_version": MODULE_VERSION, "modality": self.modality,
+            "modality": self.modality,
             "strategy": self.strategy, "feature_dim": self.backbone.feature_dim,
             "middle_dim": None if self.head.dense is None else self.head.dense.out_features,
             "n_classes": self.head.classifier.out_features,
@@ -149,20 +149,17 @@ class TransferModule(nn.Module):
         }
 
     def save(self, folder: str | os.PathLike, *, classes: list[str], manifest_sha256: str,
-             extra: dict | None = None) -> Path:
-        """Write model.safetensors + config.json into `folder`; `extra` adds e.g. settings and metrics."""
+             extra: dict | None = None, extra_files: dict[str, str] | None = None) -> Path:
+        """Write the module folder (model.safetensors + config.json, atomically); `extra` adds e.g. settings and
+        metrics to config.json, `extra_files` whole files (name -> text, e.g. metrics.json)."""
         if len(classes) != self.head.classifier.out_features:
             raise ValueError(f"{len(classes)} class names for a module with {self.head.classifier.out_features} outputs")
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
+        tensors = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype)
                    for k, v in self.saved_state().items()}
-        save_file(tensors, str(folder / (WEIGHTS_FILE + ".partial")))
-        os.replace(folder / (WEIGHTS_FILE + ".partial"), folder / WEIGHTS_FILE)
         config = {**self.describe(), "classes": list(classes), "manifest_sha256": manifest_sha256,
                   "backbone_weights_in_file": any(k.startswith("backbone.") for k in tensors), **(extra or {})}
-        (folder / CONFIG_FILE).write_text(json.dumps(config, indent=1, sort_keys=True, default=_jsonable) + "\n")
-        return folder
+        config = json.loads(json.dumps(config, default=_jsonable))
+        return save_pretrained(folder, tensors, config, kind=MODULE_KIND, extra_files=extra_files)
 
 
 def _jsonable(value):
@@ -193,15 +190,11 @@ def build_module(modality: str, strategy: int, n_classes: int, *, backbone: Back
 
 
 def read_module_config(folder: str | os.PathLike) -> dict:
-    folder = Path(folder)
-    path = folder / CONFIG_FILE
-    if not path.is_file() or not (folder / WEIGHTS_FILE).is_file():
-        raise FileNotFoundError(f"{folder} is not a saved module (needs {CONFIG_FILE} and {WEIGHTS_FILE}); "
-                                "train one with `embed finetune`")
-    config = json.loads(path.read_text())
-    if config.get("format") != MODULE_FORMAT:
-        raise ValueError(f"{path} is not an embedstore module config (format {config.get('format')!r})")
-    return config
+    """config.json of a saved module (one-line FileNotFoundError / ValueError when the folder is none)."""
+    try:
+        return read_config(folder, kind=MODULE_KIND)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{error}; train a module with `embed finetune`") from None
 
 
 def module_id(folder: str | os.PathLike) -> str:
@@ -224,8 +217,10 @@ def config_sha256(folder: str | os.PathLike) -> str:
 def load_module(folder: str | os.PathLike, *, device: str | torch.device = "cpu") -> tuple[TransferModule, dict]:
     """Rebuild a saved module (in eval mode) and return it with its config."""
     folder = Path(folder)
-    config = read_module_config(folder)
-    tensors = load_file(str(folder / WEIGHTS_FILE))
+    try:
+        tensors, config = load_pretrained(folder, kind=MODULE_KIND)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{error}; train a module with `embed finetune`") from None
     spec, build = config["backbone"], config["backbone"]["build"]
     in_file = any(k.startswith("backbone.") for k in tensors)
     options = {"image_size": build["image_size"]} if config["modality"] == "image" else {}

@@ -1,8 +1,14 @@
 """Fusion heads over the feature store: operators, strategies 1-A/1-B/2-A/2-B + unimodal baselines, batched
-training, sweeps and reports. See docs/ARCHITECTURE.md."""
+training, sweeps and reports. See docs/ARCHITECTURE.md.
+
+In a notebook: `inputs_for(store, strategy)` names the feature sets a strategy reads, and `FusionHead` is one
+head as a scikit-learn estimator (fit / predict / predict_proba / score / save_pretrained / from_pretrained).
+"""
+from heads.estimator import FusionHead
 from heads.fusion import Fusion, create_fusion, list_fusions, register_fusion
-from heads.models import FusionHead, HeadConfig, StackedHead
+from heads.inputs import inputs_for
+from heads.models import HeadConfig, StackedHead
 from heads.train import HeadData, HeadResult, TrainSettings, train_heads
 
 __all__ = ["Fusion", "create_fusion", "list_fusions", "register_fusion", "FusionHead", "HeadConfig", "StackedHead",
-           "HeadData", "HeadResult", "TrainSettings", "train_heads"]
+           "HeadData", "HeadResult", "TrainSettings", "train_heads", "inputs_for"]

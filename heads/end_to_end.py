@@ -5,13 +5,14 @@ to avoid; `benchmarks/bench_end_to_end.py` measures how much slower it is than a
 Model: each modality is an S3 module (embedstore/modules.py: backbone -> pooled (D) -> dense D->500 -> ReLU ->
 Dropout [-> classifier 500->C for 3-B]); the two branches are fused by an operator of heads/fusion.py's registry
 (at the 500-d layers for 3-A, at the classifier outputs for 3-B), then fused -> 250 -> ReLU -> Dropout -> C.
-Training is finetune.py's loop (`fit`): AdamW, gradient clipping at 1.0, random horizontal flip, early stopping
+Training is the shared loop (embedstore/training.py, `fit`): AdamW, gradient clipping at 1.0, random horizontal flip, early stopping
 on validation accuracy, a checkpoint per epoch (safetensors + JSON) with resume, DistributedDataParallel under
-torchrun, bf16 autocast and pinned memory on CUDA only. Saved as model.safetensors + config.json + metrics.json.
+torchrun, bf16 autocast and pinned memory on CUDA only. Saved with the model-folder convention
+(embedstore/model_folder.py, kind "end-to-end": model.safetensors + config.json, plus metrics.json);
+`load_end_to_end` rebuilds the model from such a folder, and `heads predict` runs it on new products.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -19,26 +20,29 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
-from sklearn.metrics import accuracy_score, f1_score
 from torch import nn
 
+from embedstore.fingerprint import fingerprint
 from embedstore.backbones import create_backbone
-from embedstore.finetune import ImageItems, check_training_numbers, fit, predict, training_processes
+from embedstore.finetune import ImageItems
 from embedstore.manifest import Manifest
-from embedstore.modules import MIDDLE_DIM, build_module
+from embedstore.metrics import classification_metrics
+from embedstore.model_folder import load_pretrained, save_pretrained
+from embedstore.defaults import DEFAULT_IMAGE_BACKBONE, DEFAULT_TEXT_BACKBONE, FUSION_DIM, MIDDLE_DIM
+from embedstore.modules import build_module
+from embedstore.training import check_training_numbers, fit, predict, training_processes
 from heads.fusion import create_fusion, list_fusions
 
 END_TO_END = ("3A", "3B")
-FUSION_DIM = 250
+KIND = "end-to-end"
 
 
 @dataclass
 class EndToEndSettings:
     strategy: str = "3A"                 # "3A": fused at the 500-d layers; "3B": at the classifier outputs
     fusion: str = "concat"               # any operator of heads/fusion.py
-    image_backbone: str = "efficientnet_lite0"
-    text_backbone: str = "all-MiniLM-L6-v2"
+    image_backbone: str = DEFAULT_IMAGE_BACKBONE
+    text_backbone: str = DEFAULT_TEXT_BACKBONE
     image_weights: str | None = None     # local weights file / Hugging Face folder; default: the standard places
     text_weights: str | None = None
     image_size: int = 224
@@ -164,24 +168,53 @@ def train_end_to_end(manifest_path: str | Path, out_dir: str | Path, settings: E
         model.load_state_dict(best)
         labels, predictions = predict(model, data.batches("test"), device)
         counts = model.parameter_counts()
+        scores = classification_metrics(labels, predictions, n_classes=len(manifest.classes))
         metrics = {
             "strategy": settings.strategy, "fusion": settings.fusion, "manifest_sha256": manifest.sha256,
             "backbones": {m.modality: {"name": m.name, "weights_id": m.weights_id} for m in (image, text)},
             "device": str(device), "processes": ranks.world,
-            "test_accuracy": float(accuracy_score(labels, predictions)),
-            "test_macro_f1": float(f1_score(labels, predictions, average="macro",
-                                            labels=list(range(len(manifest.classes))), zero_division=0)),
+            "test_accuracy": scores["accuracy"], "test_macro_f1": scores["macro_f1"],
             "trainable_parameters": counts["trainable"], "non_trainable_parameters": counts["non_trainable"],
             "items": data.counts(), **summary,
         }
         if ranks.rank == 0:  # only rank 0 writes
-            save_file({k: v.detach().cpu().float().contiguous() if v.is_floating_point() else v.cpu().contiguous()
-                       for k, v in best.items()}, str(out_dir / "model.safetensors"))
-            config = {"format": "embedstore-end-to-end", "settings": asdict(settings), "classes": manifest.classes,
+            config = {"settings": asdict(settings), "classes": manifest.classes,
+                      "preprocessing": {m.modality: m.preprocessing for m in (image, text)},
                       "metrics": {k: v for k, v in metrics.items() if k != "history"}}
-            (out_dir / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True) + "\n")
-            (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True) + "\n")
+            save_pretrained(out_dir, {k: v.float() if v.is_floating_point() else v for k, v in best.items()},
+                            json.loads(json.dumps(config, default=list)), kind=KIND,
+                            extra_files={"metrics.json": json.dumps(metrics, indent=1, sort_keys=True) + "\n"})
     return EndToEndResult(out_dir, metrics)
+
+
+def load_end_to_end(folder: str | Path, *, device: str | torch.device = "cpu") -> tuple[EndToEndModel, dict]:
+    """A trained 3-A / 3-B model (eval mode) and its config.json, from a folder `train_end_to_end` wrote.
+    Every weight is in the file; the backbones are rebuilt as architectures (and the text tokenizer) only."""
+    tensors, config = load_pretrained(folder, kind=KIND)
+    known = EndToEndSettings.__dataclass_fields__
+    settings = EndToEndSettings(**{k: v for k, v in config["settings"].items() if k in known})
+    text_weights = settings.text_weights
+    if text_weights and not os.path.isdir(text_weights):
+        raise FileNotFoundError(f"{folder}: the text model folder {text_weights} it was trained from (its "
+                                "tokenizer) is not there; put it back")
+    image = create_backbone("image", settings.image_backbone, pretrained=False, image_size=settings.image_size)
+    text = create_backbone("text", settings.text_backbone, weights=text_weights, pretrained=False)
+    for backbone in (image, text):  # the tokenizer and image transform must be the ones it was trained with
+        recorded = (config.get("preprocessing") or {}).get(backbone.modality)
+        built = json.loads(json.dumps(backbone.preprocessing, default=list))
+        recorded, built = ({k: v for k, v in d.items() if k != "folder"} for d in (recorded or {}, built))
+        if recorded and recorded != built:  # a moved local folder is the same model
+            differ = sorted(k for k in recorded.keys() | built.keys() if recorded.get(k) != built.get(k))
+            raise ValueError(f"{folder}: {backbone.name}'s preprocessing here differs from training "
+                             f"({', '.join(differ)}); restore the backbone it was trained with")
+    model = EndToEndModel(image, text, len(config["classes"]), strategy=settings.strategy, fusion=settings.fusion,
+                          dropout=settings.dropout, freeze_batchnorm=settings.freeze_batchnorm)
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as error:
+        raise ValueError(f"{folder}/model.safetensors does not fit its config ({str(error).splitlines()[0]}); "
+                         "train it again") from None
+    return model.to(device, memory_format=torch.channels_last).eval(), config
 
 
 # ----------------------------------------------------------------------------------------------- heads sweep
@@ -217,8 +250,8 @@ def sweep_cell(store, store_path, manifest_path, out_dir: Path, strategy: str, f
     for seed in seeds:
         run = EndToEndSettings(**{**asdict(settings), "strategy": strategy, "fusion": fusion, "seed": seed})
         identity = {k: v for k, v in asdict(run).items() if k in RESUME_KEYS + ("max_epochs", "patience")}
-        key = hashlib.sha256(json.dumps({"settings": identity, "manifest_sha256": manifest.sha256, "backbones": {
-            m: provenance[m]["weights_id"] for m in provenance}}, sort_keys=True).encode()).hexdigest()
+        key = fingerprint({"settings": identity, "manifest_sha256": manifest.sha256, "backbones": {
+            m: provenance[m]["weights_id"] for m in provenance}})
         if key in done:
             skipped += 1
             continue
@@ -229,12 +262,16 @@ def sweep_cell(store, store_path, manifest_path, out_dir: Path, strategy: str, f
         log(f"{cell} seed {seed}: test accuracy {m['test_accuracy']:.4f} (best epoch {m['best_epoch']}, "
             f"{m['training_seconds']:.1f} s of training)")
         rows.append({
-            "run_key": key, "cell": cell, "strategy": strategy, "fusion": fusion, "seed": seed,
+            "run_key": key, "cell": cell, "cell_base": cell, "strategy": strategy, "fusion": fusion, "seed": seed,
+            "pair": f"{run.image_backbone}+{run.text_backbone}", "image_source": run.image_backbone,
+            "text_source": run.text_backbone, "diverged": False, "train_flops": None,
+            "precision": "bf16" if m["device"].startswith("cuda") else "fp32",
             "config": {"strategy": strategy, "fusion": fusion, "num_classes": len(manifest.classes),
                        "middle_dim": MIDDLE_DIM, "fusion_dim": FUSION_DIM, "dropout": run.dropout,
                        "image_backbone": run.image_backbone, "text_backbone": run.text_backbone},
             "train_settings": asdict(run),
-            "store": {"path": str(store_path), "manifest_sha256": manifest.sha256, "manifest": str(manifest_path),
+            "store": {"path": os.path.relpath(store_path, out_dir), "manifest_sha256": manifest.sha256,
+                      "manifest": os.path.relpath(manifest_path, out_dir),
                       "feature_sets": {}, "backbones": provenance, "split_rows": m["items"]},
             "test_accuracy": m["test_accuracy"], "test_macro_f1": m["test_macro_f1"],
             "best_val_accuracy": m["best_val_accuracy"], "best_epoch": m["best_epoch"], "epochs_run": m["epochs"],

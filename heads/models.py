@@ -3,19 +3,16 @@ fine-tuning strategies").
 
 A head is described completely by a `HeadConfig`. `StackedHead` holds no weights: it knows the parameter
 shapes of one head and runs G heads at once on a dict of stacked weights (name -> (G, ...)), so the trainer
-can batch a grid of heads and also slice, compact and save them. `FusionHead` is the estimator-style wrapper
-around ONE trained head: fit / predict / predict_proba / save / load (safetensors + config.json).
+can batch a grid of heads and also slice, compact and save them. `FusionHead` (heads/estimator.py) is the
+scikit-learn-style estimator around ONE trained head.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from heads.fusion import create_fusion, list_fusions
 
@@ -179,51 +176,3 @@ def predict_logits(model: StackedHead, params: dict[str, torch.Tensor], inputs: 
             xs = [x[s:s + chunk].unsqueeze(0).expand(G, -1, -1) for x in inputs]  # (G, b, D), no copy
             out.append(model.forward(params, xs))
     return torch.cat(out, dim=1)
-
-
-class FusionHead:
-    """One trained head, estimator-style. `fit` trains it (see heads.train); learned weights are `params_`."""
-
-    def __init__(self, config: HeadConfig, *, seed: int = 0):
-        self.config = config
-        self.seed = seed
-
-    def fit(self, data, settings=None) -> "FusionHead":
-        """data: a heads.train.HeadData with train/val/test splits."""
-        from heads.train import TrainSettings, train_heads
-        result = train_heads(self.config, [self.seed], data, settings or TrainSettings())[0]
-        self.params_, self.result_ = result.params, result
-        return self
-
-    def _inputs(self, inputs) -> list[torch.Tensor]:
-        if isinstance(inputs, (np.ndarray, torch.Tensor)):
-            inputs = [inputs]
-        return [torch.as_tensor(np.asarray(x), dtype=torch.float32) for x in inputs]
-
-    def predict_proba(self, inputs) -> np.ndarray:
-        """inputs: one (n, D) array per modality (image first). Returns (n, C) probabilities."""
-        logits = predict_logits(StackedHead(self.config), self.params_, self._inputs(inputs))[0]
-        return torch.softmax(logits, dim=-1).numpy()
-
-    def predict(self, inputs) -> np.ndarray:
-        return self.predict_proba(inputs).argmax(axis=1)
-
-    def save(self, directory: str | Path, *, metadata: dict | None = None) -> None:
-        """model.safetensors (weights) + config.json (the config that built it, seed, any metadata)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        save_file({k: v[0].detach().cpu().contiguous() for k, v in self.params_.items()},
-                  str(directory / "model.safetensors"))
-        doc = {"config": self.config.to_dict(), "seed": self.seed, **(metadata or {})}
-        (directory / "config.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-
-    @classmethod
-    def load(cls, directory: str | Path) -> "FusionHead":
-        directory = Path(directory)
-        if not (directory / "config.json").exists():
-            raise FileNotFoundError(f"no config.json in {directory}; expected a head saved by `heads sweep`")
-        doc = json.loads((directory / "config.json").read_text())
-        head = cls(HeadConfig.from_dict(doc["config"]), seed=doc.get("seed", 0))
-        head.params_ = {k: v.unsqueeze(0) for k, v in load_file(str(directory / "model.safetensors")).items()}
-        head.metadata_ = doc
-        return head

@@ -1,4 +1,6 @@
-"""`heads predict`: classify new products with a saved head (from `heads sweep`) into a CSV of top-k categories.
+"""`heads predict`: classify new products with a saved head (from `heads sweep`) or a trained 3-A/3-B model
+(`heads sweep --strategies 3A`, heads/end_to_end.py: images and titles straight through it) into a CSV of top-k
+categories.
 
 The head's config.json names the feature sets it was trained on (`inputs`) and their provenance
 (`store.feature_sets`): a `pooled` set names its backbone, weights_id and preprocessing; a module set
@@ -12,6 +14,7 @@ empty prediction and a reason; an image-only head never looks at titles and a te
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import time
@@ -24,13 +27,18 @@ import torch
 from torch.utils.data import DataLoader
 
 from embedstore.backbones import create_backbone
-from embedstore.catalog import Catalog, _FolderFiles, _is_fashion_header, open_catalog
-from embedstore.extract import _collate_images, _ImageRows, autocast_for
+from embedstore.catalog import Catalog, FolderFiles, is_fashion_header, open_catalog
+from embedstore.defaults import autocast_for, resolve_device
+from embedstore.images import ImageRows, collate_images
+from embedstore.model_folder import read_config
 from embedstore.modules import load_module, module_id
 from embedstore.preprocess import clean_title
-from embedstore.store import STATUS_EMPTY_TITLE, STATUS_NAMES, STATUS_OK
-from heads.models import STRATEGY_LAYER, STRATEGY_MODALITIES, FusionHead
-from heads.sweep import resolve_device
+from embedstore.outputs import check_writable, partial_file
+from embedstore.store import STATUS_EMPTY_TITLE, STATUS_NAMES, STATUS_NON_FINITE, STATUS_OK
+from heads.end_to_end import load_end_to_end
+from heads.estimator import FusionHead
+from heads.models import STRATEGY_LAYER, STRATEGY_MODALITIES
+
 
 REASONS = {code: name.removeprefix("skipped: ") for code, name in STATUS_NAMES.items() if name.startswith("skipped")}
 
@@ -97,7 +105,7 @@ def read_inputs(path: str | os.PathLike, columns: InputColumns, modalities: tupl
     if path.is_file() and path.suffix.lower() == ".csv":
         header = _header(path)
         wanted = {columns.image, columns.title}
-        if not (_is_fashion_header(header) and not wanted & set(header)):
+        if not (is_fashion_header(header) and not wanted & set(header)):
             return _csv_inputs(path, header, columns, modalities)
         path = path.parent  # a styles.csv: the Fashion catalog rooted at its folder
     catalog = open_catalog(path, fmt="fashion")
@@ -107,8 +115,15 @@ def read_inputs(path: str | os.PathLike, columns: InputColumns, modalities: tupl
 
 
 def _header(path: Path) -> list[str]:
-    with open(path, encoding="utf-8-sig", newline="") as handle:
-        return [name.strip() for name in next(csv.reader(handle), [])]
+    return [name.strip() for name in next(csv.reader([_csv_text(path).split("\n", 1)[0]]), [])]
+
+
+def _csv_text(path: Path) -> str:
+    """The CSV's text, or a one-line ValueError naming the file when it is not UTF-8."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text (byte {error.start}); re-save it as UTF-8") from None
 
 
 def _csv_inputs(path: Path, header: list[str], columns: InputColumns, modalities) -> Inputs:
@@ -121,8 +136,7 @@ def _csv_inputs(path: Path, header: list[str], columns: InputColumns, modalities
             raise ValueError(f"column {name!r} not in {path} (columns present: {', '.join(header) or 'none'}); "
                              f"name the {role} column with {option}")
     id_column = columns.id or ("id" if "id" in header else None)
-    with open(path, encoding="utf-8-sig", newline="") as handle:
-        records = list(csv.DictReader(handle))
+    records = list(csv.DictReader(io.StringIO(_csv_text(path), newline="")))
 
     def value(record, name):
         return (record.get(name) or "").strip()  # a short row's missing cells read as empty
@@ -130,7 +144,7 @@ def _csv_inputs(path: Path, header: list[str], columns: InputColumns, modalities
     ids = [value(r, id_column) if id_column else str(n) for n, r in enumerate(records, start=1)]
     # relative image paths are relative to the CSV's folder; the catalog's folder reader does exactly that
     return Inputs(ids, [value(r, columns.image) for r in records], [value(r, columns.title) for r in records],
-                  Catalog(_FolderFiles(str(path.resolve().parent))))
+                  Catalog(FolderFiles(str(path.resolve().parent))))
 
 
 # ----------------------------------------------------------------------------------------------- features
@@ -145,6 +159,10 @@ class FeatureSource:
     network: torch.nn.Module     # a Backbone or a TransferModule, on the device
     compute: Callable            # images (B, 3, H, W) or tokens {(B, 30)} -> (B, D)
     prepare: Callable            # image transform (PIL -> (3, S, S)) or tokenize (titles -> tokens)
+    # the precision the store computed this feature set in ("compute_precision" in its provenance): predict runs
+    # the network in it too, on any device, so a store extracted under bf16 on a GPU and heads served on a CPU
+    # see features made the same way. None (stores written before it was recorded): this device's default.
+    precision: str | None = None
 
 
 def _normalised(value) -> dict:
@@ -179,9 +197,11 @@ def _pooled_source(name: str, modality: str, recorded: dict, settings: PredictSe
     if modality == "image":
         # channels-last, as extraction ran it, so the convolutions round the same way
         backbone = backbone.to(device, memory_format=torch.channels_last).eval()
-        return FeatureSource(name, modality, backbone, backbone, backbone.image_transform(train=False))
+        return FeatureSource(name, modality, backbone, backbone, backbone.image_transform(train=False),
+                             recorded.get("compute_precision"))
     backbone = backbone.to(device).eval()
-    return FeatureSource(name, modality, backbone, lambda tokens: backbone(**tokens), backbone.tokenize)
+    return FeatureSource(name, modality, backbone, lambda tokens: backbone(**tokens), backbone.tokenize,
+                         recorded.get("compute_precision"))
 
 
 def _module_source(name: str, modality: str, layer: str, recorded: dict, device) -> FeatureSource:
@@ -199,12 +219,13 @@ def _module_source(name: str, modality: str, layer: str, recorded: dict, device)
         prepare = module.backbone.image_transform(train=False)
     else:
         prepare = module.backbone.tokenize
-    return FeatureSource(name, modality, module, lambda inputs: module.forward_features(inputs)[layer], prepare)
+    return FeatureSource(name, modality, module, lambda inputs: module.forward_features(inputs)[layer], prepare,
+                         recorded.get("compute_precision"))
 
 
 def load_sources(head: FusionHead, settings: PredictSettings, device) -> list[FeatureSource]:
     """The head's inputs in its order (image first), each rebuilt and checked against its provenance."""
-    doc, config = head.metadata_, head.config
+    doc, config = head.metadata_, head.config_
     names, provenance = doc.get("inputs"), (doc.get("store") or {}).get("feature_sets")
     if not names or not provenance:
         raise ValueError("the head's config.json records no feature sets ('inputs', 'store.feature_sets'); "
@@ -227,42 +248,50 @@ def load_sources(head: FusionHead, settings: PredictSettings, device) -> list[Fe
 # ----------------------------------------------------------------------------------------------- batches
 
 
-def _batches(inputs: Inputs, image_source: FeatureSource | None, settings: PredictSettings):
+def _batches(inputs: Inputs, image_prepare: Callable | None, settings: PredictSettings):
     """(rows (b,), images (b_ok, 3, S, S) or None, image status (b,) int8) in input order; status is all OK
-    and images None when the head reads no images."""
+    and images None when the model reads no images."""
     n, size = len(inputs.ids), settings.batch_size
-    if image_source is None:
+    if image_prepare is None:
         for begin in range(0, n, size):
             rows = np.arange(begin, min(begin + size, n))
             yield rows, None, np.full(len(rows), STATUS_OK, dtype=np.int8)
         return
-    loader = DataLoader(_ImageRows(inputs.files, inputs.images, np.arange(n), image_source.prepare),
-                        batch_size=size, shuffle=False, num_workers=settings.workers, collate_fn=_collate_images)
+    loader = DataLoader(ImageRows(inputs.files, inputs.images, np.arange(n), image_prepare),
+                        batch_size=size, shuffle=False, num_workers=settings.workers, collate_fn=collate_images)
     yield from loader
+
+
+def _title_status(rows, image_status, inputs: Inputs) -> np.ndarray:
+    """A row's status is its first problem: image before title."""
+    status = image_status.copy()
+    empty = np.array([not clean_title(inputs.titles[row]) for row in rows], dtype=bool)
+    status[(status == STATUS_OK) & empty] = STATUS_EMPTY_TITLE
+    return status
 
 
 def _features(rows, images, image_status, inputs: Inputs, sources, device):
     """(status (b,), one (b_ok, D_m) tensor per source for the rows OK in every modality). A row's status is
     its first problem: image before title."""
-    status = image_status.copy()
-    for source in sources:
-        if source.modality == "text":
-            empty = np.array([not clean_title(inputs.titles[row]) for row in rows], dtype=bool)
-            status[(status == STATUS_OK) & empty] = STATUS_EMPTY_TITLE
+    reads_titles = any(source.modality == "text" for source in sources)
+    status = _title_status(rows, image_status, inputs) if reads_titles else image_status.copy()
     ok = status == STATUS_OK
     outputs = []
-    with torch.inference_mode(), autocast_for(device):
+    with torch.inference_mode():
         for source in sources:
+            precision = autocast_for(device, source.precision)
             if source.modality == "image":
                 keep = torch.from_numpy(ok[image_status == STATUS_OK])  # of the decoded images, the rows kept
                 pixels = images[keep] if images is not None else None
                 if pixels is None or not len(pixels):
                     outputs.append(None)
                     continue
-                outputs.append(source.compute(pixels.to(device, memory_format=torch.channels_last)))
+                with precision:
+                    outputs.append(source.compute(pixels.to(device, memory_format=torch.channels_last)))
             elif ok.any():
                 tokens = source.prepare([inputs.titles[row] for row in rows[ok]])  # (b_ok, 30) each
-                outputs.append(source.compute({k: v.to(device) for k, v in tokens.items()}))
+                with precision:
+                    outputs.append(source.compute({k: v.to(device) for k, v in tokens.items()}))
             else:
                 outputs.append(None)
     return status, [None if out is None else out.float().cpu() for out in outputs]
@@ -271,39 +300,97 @@ def _features(rows, images, image_status, inputs: Inputs, sources, device):
 # ----------------------------------------------------------------------------------------------- the run
 
 
+@dataclass
+class Predictor:
+    """What `predict_products` needs of a model: its classes, the modalities it reads, how it prepares an image,
+    and (rows, images, image status, inputs) -> (status (b,), probabilities (b_ok, C)) for one batch."""
+
+    classes: list[str]
+    modalities: tuple[str, ...]
+    image_prepare: Callable | None
+    probabilities: Callable
+
+
+def head_predictor(head_dir: Path, settings: PredictSettings, device) -> Predictor:
+    """A fusion head over features that its recorded backbones or modules compute from the raw products."""
+    head = FusionHead.from_pretrained(head_dir)
+    sources = load_sources(head, settings, device)
+    classes = [str(c) for c in head.classes_]
+
+    def probabilities(rows, images, image_status, inputs):
+        status, features = _features(rows, images, image_status, inputs, sources, device)
+        ok = status == STATUS_OK
+        return status, head.predict_proba(features) if ok.any() else np.zeros((0, len(classes)))  # (b_ok, C)
+
+    image = next((s for s in sources if s.modality == "image"), None)
+    return Predictor(classes, tuple(s.modality for s in sources), image and image.prepare, probabilities)
+
+
+def end_to_end_predictor(model_dir: Path, device) -> Predictor:
+    """A 3-A / 3-B model: images and titles straight through the trained model."""
+    model, config = load_end_to_end(model_dir, device=device)
+    classes, tokenize = list(config["classes"]), model.text.backbone.tokenize
+
+    def probabilities(rows, images, image_status, inputs):
+        status = _title_status(rows, image_status, inputs)
+        ok = status == STATUS_OK
+        if not ok.any():
+            return status, np.zeros((0, len(classes)))
+        pixels = images[torch.from_numpy(ok[image_status == STATUS_OK])]  # (b_ok, 3, S, S)
+        tokens = tokenize([inputs.titles[row] for row in rows[ok]])      # (b_ok, 30) each
+        with torch.inference_mode(), autocast_for(device):
+            logits = model({"images": pixels.to(device), **{k: v.to(device) for k, v in tokens.items()}})
+        return status, torch.softmax(logits.float(), dim=-1).cpu().numpy()  # (b_ok, C)
+
+    return Predictor(classes, ("image", "text"), model.image.backbone.image_transform(train=False), probabilities)
+
+
 def predict_products(head_dir: str | os.PathLike, inputs: str | os.PathLike, out_csv: str | os.PathLike,
                      settings: PredictSettings = PredictSettings()) -> PredictSummary:
-    """Classify every row of `inputs` with the head in `head_dir`; write `out_csv` (id, label_k, probability_k
-    for k = 1..top_k, reason) in input order and return what was predicted and skipped."""
+    """Classify every row of `inputs` with the head (or 3-A/3-B model) in `head_dir`; write `out_csv` (id,
+    label_k, probability_k for k = 1..top_k, reason) in input order and return what was predicted and skipped."""
     start = time.perf_counter()
     head_dir, out_csv = Path(head_dir), Path(out_csv)
     if not head_dir.is_dir():
-        raise FileNotFoundError(f"head folder not found: {head_dir}; give RESULTS/heads/<cell> from `heads sweep`")
-    head = FusionHead.load(head_dir)
-    classes = head.metadata_.get("classes") or []
-    if len(classes) != head.config.num_classes:
-        raise ValueError(f"{head_dir}/config.json names {len(classes)} classes for a head with "
-                         f"{head.config.num_classes} outputs; save it again with `heads sweep`")
+        raise FileNotFoundError(f"head folder not found: {head_dir}; give RESULTS/heads/<cell> from `heads sweep` "
+                                "or a 3-A/3-B model folder (RESULTS/end_to_end/<cell>/seed-<seed>)")
+    check_writable(out_csv, folder=False)  # before loading anything: a bad --out fails now, not after the work
+    kind = read_config(head_dir)["kind"]
     device = resolve_device(settings.device)
-    sources = load_sources(head, settings, device)
-    items = read_inputs(inputs, settings.columns, tuple(s.modality for s in sources))
+    if kind == "end-to-end":
+        predictor = end_to_end_predictor(head_dir, device)
+    elif kind == "fusion-head":
+        predictor = head_predictor(head_dir, settings, device)
+    else:
+        raise ValueError(f"{head_dir} holds a {kind} model; `heads predict` takes a head from `heads sweep` or a "
+                         "3-A/3-B model folder")
+    classes = predictor.classes
+    items = read_inputs(inputs, settings.columns, predictor.modalities)
     top_k = min(settings.top_k, len(classes))
-    image_source = next((s for s in sources if s.modality == "image"), None)
     summary = PredictSummary(out_csv, rows=len(items.ids), predicted=0, malformed=items.malformed)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
-    partial = out_csv.with_name(out_csv.name + ".partial")  # a failed run leaves no half-written CSV behind
-    with open(partial, "w", newline="", encoding="utf-8") as handle:
+    # a failed run (an error, a full disk, Ctrl-C) leaves neither a half-written CSV nor its .partial behind
+    with partial_file(out_csv) as partial, open(partial, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["id"] + [f"{c}_{k}" for k in range(1, top_k + 1) for c in ("label", "probability")]
                         + ["reason"])
-        for rows, images, image_status in _batches(items, image_source, settings):
-            status, features = _features(rows, images, image_status, items, sources, device)
-            ok = status == STATUS_OK
-            probabilities = head.predict_proba(features) if ok.any() else np.zeros((0, len(classes)))  # (b_ok, C)
+        for rows, images, image_status in _batches(items, predictor.image_prepare, settings):
+            status, probabilities = predictor.probabilities(rows, images, image_status, items)
+            status, probabilities = _without_non_finite(status, probabilities)
             _write_rows(writer, [items.ids[r] for r in rows], status, probabilities, classes, top_k, summary)
-    os.replace(partial, out_csv)
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _without_non_finite(status: np.ndarray, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A row whose features or head output hold NaN/inf gets the reason "non-finite features", never a `nan`
+    probability. `probabilities` (b_ok, C) belongs to the rows whose status is ok, in order."""
+    finite = np.isfinite(probabilities).all(axis=1)  # (b_ok,)
+    if finite.all():
+        return status, probabilities
+    status = status.copy()
+    status[np.flatnonzero(status == STATUS_OK)[~finite]] = STATUS_NON_FINITE
+    return status, probabilities[finite]
 
 
 def _write_rows(writer, ids, status, probabilities, classes, top_k: int, summary: PredictSummary) -> None:

@@ -5,27 +5,43 @@ The report only reads result rows; it never trains. Mean and spread (sample std)
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 
 from heads.fusion import list_fusions
+from embedstore.fingerprint import fingerprint
 from heads.models import BASELINES, MULTIMODAL_STRATEGIES
-from heads.sweep import read_runs
+from heads.results import read_runs, runs_path
+
+
+def unique_runs(rows: list[dict]) -> tuple[list[dict], int]:
+    """One row per run_key (the first), and how many repeats were left out: a run counted twice would shrink
+    the spread over seeds and weigh its seed double."""
+    seen, unique = set(), []
+    for row in rows:
+        if row["run_key"] not in seen:
+            seen.add(row["run_key"])
+            unique.append(row)
+    return unique, len(rows) - len(unique)
 
 
 def _variant(row: dict) -> str:
     doc = {"config": row["config"], "train": row["train_settings"], "store": row["store"]["manifest_sha256"]}
-    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:8]
+    return fingerprint(doc)[:8]
 
 
 def summarize(rows: list[dict]) -> list[dict]:
     """One summary per cell (and per settings variant, when RESULTS holds more than one)."""
     groups: dict[tuple[str, str], list[dict]] = {}
+    diverged: dict[tuple[str, str], int] = {}
     for row in rows:
-        groups.setdefault((row["cell"], _variant(row)), []).append(row)
+        key = (row["cell"], _variant(row))
+        if row.get("diverged"):   # counted in the cell's note, never averaged in
+            diverged[key] = diverged.get(key, 0) + 1
+            continue
+        groups.setdefault(key, []).append(row)
     several = {cell for cell, _ in groups if sum(c == cell for c, _ in groups) > 1}
     out = []
     for (cell, variant), rs in groups.items():
@@ -34,8 +50,11 @@ def summarize(rows: list[dict]) -> list[dict]:
         secs = np.array([r["train_seconds"] for r in rs])
         std = (lambda a: float(a.std(ddof=1)) if len(a) > 1 else 0.0)
         notes = sorted({r["non_trainable_note"] for r in rs if r.get("non_trainable_note")})
+        if diverged.get((cell, variant)):
+            notes.append(f"{diverged[cell, variant]} more seed(s) diverged (non-finite loss) and are left out")
         out.append({
             "cell": cell if cell not in several else f"{cell} [{variant}]", "strategy": rs[0]["strategy"],
+            "pair": rs[0].get("pair", ""),
             "fusion": rs[0]["fusion"] or "", "seeds": len(rs),
             "accuracy_mean": float(acc.mean()), "accuracy_std": std(acc),
             "macro_f1_mean": float(f1.mean()), "macro_f1_std": std(f1),
@@ -54,13 +73,43 @@ def _pm(mean: float, std: float, scale: float = 100.0, digits: int = 2) -> str:
     return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
 
 
-def _tables(cells: list[dict]) -> dict[str, tuple[list[str], list[list]]]:
+def _best_pair(cells: list[dict]) -> str | None:
+    """With several backbone pairs, Tables 5-6 show the pair of the best multimodal cell (by test accuracy
+    mean, as the tables themselves rank); the by-pair table compares them all."""
     multi = [c for c in cells if c["strategy"] in MULTIMODAL_STRATEGIES]
+    if len({c["pair"] for c in multi}) <= 1:
+        return None
+    return max(multi, key=lambda c: c["accuracy_mean"])["pair"]
+
+
+def _pair_table(cells: list[dict]) -> tuple[list[str], list[list]]:
+    """One row per (image source, text source) pair: each strategy's best operator, and the best of all."""
+    multi = [c for c in cells if c["strategy"] in MULTIMODAL_STRATEGIES]
+    strategies = [s for s in MULTIMODAL_STRATEGIES if any(c["strategy"] == s for c in multi)]
+    rows = []
+    for pair in sorted({c["pair"] for c in multi}):
+        mine = [c for c in multi if c["pair"] == pair]
+        row = [pair]
+        for s in strategies:
+            of_s = [c for c in mine if c["strategy"] == s]
+            best = max(of_s, key=lambda c: c["accuracy_mean"]) if of_s else None
+            row.append(f"{_pm(best['accuracy_mean'], best['accuracy_std'])} ({best['fusion']})" if best else "")
+        top = max(mine, key=lambda c: c["accuracy_mean"])
+        rows.append(row + [f"{top['strategy']}-{top['fusion']}", _pm(top["accuracy_mean"], top["accuracy_std"])])
+    for c in (c for c in cells if c["strategy"] in BASELINES):
+        rows.append([f"{c['strategy']} only: {c['pair']}"] + [""] * len(strategies) +
+                    ["", _pm(c["accuracy_mean"], c["accuracy_std"])])
+    return ["backbone pair"] + [f"{s} best acc % (operator)" for s in strategies] + ["best cell", "best acc %"], rows
+
+
+def _tables(cells: list[dict]) -> dict[str, tuple[list[str], list[list]]]:
+    pair = _best_pair(cells)
+    tables = {"by_pair": _pair_table(cells)} if pair is not None else {}
+    multi = [c for c in cells if c["strategy"] in MULTIMODAL_STRATEGIES and (pair is None or c["pair"] == pair)]
     present = {c["fusion"] for c in multi}
     fusions = [f for f in list_fusions() if f in present] + sorted(present - set(list_fusions()))
     strategies = [s for s in MULTIMODAL_STRATEGIES if any(c["strategy"] == s for c in multi)]
     by = {(c["strategy"], c["fusion"]): c for c in multi}
-    tables = {}
 
     header = ["cell", "seeds", "accuracy %", "macro-F1 %", "best epoch", "epochs", "train s/head",
               "trainable params", "non-trainable params", "note"]
@@ -119,24 +168,31 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 TITLES = {"table5_strategies": "Table 5: multimodal fine-tuning strategies (test accuracy, mean ± std over seeds)",
           "table6_fusions": "Table 6: fusion operators (test accuracy, mean ± std over seeds)",
           "table7_unimodal_vs_multimodal": "Table 7: unimodal vs multimodal",
-          "cells": "All cells"}
+          "cells": "All cells",
+          "by_pair": "By backbone pair (test accuracy, mean ± std over seeds; Tables 5-6 show the best pair)"}
 
 
 def write_report(results_dir: str | Path, out_dir: str | Path) -> list[Path]:
     """Write report.md, one CSV per table, accuracy.png and training_time.png; returns the paths written."""
-    rows = read_runs(results_dir)
+    from embedstore.outputs import check_writable, relative_to_folder
+
+    rows, repeats = unique_runs(read_runs(results_dir))
     if not rows:
-        raise FileNotFoundError(f"no runs in {Path(results_dir) / 'runs.jsonl'}; run `heads sweep STORE --out "
+        raise FileNotFoundError(f"no runs in {runs_path(results_dir)}; run `heads sweep STORE --out "
                                 f"{results_dir}` first")
     out_dir = Path(out_dir)
+    check_writable(out_dir, folder=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     cells = summarize(rows)
     tables = _tables(cells)
     written = []
     stores = sorted({r["store"]["manifest_sha256"] for r in rows})
-    md = [f"# Fusion head sweep: {len(rows)} runs from {Path(results_dir) / 'runs.jsonl'}",
+    # paths relative to the report's folder: the report names no machine's folders
+    md = [f"# Fusion head sweep: {len(rows)} runs from {relative_to_folder(runs_path(results_dir), out_dir)}",
           f"Store manifest(s): {', '.join(stores)}. Accuracy and macro-F1 on the test split at each head's best "
           f"validation epoch; train s/head is wall time per head (batched stacks share theirs)."]
+    if repeats:
+        md.append(f"{repeats} repeated rows (a run_key already seen) were left out.")
     for name, (header, body) in tables.items():
         path = out_dir / f"{name}.csv"
         with open(path, "w", newline="") as f:

@@ -94,6 +94,9 @@ def load_head_data(store, names: list[str], *, device: str | torch.device, budge
     if need <= budget:
         data = store.load(names, upcast=False)   # float16 stays float16; batches are upcast
         head_data = HeadData.from_arrays([data.features.pop(n) for n in names], data.labels, data.split, device)
+        # rows marked ok that hold NaN/inf were left out (and warned about) by the reader: count them too
+        counts = {"rows": len(data.labels), "skipped_rows": data.skipped, "non_finite_rows": data.non_finite,
+                  "split_rows": {name: int((data.split == name).sum()) for name in SPLITS}}
         return head_data, {**counts, "data_access": "in memory"}
     head_data = streamed_head_data(store, names, device=device, budget=budget)
     stream = head_data.train.stream

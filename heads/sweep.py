@@ -1,125 +1,108 @@
-"""`heads sweep`: the grid of strategies x fusion operators x seeds (+ unimodal baselines) over one store.
+"""`heads sweep`: the grid of strategies x backbone pairs x fusion operators x seeds (+ unimodal baselines).
 
 Results are data: one JSON row per run in RESULTS/runs.jsonl, appended as each cell finishes, so an
 interrupted sweep resumes. A run whose key (head config + training settings + seed + the store's manifest hash
 + the feature sets' provenance) is already there is skipped. The best head of each cell (by validation
-accuracy, never by test) is saved as RESULTS/heads/<cell>/{model.safetensors, config.json}.
+accuracy, never by test) is saved in RESULTS/heads/<cell>/. Which cells exist is heads/grid.py's business;
+where they train (this process, `--jobs` workers, torchrun ranks) is heads/dispatch.py's.
 """
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
+from tqdm.auto import tqdm
 
+from embedstore.defaults import resolve_device, resolve_precision
+from embedstore.fingerprint import fingerprint
+from heads.dispatch import RankGroup, Task, default_jobs, my_tasks, run_tasks, world
 from heads.end_to_end import END_TO_END, EndToEndSettings
 from heads.fusion import list_fusions
-from heads.models import (BASELINES, MULTIMODAL_STRATEGIES, STRATEGY_LAYER, STRATEGY_MODALITIES, FusionHead,
-                          HeadConfig, StackedHead)
+from heads.grid import CACHED_STRATEGIES, Cell, build_grid
+from heads.inputs import inputs_with_shared_rows
+from heads.estimator import FusionHead
+from heads.models import HeadConfig, StackedHead
+from heads.throughput import matmul_peak_gflops
 from heads.streamed import load_head_data, only_input
-from heads.train import HeadData, TrainSettings, train_heads
+from heads.results import ResultsLock, append_rows, read_runs  # noqa: F401  (read_runs: re-exported)
+from heads.train import HeadData, HeadResult, TrainSettings
 
-DEFAULT_FUSIONS = ("add", "average", "product", "concat", "gated")
-MODULE_HINT = ("`embed extract MANIFEST --store STORE --image-module DIR --text-module DIR` writes the "
-               "fine-tuned modules' (from `embed finetune`) 'dense' and 'classifier' features")
-POOLED_HINT = "`embed extract MANIFEST --store STORE` writes the backbones' 'pooled' features"
+# bf16 vs fp32 over the whole real-catalog grid (benchmarks/results/precision.md): see README "Precision" for
+# whether "auto" may pick bf16 on a CPU with native bf16.
+CPU_AUTO_BF16 = False
 
 
 @dataclass(frozen=True)
 class SweepSettings:
-    strategies: tuple[str, ...] = MULTIMODAL_STRATEGIES
-    fusions: tuple[str, ...] = DEFAULT_FUSIONS
+    strategies: tuple[str, ...] | None = None   # None: every strategy the store's features allow
+    fusions: tuple[str, ...] | None = None      # None: every registered fusion operator
     seeds: tuple[int, ...] = (0, 1, 2)
     baselines: bool = True                # also train the unimodal "image" and "text" heads (Table 7)
+    image_sources: tuple[str, ...] = ()   # only these image sources (names or backbones); () = every one
+    text_sources: tuple[str, ...] = ()
     batched: bool = True                  # all seeds of a cell in one stack; False: one head at a time
     device: str | None = None             # None: cuda when available, else cpu
-    # torch.set_num_threads while training. 1 by default: on this project's 2-vCPU machines one thread measured
-    # 0.4-0.5 s per 2-A/2-B head-epoch and two threads 1.1-9.5 s (OpenMP barriers stall whenever the other vCPU
-    # is busy). Give more on a dedicated many-core machine; None leaves torch's own setting.
+    jobs: int | None = None               # worker processes, one thread each; None: the cores we may use
+    # torch.set_num_threads while training in this process (jobs = 1). 1 by default: on this project's 2-vCPU
+    # machines one thread measured 0.4-0.5 s per 2-A/2-B head-epoch and two threads 1.1-9.5 s (OpenMP barriers
+    # stall whenever the other vCPU is busy); more cores are used through `jobs`, not threads.
     threads: int | None = 1
     dropout: float = 0.3
     train: TrainSettings = field(default_factory=TrainSettings)
     manifest: str | None = None           # 3A/3B train end to end on the raw catalog through this manifest
     end_to_end: EndToEndSettings = field(default_factory=EndToEndSettings)  # their training (heads/end_to_end.py)
+    progress: bool = True
     # bytes the features of a cell may take in memory; beyond it heads stream them from the store (heads/streamed.py).
     # None: half of the memory available when the sweep starts
     memory_budget: int | None = None
 
     def __post_init__(self):
-        known = MULTIMODAL_STRATEGIES + BASELINES + END_TO_END
-        if set(self.strategies) & set(END_TO_END) and not self.manifest:
-            raise ValueError("strategies 3A/3B train end to end on the raw catalog: pass --manifest MANIFEST "
-                             "(the one the store was extracted from)")
-        for s in self.strategies:
-            if s not in known:
-                raise ValueError(f"unknown strategy {s!r}; known: {', '.join(known)}")
-        for f in self.fusions:
+        known = CACHED_STRATEGIES + END_TO_END
+        for name in ("strategies", "fusions"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, tuple(value))
+        if self.strategies is not None:
+            for s in self.strategies:
+                if s not in known:
+                    raise ValueError(f"unknown strategy {s!r}; known: {', '.join(known)}")
+            if not self.strategies:
+                raise ValueError("give at least one strategy")
+            if set(self.strategies) & set(END_TO_END) and not self.manifest:
+                raise ValueError("strategies 3A/3B train end to end on the raw catalog: pass --manifest MANIFEST "
+                                 "(the one the store was extracted from)")
+        for f in self.fusions or ():
             if f not in list_fusions():
                 raise ValueError(f"unknown fusion operator {f!r}; registered: {', '.join(list_fusions())}")
         if not self.seeds:
             raise ValueError("give at least one seed")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"--threads must be at least 1, got {self.threads}")
+        if self.jobs is not None and self.jobs < 1:
+            raise ValueError(f"--jobs must be at least 1, got {self.jobs}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
 
-    def cells(self) -> list[tuple[str, str | None]]:
-        cells = [(s, f) for s in self.strategies if s not in BASELINES for f in self.fusions]
-        extra = BASELINES if self.baselines else tuple(s for s in self.strategies if s in BASELINES)
-        return cells + [(b, None) for b in extra]
+
+def resolve_feature_sets(store, strategy: str, image_source: str | None = None,
+                         text_source: str | None = None) -> list[str]:
+    """The store's feature sets a strategy's cell loads (image first); heads/inputs.py decides."""
+    return inputs_with_shared_rows(store, strategy, image_source, text_source)
 
 
-def resolve_feature_sets(store, strategy: str) -> list[str]:
-    """The store's feature sets a strategy reads (image first), or ValueError naming what is missing and the
-    command that produces it. Baselines read both pooled sets where both exist, so they train on the same
-    rows as 2-A; a store of one modality still gets its baseline."""
-    layer = STRATEGY_LAYER[strategy]
-    modalities = STRATEGY_MODALITIES[strategy]
-    if strategy in BASELINES:
-        other = "text" if strategy == "image" else "image"
-        try:  # the other modality's rows too, when the store has them: then baselines and 2-A share rows
-            store.find(other, layer)
-            modalities = ("image", "text")
-        except ValueError:
-            pass
-    names, missing = [], []
-    for m in modalities:
-        try:
-            names.append(store.find(m, layer))
-        except ValueError as error:
-            missing.append(f"{m} '{layer}' ({error})" if "several" in str(error) else f"{m} '{layer}'")
-    hint = MODULE_HINT if layer in ("dense", "classifier") else POOLED_HINT
-    if missing:
-        raise ValueError(f"strategy {strategy} needs {' and '.join(missing)} features, which {store.path} lacks "
-                         f"(it holds {', '.join(sorted(store.feature_sets)) or 'nothing'}); {hint}")
-    sets = store.feature_sets
-    dims = [sets[n].dim for n in names]
-    if layer == "classifier" and any(d != len(store.classes) for d in dims):
-        raise ValueError(f"strategy 1B fuses classifier outputs, but {', '.join(names)} have {dims} outputs and "
-                         f"the store has {len(store.classes)} classes; {hint} with modules trained on these classes")
-    if strategy in ("1A", "1B") and dims[0] != dims[1]:
-        raise ValueError(f"strategy {strategy} fuses {names[0]} ({dims[0]}-d) with {names[1]} ({dims[1]}-d) "
-                         f"directly; their sizes must match; {hint}")
-    return names
+def run_key(config: HeadConfig, train: TrainSettings, seed: int, manifest_sha256: str, provenance: dict) -> str:
+    return fingerprint({"config": config.to_dict(), "train": asdict(train), "seed": seed,
+                        "manifest_sha256": manifest_sha256, "feature_sets": provenance})
 
 
 def _provenance(info) -> dict:
     return {k: v for k, v in info.provenance.items() if k != "complete"}
-
-
-def run_key(config: HeadConfig, train: TrainSettings, seed: int, manifest_sha256: str, provenance: dict) -> str:
-    doc = {"config": config.to_dict(), "train": asdict(train), "seed": seed, "manifest_sha256": manifest_sha256,
-           "feature_sets": provenance}
-    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def read_runs(out_dir: str | Path) -> list[dict]:
-    path = Path(out_dir) / "runs.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _non_trainable(sets: dict) -> tuple[int, str | None]:
@@ -129,126 +112,235 @@ def _non_trainable(sets: dict) -> tuple[int, str | None]:
     return total, note
 
 
-def resolve_device(name: str | None) -> torch.device:
-    """None -> cuda when present, else cpu; a named device must exist here."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but CUDA is not available here; use --device cpu")
-    return device
-
-
 def run_sweep(store_path: str | Path, out_dir: str | Path, settings: SweepSettings = SweepSettings(),
               *, log: Callable[[str], None] = print) -> dict:
-    """Train every cell's missing seeds; returns {"trained": n, "skipped": n, "seconds": s, "cells": [...]}."""
+    """Train every cell's missing seeds; returns {"trained", "skipped", "seconds", "cells", "notes", "gflops",
+    "peak_gflops", ...}."""
     threads_before = torch.get_num_threads()
     if settings.threads:
         torch.set_num_threads(settings.threads)
     try:
-        return _run_sweep(store_path, out_dir, settings, log)
+        return _run_sweep(Path(store_path), Path(out_dir), settings, log)
     finally:  # the thread count suits small heads only: give the caller's back (extraction wants them all)
         torch.set_num_threads(threads_before)
 
 
-def _run_sweep(store_path, out_dir, settings: SweepSettings, log) -> dict:
-    from embedstore.store import FeatureStore  # the store's reader contract, docs/ARCHITECTURE.md
+def _run_sweep(store_path: Path, out_dir: Path, settings: SweepSettings, log) -> dict:
+    from embedstore.outputs import check_writable
 
-    device = str(resolve_device(settings.device))
-    out_dir = Path(out_dir)
+    check_writable(out_dir, folder=True)  # before any work, and as one line naming the path
+    with contextlib.ExitStack() as stack:
+        device, group = resolve_device(settings.device), None
+        if world()[1] > 1:  # under torchrun: join the ranks (gloo on CPU, nccl on CUDA), leave on the way out
+            from embedstore.training import training_processes
+            device, _ = stack.enter_context(training_processes(settings.device))
+            group = RankGroup()
+        if world()[0] == 0:  # one sweep per results folder: a second refuses in one line; rank 0 is the writer
+            stack.enter_context(ResultsLock(out_dir))
+        return _sweep_ranks(store_path, out_dir, settings, device, group, log)
+
+
+def _sweep_ranks(store_path: Path, out_dir: Path, settings: SweepSettings, device, group, log) -> dict:
+    from embedstore.store import FeatureStore
+
+    rank, size = world()
+    jobs = settings.jobs or default_jobs(device)
     out_dir.mkdir(parents=True, exist_ok=True)
-    done = {row["run_key"] for row in read_runs(out_dir)}
-    t_start, trained, skipped, cells_done = time.perf_counter(), 0, 0, []
+    done = {row["run_key"] for row in read_runs(out_dir)} if rank == 0 else None
+    done = group.broadcast(done) if group else done
+    t_start = time.perf_counter()
+    summary = {"trained": 0, "skipped": 0, "cells": [], "notes": [], "jobs": jobs, "ranks": size,
+               "device": str(device), "train_flops": 0.0}
     with FeatureStore(store_path) as store:
-        cells = settings.cells()
-        names_by_strategy = {s: resolve_feature_sets(store, s) for s, _ in cells
-                             if s not in END_TO_END}  # refuse before training
-        sets_info = store.feature_sets
-        classes, manifest = list(store.classes), store.manifest_sha256
-        loaded: dict[tuple[str, ...], tuple[HeadData, dict]] = {}
-        for strategy, fusion in cells:
-            if strategy in END_TO_END:  # slow: the whole model on the raw catalog, one run per seed
-                from heads.end_to_end import is_rank_zero, sweep_cell
-                end_to_end = EndToEndSettings(**{**asdict(settings.end_to_end), "device": device})
-                rows, n_skipped = sweep_cell(store, store_path, settings.manifest, out_dir, strategy, fusion,
-                                             settings.seeds, end_to_end, done, log=log)
-                if rows and is_rank_zero():  # under torchrun only rank 0 writes
-                    with open(out_dir / "runs.jsonl", "a") as f:
-                        f.writelines(json.dumps(row, sort_keys=True) + "\n" for row in rows)
-                trained, skipped = trained + len(rows), skipped + n_skipped
-                cells_done += [f"{strategy}-{fusion}"] if rows else []
-                continue
-            names = names_by_strategy[strategy]
-            if strategy in BASELINES:
-                modality_index = 0 if strategy == "image" or len(names) == 1 else 1
-                names_used = [names[modality_index]]
+        cells, notes = build_grid(store, strategies=_cached(settings.strategies), fusions=settings.fusions,
+                                  baselines=settings.baselines, image_sources=settings.image_sources,
+                                  text_sources=settings.text_sources)
+        summary["notes"] = notes
+        for note in notes:
+            log(note)
+        tasks = _tasks(store, cells, settings, done, summary, log, out_dir)
+        mine = my_tasks(tasks, rank, size)
+        data = _DataCache(store, device, settings.memory_budget, log)
+        finished: list[tuple[Task, list[HeadResult]]] = []
+        bar = tqdm(total=sum(len(t.seeds) for t in mine), unit="head", desc="heads sweep",
+                   disable=not settings.progress or rank != 0, leave=False)
+        # streamed cells read the store in this process (an open HDF5 file does not travel to workers)
+        streamed = [t for t in mine if data.streamed(t)]
+        in_memory = [t for t in mine if t not in streamed]
+        for task, results in _chain(run_tasks(in_memory, data.for_task, settings.train, jobs=jobs,
+                                              batched=settings.batched, cpu_auto_bf16=CPU_AUTO_BF16),
+                                    run_tasks(streamed, data.for_task, settings.train, jobs=1,
+                                              batched=settings.batched, cpu_auto_bf16=CPU_AUTO_BF16)):
+            bar.update(len(results))
+            if group is None:  # write as each cell finishes, so a killed sweep resumes from here
+                _record(out_dir, store, store_path, task, results, settings, device, data, summary, log)
             else:
-                names_used = names
-            provenance = {n: _provenance(sets_info[n]) for n in names_used}
-            config = HeadConfig(strategy, fusion, tuple(sets_info[n].dim for n in names_used), len(classes),
-                                dropout=settings.dropout)
-            keys = {s: run_key(config, settings.train, s, manifest, provenance) for s in settings.seeds}
-            todo = [s for s in settings.seeds if keys[s] not in done]
-            skipped += len(settings.seeds) - len(todo)
-            if not todo:
-                log(f"{config.cell}: all {len(settings.seeds)} seeds already in {out_dir / 'runs.jsonl'}; skipped")
-                continue
-            if tuple(names) not in loaded:  # once per set of sets: in memory when it fits the budget, else streamed
-                loaded[tuple(names)] = load_head_data(store, names, device=device, budget=settings.memory_budget,
-                                                      log=log)
-            head_data, row_counts = loaded[tuple(names)]
-            if strategy in BASELINES:
-                head_data = HeadData(*(only_input(sp, modality_index)
-                                       for sp in (head_data.train, head_data.val, head_data.test)))
-            results = train_heads(config, todo, head_data, settings.train, batched=settings.batched)
-            non_trainable, note = _non_trainable(provenance)
-            rows = []
-            for r in results:
-                rows.append({
-                    "run_key": keys[r.seed], "cell": config.cell, "strategy": strategy, "fusion": fusion,
-                    "seed": r.seed, "config": config.to_dict(), "train_settings": asdict(settings.train),
-                    "store": {"path": str(store_path), "manifest_sha256": manifest, "feature_sets": provenance,
-                              **row_counts},
-                    "test_accuracy": r.test_accuracy, "test_macro_f1": r.test_macro_f1,
-                    "best_val_accuracy": r.best_val_accuracy, "best_epoch": r.best_epoch,
-                    "epochs_run": r.epochs_run, "train_seconds": r.train_seconds,
-                    "group_seconds": r.group_seconds, "group_size": r.group_size, "batched": settings.batched,
-                    "device": device, "trainable_parameters": StackedHead(config).num_parameters(),
-                    "non_trainable_parameters": non_trainable, "non_trainable_note": note,
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                })
-            with open(out_dir / "runs.jsonl", "a") as f:
-                f.writelines(json.dumps(row, sort_keys=True) + "\n" for row in rows)
-            _save_best(out_dir, config, results, rows, classes)
-            trained += len(results)
-            cells_done.append(config.cell)
-            accs = ", ".join(f"{r.test_accuracy:.4f}" for r in results)
-            log(f"{config.cell}: {len(results)} heads in {sum(r.train_seconds for r in results):.1f} s "
-                f"(test accuracy {accs})")
-    return {"trained": trained, "skipped": skipped, "seconds": time.perf_counter() - t_start, "cells": cells_done}
+                finished.append((task, results))
+        bar.close()
+        if group is not None:
+            gathered = group.gather([(t.cell.name, r) for t, r in finished])
+            if rank == 0:
+                by_name = {t.cell.name: t for t in tasks}
+                for part in gathered:
+                    for name, results in part:
+                        _record(out_dir, store, store_path, by_name[name], results, settings, device, data,
+                                summary, log)
+        if settings.strategies and set(settings.strategies) & set(END_TO_END):
+            _end_to_end(store, store_path, out_dir, settings, device, done, summary, log)
+    seconds = time.perf_counter() - t_start
+    summary["seconds"] = seconds
+    if summary["trained"]:
+        precision = resolve_precision(settings.train.precision, device, cpu_auto_bf16=CPU_AUTO_BF16)
+        summary["precision"] = precision
+        summary["gflops"] = summary["train_flops"] / seconds / 1e9
+        summary["peak_gflops"] = matmul_peak_gflops(device, precision, threads=jobs if device.type == "cpu" else 1)
+    return summary
 
 
-def _save_best(out_dir: Path, config: HeadConfig, results, rows, classes) -> None:
-    """Keep the cell's saved head unless a new seed beats it on validation accuracy (same store features)."""
-    i = max(range(len(results)), key=lambda j: (results[j].best_val_accuracy, -results[j].seed))
+def _chain(*iterators):
+    for iterator in iterators:
+        yield from iterator
+
+
+def _cached(strategies):
+    return None if strategies is None else tuple(s for s in strategies if s not in END_TO_END)
+
+
+def _tasks(store, cells: list[Cell], settings: SweepSettings, done: set, summary: dict, log, out_dir) -> list[Task]:
+    """The cells' missing seeds, in grid order; cells with nothing left are logged and counted as skipped."""
+    sets, classes, manifest = store.feature_sets, store.classes, store.manifest_sha256
+    tasks = []
+    for cell in cells:
+        provenance = {n: _provenance(sets[n]) for n in cell.feature_sets}
+        config = HeadConfig(cell.strategy, cell.fusion, tuple(sets[n].dim for n in cell.feature_sets), len(classes),
+                            dropout=settings.dropout)
+        keys = {s: run_key(config, settings.train, s, manifest, provenance) for s in settings.seeds}
+        todo = [s for s in settings.seeds if keys[s] not in done]
+        summary["skipped"] += len(settings.seeds) - len(todo)
+        if not todo:
+            log(f"{cell.name}: all {len(settings.seeds)} seeds already in {out_dir / 'runs.jsonl'}; skipped")
+            continue
+        tasks.append(Task(cell, config, todo, keys))
+    return tasks
+
+
+class _DataCache:
+    """Features on the training device, loaded once per set of row-defining feature sets: in memory when they fit
+    the memory budget, else streamed from the store (heads/streamed.py)."""
+
+    def __init__(self, store, device: torch.device, budget: int | None, log):
+        self.store, self.device, self.budget, self.log = store, device, budget, log
+        self.loaded: dict[tuple[str, ...], tuple[HeadData, dict]] = {}
+
+    def counts(self, cell: Cell) -> dict:
+        return self._load(cell.row_sets)[1]
+
+    def streamed(self, task: Task) -> bool:
+        return self.counts(task.cell)["data_access"] == "streamed"
+
+    def _load(self, row_sets: tuple[str, ...]):
+        if row_sets not in self.loaded:
+            data, counts = load_head_data(self.store, list(row_sets), device=self.device, budget=self.budget,
+                                          log=self.log)
+            if counts["data_access"] == "in memory" and self.device.type == "cpu":
+                for split in (data.train, data.val, data.test):   # worker processes then map these pages
+                    for x in split.inputs + [split.labels]:        # instead of receiving copies
+                        x.share_memory_()
+            self.loaded[row_sets] = (data, counts)
+        return self.loaded[row_sets]
+
+    def for_task(self, task: Task) -> HeadData:
+        cell = task.cell
+        data, _ = self._load(cell.row_sets)
+        if cell.feature_sets == cell.row_sets:
+            return data
+        column = cell.row_sets.index(cell.feature_sets[0])   # a baseline: one modality of its rows
+        return HeadData(*(only_input(sp, column) for sp in (data.train, data.val, data.test)))
+
+
+def _record(out_dir: Path, store, store_path: Path, task: Task, results: list[HeadResult], settings: SweepSettings,
+            device, data: _DataCache, summary: dict, log) -> None:
+    """The cell's best head first, then its rows: a crash between the two leaves a head and no rows (the runs
+    train again), never rows without their head."""
+    cell, config = task.cell, task.config
+    provenance = {n: _provenance(store.feature_sets[n]) for n in cell.feature_sets}
+    non_trainable, note = _non_trainable(provenance)
+    store_doc = {"path": os.path.relpath(store_path, out_dir), "manifest_sha256": store.manifest_sha256,
+                 "feature_sets": provenance, **data.counts(cell)}
+    rows = []
+    for r in results:
+        rows.append({
+            "run_key": task.keys[r.seed], "cell": cell.name, "cell_base": cell.base_name, "pair": cell.pair_name,
+            "image_source": cell.pair[0], "text_source": cell.pair[1], "strategy": cell.strategy,
+            "fusion": cell.fusion, "seed": r.seed, "config": config.to_dict(),
+            "train_settings": asdict(settings.train), "store": store_doc,
+            "test_accuracy": r.test_accuracy, "test_macro_f1": r.test_macro_f1,
+            "best_val_accuracy": r.best_val_accuracy, "best_epoch": r.best_epoch, "diverged": r.diverged,
+            "epochs_run": r.epochs_run, "train_seconds": r.train_seconds, "group_seconds": r.group_seconds,
+            "group_size": r.group_size, "batched": settings.batched, "device": str(device),
+            "precision": r.precision, "train_flops": r.train_flops,
+            "trainable_parameters": StackedHead(config).num_parameters(),
+            "non_trainable_parameters": non_trainable, "non_trainable_note": note,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        })
+    _save_best(out_dir, cell, config, results, rows, list(store.classes))
+    append_rows(out_dir, rows)
+    summary["trained"] += len(results)
+    summary["train_flops"] += sum(r.train_flops for r in results)
+    summary["cells"].append(cell.name)
+    accs = ", ".join("diverged" if r.diverged else f"{r.test_accuracy:.4f}" for r in results)
+    log(f"{cell.name}: {len(results)} heads in {sum(r.train_seconds for r in results):.1f} s "
+        f"(test accuracy {accs})")
+
+
+def _end_to_end(store, store_path, out_dir, settings: SweepSettings, device, done, summary, log) -> None:
+    """3A/3B: the whole model on the raw catalog, one run per seed (slow; heads/end_to_end.py)."""
+    from heads.end_to_end import is_rank_zero, sweep_cell
+    end_to_end = EndToEndSettings(**{**asdict(settings.end_to_end), "device": str(device)})
+    for strategy in (s for s in settings.strategies if s in END_TO_END):
+        for fusion in settings.fusions or list_fusions():
+            rows, n_skipped = sweep_cell(store, store_path, settings.manifest, out_dir, strategy, fusion,
+                                         settings.seeds, end_to_end, done, log=log)
+            if rows and is_rank_zero():  # under torchrun only rank 0 writes
+                append_rows(out_dir, rows)
+            summary["trained"] += len(rows)
+            summary["skipped"] += n_skipped
+            summary["cells"] += [f"{strategy}-{fusion}"] if rows else []
+
+
+def head_folder(out_dir: Path, cell: Cell) -> Path:
+    """RESULTS/heads/<cell>, or RESULTS/heads/<pair>/<cell> in a sweep of several backbone pairs."""
+    return out_dir / "heads" / (f"{cell.pair_name}/{cell.base_name}" if cell.named_pair else cell.base_name)
+
+
+def head_store_path(head_dir: str | Path, metadata: dict) -> Path:
+    """The store a saved head was trained on: its recorded path, relative to the head's folder (or absolute,
+    in heads saved before paths became relative)."""
+    return Path(head_dir) / metadata["store"]["path"]
+
+
+def _save_best(out_dir: Path, cell: Cell, config: HeadConfig, results, rows, classes) -> None:
+    """Keep the cell's saved head unless a new seed beats it on validation accuracy (same store features).
+    A diverged head is never saved."""
+    candidates = [j for j in range(len(results)) if not results[j].diverged]
+    if not candidates:
+        return
+    i = max(candidates, key=lambda j: (results[j].best_val_accuracy, -results[j].seed))
     best, row = results[i], rows[i]
-    directory = out_dir / "heads" / config.cell
+    directory = head_folder(out_dir, cell)
+    # the head names its store relative to its own folder, so a results folder moved with its store still works
+    store = {**row["store"], "path": os.path.relpath(out_dir / row["store"]["path"], directory)}
     if (directory / "config.json").exists():
         saved = json.loads((directory / "config.json").read_text())
-        now = json.loads(json.dumps({"store": row["store"], "config": config.to_dict(),
+        now = json.loads(json.dumps({"store": store, "config": config.to_dict(),
                                      "train_settings": row["train_settings"]}))  # tuples -> lists, as saved
         same = all(saved.get(k) == v for k, v in now.items())
         if same and saved.get("best_val_accuracy", -1) >= best.best_val_accuracy:
             return
-    head = FusionHead(config, seed=best.seed)
-    head.params_ = best.params
-    head.save(directory, metadata={
-        "classes": classes, "store": row["store"], "run_key": row["run_key"], "train_settings": row["train_settings"],
+    head = FusionHead.from_trained(config, best.params, classes, seed=best.seed)
+    head.save_pretrained(directory, metadata={
+        "store": store, "run_key": row["run_key"], "train_settings": row["train_settings"],
         "best_val_accuracy": best.best_val_accuracy, "test_accuracy": best.test_accuracy,
-        "test_macro_f1": best.test_macro_f1, "best_epoch": best.best_epoch,
-        "weight_layout": "linear weights are (in, out): y = x @ W + b",
+        "test_macro_f1": best.test_macro_f1, "best_epoch": best.best_epoch, "precision": best.precision,
         "inputs": list(row["store"]["feature_sets"]),
     })

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 import time
 from dataclasses import dataclass
 from typing import Iterator, Protocol
@@ -63,17 +64,19 @@ class TrainSettings:
             raise ValueError(f"unknown precision {self.precision!r}; use one of {', '.join(PRECISIONS)}")
         if self.class_weight not in CLASS_WEIGHTS:
             raise ValueError(f"unknown class weight {self.class_weight!r}; use 'balanced' or none")
-        checks = {"batch_size": self.batch_size >= 1, "max_epochs": self.max_epochs >= 1,
-                  "patience": self.patience >= 1, "eval_chunk": self.eval_chunk >= 1,
-                  "lr": math.isfinite(self.lr) and self.lr > 0,
-                  "weight_decay": math.isfinite(self.weight_decay) and self.weight_decay >= 0,
-                  "clip_norm": math.isfinite(self.clip_norm) and self.clip_norm > 0,
-                  "eps": math.isfinite(self.eps) and self.eps > 0,
-                  "betas": all(math.isfinite(b) and 0 <= b < 1 for b in self.betas)}
-        for name, ok in checks.items():
-            if not ok:
-                raise ValueError(f"training setting {name} must be a finite positive value, got "
-                                 f"{getattr(self, name)!r}")
+        for option, value in (("--batch-size", self.batch_size), ("--max-epochs", self.max_epochs),
+                              ("--patience", self.patience), ("eval_chunk", self.eval_chunk)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"{option} must be an integer of at least 1, got {value!r}")
+        for option, value, low, low_open in (("--lr", self.lr, 0.0, True), ("eps", self.eps, 0.0, True),
+                                             ("clip_norm", self.clip_norm, 0.0, True),
+                                             ("weight_decay", self.weight_decay, 0.0, False)):
+            if not (isinstance(value, numbers.Real) and math.isfinite(value)
+                    and (value > low if low_open else value >= low)):
+                raise ValueError(f"{option} must be a finite number {'above' if low_open else 'of at least'} {low}, "
+                                 f"got {value!r}")
+        if not all(isinstance(b, numbers.Real) and 0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
 
 
 class DataSplit(Protocol):
@@ -341,7 +344,7 @@ def _train_stack(config: HeadConfig, seeds: list[int], data: HeadData, s: TrainS
     elapsed = time.perf_counter() - t0
 
     metrics = [None] * G
-    if data.test is not None:
+    if data.test is not None and len(data.test) > 0:
         with autocast(device, precision):
             test_pred, y_test = _predictions(model, best, data.test, s.eval_chunk)
         test_pred, y_test = test_pred.cpu().numpy(), y_test.cpu().numpy()

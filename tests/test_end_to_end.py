@@ -17,9 +17,11 @@ from cli.heads import heads
 from embedstore.backbones import create_backbone
 from embedstore.catalog import open_catalog
 from embedstore.extract import ExtractSettings, extract
+from embedstore.training import predict
 from embedstore.manifest import SplitSettings, prepare_manifest
 from embedstore.synthetic_catalog import make_fashion_catalog
-from heads.end_to_end import END_TO_END, EndToEndModel, EndToEndSettings, train_end_to_end
+from heads.end_to_end import (END_TO_END, EndToEndModel, EndToEndSettings, PairItems, load_end_to_end,
+                              train_end_to_end)
 from heads.fusion import list_fusions
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,6 +84,13 @@ def test_training_learns_well_above_chance_and_saves_safetensors(world, tmp_path
     assert any(k.startswith("image.backbone.") for k in saved) and any(k.startswith("text.backbone.") for k in saved)
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["settings"]["strategy"] == strategy and config["metrics"]["test_accuracy"] == metrics["test_accuracy"]
+    assert (config["format"], config["kind"]) == ("embedstore-model", "end-to-end")
+    # the loader rebuilds the trained model: it reproduces the recorded test accuracy
+    model, loaded = load_end_to_end(tmp_path / "run")
+    data = PairItems(world["manifest"], model.image.backbone, model.text.backbone,
+                     EndToEndSettings(**loaded["settings"]), torch.device("cpu"))
+    labels, predicted = predict(model, data.batches("test"), torch.device("cpu"))
+    assert (labels == predicted).mean() == metrics["test_accuracy"]
 
 
 def test_resume_continues_from_the_last_epoch_like_an_uninterrupted_run(world, tmp_path):

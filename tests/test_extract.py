@@ -1,4 +1,5 @@
 """`embed prepare` -> `embed extract` -> `embed inspect` on generated catalogs with tiny random backbones."""
+import fcntl
 import os
 import signal
 import subprocess
@@ -108,10 +109,10 @@ def test_cli_errors_are_one_line(tmp_path):
     assert result.exit_code == 2 and "tiny-resnet" in result.output  # the error lists what exists
 
 
-def _extract_command(manifest_path, store_path):
+def _extract_command(manifest_path, store_path, workers=0):
     return [sys.executable, "-m", "cli.embed", "extract", str(manifest_path), "--store", str(store_path),
             "--image-backbone", "tiny-resnet", "--text-backbone", "tiny-bert", "--image-size", "64",
-            "--batch-size", "2", "--workers", "0", "--no-progress"]
+            "--batch-size", "2", "--workers", str(workers), "--no-progress"]
 
 
 def _done_rows(store_path) -> int:
@@ -122,7 +123,36 @@ def _done_rows(store_path) -> int:
         return 0
 
 
+def _parents() -> dict[int, int]:
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except (OSError, ValueError):
+            continue
+        parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])  # the field after the state
+    return parents
+
+
+def _descendants(pid: int) -> set[int]:
+    parents, found, frontier = _parents(), set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 @pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from Linux's /proc")
 def test_killed_extraction_resumes_to_the_same_store(tmp_path):
     _, manifest, manifest_path = prepared(tmp_path, per_class=40, items_per_class=36, split=(30, 2, 4))
     n_items = len(manifest.items)
@@ -131,18 +161,37 @@ def test_killed_extraction_resumes_to_the_same_store(tmp_path):
     subprocess.run(_extract_command(manifest_path, tmp_path / "whole.h5"), check=True, env=env,
                    capture_output=True)
 
+    # with DataLoader workers: killing the main process must not leave them holding the store (issue #10)
     killed = tmp_path / "killed.h5"
-    process = subprocess.Popen(_extract_command(manifest_path, killed), env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while _done_rows(killed) < n_items // 3 and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    process = subprocess.Popen(_extract_command(manifest_path, killed, workers=2), env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while _done_rows(killed) < n_items // 3 and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.02)
+        helpers = _descendants(process.pid)  # DataLoader workers, and the forkserver they fork from
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert helpers, "the killed run must have had its decoding workers"
+    # nothing the killed run started may still hold the store: a forked DataLoader worker inherited the writer's
+    # flock and kept it until it noticed its parent was gone (up to 5 s), refusing an immediate resume
+    descriptor = os.open(killed, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError while anything holds it
+    finally:
+        os.close(descriptor)
     done_when_killed = _done_rows(killed)
     assert 0 < done_when_killed < n_items, "the kill must land halfway through the image pass"
 
-    resumed = subprocess.run(_extract_command(manifest_path, killed), env=env, capture_output=True, text=True)
+    deadline = time.monotonic() + 30  # and they all end: none decodes on for nobody, none lives on forever
+    while {pid for pid in helpers if _running(pid)} and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not {pid for pid in helpers if _running(pid)}, "the killed run's workers outlived it"
+
+    # at once: no sleep for orphaned workers to notice their parent is gone
+    resumed = subprocess.run(_extract_command(manifest_path, killed, workers=2), env=env, capture_output=True,
+                             text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert f"computed {n_items - done_when_killed} rows" in resumed.stdout
 

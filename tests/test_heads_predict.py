@@ -2,6 +2,7 @@
 (tiny-resnet on 64 px images, tiny-bert). Predictions from raw images and titles must match the same head's
 predictions from the store's features; bad rows carry their reasons; mismatching weights are refused."""
 import csv
+import io
 import json
 import shutil
 from pathlib import Path
@@ -10,15 +11,19 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from cli.embed import embed
 from cli.heads import heads
 from embedstore.backbones import create_backbone
+from embedstore.catalog import open_catalog
 from embedstore.manifest import Manifest
+from embedstore.model_folder import save_pretrained
 from embedstore.store import FeatureStore
 from embedstore.synthetic_catalog import make_fashion_catalog
-from heads.models import FusionHead
+from heads.end_to_end import EndToEndSettings, load_end_to_end, train_end_to_end
+from heads.estimator import FusionHead
 
 TINY = ["--image-backbone", "tiny-resnet", "--image-size", "64", "--text-backbone", "tiny-bert", "--workers", "0",
         "--no-progress"]
@@ -80,7 +85,7 @@ def read_predictions(path: Path) -> tuple[list[str], dict[str, dict]]:
 
 def store_probabilities(store: Path, head_dir: Path) -> dict[str, np.ndarray]:
     """The head's probabilities from the store's features, by item id."""
-    head = FusionHead.load(head_dir)
+    head = FusionHead.from_pretrained(head_dir)
     with FeatureStore(store) as opened:
         data = opened.load(head.metadata_["inputs"])
     probabilities = head.predict_proba([data.features[n] for n in head.metadata_["inputs"]])
@@ -208,3 +213,63 @@ def test_a_1a_head_runs_its_modules(world, tmp_path):
     save_file(tensors, str(weights))
     result = invoke(heads, ["predict", head_dir, world["csv"], "--out", tmp_path / "x.csv", "--device", "cpu"])
     assert result.exit_code == 2 and "not the one the head was trained over" in result.output
+
+
+def test_a_3a_model_folder_predicts_straight_from_images_and_titles(world, tmp_path):
+    """`heads predict` with a trained 3-A model: the CSV's probabilities are the loaded model's own outputs."""
+    model_dir = tmp_path / "3A-concat" / "seed-0"
+    settings = EndToEndSettings(image_backbone="tiny-resnet", text_backbone="tiny-bert", image_size=64, workers=0,
+                                progress=False, batch_size=8, lr=3e-3, max_epochs=1, max_steps_per_epoch=2,
+                                device="cpu")
+    train_end_to_end(world["root"] / "manifest.json", model_dir, settings)
+    out = tmp_path / "pred.csv"
+    output = ok(heads, ["predict", model_dir, world["csv"], "--out", out, "--top-k", TOP_K, "--device", "cpu",
+                        "--workers", 0])
+    test_ids = [item.id for item in world["test_items"]]
+    assert f"predicted {len(test_ids)} of {len(test_ids) + 3} rows" in output
+    _, predictions = read_predictions(out)
+    for item_id, reason in (("missing", "missing image"), ("corrupt", "unreadable image"), ("empty", "empty title")):
+        assert predictions[item_id]["reason"] == reason
+
+    model, config = load_end_to_end(model_dir)
+    assert config["kind"] == "end-to-end" and config["settings"]["strategy"] == "3A"
+    classes, catalog = config["classes"], open_catalog(world["info"].path)
+    items = world["test_items"][:4]
+    transform = model.image.backbone.image_transform(train=False)
+    images = torch.stack([transform(Image.open(io.BytesIO(catalog.read_image_bytes(i.image))).convert("RGB"))
+                          for i in items])  # (4, 3, 64, 64)
+    with torch.inference_mode():
+        expected = torch.softmax(model({"images": images, **model.text.backbone.tokenize([i.title for i in items])}),
+                                 dim=-1).numpy()  # (4, C)
+    assert_same_as_store(predictions, dict(zip([i.id for i in items], expected)), classes, [i.id for i in items])
+
+
+
+def test_a_module_folder_is_no_model_for_predict(world, tmp_path):
+    save_pretrained(tmp_path / "module", {"w": torch.zeros(1)}, {}, kind="module")
+    result = invoke(heads, ["predict", tmp_path / "module", world["csv"], "--out", tmp_path / "p.csv"])
+    assert result.exit_code == 2 and "holds a module model; `heads predict` takes a head" in result.output
+
+
+def test_every_feature_set_records_its_compute_precision_and_predict_follows_it(world, tmp_path):
+    """A store extracted under bf16 (a GPU's default) must be served in bf16 too, on any device: the head's recorded
+    provenance says which, and predict's features follow it (here: a CPU told the store was bf16)."""
+    with FeatureStore(world["store"]) as opened:
+        assert {info.provenance["compute_precision"] for info in opened.feature_sets.values()} == {"fp32"}
+    head_dir = tmp_path / "bf16-head"
+    shutil.copytree(world["results"] / "heads" / "2A-concat", head_dir)
+    config = json.loads((head_dir / "config.json").read_text())
+    for provenance in config["store"]["feature_sets"].values():
+        provenance["compute_precision"] = "bf16"
+    config["store"]["path"] = str(world["store"])
+    (head_dir / "config.json").write_text(json.dumps(config))
+    args = ["--top-k", TOP_K, "--batch-size", 5, "--device", "cpu", "--workers", 0]
+    ok(heads, ["predict", world["results"] / "heads" / "2A-concat", world["csv"], "--out", tmp_path / "fp32.csv", *args])
+    ok(heads, ["predict", head_dir, world["csv"], "--out", tmp_path / "bf16.csv", *args])
+    _, fp32 = read_predictions(tmp_path / "fp32.csv")
+    _, bf16 = read_predictions(tmp_path / "bf16.csv")
+    ids = [item.id for item in world["test_items"]]
+    first = [float(fp32[i]["probability_1"]) for i in ids]
+    second = [float(bf16[i]["probability_1"]) for i in ids]
+    assert first != second                                  # the features were computed in another precision
+    assert np.allclose(first, second, atol=0.05)           # ... and only as far apart as bf16 rounding takes them

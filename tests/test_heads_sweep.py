@@ -6,9 +6,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import embedstore
 from cli.heads import main
 from embedstore.store import FeatureStore, write_store_from_arrays
-from heads.models import FusionHead
+from heads.estimator import FusionHead
 from heads.sweep import SweepSettings, read_runs, run_sweep
 from heads.train import TrainSettings
 
@@ -45,7 +46,8 @@ def make_store(path, *, modules=True, classifier_dim=C, n=240, seed=0):
 def swept(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     store = make_store(root / "store.h5")
-    settings = SweepSettings(fusions=("concat", "gated"), seeds=(0, 1), train=FAST, device="cpu")
+    settings = SweepSettings(fusions=("concat", "gated"), seeds=(0, 1), train=FAST, device="cpu", jobs=1,
+                             progress=False)
     summary = run_sweep(store, root / "results", settings, log=lambda _: None)
     return store, root / "results", settings, summary
 
@@ -82,13 +84,13 @@ def test_runs_already_in_results_are_skipped(swept):
 
 def test_saved_best_head_round_trips(swept):
     store, results, _, _ = swept
-    head = FusionHead.load(results / "heads" / "2A-gated")
+    head = FusionHead.from_pretrained(results / "heads" / "2A-gated")
     saved = json.loads((results / "heads" / "2A-gated" / "config.json").read_text())
     with FeatureStore(store) as s:
         data = s.load(saved["inputs"])
     test = data.split == "test"
     pred = head.predict([data.features[n][test] for n in saved["inputs"]])
-    assert (pred == data.labels[test]).mean() == pytest.approx(saved["test_accuracy"])
+    assert (pred == np.asarray(saved["classes"])[data.labels[test]]).mean() == pytest.approx(saved["test_accuracy"])
     best_run = next(r for r in read_runs(results) if r["run_key"] == saved["run_key"])
     assert best_run["test_accuracy"] == pytest.approx(saved["test_accuracy"])
     assert not list(results.rglob("*.pt")) and not list(results.rglob("*.pkl"))
@@ -143,7 +145,13 @@ def test_cli_sweep_then_report(tmp_path):
     (["--strategies", "3C"], "unknown strategy '3C'"),  # 3A/3B exist: heads/end_to_end.py
     (["--seeds", "a,b"], "--seeds takes comma-separated integers"),
     (["--device", "tpu"], "unknown device 'tpu'"),
-    (["--threads", "0"], "--threads must be at least 1"),
+    (["--threads", "0"], "'--threads'"),
+    (["--max-epochs", "0"], "'--max-epochs'"),
+    (["--batch-size", "-5"], "'--batch-size'"),
+    (["--lr", "-1"], "'--lr'"),
+    (["--lr", "nan"], "'--lr'"),
+    (["--jobs", "0"], "'--jobs'"),
+    (["--image-source", "resnet9"], "--image-source resnet9"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, args, message):
     store = make_store(tmp_path / "s.h5")
@@ -160,3 +168,19 @@ def test_cli_refuses_missing_store_and_module_features(tmp_path):
     assert res.exit_code == 2 and "embed extract" in res.output and len(res.output.strip().splitlines()) == 1
     res = runner.invoke(main, ["report", str(tmp_path / "empty"), "--out", str(tmp_path / "rep")])
     assert res.exit_code == 2 and "no runs" in res.output
+
+
+def test_saved_heads_reproduce_their_recorded_validation_accuracy_exactly(swept):
+    """The saved weights are the best epoch's: reloaded, each head scores exactly its recorded
+    best_val_accuracy on the store's val split (the last epoch's weights would not, where training went on)."""
+    store, results, _, _ = swept
+    went_on = 0
+    with embedstore.open_store(store) as opened:
+        for folder in sorted((results / "heads").iterdir()):
+            head = FusionHead.from_pretrained(folder)
+            meta = head.metadata_
+            X, y = opened.arrays("val", meta["inputs"])
+            assert (head.predict(X) == y).mean() == meta["best_val_accuracy"], folder.name
+            run = next(r for r in read_runs(results) if r["run_key"] == meta["run_key"])
+            went_on += run["epochs_run"] > run["best_epoch"]
+    assert went_on > 0  # some saved head trained past its best epoch, so the check can tell them apart

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from heads.fusion import list_fusions
-from heads.models import FusionHead, HeadConfig
+from heads.models import HeadConfig
 from heads.train import HeadData, TrainSettings, train_heads
 
 
@@ -87,20 +87,6 @@ def test_stopped_heads_keep_their_best_epoch():
         assert r.epochs_run == 30 or r.epochs_run - r.best_epoch == 2
 
 
-def test_estimator_fit_predict_and_round_trip(tmp_path):
-    xi, xt, y, split = make_data(noise=0.5)
-    data = HeadData.from_arrays([xi, xt], y, split)
-    head = FusionHead(tiny("2A", "gated"), seed=5).fit(data, TrainSettings(batch_size=32, max_epochs=10, lr=1e-2))
-    test = split == "test"
-    pred = head.predict([xi[test], xt[test]])
-    assert (pred == y[test]).mean() == pytest.approx(head.result_.test_accuracy)
-    head.save(tmp_path / "h")
-    loaded = FusionHead.load(tmp_path / "h")
-    assert loaded.config == head.config
-    np.testing.assert_array_equal(loaded.predict([xi[test], xt[test]]), pred)
-    np.testing.assert_allclose(loaded.predict_proba([xi[test], xt[test]]), head.predict_proba([xi[test], xt[test]]))
-
-
 def test_bf16_on_the_cpu_still_learns_and_batched_matches_sequential():
     xi, xt, y, split = make_data()
     data = HeadData.from_arrays([xi, xt], y, split)
@@ -152,7 +138,7 @@ def test_a_head_whose_loss_turns_non_finite_stops_as_diverged_and_others_go_on()
 @pytest.mark.parametrize("name,value", [("max_epochs", 0), ("batch_size", -5), ("lr", -1.0), ("lr", float("nan")),
                                         ("patience", 0), ("weight_decay", float("inf"))])
 def test_training_settings_refuse_useless_values_naming_them(name, value):
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises(ValueError, match=name.replace("_", "[-_]")):
         TrainSettings(**{name: value})
 
 

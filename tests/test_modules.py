@@ -2,6 +2,7 @@
 features in the store, and the CLI. Tiny random backbones on 32 px images and generated catalogs."""
 import io
 import json
+import shutil
 
 import h5py
 import numpy as np
@@ -19,6 +20,7 @@ from embedstore.finetune import FinetuneSettings, finetune
 from embedstore.manifest import SplitSettings, prepare_manifest
 from embedstore.modules import build_module, load_module, module_id
 from embedstore.store import STATUS_OK, FeatureStore
+from heads.estimator import FusionHead
 from tests.catalog_factory import make_fashion_catalog
 
 SIZE = 32  # image crop: tiny-resnet on small images keeps every test fast
@@ -134,6 +136,19 @@ def test_cached_training_matches_the_backbone_and_save_load_round_trips(world, t
     assert torch.equal(through_backbone["classifier"].argmax(1), from_cache["classifier"].argmax(1))
     saved = json.loads((tmp_path / "image-s2" / "config.json").read_text())
     assert saved["metrics"]["test_accuracy"] == result.metrics["test_accuracy"]
+    assert (saved["format"], saved["format_version"], saved["kind"]) == ("embedstore-model", 1, "module")
+    assert json.loads((tmp_path / "image-s2" / "metrics.json").read_text())["test_accuracy"] == \
+        result.metrics["test_accuracy"]
+    # a module folder written before the one convention (format "embedstore-module") still loads, the same
+    old = tmp_path / "old-format"
+    shutil.copytree(tmp_path / "image-s2", old)
+    legacy = {k: v for k, v in saved.items() if k != "kind"}
+    (old / "config.json").write_text(json.dumps({**legacy, "format": "embedstore-module"}))
+    with torch.inference_mode():
+        assert torch.equal(load_module(old)[0].head.forward_features(pooled)["classifier"], from_cache["classifier"])
+    assert module_id(old) == module_id(tmp_path / "image-s2")
+    with pytest.raises(ValueError, match="holds a module model, not a fusion-head"):
+        FusionHead.from_pretrained(old)
     assert set(load_file(str(tmp_path / "image-s2" / "model.safetensors"))) >= {"head.dense.weight",
                                                                                  "head.classifier.weight"}
 

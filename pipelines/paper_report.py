@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from embedstore.paper import PLAN_FILE
+from pipelines.paper import PLAN_FILE
 from heads.report import markdown_table, plot_bars
 from heads.sweep import read_runs
 
@@ -267,11 +267,14 @@ def findings(modules: dict, heads: dict) -> list[tuple[str, str, str]]:
 
 def confusion(heads_rows: list[dict], best: dict, report_dir: Path) -> tuple[list[str], list[Path]]:
     """Confusion matrix of the best cached multimodal cell's best saved head (by validation accuracy) on its
-    store's test items: PNG + CSV, and the 10 most confused class pairs as Markdown lines."""
+    store's test items: PNG + CSV, and the 10 most confused class pairs as Markdown lines (paths in them are
+    relative to the report's folder: a report names no machine's folders)."""
     from sklearn.metrics import confusion_matrix
 
+    from embedstore.outputs import relative_to_folder
+
     from embedstore.store import FeatureStore
-    from heads.models import FusionHead
+    from heads.estimator import FusionHead
 
     dirs = sorted({r["results_dir"] for r in heads_rows if r["group"] == best["cell"]})
     saved = [Path(d) / "heads" / best["cell"] for d in dirs]
@@ -279,13 +282,14 @@ def confusion(heads_rows: list[dict], best: dict, report_dir: Path) -> tuple[lis
     if not saved:
         return [f"No saved head of {best['cell']}; no confusion matrix."], []
     head_dir = max(saved, key=lambda d: json.loads((d / "config.json").read_text())["best_val_accuracy"])
-    head = FusionHead.load(head_dir)
-    with FeatureStore(head.metadata_["store"]["path"]) as store:
+    head = FusionHead.from_pretrained(head_dir)
+    from heads.sweep import head_store_path
+    with FeatureStore(head_store_path(head_dir, head.metadata_)) as store:
         data = store.load(head.metadata_["inputs"])
         classes = list(store.classes)
     test = data.split == "test"
     predicted = head.predict([data.features[n][test] for n in head.metadata_["inputs"]])
-    matrix = confusion_matrix(data.labels[test], predicted, labels=list(range(len(classes))))
+    matrix = confusion_matrix(np.asarray(classes)[data.labels[test]], predicted, labels=classes)  # class names
     csv_path, png_path = report_dir / "confusion_matrix.csv", report_dir / "confusion_matrix.png"
     with open(csv_path, "w", newline="") as f:
         csv.writer(f).writerows([["true \\ predicted"] + classes] + [[c] + list(r) for c, r in zip(classes, matrix)])
@@ -295,7 +299,7 @@ def confusion(heads_rows: list[dict], best: dict, report_dir: Path) -> tuple[lis
     off = [(int(matrix[i, j]), classes[i], classes[j]) for i in range(len(classes)) for j in range(len(classes))
            if i != j and matrix[i, j]]
     pairs = sorted(off, key=lambda x: (-x[0], x[1], x[2]))[:10]
-    lines = [f"Best multimodal model by validation accuracy: **{best['cell']}**, saved head `{head_dir}` (seed "
+    lines = [f"Best multimodal model by validation accuracy: **{best['cell']}**, saved head `{relative_to_folder(head_dir, report_dir)}` (seed "
              f"{head.seed}, validation accuracy {head.metadata_['best_val_accuracy']:.4f}), on the "
              f"{int(test.sum())} test items of its store."
              + (f" The {len(pairs)} most confused pairs (true -> predicted):" if pairs else ""), ""]
@@ -373,7 +377,7 @@ def write_paper_report(out: str | Path, report_dir: str | Path) -> list[Path]:
     modules, heads = _groups(module_rows), _groups(head_rows)
     written = []
     md = ["# The 14-strategy comparison of Seo, Lee & Jang (2025) on this catalog", "",
-          f"Catalog `{plan['catalog']}`; manifests {', '.join(str(e['seed']) for e in plan['manifests'])}; seeds "
+          f"Catalog `{Path(plan['catalog']).name}`; manifests {', '.join(str(e['seed']) for e in plan['manifests'])}; seeds "
           f"{plan['settings']['seeds']}. Accuracy and macro-F1 on the test split at the best validation epoch, mean ± "
           "std over all (manifest seed, seed) runs; the per-manifest columns are mean ± std over that manifest's "
           "seeds. Training time is per model (a head's share of its batched stack)."]

@@ -5,7 +5,7 @@ For each manifest seed m, into OUT/manifest-seed-m/:
   optional) and text S1/S2/S3 -> modules/<modality>-s<k>-seed-<s>/; for each head seed s a copy of the store
   with the fused pair's module features (image S2 + text S3 by default) -> module-stores/seed-<s>.h5; heads
   sweeps -> results/pooled (2-A, 2-B, baselines), results/modules-seed-<s> (1-A, 1-B), results/end-to-end
-  (3-A, 3-B, when asked). Then one report over everything (embedstore/paper_report.py) -> OUT/report/.
+  (3-A, 3-B, when asked). Then one report over everything (pipelines/paper_report.py) -> OUT/report/.
 
 Why a copy of the store per module seed: a sweep finds its features by (modality, layer), so a store may hold
 one module per modality; the copy keeps the pooled features, so frozen modules need no backbone pass.
@@ -17,7 +17,6 @@ runs). Extraction, S3 training and sweeps resume inside a step, so an interrupte
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -25,6 +24,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+from embedstore.fingerprint import fingerprint
 from embedstore.manifest import SplitSettings
 
 STAMP_SUFFIX = ".stamp.json"
@@ -62,7 +62,7 @@ class PaperSettings:
 
     def checked(self) -> "PaperSettings":
         """Validated, with image_s3 decided by the device."""
-        from embedstore.extract import resolve_device
+        from embedstore.defaults import resolve_device
         from heads.fusion import list_fusions
         from heads.train import PRECISIONS
 
@@ -107,7 +107,7 @@ def _json(value):
 
 
 def digest(inputs: dict) -> str:
-    return hashlib.sha256(json.dumps(_json(inputs), sort_keys=True).encode()).hexdigest()
+    return fingerprint(inputs)
 
 
 def stamp_path(output: Path) -> Path:
@@ -173,7 +173,7 @@ def backbone_identity(settings: PaperSettings) -> dict:
 def run_paper(catalog: str | Path, out: str | Path, settings: PaperSettings = PaperSettings(),
               log: Callable[[str], None] = print) -> Path:
     """Run (or bring up to date) every step into OUT; returns OUT/report/report.md."""
-    from embedstore.paper_report import report_inputs, write_paper_report
+    from pipelines.paper_report import report_inputs, write_paper_report
 
     settings = settings.checked()
     out = Path(out).resolve()

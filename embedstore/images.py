@@ -1,0 +1,52 @@
+"""Images decoded for a backbone: one dataset item per manifest row, decoded and transformed in a DataLoader
+worker, and the collate that keeps the rows whose image is bad (with their status) beside the good images.
+Shared by extraction (embedstore/extract.py), S3 training (embedstore/finetune.py) and `heads predict`.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from embedstore.store import STATUS_IMAGE_TOO_LARGE, STATUS_MISSING_IMAGE, STATUS_OK, STATUS_UNREADABLE_IMAGE
+
+
+class ImageRows(Dataset):
+    """Decodes and transforms one item per call, in a worker process; bad images become a status, not an error."""
+
+    def __init__(self, catalog, refs: list[str], rows: np.ndarray, transform):
+        self.catalog, self.refs, self.rows, self.transform = catalog, refs, rows, transform
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        row = int(self.rows[i])
+        try:
+            data = self.catalog.read_image_bytes(self.refs[row])
+        except FileNotFoundError:
+            return row, None, STATUS_MISSING_IMAGE
+        try:
+            with warnings.catch_warnings():
+                # PIL only warns between its pixel limit and twice it, and decodes: gigabytes for one item
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(io.BytesIO(data)) as image:
+                    pixels = self.transform(image.convert("RGB"))  # (3, H, W)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            return row, None, STATUS_IMAGE_TOO_LARGE
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+            return row, None, STATUS_UNREADABLE_IMAGE
+        return row, pixels, STATUS_OK
+
+
+def collate_images(batch):
+    """A DataLoader batch of ImageRows items -> (rows (n,) int64, images (n_ok, 3, H, W) or None, status (n,) int8)."""
+    rows = np.array([row for row, _, _ in batch], dtype=np.int64)
+    status = np.array([code for _, _, code in batch], dtype=np.int8)
+    ok = [pixels for _, pixels, code in batch if code == STATUS_OK]
+    images = torch.stack(ok) if ok else None  # (n_ok, 3, H, W)
+    return rows, images, status

@@ -1,0 +1,132 @@
+"""The sweep's grid: which cells (strategy x backbone pair x fusion operator, + unimodal baselines) a store allows.
+
+Defaults come from the registries, never from lists written here: every registered fusion operator, every
+strategy whose features the store holds, every (image source, text source) pair it holds. A store may hold
+several backbones per modality (`embed extract --add`) and several fine-tuned modules; each pair of sources is
+one more grid dimension. Cells of a sweep with one pair keep their plain names ("2A-concat"); with several, the
+pair is part of the name ("2A-concat@efficientnet_lite0+all-MiniLM-L6-v2") and of the head's folder.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+from heads.end_to_end import END_TO_END
+from heads.fusion import list_fusions
+from heads.inputs import MODULE_HINT, POOLED_HINT, inputs_for, inputs_with_shared_rows
+from heads.models import BASELINES, MULTIMODAL_STRATEGIES, STRATEGY_LAYER
+
+CACHED_STRATEGIES = MULTIMODAL_STRATEGIES + BASELINES
+
+
+@dataclass(frozen=True)
+class Cell:
+    strategy: str
+    fusion: str | None
+    feature_sets: tuple[str, ...]   # what the head reads, image first: 2 sets, or 1 for a baseline
+    row_sets: tuple[str, ...]       # the sets whose ok rows it trains on (a baseline shares 2-A's rows)
+    pair: tuple[str | None, str | None]   # (image source, text source); a baseline has one of them
+    named_pair: bool = False        # the sweep holds several pairs: put the pair in the cell's name
+
+    @property
+    def base_name(self) -> str:
+        return self.strategy if self.fusion is None else f"{self.strategy}-{self.fusion}"
+
+    @property
+    def pair_name(self) -> str:
+        return "+".join(s for s in self.pair if s)
+
+    @property
+    def name(self) -> str:
+        return f"{self.base_name}@{self.pair_name}" if self.named_pair else self.base_name
+
+
+def sources(store, modality: str, layer: str, chosen: tuple[str, ...] = ()) -> list[str]:
+    """The store's sources of `modality` with a `layer` feature set, filtered by `chosen` (a source name, or
+    the backbone named in a set's provenance, so `--image-source efficientnet_lite0` also picks that backbone's
+    fine-tuned modules), in sorted order."""
+    found = []
+    for info in store.feature_sets.values():
+        if info.modality != modality or info.layer != layer:
+            continue
+        if chosen and info.source not in chosen and info.provenance.get("backbone") not in chosen:
+            continue
+        found.append(info.source)
+    return sorted(set(found))
+
+
+def _check_chosen(store, modality: str, chosen: tuple[str, ...]) -> None:
+    held = sorted({i.source for i in store.feature_sets.values() if i.modality == modality})
+    backbones = {i.provenance.get("backbone") for i in store.feature_sets.values() if i.modality == modality}
+    unknown = [c for c in chosen if c not in held and c not in backbones]
+    if unknown:
+        raise ValueError(f"--{modality}-source {', '.join(unknown)}: {store.path} holds no such {modality} source "
+                         f"(it holds {', '.join(held) or 'none'})")
+
+
+def strategy_pairs(store, strategy: str, image_sources=(), text_sources=()) -> list[tuple[str | None, str | None]]:
+    """Every (image source, text source) pair the store holds for a strategy's layer; [] if none."""
+    layer = STRATEGY_LAYER[strategy]
+    image = sources(store, "image", layer, tuple(image_sources))
+    text = sources(store, "text", layer, tuple(text_sources))
+    if strategy == "image":
+        return [(s, None) for s in image]
+    if strategy == "text":
+        return [(None, s) for s in text]
+    return list(itertools.product(image, text))
+
+
+def missing_message(store, strategy: str) -> str:
+    layer = STRATEGY_LAYER[strategy]
+    hint = MODULE_HINT if layer in ("dense", "classifier") else POOLED_HINT
+    modalities = ("image", "text") if strategy not in BASELINES else (strategy,)
+    lacking = [m for m in modalities if not sources(store, m, layer)] or list(modalities)
+    needs = " and ".join(f"{m} '{layer}'" for m in lacking)
+    return (f"strategy {strategy} needs {needs} features, which {store.path} lacks (it holds "
+            f"{', '.join(sorted(store.feature_sets)) or 'nothing'}); {hint}")
+
+
+def build_grid(store, *, strategies: tuple[str, ...] | None, fusions: tuple[str, ...] | None, baselines: bool,
+               image_sources: tuple[str, ...] = (), text_sources: tuple[str, ...] = ()
+               ) -> tuple[list[Cell], list[str]]:
+    """(cells in grid order, notes on strategies skipped). `strategies=None`: every cached strategy the store's
+    features allow, each skipped one named in a note with the command that enables it; named strategies the
+    store cannot serve are refused (ValueError). `fusions=None`: every registered operator."""
+    _check_chosen(store, "image", tuple(image_sources))
+    _check_chosen(store, "text", tuple(text_sources))
+    fusions = tuple(list_fusions()) if fusions is None else tuple(fusions)
+    explicit = strategies is not None
+    wanted = [s for s in (strategies if explicit else MULTIMODAL_STRATEGIES) if s not in END_TO_END]
+    if baselines or not explicit:
+        wanted += [b for b in BASELINES if b not in wanted and (baselines or b in (strategies or ()))]
+    notes, plan = [], []
+    for strategy in wanted:
+        pairs = strategy_pairs(store, strategy, image_sources, text_sources)
+        if not pairs:
+            if explicit and strategy in strategies:
+                raise ValueError(missing_message(store, strategy))
+            notes.append(f"skipped {strategy}: {missing_message(store, strategy)}")
+            continue
+        plan.append((strategy, pairs))
+    named = any(len(pairs) > 1 for _, pairs in plan)   # several backbones (or modules) of one kind
+    cells = []
+    for strategy, pairs in plan:
+        for image, text in pairs:
+            if strategy in BASELINES:
+                cells.append(_baseline_cell(store, strategy, image or text, named))
+                continue
+            names = inputs_for(store, strategy, image, text)   # checks that the pair can be fused
+            for fusion in fusions:
+                cells.append(Cell(strategy, fusion, tuple(names), tuple(names), (image, text), named))
+    return cells, notes
+
+
+def _baseline_cell(store, strategy: str, source: str, named: bool) -> Cell:
+    """A unimodal head reads one pooled set, on the rows 2-A uses: those ok in the other modality's first
+    pooled source too, when the store has one (so baselines and 2-A are scored on the same test items)."""
+    other = "text" if strategy == "image" else "image"
+    partners = sources(store, other, "pooled")
+    pair = (source, None) if strategy == "image" else (None, source)
+    named_sources = {strategy: source, other: partners[0] if partners else None}
+    rows = inputs_with_shared_rows(store, strategy, named_sources["image"], named_sources["text"])
+    return Cell(strategy, None, (f"{strategy}/{source}/pooled",), tuple(rows), pair, named)

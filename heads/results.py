@@ -1,0 +1,174 @@
+"""The results folder of `heads sweep`: every read and write of RESULTS/runs.jsonl goes through here.
+
+- One writer at a time: a sweep holds an exclusive flock on RESULTS/.runs.lock for its whole run, so two sweeps
+  into one folder cannot both train the same runs and append them twice (which inflated the report's
+  statistics over seeds). The second refuses in one line naming the folder and the holder's pid, or waits up
+  to `wait_seconds` for it.
+- Appends are whole lines in one write, then fsync. A kill (or a full disk) mid-write can still leave a torn
+  final line: readers leave it out with a warning naming file:line, and the next append repairs it (drops the
+  torn part, or ends a complete row with its newline) before writing. Any other bad line is an error naming
+  file:line, since a row in the middle cannot have been torn by a kill.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Iterable
+
+from embedstore.store import DataWarning
+
+RUNS_FILE = "runs.jsonl"
+LOCK_FILE = ".runs.lock"
+
+
+def runs_path(out_dir: str | os.PathLike) -> Path:
+    return Path(out_dir) / RUNS_FILE
+
+
+# ----------------------------------------------------------------------------------------------- the lock
+
+
+class ResultsLock:
+    """An exclusive lock on a results folder (context manager). `wait_seconds` 0 refuses at once."""
+
+    def __init__(self, out_dir: str | os.PathLike, *, wait_seconds: float = 0.0, poll_seconds: float = 0.2):
+        self.out_dir = Path(out_dir)
+        self.path = self.out_dir / LOCK_FILE
+        self.wait_seconds, self.poll_seconds = wait_seconds, poll_seconds
+        self._descriptor: int | None = None
+
+    def acquire(self) -> "ResultsLock":
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        deadline = time.monotonic() + self.wait_seconds
+        while True:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = _holder(descriptor)
+                    os.close(descriptor)
+                    raise ValueError(f"another `heads sweep` ({holder}) is writing to {self.out_dir}; one sweep per "
+                                     "results folder at a time: wait for it to finish or use another --out") from None
+                time.sleep(self.poll_seconds)
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)  # who holds it, for the refusal message
+        self._descriptor = descriptor
+        return self
+
+    def release(self) -> None:
+        if self._descriptor is not None:
+            os.close(self._descriptor)  # closing the descriptor releases the flock
+            self._descriptor = None
+
+    def __enter__(self) -> "ResultsLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _holder(descriptor: int) -> str:
+    text = os.pread(descriptor, 32, 0).decode("ascii", "replace").strip()
+    if not text.isdigit():
+        return "pid unknown"
+    pid = int(text)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:  # it died; a child it forked may still hold the lock for a moment
+        return f"pid {pid}, which has exited: retry in a few seconds"
+    except PermissionError:
+        pass
+    return f"pid {pid}"
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def read_runs(out_dir: str | os.PathLike) -> list[dict]:
+    """The rows of RESULTS/runs.jsonl ([] when there is none). A torn final line is left out with a warning;
+    any other line that is not a JSON object is a ValueError naming file:line."""
+    path = runs_path(out_dir)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    rows = []
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        torn = number == len(lines) and not data.endswith(b"\n")  # the last line, without its newline
+        try:
+            row = json.loads(raw.decode("utf-8"))
+            problem = None if isinstance(row, dict) and "run_key" in row else "a JSON value but not a result row"
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            problem = f"not a JSON row ({getattr(error, 'msg', None) or error.reason})"
+        if problem is None:
+            rows.append(row)
+        elif torn:
+            warnings.warn(f"{path}:{number}: torn final line (a sweep killed mid-write) left out; its run is "
+                          "trained again and the line is repaired on the next append", DataWarning, stacklevel=2)
+        else:
+            raise ValueError(f"{path}:{number}: {problem}; fix or delete that line (other rows are kept)")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------- appending
+
+
+def append_rows(out_dir: str | os.PathLike, rows: Iterable[dict]) -> None:
+    """Append whole rows in one write + fsync, first repairing a torn final line. Call it holding the lock."""
+    lines = "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows).encode("utf-8")
+    if not lines:
+        return
+    path = runs_path(out_dir)
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o666)
+    try:
+        _repair_torn_tail(descriptor)
+        written = 0
+        while written < len(lines):  # a regular file takes it in one write; loop only for the odd short write
+            written += os.write(descriptor, lines[written:])
+        os.fsync(descriptor)
+    except OSError as error:
+        if error.filename is None:
+            raise OSError(error.errno or errno.EIO, error.strerror or str(error), str(path)) from None
+        raise
+    finally:
+        os.close(descriptor)
+
+
+def _repair_torn_tail(descriptor: int) -> None:
+    size = os.fstat(descriptor).st_size
+    if size == 0 or os.pread(descriptor, 1, size - 1) == b"\n":
+        return
+    # find the start of the final line: the byte after the last newline
+    start, step = size, 1 << 16
+    while start > 0:
+        begin = max(0, start - step)
+        block = os.pread(descriptor, start - begin, begin)
+        newline = block.rfind(b"\n")
+        if newline >= 0:
+            start = begin + newline + 1
+            break
+        start = begin
+    tail = os.pread(descriptor, size - start, start)
+    try:
+        complete = isinstance(json.loads(tail.decode("utf-8")), dict)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        complete = False
+    if complete:
+        os.write(descriptor, b"\n")  # a whole row that only lost its newline
+    else:
+        os.ftruncate(descriptor, start)  # the torn part of a row that was never whole
+
+
+def resolve_store_path(recorded: str, out_dir: str | os.PathLike) -> Path:
+    """A row's (or saved head's) store path: relative to the results folder, or absolute in older rows."""
+    path = Path(recorded)
+    return path if path.is_absolute() else Path(out_dir) / path

@@ -1,0 +1,47 @@
+"""README.md's "In a notebook" lines, run exactly as written on a small generated store (the README cannot drift)."""
+import contextlib
+import io
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from embedstore.store import write_store_from_arrays
+from heads import FusionHead
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def notebook_lines() -> list[str]:
+    section = README.read_text().split("## In a notebook", 1)[1].split("\n## ", 1)[0]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1).strip().splitlines()
+
+
+def test_the_notebook_path_is_at_most_six_lines():
+    lines = notebook_lines()
+    assert 0 < len(lines) <= 6 and "FusionHead" in "".join(lines)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_the_readme_lines_run(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    n, classes = 240, ["bag", "shirt", "watch"]
+    y = np.arange(n) % 3
+    split = np.array(["train"] * 160 + ["val"] * 40 + ["test"] * 40)
+    store = tmp_path / "runs" / "real" / "store.h5"
+    store.parent.mkdir(parents=True)
+    write_store_from_arrays(store, ids=[str(i) for i in range(n)], labels=y, splits=split, classes=classes,
+                            features={"image/tiny-img/pooled": (rng.normal(size=(3, 24))[y] * 2
+                                                                + rng.normal(size=(n, 24)), {}),
+                                      "text/tiny-txt/pooled": (rng.normal(size=(3, 16))[y] * 2
+                                                               + rng.normal(size=(n, 16)), {})},
+                            manifest_sha256="readme")
+    monkeypatch.chdir(tmp_path)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec("\n".join(notebook_lines()), {})
+    score = float(printed.getvalue().split()[0])
+    assert score > 0.8  # chance is 1/3
+    head = FusionHead.from_pretrained(tmp_path / "runs" / "real" / "my-head")
+    assert list(head.classes_) == classes and head.config_.cell == "2A-concat"

@@ -1,0 +1,162 @@
+"""The sweep's grid and where it trains: defaults from the registries, backbone pairs, strategies the store
+allows, `--jobs N` and torchrun ranks giving the rows of one process."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from embedstore.store import FeatureStore, write_store_from_arrays
+from heads.fusion import Fusion, _FUSIONS, list_fusions, register_fusion
+from heads.grid import build_grid
+from heads.report import write_report
+from heads.sweep import SweepSettings, read_runs, run_sweep
+from heads.train import TrainSettings
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+REPO = Path(__file__).resolve().parents[1]
+C = 4
+FAST = TrainSettings(batch_size=32, max_epochs=4, patience=2, lr=3e-3)
+
+
+def make_store(path, *, image_sources=("img-a",), text_sources=("txt-a",), modules=False, n=160, seed=0):
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % C
+    split = np.array(["train"] * (n // 2) + ["val"] * (n // 4) + ["test"] * (n // 4))
+
+    def feats(dim):
+        return rng.normal(size=(C, dim))[y] * 2 + rng.normal(size=(n, dim))
+
+    features = {f"image/{s}/pooled": (feats(12), {"backbone": s, "parameters": 10}) for s in image_sources}
+    features.update({f"text/{s}/pooled": (feats(8), {"backbone": s}) for s in text_sources})
+    if modules:
+        features.update({"image/module-i/dense": (feats(6), {"backbone": image_sources[0]}),
+                         "text/module-t/dense": (feats(6), {"backbone": text_sources[0]})})
+    return write_store_from_arrays(path, ids=[f"i{k}" for k in range(n)], labels=y, splits=split,
+                                   classes=[f"c{k}" for k in range(C)], features=features, manifest_sha256="m")
+
+
+def metrics(rows):
+    return {r["run_key"]: (r["cell"], r["seed"], r["test_accuracy"], r["test_macro_f1"], r["best_val_accuracy"],
+                           r["best_epoch"], r["epochs_run"]) for r in rows}
+
+
+def test_default_sweep_takes_what_the_store_allows_and_says_what_it_skipped(tmp_path):
+    store = make_store(tmp_path / "s.h5")   # pooled features only: 2A, 2B and the baselines
+    logged = []
+    summary = run_sweep(store, tmp_path / "r", SweepSettings(seeds=(0,), train=FAST, jobs=1, progress=False),
+                        log=logged.append)
+    strategies = {r["strategy"] for r in read_runs(tmp_path / "r")}
+    assert strategies == {"2A", "2B", "image", "text"}
+    assert any("skipped 1A" in line and "--image-module DIR" in line for line in logged)
+    assert any("skipped 1B" in line for line in summary["notes"])
+    fusions = {r["fusion"] for r in read_runs(tmp_path / "r") if r["strategy"] == "2A"}
+    assert fusions == set(list_fusions())
+
+
+def test_a_newly_registered_operator_is_swept_and_reported(tmp_path):
+    @register_fusion("maximum")
+    class MaximumFusion(Fusion):
+        def forward(self, params, a, b):
+            return torch.maximum(a, b)
+    try:
+        store = make_store(tmp_path / "s.h5")
+        run_sweep(store, tmp_path / "r", SweepSettings(strategies=("2A",), seeds=(0,), train=FAST, jobs=1,
+                                                       baselines=False, progress=False), log=lambda _: None)
+        assert "2A-maximum" in {r["cell"] for r in read_runs(tmp_path / "r")}
+        write_report(tmp_path / "r", tmp_path / "rep")
+        assert "maximum" in (tmp_path / "rep" / "report.md").read_text()
+    finally:
+        del _FUSIONS["maximum"]
+
+
+def test_every_backbone_pair_is_a_grid_dimension_and_sources_can_be_chosen(tmp_path):
+    store = make_store(tmp_path / "s.h5", image_sources=("img-a", "img-b"), text_sources=("txt-a", "txt-b"))
+    with FeatureStore(store) as s:
+        cells, _ = build_grid(s, strategies=("2A",), fusions=("concat",), baselines=True)
+        assert [c.name for c in cells] == ["2A-concat@img-a+txt-a", "2A-concat@img-a+txt-b", "2A-concat@img-b+txt-a",
+                                           "2A-concat@img-b+txt-b", "image@img-a", "image@img-b", "text@txt-a",
+                                           "text@txt-b"]
+        chosen, _ = build_grid(s, strategies=("2A",), fusions=("concat",), baselines=False,
+                               image_sources=("img-b",), text_sources=("txt-a", "txt-b"))
+        assert [c.name for c in chosen] == ["2A-concat@img-b+txt-a", "2A-concat@img-b+txt-b"]
+        with pytest.raises(ValueError, match="--image-source nope.*img-a, img-b"):
+            build_grid(s, strategies=None, fusions=None, baselines=True, image_sources=("nope",))
+    run_sweep(store, tmp_path / "r", SweepSettings(strategies=("2A",), fusions=("add",), seeds=(0,), train=FAST,
+                                                   jobs=1, progress=False), log=lambda _: None)
+    rows = read_runs(tmp_path / "r")
+    assert {(r["image_source"], r["text_source"]) for r in rows if r["strategy"] == "2A"} == \
+        {(i, t) for i in ("img-a", "img-b") for t in ("txt-a", "txt-b")}
+    assert (tmp_path / "r" / "heads" / "img-b+txt-a" / "2A-add" / "config.json").exists()
+    write_report(tmp_path / "r", tmp_path / "rep")
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "By backbone pair" in md and "img-b+txt-a" in md
+
+
+def test_jobs_2_gives_exactly_the_rows_of_jobs_1(tmp_path):
+    store = make_store(tmp_path / "s.h5", modules=True)
+    settings = dict(fusions=("add", "concat", "gated"), seeds=(0, 1), train=FAST, progress=False)
+    one = run_sweep(store, tmp_path / "one", SweepSettings(jobs=1, **settings), log=lambda _: None)
+    two = run_sweep(store, tmp_path / "two", SweepSettings(jobs=2, **settings), log=lambda _: None)
+    assert one["trained"] == two["trained"] > 10 and two["jobs"] == 2
+    assert metrics(read_runs(tmp_path / "one")) == metrics(read_runs(tmp_path / "two"))
+    for cell in ("2A-gated", "1A-concat", "text"):
+        a = json.loads((tmp_path / "one" / "heads" / cell / "config.json").read_text())
+        b = json.loads((tmp_path / "two" / "heads" / cell / "config.json").read_text())
+        assert a["run_key"] == b["run_key"] and a["best_val_accuracy"] == b["best_val_accuracy"]
+
+
+def test_torchrun_two_ranks_give_the_rows_of_one_process(tmp_path):
+    store = make_store(tmp_path / "s.h5", modules=True)
+    args = ["sweep", str(store), "--fusions", "add,gated", "--seeds", "0,1", "--max-epochs", "4", "--patience", "2",
+            "--batch-size", "32", "--lr", "0.003", "--jobs", "1", "--no-progress", "--device", "cpu"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "cli.heads"] + args + ["--out", str(tmp_path / "one")], env=env,
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                          "-m", "cli.heads"] + args + ["--out", str(tmp_path / "two")], env=env, cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    rows_one, rows_two = read_runs(tmp_path / "one"), read_runs(tmp_path / "two")
+    assert len(rows_one) == len(rows_two) == (3 * 2 + 2) * 2   # 1A, 2A, 2B x 2 operators + 2 baselines
+    assert metrics(rows_one) == metrics(rows_two)
+    assert "2 rank(s)" in two.stdout
+
+
+def test_a_worker_killed_with_sigkill_is_one_line_and_the_finished_cells_are_kept(tmp_path):
+    """kill -9 of a worker mid-sweep gives one OSError line; the cells recorded before it stay, and a rerun
+    finishes exactly the rest."""
+    import multiprocessing
+    import signal
+    import threading
+    import time
+
+    store = make_store(tmp_path / "s.h5", n=240)
+    slow = TrainSettings(batch_size=8, max_epochs=10, patience=10, lr=1e-3)   # a second or so per cell
+    settings = dict(strategies=("2A",), fusions=("add", "product", "concat", "gated"), seeds=(0,), train=slow,
+                    baselines=False, progress=False)
+
+    def kill_a_worker_after_the_first_row():
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            children = multiprocessing.active_children()
+            if children and (tmp_path / "r" / "runs.jsonl").exists():
+                os.kill(children[0].pid, signal.SIGKILL)
+                return
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_a_worker_after_the_first_row)
+    killer.start()
+    with pytest.raises(OSError, match="worker process died"):
+        run_sweep(store, tmp_path / "r", SweepSettings(jobs=2, **settings), log=lambda _: None)
+    killer.join()
+    kept = len(read_runs(tmp_path / "r"))
+    assert 1 <= kept < 4
+    rest = run_sweep(store, tmp_path / "r", SweepSettings(jobs=1, **settings), log=lambda _: None)
+    assert rest["trained"] == 4 - kept and rest["skipped"] == kept and len(read_runs(tmp_path / "r")) == 4
