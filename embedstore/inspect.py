@@ -27,11 +27,14 @@ def describe_store(path: str | Path) -> list[str]:
             p = info.provenance
             skipped = {k: v for k, v in info.counts.items() if k.startswith("skipped") and v}
             state = "complete" if info.complete else f"INCOMPLETE ({info.counts.get('pending', '?')} rows pending)"
+            layout = (f"chunks of {p['chunk_rows']} rows" if p.get("chunk_rows") else
+                      "contiguous (written before row chunking; streamed in row blocks)")
             if bad := store.non_finite_rows(name):  # values edited or written by an older version: say so
                 damaged += 1
                 state = f"DAMAGED: {bad} rows marked ok hold NaN or inf (readers leave them out)"
             lines += [
                 f"feature set {name}: ({len(store.ids)}, {info.dim}) {info.dtype}, {state}",
+                f"    layout {layout}",
                 f"    backbone {p.get('backbone')}  weights {p.get('weights_id')}  parameters {p.get('parameters', '?'):,}"
                 if isinstance(p.get("parameters"), int) else
                 f"    backbone {p.get('backbone')}  weights {p.get('weights_id')}",

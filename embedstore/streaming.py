@@ -3,14 +3,21 @@
 Reads are chunk-aligned: the store's rows are cut into blocks of `block` rows (the widest chunk of the named
 sets; chunks are powers of two, so every set's chunk boundaries fall on block boundaries), and a block is read as
 one contiguous slice per set: the span from its first to its last row of the split. A training epoch visits the
-split's blocks in a shuffled order and shuffles the rows within each block (one numpy Generator per epoch, seeded
-from (seed, epoch)); batches are then cut from that stream, across block boundaries, so every batch but the
-last is full. This is not a full permutation: rows of one block stay together within an epoch (a batch holds
-rows of one or two blocks), and since the manifest stores items class by class, a batch tends to hold few
-classes. Validation and test are one sequential pass in chunks.
+split's blocks in a shuffled order; every `window_blocks` consecutive blocks of that order (plus the few rows
+the previous window left over) are pooled and permuted, which also shuffles each block, and batches are cut from
+the permuted window (all full but the last). The generators are seeded from (seed, epoch).
+
+This is not a full permutation: a batch draws its rows from one window of blocks (8k-65k rows), not from
+the whole split, and the rows of one block reach the model within one window. The window is what makes it
+work: the manifest stores items class by class, so one block usually holds one class, and batches cut from one
+block at a time (measured: 72 % test accuracy after one epoch against 100 % in memory on a 100k-row synthetic
+store) would each see a single class. Validation and test are one sequential pass in chunks.
 
 A background thread reads blocks into a bounded queue while the caller trains, so reading overlaps compute and
-memory stays bounded: at most `queue_blocks` blocks waiting, one being read and one being consumed.
+memory stays bounded: at most `queue_blocks` blocks waiting, one being read, and one window being consumed.
+Both sizes come from the memory budget (1/WINDOW_SHARE and 1/QUEUE_SHARE of it, within their bounds), and a
+window is held once: its blocks are released as soon as they are joined, and the joined window before the next
+one is gathered.
 """
 from __future__ import annotations
 
@@ -28,8 +35,13 @@ from embedstore.chunks import block_rows
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-READ_AHEAD_SHARE = 8      # the queue of blocks read ahead may hold 1/8 of the memory budget
-QUEUE_BLOCKS = (2, 64)    # ... but at least 2 blocks (reading overlaps compute) and at most 64
+# The shuffle window may hold 1/8 of the memory budget, at least 16 blocks (~55 MB for 1664 float32 features: a
+# window of 2 blocks of a class-by-class store held ~2 classes, and one epoch reached 30 % test accuracy against
+# 100 % in memory) and at most 64.
+WINDOW_SHARE, WINDOW_BLOCKS = 8, (16, 64)
+# The queue of blocks read ahead only has to hide reading behind compute (a 3.4 MB block reads in ~1 ms from the
+# page cache and trains in ~0.1 s): 1/32 of the budget, 2-16 blocks.
+QUEUE_SHARE, QUEUE_BLOCKS = 32, (2, 16)
 IN_MEMORY_FACTOR = 2      # the in-memory path holds the loaded matrix and its per-split copies at once
 
 
@@ -83,9 +95,11 @@ def fits_in_memory(store, names: Iterable[str], n_rows: int, budget: int) -> boo
     return in_memory_bytes(store, list(names), n_rows) <= budget
 
 
-def queue_blocks_for(budget: int, block_bytes: int) -> int:
-    low, high = QUEUE_BLOCKS
-    return int(min(high, max(low, budget // (READ_AHEAD_SHARE * max(1, block_bytes)))))
+def queue_blocks_for(budget: int, block_bytes: int, share: int = QUEUE_SHARE,
+                     bounds: tuple[int, int] = QUEUE_BLOCKS) -> int:
+    """Blocks in budget / share, within bounds."""
+    low, high = bounds
+    return int(min(high, max(low, budget // (share * max(1, block_bytes)))))
 
 
 _END = object()
@@ -99,7 +113,7 @@ class RowStream:
     """
 
     def __init__(self, store, names: list[str], rows: np.ndarray, *, budget: int | None = None,
-                 queue_blocks: int | None = None):
+                 queue_blocks: int | None = None, window_blocks: int | None = None):
         self.names = list(names)
         self.datasets = [store.dataset(name) for name in self.names]
         self.rows = np.asarray(rows, dtype=np.int64)
@@ -112,10 +126,10 @@ class RowStream:
         # the blocks holding rows of this split, as [first, stop) positions in self.rows
         self.blocks = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
         self.block_bytes = self.block * sum(d.shape[1] * d.dtype.itemsize for d in self.datasets)
-        if queue_blocks is None:
-            queue_blocks = queue_blocks_for(budget if budget is not None else default_memory_budget(),
-                                            self.block_bytes)
-        self.queue_blocks = int(queue_blocks)
+        budget = budget if budget is not None else default_memory_budget()
+        self.queue_blocks = int(queue_blocks or queue_blocks_for(budget, self.block_bytes))
+        self.window_blocks = int(window_blocks or queue_blocks_for(budget, self.block_bytes, WINDOW_SHARE,
+                                                                   WINDOW_BLOCKS))
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -137,17 +151,18 @@ class RowStream:
     # ------------------------------------------------------------------------------------------- batches
     def shuffled_batches(self, batch_size: int, *, seed: int, epoch: int
                          ) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
-        """One training epoch: blocks in a shuffled order, rows shuffled within each block, cut into batches."""
-        rng = np.random.default_rng([int(seed), int(epoch)])
-        order = rng.permutation(len(self.blocks))
-        return _rebatch(self._read_in_background(order, rng), batch_size)
+        """One training epoch: blocks in a shuffled order, rows permuted within windows of blocks, batches."""
+        order_rng, window_rng = (np.random.default_rng(s)
+                                 for s in np.random.SeedSequence([int(seed), int(epoch)]).spawn(2))
+        order = order_rng.permutation(len(self.blocks))
+        return _batches(self._read_in_background(order), batch_size, window=self.window_blocks, rng=window_rng)
 
     def sequential_batches(self, chunk: int) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
         """Every row once, in store order, in chunks of `chunk` rows (validation, test)."""
-        return _rebatch(self._read_in_background(np.arange(len(self.blocks)), None), chunk)
+        return _batches(self._read_in_background(np.arange(len(self.blocks))), chunk)
 
-    def _read_in_background(self, order: np.ndarray, rng: np.random.Generator | None):
-        """Blocks in `order` (rows shuffled by `rng` when given), read by a thread into a bounded queue."""
+    def _read_in_background(self, order: np.ndarray):
+        """Blocks in `order`, read by a thread into a bounded queue."""
         blocks: queue.Queue = queue.Queue(maxsize=self.queue_blocks)
         stop = threading.Event()
 
@@ -162,12 +177,8 @@ class RowStream:
 
         def work():
             try:
-                for i in order:   # the generator is used by this thread only: the order is deterministic
-                    xs, y = self.read_block(int(i))
-                    if rng is not None:
-                        perm = rng.permutation(len(y))
-                        xs, y = [x[perm] for x in xs], y[perm]
-                    if not put((xs, y)):
+                for i in order:
+                    if not put(self.read_block(int(i))):
                         return
                 put(_END)
             except BaseException as error:   # re-raised in the consumer, never lost in the thread
@@ -188,25 +199,34 @@ class RowStream:
             thread.join()
 
 
-def _rebatch(blocks: Iterator[tuple[list[np.ndarray], np.ndarray]], size: int
-             ) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
-    """Cut a stream of row blocks into batches of `size` rows (the last may be smaller), upcast to float32."""
+def _batches(blocks: Iterator[tuple[list[np.ndarray], np.ndarray]], size: int, *, window: int = 1,
+             rng: np.random.Generator | None = None) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
+    """Cut a stream of row blocks into batches of `size` rows (only the very last may be smaller), upcast to
+    float32. With `rng`: every `window` blocks (and the rows the previous window left over) are permuted
+    together first; the last window may hold fewer blocks."""
     pieces: list[tuple[list[np.ndarray], np.ndarray]] = []
-    held = 0
+    held = waiting = 0
     for xs, y in blocks:
         pieces.append((xs, y))
-        held += len(y)
-        if held < size:
+        held, waiting = held + len(y), waiting + 1
+        xs = y = None
+        if held < size or (rng is not None and waiting < window):
             continue
-        joined = _join(pieces)
-        n_full = held // size * size
-        for start in range(0, n_full, size):
-            yield _batch(joined, start, start + size)
-        pieces = [([x[n_full:] for x in joined[0]], joined[1][n_full:])] if held > n_full else []
-        held -= n_full
+        pieces = yield from _cut(pieces, held, size, rng, last=False)
+        held, waiting = sum(len(y) for _, y in pieces), 0
     if held:
-        joined = _join(pieces)
-        yield _batch(joined, 0, held)
+        yield from _cut(pieces, held, size, rng, last=True)
+
+
+def _cut(pieces, held: int, size: int, rng, *, last: bool):
+    """Yield the full batches of one window (and, if last, the rest); returns the rows left over, as pieces."""
+    joined = _join(pieces)
+    pieces.clear()   # the blocks are released once joined
+    order = None if rng is None else rng.permutation(held)   # (held,)
+    n_full = held if last else held // size * size
+    for start in range(0, n_full, size):
+        yield _as_batch(_take(joined, order, start, min(start + size, n_full)))
+    return [_take(joined, order, n_full, held)] if held > n_full else []
 
 
 def _join(pieces):
@@ -217,7 +237,16 @@ def _join(pieces):
             np.concatenate([y for _, y in pieces]))
 
 
-def _batch(joined, start: int, stop: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+def _take(joined, order: np.ndarray | None, start: int, stop: int):
+    """Rows start..stop of the joined window, through `order` when given (a gather), else a slice."""
     xs, y = joined
-    return ([torch.from_numpy(np.ascontiguousarray(x[start:stop], dtype=np.float32)) for x in xs],
-            torch.from_numpy(np.ascontiguousarray(y[start:stop])))
+    if order is None:
+        return [x[start:stop] for x in xs], y[start:stop]
+    index = order[start:stop]
+    return [x[index] for x in xs], y[index]
+
+
+def _as_batch(part) -> tuple[list[torch.Tensor], torch.Tensor]:
+    xs, y = part
+    return ([torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)) for x in xs],
+            torch.from_numpy(np.ascontiguousarray(y)))

@@ -99,9 +99,32 @@ def load_head_data(store, names: list[str], *, device: str | torch.device, budge
                   "split_rows": {name: int((data.split == name).sum()) for name in SPLITS}}
         return head_data, {**counts, "data_access": "in memory"}
     head_data = streamed_head_data(store, names, device=device, budget=budget)
+    stream = head_data.train.stream
     log(f"{' + '.join(names)}: {format_size(need)} to hold in memory exceeds the memory budget of "
-        f"{format_size(budget)}; streaming from the store in blocks of {head_data.train.stream.block} rows")
-    return head_data, {**counts, "data_access": "streamed"}
+        f"{format_size(budget)}; streaming from the store in blocks of {stream.block} rows")
+    share, n_classes = window_class_share(stream)
+    if share < MIN_WINDOW_CLASS_SHARE:
+        log(f"warning: a shuffle window of {stream.window_blocks} blocks holds about {share:.0%} of the {n_classes} "
+            "training classes (the store keeps items class by class); streamed heads then learn far worse than in "
+            "memory (measured with 1,000 classes: 0.1 % against 28 % test accuracy after one epoch). Give a larger "
+            "--memory-budget, or extract with --dtype float16 so that the features fit in memory")
+    return head_data, {**counts, "data_access": "streamed", "window_class_share": round(share, 3)}
+
+
+MIN_WINDOW_CLASS_SHARE = 0.5
+
+
+def window_class_share(stream: RowStream) -> tuple[float, int]:
+    """(mean share of the split's classes one shuffle window holds, number of classes), over epoch 1's windows."""
+    per_block = [np.unique(stream.labels[first:stop]) for first, stop in stream.blocks]
+    n_classes = len(np.unique(stream.labels))
+    if not per_block:
+        return 1.0, n_classes
+    order = np.random.default_rng(0).permutation(len(per_block))
+    W = stream.window_blocks
+    shares = [len(np.unique(np.concatenate([per_block[i] for i in order[k:k + W]]))) / n_classes
+              for k in range(0, len(order), W)]
+    return float(np.mean(shares)), n_classes
 
 
 def only_input(split, index: int):

@@ -122,3 +122,27 @@ def test_float16_store_trains_in_memory_and_streamed(tmp_path):
         streamed, _ = load_head_data(store, NAMES, device="cpu", budget=1, log=lambda _: None)
         for data in (memory, streamed):
             assert train_heads(_config(), [0], data, FAST)[0].test_accuracy > 0.9
+
+
+def test_warns_when_a_window_holds_few_classes(tmp_path, monkeypatch):
+    """Class by class with many classes: a 16-block window holds a fraction of them, and says so."""
+    monkeypatch.setattr(chunks, "CHUNK_BYTES", 4 * 24 * 4)   # 4-row blocks
+    classes, per_class = 100, 10
+    y = np.repeat(np.arange(classes), per_class)
+    split = np.tile(["train"] * 6 + ["val"] * 2 + ["test"] * 2, classes)
+    features = {NAMES[0]: (np.random.default_rng(0).normal(size=(len(y), 24)), {}),
+                NAMES[1]: (np.random.default_rng(1).normal(size=(len(y), 16)), {})}
+    write_store_from_arrays(tmp_path / "many.h5", ids=range(len(y)), labels=y, splits=split,
+                            classes=[f"c{i}" for i in range(classes)], features=features)
+    logged = []
+    with FeatureStore(tmp_path / "many.h5") as store:
+        _, counts = load_head_data(store, NAMES, device="cpu", budget=1, log=logged.append)
+    assert counts["window_class_share"] < 0.5
+    assert any(line.startswith("warning: a shuffle window of 16 blocks holds about") for line in logged)
+
+
+def test_no_warning_when_windows_hold_most_classes(store_path):
+    logged = []
+    with FeatureStore(store_path) as store:
+        _, counts = load_head_data(store, NAMES, device="cpu", budget=1, log=logged.append)
+    assert counts["window_class_share"] >= 0.5 and not any("warning" in line for line in logged)

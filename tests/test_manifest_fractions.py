@@ -127,3 +127,17 @@ def test_cli_refuses_bad_combinations(fashion, tmp_path, args, message):
     result = CliRunner().invoke(main, ["prepare", str(fashion.path), "--out", str(tmp_path / "m.json")] + args)
     assert result.exit_code == 2 and message in result.output, result.output
     assert not (tmp_path / "m.json").exists()
+
+
+# ----------------------------------------------------------------------------------------- real catalog
+@pytest.mark.real
+def test_real_catalog_whole():
+    from pathlib import Path
+    real_zip = Path(__file__).resolve().parents[1].parent / "shared/datasets/fashion-product-images-small.zip"
+    if not real_zip.exists():
+        pytest.skip(f"real catalog absent: {real_zip}")
+    manifest = prepare_manifest(open_catalog(real_zip), FractionSettings(fractions=(0.7, 0.1, 0.2), min_items=20))
+    assert len(manifest.classes) == 86 and len(manifest.items) == 43_661
+    assert manifest.split_counts() == {"train": 30_551, "val": 4_368, "test": 8_742}
+    assert manifest.dropped == {"malformed row": 0, "no image": 374, "empty title": 0, "class too small": 411,
+                                "not sampled": 0}

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 import embedstore.chunks as chunks
 from cli.embed import embed
 from embedstore.catalog import open_catalog
+from embedstore.inspect import describe_store
 from embedstore.chunks import block_rows, chunk_rows_for, read_rows
 from embedstore.manifest import SplitSettings, prepare_manifest
 from embedstore.store import FeatureSetWriter, FeatureStore, write_store_from_arrays
@@ -92,6 +93,11 @@ def test_store_written_before_chunking_reads_the_same(tmp_path):
         assert block_rows(new) == chunk_rows_for(40, 4)
     with FeatureStore(tmp_path / "s.h5") as store:
         np.testing.assert_array_equal(store.load(["image/x/pooled"]).features["image/x/pooled"], image)
+    lines = describe_store(tmp_path / "s.h5")
+    layouts = {line.split(":")[0].removeprefix("feature set "): lines[i + 1] for i, line in enumerate(lines)
+               if line.startswith("feature set ")}
+    assert "contiguous (written before row chunking" in layouts["image/x/pooled"]
+    assert f"chunks of {chunk_rows_for(12, 4, N)} rows" in layouts["text/y/pooled"]
 
 
 @pytest.mark.parametrize("contiguous", [False, True])

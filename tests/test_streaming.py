@@ -52,27 +52,52 @@ def test_every_row_once_per_epoch_in_full_batches(store_path):
         batches = list(stream.shuffled_batches(10, seed=0, epoch=1))
         seen = np.concatenate(_rows_of(batches))
         assert sorted(seen) == list(stream.rows)                # every row exactly once
-        assert [len(y) for _, y in batches[:-1]] == [10] * (len(batches) - 1)
+        assert [len(y) for _, y in batches] == [10] * (len(seen) // 10) + [len(seen) % 10] * (len(seen) % 10 > 0)
         for xs, y in batches:                                   # features, labels and sets stay aligned
             rows = xs[0][:, 0].numpy().astype(int)
             assert xs[0].dtype == xs[1].dtype == torch.float32
             assert (xs[1][:, 0].numpy().astype(int) == rows).all() and (y.numpy() == rows % 3).all()
 
 
-def test_order_is_block_shuffled_and_deterministic(store_path):
+def test_order_is_deterministic_per_seed_and_epoch(store_path):
     with FeatureStore(store_path) as store:
-        stream = _train_stream(store)
+        stream = _train_stream(store, window_blocks=4)
         first = np.concatenate(_rows_of(stream.shuffled_batches(10, seed=0, epoch=1)))
         again = np.concatenate(_rows_of(stream.shuffled_batches(10, seed=0, epoch=1)))
         other_epoch = np.concatenate(_rows_of(stream.shuffled_batches(10, seed=0, epoch=2)))
         other_seed = np.concatenate(_rows_of(stream.shuffled_batches(10, seed=1, epoch=1)))
     assert (first == again).all()
     assert not (first == other_epoch).all() and not (first == other_seed).all()
-    blocks = first // 32
+
+
+def test_one_block_window_keeps_blocks_together_in_a_shuffled_order(store_path):
+    with FeatureStore(store_path) as store:
+        # batches of 1: no rows are carried over from one window into the next
+        rows = np.concatenate(_rows_of(_train_stream(store, window_blocks=1).shuffled_batches(1, seed=0, epoch=1)))
+    blocks = rows // 32
     runs = blocks[np.r_[True, blocks[1:] != blocks[:-1]]]
     assert len(runs) == len(set(blocks))                       # each block's rows arrive together
     assert list(runs) != sorted(runs)                          # in a shuffled block order
-    assert not (first == np.sort(first)).all()                 # and shuffled within blocks
+    assert not (rows == np.sort(rows)).all()                   # and shuffled within blocks
+
+
+def test_windows_mix_blocks_within_batches(store_path):
+    with FeatureStore(store_path) as store:
+        stream = _train_stream(store, window_blocks=4)
+        batches = _rows_of(stream.shuffled_batches(10, seed=0, epoch=1))
+    mixed = [len(set(rows // 32)) > 1 for rows in batches]
+    assert sum(mixed) > 0.8 * len(batches)                     # one block per batch would be one class per batch
+    # drawn from one window of 4 blocks, plus < 10 rows carried over from the previous window's 4 blocks
+    assert max(len(set(rows // 32)) for rows in batches) <= 4 + 4
+
+
+@pytest.mark.parametrize("window", [1, 4, 64])   # 64: more than the split's blocks, one window for all
+def test_batch_sizes_for_any_window(store_path, window):
+    with FeatureStore(store_path) as store:
+        stream = _train_stream(store, window_blocks=window)
+        sizes = [len(y) for _, y in stream.shuffled_batches(32, seed=0, epoch=1)]
+        n = len(stream)
+    assert sizes == [32] * (n // 32) + [n % 32] * (n % 32 > 0)
 
 
 def test_sequential_chunks_equal_load(store_path):
@@ -106,7 +131,7 @@ def test_reads_are_chunk_aligned(store_path):
 def test_read_ahead_is_bounded(store_path):
     reads = []
     with FeatureStore(store_path) as store:
-        stream = _train_stream(store, queue_blocks=2)
+        stream = _train_stream(store, queue_blocks=2, window_blocks=1)
         read = stream.read_block
         stream.read_block = lambda i: (reads.append(i), read(i))[1]
         batches = stream.shuffled_batches(1, seed=0, epoch=1)
@@ -158,5 +183,9 @@ def test_budget_decision_and_queue_size(store_path, monkeypatch):
         need = streaming.in_memory_bytes(store, NAMES, 100)
         assert need == 2 * 100 * (16 + 4) * 4                   # float32 rows, times the loading copies
         assert fits_in_memory(store, NAMES, 100, need) and not fits_in_memory(store, NAMES, 100, need - 1)
-    assert queue_blocks_for(10**9, 10**6) == 64 and queue_blocks_for(1, 10**6) == 2
-    assert queue_blocks_for(80 * 10**6, 10**6) == 10
+    assert queue_blocks_for(10**9, 10**6) == 16 and queue_blocks_for(1, 10**6) == 2
+    assert queue_blocks_for(10**9, 10**6, 8, (16, 64)) == 64 and queue_blocks_for(1, 10**6, 8, (16, 64)) == 16
+    with FeatureStore(store_path) as store:
+        tiny = _train_stream(store, budget=1)      # a tiny budget still mixes 16 blocks per window
+        assert (tiny.queue_blocks, tiny.window_blocks) == (2, 16)
+    assert queue_blocks_for(320 * 10**6, 10**6) == 10
