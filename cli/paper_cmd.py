@@ -24,7 +24,7 @@ from cli.common import NON_NEGATIVE, POSITIVE, comma_list, int_list, one_line_er
 @click.option("--train", default=175, type=NON_NEGATIVE, show_default=True, help="Training items per class.")
 @click.option("--val", default=25, type=NON_NEGATIVE, show_default=True, help="Validation items per class.")
 @click.option("--test", default=50, type=NON_NEGATIVE, show_default=True, help="Test items per class.")
-@click.option("--fusions", default="add,average,product,concat,gated", show_default=True)
+@click.option("--fusions", default=None, help="Comma-separated fusion operators [default: every registered one].")
 @click.option("--pair", default="2,3", show_default=True,
               help="Image and text module strategies whose features 1-A/1-B fuse (the paper's best: 2,3).")
 @click.option("--text-s3-epochs", default=3, type=POSITIVE, show_default=True, help="Most epochs of text S3 (the slow step).")
@@ -63,7 +63,7 @@ def paper(catalog, out, image_backbone, text_backbone, image_weights, text_weigh
         text_weights=str(text_weights) if text_weights else None, image_size=image_size,
         seeds=int_list(seeds, "--seeds"), manifest_seeds=int_list(manifest_seeds, "--manifest-seeds"),
         split=SplitSettings(min_items=min_items, items_per_class=items_per_class, train=train, val=val, test=test),
-        fusions=tuple(comma_list(fusions)), pair=pair_strategies, text_s3_epochs=text_s3_epochs,
+        fusions=tuple(comma_list(fusions)) if fusions else None, pair=pair_strategies, text_s3_epochs=text_s3_epochs,
         text_s3_seeds=int_list(text_s3_seeds, "--text-s3-seeds"), image_s3=image_s3, image_s3_epochs=image_s3_epochs,
         image_s3_seeds=int_list(image_s3_seeds, "--image-s3-seeds"), end_to_end=end_to_end,
         end_to_end_fusions=tuple(comma_list(end_to_end_fusions)), end_to_end_epochs=end_to_end_epochs,

@@ -43,7 +43,7 @@ class PaperSettings:
     manifest_seeds: tuple[int, ...] = (0, 1)
     split: SplitSettings = field(default_factory=SplitSettings)  # its seed is replaced by each manifest seed
     catalog_format: str = "auto"
-    fusions: tuple[str, ...] = ("add", "average", "product", "concat", "gated")
+    fusions: tuple[str, ...] | None = None   # None: every registered fusion operator (heads.fusion registry)
     pair: tuple[int, int] = (2, 3)        # (image, text) module strategies whose features 1-A/1-B fuse
     text_s3_epochs: int = 3               # S3 is the slow step: few epochs, one seed by default
     text_s3_seeds: tuple[int, ...] = (0,)
@@ -73,7 +73,8 @@ class PaperSettings:
             values = getattr(self, name)
             if not values or len(set(values)) != len(values) or min(values) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} needs distinct non-negative integers, got {list(values)}")
-        for f in set(self.fusions) | set(self.end_to_end_fusions):
+        fusions = tuple(list_fusions()) if self.fusions is None else tuple(self.fusions)
+        for f in set(fusions) | set(self.end_to_end_fusions):
             if f not in list_fusions():
                 raise ValueError(f"unknown fusion operator {f!r}; registered: {', '.join(list_fusions())}")
         if self.precision not in PRECISIONS:
@@ -88,7 +89,8 @@ class PaperSettings:
                              "S1 modules lack; use strategies 2 or 3, e.g. --pair 2,3")
         if image_pair == 3 and not image_s3:
             raise ValueError("--pair 3,... fuses image S3 modules, but image S3 is off: add --image-s3")
-        return replace(self, image_s3=image_s3, seeds=tuple(self.seeds), manifest_seeds=tuple(self.manifest_seeds))
+        return replace(self, image_s3=image_s3, seeds=tuple(self.seeds), manifest_seeds=tuple(self.manifest_seeds),
+                       fusions=fusions)
 
     def module_seeds(self, modality: str, strategy: int) -> tuple[int, ...]:
         if strategy < 3:
