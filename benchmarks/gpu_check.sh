@@ -62,7 +62,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log output and 
 step tests 200 python -m pytest -q -m "not real" -x -p no:cacheprovider
 step sweep-grid 120 python benchmarks/bench_sweep.py --synthetic --device cuda --compare precision
 if [ -f "$CARRY/subset.zip" ]; then
-    python -m cli.embed prepare "$CARRY/subset.zip" --out "$OUT/manifest.json" --min-items 40 \
+    python -m cli.embed prepare "$CARRY/subset.zip" --out "$OUT/manifest.json" --min-items 50 \
         --items-per-class 50 --train 30 --val 8 --test 12 >>"$LOG" 2>&1
     step extraction 90 python benchmarks/bench_extract.py --catalog "$CARRY/subset.zip" --out "$OUT/extract" \
         --batch-size 256 --workers 12
