@@ -70,8 +70,6 @@ def training_processes(device_name: str | None):
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         yield device, Ranks()
         return
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     created = not dist.is_initialized()
     if created:
         if device.type == "cuda":

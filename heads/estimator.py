@@ -21,6 +21,7 @@ from sklearn.model_selection import train_test_split
 
 from embedstore.model_folder import load_pretrained, save_pretrained
 from heads.models import BASELINES, STRATEGY_MODALITIES, HeadConfig, StackedHead, predict_logits
+from embedstore.defaults import resolve_device
 from heads.train import HeadData, Split, TrainSettings, train_heads
 
 KIND = "fusion-head"
@@ -50,7 +51,6 @@ class FusionHead(ClassifierMixin, BaseEstimator):
 
     def fit(self, X, y, *, eval_set=None) -> "FusionHead":
         """Train on X, y; early stopping on eval_set = (X_val, y_val), or on a held-out part of X, y."""
-        from heads.sweep import resolve_device  # heads.sweep imports this module
 
         modalities = self._modalities()
         inputs = _check_inputs(X, modalities, name="X")

@@ -64,18 +64,10 @@ def streamed_head_data(store, names: list[str], *, device: str | torch.device = 
     from heads.train import HeadData
 
     ok = store.ok_rows(names)
-    split = np.asarray(store.split)[ok]
-    parts = {}
-    for name in SPLITS:
-        rows = ok[split == name]
-        if len(rows) == 0:
-            if name == "test" and not require_test:
-                parts[name] = None
-                continue
-            raise ValueError(f"no {name!r} rows in {store.path}; a head needs train and val splits"
-                             + (" and a test split" if require_test else ""))
-        parts[name] = StreamedSplit(RowStream(store, names, rows, budget=budget), device, order_seed=order_seed)
-    return HeadData(**parts)
+    return HeadData.from_split_rows(
+        ok, np.asarray(store.split)[ok],
+        lambda rows: StreamedSplit(RowStream(store, names, rows, budget=budget), device, order_seed=order_seed),
+        require_test=require_test, where=str(store.path))
 
 
 def load_head_data(store, names: list[str], *, device: str | torch.device, budget: int | None,

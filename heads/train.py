@@ -134,18 +134,28 @@ class HeadData:
     def from_arrays(cls, features: list[np.ndarray], labels: np.ndarray, split: np.ndarray,
                     device: str | torch.device = "cpu", *, require_test: bool = True) -> "HeadData":
         """Move features to tensors on `device` once (float16 stays float16 and is upcast per batch)."""
-        split = np.asarray(split).astype(str)
+        def make(rows):
+            return Split([_as_tensor(np.asarray(f)[rows]).to(device) for f in features],
+                         torch.as_tensor(np.asarray(labels)[rows], dtype=torch.int64).to(device))
+
+        return cls.from_split_rows(np.arange(len(split)), np.asarray(split).astype(str), make,
+                                   require_test=require_test, where="the data")
+
+    @classmethod
+    def from_split_rows(cls, rows: np.ndarray, split: np.ndarray, make, *, require_test: bool = True,
+                        where: str = "the data") -> "HeadData":
+        """One split per name in SPLITS from `make(rows of that split)`; rows (n,) with their split names (n,).
+        Train and val must have rows; test too unless `require_test` is False (then an empty test is None)."""
         parts = {}
         for name in SPLITS:
-            rows = np.flatnonzero(split == name)
-            if len(rows) == 0:
+            mine = rows[split == name]
+            if len(mine) == 0:
                 if name == "test" and not require_test:
                     parts[name] = None
                     continue
-                raise ValueError(f"no {name!r} rows in the data; a head needs train and val splits"
+                raise ValueError(f"no {name!r} rows in {where}; a head needs train and val splits"
                                  + (" and a test split" if require_test else ""))
-            parts[name] = Split([_as_tensor(np.asarray(f)[rows]).to(device) for f in features],
-                                torch.as_tensor(np.asarray(labels)[rows], dtype=torch.int64).to(device))
+            parts[name] = make(mine)
         return cls(**parts)
 
 
