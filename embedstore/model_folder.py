@@ -19,6 +19,7 @@ import errno
 import json
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -54,10 +55,7 @@ def save_pretrained(folder: str | os.PathLike, tensors: dict[str, torch.Tensor],
         for name, text in (extra_files or {}).items():
             (temp / name).write_text(text)
         written = {WEIGHTS_FILE, CONFIG_FILE, *(extra_files or {})}
-        if folder.is_dir():  # keep what else the folder holds (checkpoints, metrics): hard links, no copies
-            for entry in folder.iterdir():
-                if entry.name not in written and not (temp / entry.name).exists():
-                    _link_tree(entry, temp / entry.name)
+        _carry_over(folder, temp, written)
         for path in temp.iterdir():
             _fsync(path)
         _fsync(temp)
@@ -173,6 +171,22 @@ def _jsonable(value):
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
+def _carry_over(folder: Path, temp: Path, written: set[str]) -> None:
+    """Keep what else the folder holds (checkpoints, metrics) as hard links, no copies. A concurrent writer
+    may swap the folder away mid-walk: then what it held lives on in that writer's folder, and an entry
+    that vanished under us is simply not carried."""
+    try:
+        entries = list(folder.iterdir()) if folder.is_dir() else []
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        if entry.name not in written and not (temp / entry.name).exists():
+            try:
+                _link_tree(entry, temp / entry.name)
+            except FileNotFoundError:
+                continue
+
+
 def _link_tree(source: Path, target: Path) -> None:
     if source.is_dir():
         shutil.copytree(source, target, copy_function=os.link)
@@ -208,8 +222,11 @@ def _exchange(a: Path, b: Path) -> bool:
 
 def _swap_in(temp: Path, folder: Path) -> None:
     """Make `temp` be `folder`; the old folder, if any, ends up at `temp` (the caller deletes it)."""
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"{folder} exists and is not a folder; choose another output path")
+    try:  # one stat: `exists() and not is_dir()` races a writer moving the folder aside in between
+        if not stat.S_ISDIR(os.stat(folder).st_mode):
+            raise ValueError(f"{folder} exists and is not a folder; choose another output path")
+    except FileNotFoundError:
+        pass
     if _exchange(temp, folder):
         return
     for _ in range(100):  # no atomic swap: move the old folder aside, then rename; retry if a writer raced us
