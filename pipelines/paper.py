@@ -246,6 +246,7 @@ class _ManifestJob:
             self._sweep_modules(s, modules)
         if self.s.end_to_end:
             self._sweep_end_to_end()
+        self._ensemble()
         return self.entry
 
     def _prepare(self) -> None:
@@ -337,10 +338,13 @@ class _ManifestJob:
     def _sweep_pooled(self) -> None:
         from heads.sweep import SweepSettings
 
-        settings = SweepSettings(strategies=("2A", "2B"), fusions=self.s.fusions, seeds=self.s.seeds, baselines=True,
-                                 device=self.s.device, train=self._train_settings())
-        self._sweep("sweep results/pooled (2-A, 2-B, baselines)", self.store, self.root / "results" / "pooled",
-                    {"store": self.store_digest}, settings)
+        from heads.decision import DECISION_STRATEGIES
+
+        # + the decision-level models (logistic regressions, late fusion, stacking: heads/decision.py)
+        settings = SweepSettings(strategies=("2A", "2B") + DECISION_STRATEGIES, fusions=self.s.fusions,
+                                 seeds=self.s.seeds, baselines=True, device=self.s.device, train=self._train_settings())
+        self._sweep("sweep results/pooled (2-A, 2-B, baselines, LR, LF, ST)", self.store,
+                    self.root / "results" / "pooled", {"store": self.store_digest}, settings)
 
     def _pair_module(self, modality: str, seed: int, modules: dict) -> tuple[Path, str]:
         """The module of the fused pair for head seed `seed`: the same seed where one was trained, else the
@@ -372,10 +376,30 @@ class _ManifestJob:
         inputs = {"store": self.store_digest, "image_module": module_id(image_dir), "text_module": module_id(text_dir)}
         store_digest = run_step(f"module features module-stores/{store.name}", store, inputs, work, self.log)
         self.entry["pairs"][str(seed)] = {"image": str(image_dir), "text": str(text_dir), "store": str(store)}
-        sweep = SweepSettings(strategies=("1A", "1B"), fusions=self.s.fusions, seeds=(seed,), baselines=False,
+        # + LFM: late fusion of the two modules' own classifier outputs (heads/decision.py)
+        sweep = SweepSettings(strategies=("1A", "1B", "LFM"), fusions=self.s.fusions, seeds=(seed,), baselines=False,
                               device=self.s.device, train=self._train_settings())
-        self._sweep(f"sweep results/modules-seed-{seed} (1-A, 1-B)", store,
+        self._sweep(f"sweep results/modules-seed-{seed} (1-A, 1-B, LFM)", store,
                     self.root / "results" / f"modules-seed-{seed}", {"store": store_digest}, sweep)
+
+    def _ensemble(self) -> None:
+        """`heads ensemble` over every results folder of this manifest: the top-k saved models by validation
+        accuracy (k chosen on validation), their probabilities averaged; one row in results/pooled/ensembles.jsonl."""
+        from heads.ensemble import ENSEMBLES_FILE, ensemble
+
+        dirs = [Path(r["dir"]) for r in self.entry["results"]]
+        output = dirs[0] / ENSEMBLES_FILE
+        runs = {str(d.relative_to(self.root)): fingerprint((d / "runs.jsonl").read_text())
+                for d in dirs if (d / "runs.jsonl").exists()}
+
+        def work():
+            row = ensemble(dirs, top_k="auto", log=lambda line: None)
+            self.log(f"ensemble: top {row['k']} of {row['pool']} saved models, validation "
+                     f"{row['val_accuracy']:.4f}, test {row['test_accuracy']:.4f}")
+
+        run_step("ensemble results/pooled/ensembles.jsonl", output, {"runs": runs, "top_k": "auto"}, work, self.log,
+                 resumable=("runs",))  # new runs: a new row beside the old ones (the report reads the newest)
+        self.entry["ensembles"] = str(output)
 
     def _sweep_end_to_end(self) -> None:
         from heads.end_to_end import EndToEndSettings

@@ -36,6 +36,7 @@ def report_inputs(out: str | Path) -> dict:
     plan = json.loads((out / PLAN_FILE).read_text())
     files = [Path(m["dir"]) / "metrics.json" for e in plan["manifests"] for m in e["modules"]]
     files += [Path(r["dir"]) / "runs.jsonl" for e in plan["manifests"] for r in e["results"]]
+    files += [Path(e["ensembles"]) for e in plan["manifests"] if e.get("ensembles")]
     sha = {str(p): hashlib.sha256(p.read_bytes()).hexdigest() if p.exists() else None for p in files}
     return {"plan": hashlib.sha256((out / PLAN_FILE).read_bytes()).hexdigest(), "files": sha,
             "report_version": REPORT_VERSION}
@@ -67,6 +68,15 @@ def collect(plan: dict) -> tuple[list[dict], list[dict]]:
                               "val_accuracy": row["best_val_accuracy"], "train_seconds": row["train_seconds"],
                               "epochs": row["epochs_run"], "trainable": row["trainable_parameters"],
                               "non_trainable": row["non_trainable_parameters"]})
+        if entry.get("ensembles") and Path(entry["ensembles"]).exists():
+            rows = read_runs(Path(entry["ensembles"]).parent, Path(entry["ensembles"]).name)
+            if rows:  # the newest: the ensemble over the runs as they are now
+                row = rows[-1]
+                heads.append({"group": "ensemble", "strategy": "ensemble", "fusion": None,
+                              "manifest_seed": entry["seed"], "seed": None, "results_dir": None,
+                              "test_accuracy": row["test_accuracy"], "test_macro_f1": row["test_macro_f1"],
+                              "val_accuracy": row["val_accuracy"], "train_seconds": row["seconds"], "epochs": 0,
+                              "trainable": 0, "non_trainable": 0})
     return modules, heads
 
 
