@@ -30,7 +30,9 @@ from scipy.special import log_softmax
 from embedstore.metrics import classification_metrics
 from embedstore.model_folder import load_pretrained, save_pretrained
 
-DECISION_STRATEGIES = ("LF", "ST", "LR-concat", "LR-image", "LR-text")
+# in the order a sweep fits them, cheapest first: LR-image / LR-text's fits are shared by LF and ST, and ST's
+# out-of-fold fits (K per modality and seed) come last, so the other rows are written before them
+DECISION_STRATEGIES = ("LR-image", "LR-text", "LF", "LR-concat", "ST")
 MULTIMODAL_DECISION = ("LF", "ST", "LR-concat")
 DECISION_MODALITIES = {"LF": ("image", "text"), "ST": ("image", "text"), "LR-concat": ("image", "text"),
                        "LR-image": ("image",), "LR-text": ("text",)}
@@ -89,7 +91,10 @@ def _as_linear(lr, mean, scale, n_classes: int) -> Linear:
     return Linear(mean, scale, full_coef, full_intercept, float(lr.C), bool(np.all(lr.n_iter_ < lr.max_iter)))
 
 
-def _fit_one(x, y, C: float, n_classes: int, max_iter: int, *, standardize: bool = True) -> Linear:
+def _fit_path(x, y, Cs, n_classes: int, max_iter: int, *, standardize: bool = True) -> list[Linear]:
+    """One regression per C in `Cs`, in increasing C, each warm-started from the previous solution (a
+    regularisation path, as LogisticRegressionCV walks it: the problem is strictly convex, so the start changes the
+    iterations needed, not the optimum). The features are standardised once, on these rows."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
@@ -99,10 +104,18 @@ def _fit_one(x, y, C: float, n_classes: int, max_iter: int, *, standardize: bool
         scale = np.where(scale > 0, scale, 1.0)   # StandardScaler's rule for constant columns
     else:
         mean, scale = np.zeros(x.shape[1]), np.ones(x.shape[1])
-    with warnings.catch_warnings():   # recorded as Linear.converged (and in the row), not printed per fit
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        lr = LogisticRegression(C=C, max_iter=max_iter).fit((x - mean) / scale, y)   # multinomial, lbfgs
-    return _as_linear(lr, mean, scale, n_classes)
+    z = (x - mean) / scale
+    lr, out = LogisticRegression(max_iter=max_iter, warm_start=True), []   # multinomial, lbfgs
+    for C in sorted(Cs):
+        with warnings.catch_warnings():   # recorded as Linear.converged (and in the row), not printed per fit
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            lr.set_params(C=C).fit(z, y)
+        out.append(_as_linear(lr, mean, scale, n_classes))
+    return out
+
+
+def _fit_one(x, y, C: float, n_classes: int, max_iter: int) -> Linear:
+    return _fit_path(x, y, [C], n_classes, max_iter)[0]
 
 
 def _score(log_p: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -113,10 +126,9 @@ def _score(log_p: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 def fit_linear(train: tuple, val: tuple, n_classes: int, settings: LinearSettings, *,
                standardize: bool = True) -> tuple[Linear, float]:
     """The regression of the C in settings.c_grid with the best validation accuracy (ties: lower validation
-    log-loss, then the smaller C), refit on nothing else: (model, its validation accuracy)."""
+    log-loss, then the smaller C): (model, its validation accuracy). Fit on `train` only."""
     best, best_key = None, None
-    for C in settings.c_grid:
-        model = _fit_one(*train, C, n_classes, settings.max_iter, standardize=standardize)
+    for model in _fit_path(*train, settings.c_grid, n_classes, settings.max_iter, standardize=standardize):
         acc, loss = _score(model.log_proba(val[0]), val[1])
         if best_key is None or (acc, -loss) > best_key:
             best, best_key = model, (acc, -loss)

@@ -139,8 +139,8 @@ def decision_cells(store, *, strategies: tuple[str, ...] | None, baselines: bool
     LR-concat per (image, text) pair, LR-image / LR-text per source. `strategies=None`: each one the store allows
     (LR-image / LR-text only with `baselines`), the rest named in a note; a named one it cannot serve: ValueError."""
     explicit = strategies is not None
-    wanted = [s for s in (strategies if explicit else DECISION_STRATEGIES) if s in DECISION_STRATEGIES
-              and (explicit or baselines or len(DECISION_MODALITIES[s]) == 2)]
+    wanted = [s for s in DECISION_STRATEGIES if (s in strategies if explicit else
+                                                  baselines or len(DECISION_MODALITIES[s]) == 2)]   # cheapest first
     image = sources(store, "image", "pooled", tuple(image_sources))
     text = sources(store, "text", "pooled", tuple(text_sources))
     named = len(image) > 1 or len(text) > 1
