@@ -19,8 +19,9 @@ def heads():
               help="Results directory: runs.jsonl and heads/<cell>/ (re-runs skip runs already there).")
 @click.option("--strategies", default=None,
               help="Comma-separated: 1A, 1B (fine-tuned modules' features), 2A, 2B (pooled backbone features); "
-                   "image, text name a unimodal baseline alone; 3A, 3B train end to end on the raw catalog (slow, "
-                   "needs --manifest).  [default: every cached strategy the store's features allow]")
+                   "image, text name a unimodal baseline alone; LF (late fusion), ST (stacking), LR-image, LR-text, "
+                   "LR-concat (logistic regressions) over pooled features; 3A, 3B train end to end on the raw catalog "
+                   "(slow, needs --manifest).  [default: every cached strategy the store's features allow]")
 @click.option("--fusions", default=None,
               help="Comma-separated fusion operators.  [default: every registered operator]")
 @click.option("--image-source", "image_sources", multiple=True,

@@ -1,7 +1,8 @@
 """One convention for every trained artefact: a folder with `model.safetensors` + `config.json`.
 
 config.json = {"format": "embedstore-model", "format_version": 1, "kind": KIND, ...the model's own config}.
-Kinds: "fusion-head" (heads/estimator.py), "module" (embedstore/modules.py), "end-to-end" (heads/end_to_end.py).
+Kinds: "fusion-head" (heads/estimator.py), "module" (embedstore/modules.py), "end-to-end" (heads/end_to_end.py),
+"linear" (heads/decision.py: scikit-learn regressions as arrays).
 
 Writes are atomic for the folder as a whole: everything is written into a temporary folder beside the target,
 fsynced, and swapped in with one rename (renameat2 RENAME_EXCHANGE on Linux), so a reader sees the old folder
@@ -29,7 +30,7 @@ from safetensors.torch import load, save_file
 
 FORMAT, FORMAT_VERSION = "embedstore-model", 1
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
-KINDS = ("fusion-head", "module", "end-to-end")
+KINDS = ("fusion-head", "module", "end-to-end", "linear")
 FORMAT_KEYS = ("format", "format_version", "kind")
 # the formats of folders written before this convention, and the kind each one is
 _LEGACY_FORMATS = {"embedstore-module": "module", "embedstore-end-to-end": "end-to-end"}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
+from heads.decision import DECISION_MODALITIES, DECISION_STRATEGIES
 from heads.end_to_end import END_TO_END
 from heads.fusion import list_fusions
 from heads.inputs import MODULE_HINT, POOLED_HINT, inputs_for, inputs_with_shared_rows
@@ -130,3 +131,36 @@ def _baseline_cell(store, strategy: str, source: str, named: bool) -> Cell:
     named_sources = {strategy: source, other: partners[0] if partners else None}
     rows = inputs_with_shared_rows(store, strategy, named_sources["image"], named_sources["text"])
     return Cell(strategy, None, (f"{strategy}/{source}/pooled",), tuple(rows), pair, named)
+
+
+def decision_cells(store, *, strategies: tuple[str, ...] | None, baselines: bool, image_sources: tuple[str, ...] = (),
+                   text_sources: tuple[str, ...] = ()) -> tuple[list[Cell], list[str]]:
+    """Cells of the scikit-learn models (heads/decision.py) over pooled features, on 2-A's rows: LF, ST and
+    LR-concat per (image, text) pair, LR-image / LR-text per source. `strategies=None`: each one the store allows
+    (LR-image / LR-text only with `baselines`), the rest named in a note; a named one it cannot serve: ValueError."""
+    explicit = strategies is not None
+    wanted = [s for s in DECISION_STRATEGIES if (s in strategies if explicit else
+                                                  baselines or len(DECISION_MODALITIES[s]) == 2)]   # cheapest first
+    image = sources(store, "image", "pooled", tuple(image_sources))
+    text = sources(store, "text", "pooled", tuple(text_sources))
+    named = len(image) > 1 or len(text) > 1
+    cells, notes = [], []
+    for strategy in wanted:
+        modalities = DECISION_MODALITIES[strategy]
+        lacking = [m for m in modalities if not {"image": image, "text": text}[m]]
+        if lacking:
+            message = (f"strategy {strategy} needs {' and '.join(lacking)} 'pooled' features, which {store.path} "
+                       f"lacks (it holds {', '.join(sorted(store.feature_sets)) or 'nothing'}); {POOLED_HINT}")
+            if explicit:
+                raise ValueError(message)
+            notes.append(f"skipped {strategy}: {message}")
+            continue
+        if len(modalities) == 2:
+            for pair in itertools.product(image, text):
+                names = tuple(inputs_with_shared_rows(store, "2A", *pair))
+                cells.append(Cell(strategy, None, names, names, pair, named))
+        else:   # one modality, on the rows of its pair with the other modality's first source (as the baselines)
+            for source in (image if modalities == ("image",) else text):
+                base = _baseline_cell(store, modalities[0], source, named)
+                cells.append(Cell(strategy, None, base.feature_sets, base.row_sets, base.pair, named))
+    return cells, notes

@@ -12,7 +12,14 @@ import numpy as np
 
 from heads.fusion import list_fusions
 from embedstore.fingerprint import fingerprint
+from heads.decision import DECISION_STRATEGIES, MULTIMODAL_DECISION
 from heads.models import BASELINES, MULTIMODAL_STRATEGIES
+
+# every strategy that reads both modalities: candidates for "the best multimodal model" (chosen by validation)
+MULTIMODAL = MULTIMODAL_STRATEGIES + MULTIMODAL_DECISION
+# Table 5-like rows: the heads and the decision-level fusions; Table 7 rows: the unimodal heads and the regressions
+TABLE5 = MULTIMODAL_STRATEGIES + ("LF", "ST")
+LINEAR = tuple(s for s in DECISION_STRATEGIES if s.startswith("LR-"))
 from heads.results import read_runs, runs_path
 
 
@@ -58,15 +65,24 @@ def summarize(rows: list[dict]) -> list[dict]:
             "fusion": rs[0]["fusion"] or "", "seeds": len(rs),
             "accuracy_mean": float(acc.mean()), "accuracy_std": std(acc),
             "macro_f1_mean": float(f1.mean()), "macro_f1_std": std(f1),
-            "best_epoch_mean": float(np.mean([r["best_epoch"] for r in rs])),
-            "epochs_mean": float(np.mean([r["epochs_run"] for r in rs])),
+            "best_epoch_mean": _mean_or_nan([r["best_epoch"] for r in rs]),   # NaN: no epochs (decision models)
+            "epochs_mean": _mean_or_nan([r["epochs_run"] for r in rs]),
+            "val_accuracy_mean": float(np.mean([r["best_val_accuracy"] for r in rs])),
             "train_seconds_mean": float(secs.mean()), "train_seconds_std": std(secs),
             "trainable_parameters": rs[0]["trainable_parameters"],
             "non_trainable_parameters": rs[0]["non_trainable_parameters"],
             "note": "; ".join(notes),
         })
-    order = {s: i for i, s in enumerate(MULTIMODAL_STRATEGIES + BASELINES)}
+    order = {s: i for i, s in enumerate(MULTIMODAL_STRATEGIES + DECISION_STRATEGIES + BASELINES)}
     return sorted(out, key=lambda c: (order.get(c["strategy"], 99), c["fusion"], c["cell"]))
+
+
+def _mean_or_nan(values: list) -> float:
+    return float(np.mean(values)) if all(v is not None for v in values) else float("nan")
+
+
+def _epochs(value: float) -> str:
+    return "" if np.isnan(value) else f"{value:.1f}"
 
 
 def _pm(mean: float, std: float, scale: float = 100.0, digits: int = 2) -> str:
@@ -76,7 +92,7 @@ def _pm(mean: float, std: float, scale: float = 100.0, digits: int = 2) -> str:
 def _best_pair(cells: list[dict]) -> str | None:
     """With several backbone pairs, Tables 5-6 show the pair of the best multimodal cell (by test accuracy
     mean, as the tables themselves rank); the by-pair table compares them all."""
-    multi = [c for c in cells if c["strategy"] in MULTIMODAL_STRATEGIES]
+    multi = [c for c in cells if c["strategy"] in MULTIMODAL]
     if len({c["pair"] for c in multi}) <= 1:
         return None
     return max(multi, key=lambda c: c["accuracy_mean"])["pair"]
@@ -84,8 +100,8 @@ def _best_pair(cells: list[dict]) -> str | None:
 
 def _pair_table(cells: list[dict]) -> tuple[list[str], list[list]]:
     """One row per (image source, text source) pair: each strategy's best operator, and the best of all."""
-    multi = [c for c in cells if c["strategy"] in MULTIMODAL_STRATEGIES]
-    strategies = [s for s in MULTIMODAL_STRATEGIES if any(c["strategy"] == s for c in multi)]
+    multi = [c for c in cells if c["strategy"] in MULTIMODAL]
+    strategies = [s for s in MULTIMODAL if any(c["strategy"] == s for c in multi)]
     rows = []
     for pair in sorted({c["pair"] for c in multi}):
         mine = [c for c in multi if c["pair"] == pair]
@@ -93,40 +109,45 @@ def _pair_table(cells: list[dict]) -> tuple[list[str], list[list]]:
         for s in strategies:
             of_s = [c for c in mine if c["strategy"] == s]
             best = max(of_s, key=lambda c: c["accuracy_mean"]) if of_s else None
-            row.append(f"{_pm(best['accuracy_mean'], best['accuracy_std'])} ({best['fusion']})" if best else "")
+            row.append(f"{_pm(best['accuracy_mean'], best['accuracy_std'])} ({best['fusion'] or '-'})" if best else "")
         top = max(mine, key=lambda c: c["accuracy_mean"])
-        rows.append(row + [f"{top['strategy']}-{top['fusion']}", _pm(top["accuracy_mean"], top["accuracy_std"])])
-    for c in (c for c in cells if c["strategy"] in BASELINES):
+        rows.append(row + [_base(top), _pm(top["accuracy_mean"], top["accuracy_std"])])
+    for c in (c for c in cells if c["strategy"] in BASELINES + LINEAR and c["strategy"] not in MULTIMODAL):
         rows.append([f"{c['strategy']} only: {c['pair']}"] + [""] * len(strategies) +
                     ["", _pm(c["accuracy_mean"], c["accuracy_std"])])
     return ["backbone pair"] + [f"{s} best acc % (operator)" for s in strategies] + ["best cell", "best acc %"], rows
 
 
+def _base(cell: dict) -> str:
+    return cell["strategy"] if not cell["fusion"] else f"{cell['strategy']}-{cell['fusion']}"
+
+
 def _tables(cells: list[dict]) -> dict[str, tuple[list[str], list[list]]]:
     pair = _best_pair(cells)
     tables = {"by_pair": _pair_table(cells)} if pair is not None else {}
-    multi = [c for c in cells if c["strategy"] in MULTIMODAL_STRATEGIES and (pair is None or c["pair"] == pair)]
-    present = {c["fusion"] for c in multi}
+    multi = [c for c in cells if c["strategy"] in MULTIMODAL and (pair is None or c["pair"] == pair)]
+    present = {c["fusion"] for c in multi if c["fusion"]}
     fusions = [f for f in list_fusions() if f in present] + sorted(present - set(list_fusions()))
-    strategies = [s for s in MULTIMODAL_STRATEGIES if any(c["strategy"] == s for c in multi)]
+    strategies = [s for s in TABLE5 if any(c["strategy"] == s for c in multi)]
     by = {(c["strategy"], c["fusion"]): c for c in multi}
 
     header = ["cell", "seeds", "accuracy %", "macro-F1 %", "best epoch", "epochs", "train s/head",
               "trainable params", "non-trainable params", "note"]
     tables["cells"] = (header, [[c["cell"], c["seeds"], _pm(c["accuracy_mean"], c["accuracy_std"]),
-                                 _pm(c["macro_f1_mean"], c["macro_f1_std"]), f"{c['best_epoch_mean']:.1f}",
-                                 f"{c['epochs_mean']:.1f}", _pm(c["train_seconds_mean"], c["train_seconds_std"], 1),
+                                 _pm(c["macro_f1_mean"], c["macro_f1_std"]), _epochs(c["best_epoch_mean"]),
+                                 _epochs(c["epochs_mean"]), _pm(c["train_seconds_mean"], c["train_seconds_std"], 1),
                                  c["trainable_parameters"], c["non_trainable_parameters"], c["note"]]
                                 for c in cells])
 
-    # Table 5: multimodal strategies, accuracy per operator and the best operator
+    # Table 5: multimodal strategies, accuracy per operator and the best operator; LF / ST fuse decisions (no
+    # operator): their "best fusion" names how
     rows = []
     for s in strategies:
         mine = [c for c in multi if c["strategy"] == s]
         best = max(mine, key=lambda c: c["accuracy_mean"])
         rows.append([s] + [_pm(by[s, f]["accuracy_mean"], by[s, f]["accuracy_std"]) if (s, f) in by else ""
                            for f in fusions]
-                    + [best["fusion"], _pm(best["accuracy_mean"], best["accuracy_std"]),
+                    + [best["fusion"] or DECISION_KIND.get(s, ""), _pm(best["accuracy_mean"], best["accuracy_std"]),
                        _pm(best["macro_f1_mean"], best["macro_f1_std"]), f"{best['train_seconds_mean']:.2f}",
                        best["trainable_parameters"], best["non_trainable_parameters"]])
     tables["table5_strategies"] = (["strategy"] + [f"{f} acc %" for f in fusions] +
@@ -135,23 +156,27 @@ def _tables(cells: list[dict]) -> dict[str, tuple[list[str], list[list]]]:
 
     # Table 6: fusion operators, per strategy and on average over strategies
     rows = []
+    strategies6 = [s for s in strategies if s in MULTIMODAL_STRATEGIES]   # the ones with an operator
     for f in fusions:
-        mine = [by[s, f] for s in strategies if (s, f) in by]
+        mine = [by[s, f] for s in strategies6 if (s, f) in by]
         rows.append([f] + [_pm(by[s, f]["accuracy_mean"], by[s, f]["accuracy_std"]) if (s, f) in by else ""
-                           for s in strategies]
+                           for s in strategies6]
                     + [f"{100 * np.mean([c['accuracy_mean'] for c in mine]):.2f}",
                        f"{100 * np.mean([c['macro_f1_mean'] for c in mine]):.2f}",
                        f"{np.mean([c['train_seconds_mean'] for c in mine]):.2f}"])
-    tables["table6_fusions"] = (["fusion"] + [f"{s} acc %" for s in strategies] +
+    tables["table6_fusions"] = (["fusion"] + [f"{s} acc %" for s in strategies6] +
                                 ["mean acc %", "mean macro-F1 %", "mean train s/head"], rows)
 
-    # Table 7: unimodal baselines vs the best multimodal head
+    # Table 7: unimodal heads and the logistic regressions vs the best multimodal model, chosen by mean
+    # validation accuracy (never by test) among heads, late fusion, stacking and LR-concat
     rows = []
-    picks = [c for c in cells if c["strategy"] in BASELINES]
+    picks = [c for c in cells if c["strategy"] in BASELINES] + [c for c in cells if c["strategy"] in LINEAR]
     if multi:
-        picks.append(max(multi, key=lambda c: c["accuracy_mean"]))
-    for c in picks:
-        kind = f"{c['strategy']} only" if c["strategy"] in BASELINES else f"multimodal (best: {c['cell']})"
+        picks.append(max(multi, key=lambda c: (c["val_accuracy_mean"], -c["train_seconds_mean"])))
+    for i, c in enumerate(picks):
+        kind = (f"multimodal (best by validation: {c['cell']})" if multi and i == len(picks) - 1 else
+                f"{c['strategy']} only" if c["strategy"] in BASELINES else
+                f"logistic regression, {c['strategy'][3:]} ({c['cell']})")
         rows.append([kind, _pm(c["accuracy_mean"], c["accuracy_std"]), _pm(c["macro_f1_mean"], c["macro_f1_std"]),
                      f"{c['train_seconds_mean']:.2f}", c["trainable_parameters"], c["non_trainable_parameters"]])
     tables["table7_unimodal_vs_multimodal"] = (["model", "accuracy %", "macro-F1 %", "train s/head",
@@ -164,6 +189,8 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
 
+
+DECISION_KIND = {"LF": "late (w on validation)", "ST": "stacking (out-of-fold)"}
 
 TITLES = {"table5_strategies": "Table 5: multimodal fine-tuning strategies (test accuracy, mean ± std over seeds)",
           "table6_fusions": "Table 6: fusion operators (test accuracy, mean ± std over seeds)",

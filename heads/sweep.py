@@ -25,9 +25,9 @@ from heads.dispatch import RankGroup, Task, default_jobs, my_tasks, run_tasks, w
 from heads.end_to_end import END_TO_END, EndToEndSettings
 from heads.estimator import FusionHead
 from heads.fusion import list_fusions
-from heads.grid import CACHED_STRATEGIES, Cell, build_grid
+from heads.decision import DECISION_STRATEGIES, LinearSettings
+from heads.grid import CACHED_STRATEGIES, Cell, build_grid, decision_cells
 from heads.inputs import inputs_with_shared_rows
-from heads.estimator import FusionHead
 from heads.models import HeadConfig, StackedHead
 from heads.throughput import matmul_peak_gflops
 from heads.streamed import load_head_data, only_input
@@ -58,13 +58,14 @@ class SweepSettings:
     train: TrainSettings = field(default_factory=TrainSettings)
     manifest: str | None = None           # 3A/3B train end to end on the raw catalog through this manifest
     end_to_end: EndToEndSettings = field(default_factory=EndToEndSettings)  # their training (heads/end_to_end.py)
+    linear: LinearSettings = field(default_factory=LinearSettings)  # LF, ST, LR-* (heads/decision.py)
     progress: bool = True
     # bytes the features of a cell may take in memory; beyond it heads stream them from the store (heads/streamed.py).
     # None: half of the memory available when the sweep starts
     memory_budget: int | None = None
 
     def __post_init__(self):
-        known = CACHED_STRATEGIES + END_TO_END
+        known = CACHED_STRATEGIES + DECISION_STRATEGIES + END_TO_END
         for name in ("strategies", "fusions"):
             value = getattr(self, name)
             if value is not None:
@@ -156,6 +157,9 @@ def _sweep_ranks(store_path: Path, out_dir: Path, settings: SweepSettings, devic
         cells, notes = build_grid(store, strategies=_cached(settings.strategies), fusions=settings.fusions,
                                   baselines=settings.baselines, image_sources=settings.image_sources,
                                   text_sources=settings.text_sources)
+        decisions, more = decision_cells(store, strategies=settings.strategies, baselines=settings.baselines,
+                                         image_sources=settings.image_sources, text_sources=settings.text_sources)
+        notes += more
         summary["notes"] = notes
         for note in notes:
             log(note)
@@ -186,6 +190,8 @@ def _sweep_ranks(store_path: Path, out_dir: Path, settings: SweepSettings, devic
                     for name, results in part:
                         _record(out_dir, store, store_path, by_name[name], results, settings, device, data,
                                 summary, log)
+        if rank == 0:   # scikit-learn fits in this process; under torchrun rank 0 alone
+            _decision(store, store_path, out_dir, decisions, settings, done, data, summary, log)
         if settings.strategies and set(settings.strategies) & set(END_TO_END):
             _end_to_end(store, store_path, out_dir, settings, device, done, summary, log)
     seconds = time.perf_counter() - t_start
@@ -204,7 +210,7 @@ def _chain(*iterators):
 
 
 def _cached(strategies):
-    return None if strategies is None else tuple(s for s in strategies if s not in END_TO_END)
+    return None if strategies is None else tuple(s for s in strategies if s in CACHED_STRATEGIES)
 
 
 def _tasks(store, cells: list[Cell], settings: SweepSettings, done: set, summary: dict, log, out_dir) -> list[Task]:
@@ -292,6 +298,43 @@ def _record(out_dir: Path, store, store_path: Path, task: Task, results: list[He
     accs = ", ".join("diverged" if r.diverged else f"{r.test_accuracy:.4f}" for r in results)
     log(f"{cell.name}: {len(results)} heads in {sum(r.train_seconds for r in results):.1f} s "
         f"(test accuracy {accs})")
+
+
+def _decision(store, store_path: Path, out_dir: Path, cells: list[Cell], settings: SweepSettings, done, data,
+              summary: dict, log) -> None:
+    """LF, ST, LR-*: scikit-learn models over pooled features (heads/decision.py), fit in this process; the
+    per-modality regressions are fit once per row set and shared by the cells and seeds that use them."""
+    from heads.decision import DecisionFits, cell_rows, model_config, save_best
+    sets, classes, fits = store.feature_sets, list(store.classes), {}
+    for cell in cells:
+        provenance = {n: _provenance(sets[n]) for n in cell.feature_sets}
+        config = model_config(cell.strategy, tuple(sets[n].dim for n in cell.feature_sets), len(classes))
+        train = asdict(settings.linear)
+        keys = {s: fingerprint({"config": config, "train": train, "seed": s, "manifest_sha256": store.manifest_sha256,
+                                "feature_sets": provenance}) for s in settings.seeds}
+        todo = [s for s in settings.seeds if keys[s] not in done]
+        summary["skipped"] += len(settings.seeds) - len(todo)
+        if not todo:
+            log(f"{cell.name}: all {len(settings.seeds)} seeds already in {out_dir / 'runs.jsonl'}; skipped")
+            continue
+        if cell.row_sets not in fits:
+            columns = {sets[n].modality: i for i, n in enumerate(cell.row_sets)}
+            fits[cell.row_sets] = DecisionFits(data._load(cell.row_sets)[0], columns, len(classes), settings.linear)
+        non_trainable, note = _non_trainable(provenance)
+        store_doc = {"path": os.path.relpath(store_path, out_dir), "manifest_sha256": store.manifest_sha256,
+                     "feature_sets": provenance, **data.counts(cell)}
+        common = {"cell": cell.name, "cell_base": cell.base_name, "pair": cell.pair_name, "image_source": cell.pair[0],
+                  "text_source": cell.pair[1], "strategy": cell.strategy, "fusion": None, "config": config,
+                  "train_settings": train, "store": store_doc, "non_trainable_parameters": non_trainable,
+                  "non_trainable_note": note}
+        rows, models = cell_rows(fits[cell.row_sets], cell.strategy, todo, keys, common, classes)
+        directory = head_folder(out_dir, cell)
+        save_best(directory, rows, models, {**store_doc, "path": os.path.relpath(store_path, directory)})
+        append_rows(out_dir, rows)
+        summary["trained"] += len(rows)
+        summary["cells"].append(cell.name)
+        accs = ", ".join(f"{r['test_accuracy']:.4f}" for r in rows)
+        log(f"{cell.name}: {len(rows)} models in {sum(r['train_seconds'] for r in rows):.1f} s (test accuracy {accs})")
 
 
 def _end_to_end(store, store_path, out_dir, settings: SweepSettings, device, done, summary, log) -> None:

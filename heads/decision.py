@@ -1,0 +1,371 @@
+"""Decision-level models over a store's pooled features, trained with scikit-learn in the sweep's process
+(issue #11, items 1 and 4): fusion has to beat the best *simple* model, not only the weakest head.
+
+- `LR-image`, `LR-text`, `LR-concat`: StandardScaler + multinomial LogisticRegression (lbfgs) on one modality's
+  pooled features, or both concatenated; C from `c_grid`, chosen by validation accuracy.
+- `LF` (late fusion): log p = w * log p_image + (1 - w) * log p_text (renormalised) from the two per-modality
+  regressions; w on an even grid over [0, 1], chosen by validation accuracy (ties: lower validation log-loss,
+  then the smaller w).
+- `ST` (stacking): K-fold (stratified, folds drawn from the seed) out-of-fold log-probabilities of the two
+  per-modality regressions on the train rows; the full-train regressions' on val/test; a multinomial logistic
+  regression over [log p_image, log p_text] fit on the out-of-fold train rows, its C chosen on validation.
+
+Nothing is chosen by test. The full-train per-modality regressions are fit once per row set (`DecisionFits`) and
+shared by LR-image, LR-text, LF and ST; only ST depends on the seed (its folds), so the others repeat over seeds.
+A fitted model is a `DecisionModel`: arrays only (scaler mean/scale, coefficients, intercepts, w), saved in the
+model-folder convention (kind "linear") and reloaded with identical probabilities.
+"""
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.special import log_softmax
+
+from embedstore.metrics import classification_metrics
+from embedstore.model_folder import load_pretrained, save_pretrained
+
+# in the order a sweep fits them, cheapest first: LR-image / LR-text's fits are shared by LF and ST, and ST's
+# out-of-fold fits (K per modality and seed) come last, so the other rows are written before them
+DECISION_STRATEGIES = ("LR-image", "LR-text", "LF", "LR-concat", "ST")
+MULTIMODAL_DECISION = ("LF", "ST", "LR-concat")
+DECISION_MODALITIES = {"LF": ("image", "text"), "ST": ("image", "text"), "LR-concat": ("image", "text"),
+                       "LR-image": ("image",), "LR-text": ("text",)}
+KIND = "linear"
+# stacking reads log-probabilities; a class a regression is sure against gives ~ -700 (float64 underflow of the
+# softmax): floor them so one such value cannot dominate the stacker's standardisation-free inputs
+LOG_FLOOR = -30.0
+
+
+@dataclass(frozen=True)
+class LinearSettings:
+    c_grid: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)   # inverse L2 strength, chosen on validation
+    w_steps: int = 21          # late-fusion weights 0, 0.05, ..., 1
+    folds: int = 5             # stacking's out-of-fold predictions
+    max_iter: int = 500        # lbfgs iterations per fit
+
+    def __post_init__(self):
+        object.__setattr__(self, "c_grid", tuple(float(c) for c in self.c_grid))
+        if not self.c_grid or any(not np.isfinite(c) or c <= 0 for c in self.c_grid):
+            raise ValueError(f"c_grid must be positive finite numbers, got {self.c_grid}")
+        if self.w_steps < 2:
+            raise ValueError(f"w_steps must be at least 2 (0 and 1), got {self.w_steps}")
+        if self.folds < 2:
+            raise ValueError(f"folds must be at least 2, got {self.folds}")
+        if self.max_iter < 1:
+            raise ValueError(f"max_iter must be at least 1, got {self.max_iter}")
+
+
+@dataclass
+class Linear:
+    """One fitted (scaler +) multinomial logistic regression as arrays: logits = ((x - mean) / scale) @ coef.T + b."""
+    mean: np.ndarray        # (D,)
+    scale: np.ndarray       # (D,)
+    coef: np.ndarray        # (C, D)
+    intercept: np.ndarray   # (C,)
+    C: float
+    converged: bool = True
+
+    def log_proba(self, x: np.ndarray) -> np.ndarray:   # (n, D) -> (n, C)
+        z = ((np.asarray(x, dtype=np.float64) - self.mean) / self.scale) @ self.coef.T + self.intercept
+        return log_softmax(z, axis=1)
+
+    @property
+    def n_parameters(self) -> int:   # coefficients + intercepts (the scaler's statistics are not trained)
+        return int(self.coef.size + self.intercept.size)
+
+
+def _as_linear(lr, mean, scale, n_classes: int) -> Linear:
+    """sklearn's fitted LogisticRegression over all `n_classes` (classes absent from train: never predicted)."""
+    coef, intercept = lr.coef_, lr.intercept_
+    if coef.shape[0] == 1:   # two classes: sigmoid(z) = softmax([0, z])
+        coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.concatenate([[0.0], intercept])
+    full_coef = np.zeros((n_classes, coef.shape[1]))
+    full_intercept = np.full(n_classes, -1e4)
+    full_coef[lr.classes_], full_intercept[lr.classes_] = coef, intercept
+    return Linear(mean, scale, full_coef, full_intercept, float(lr.C), bool(np.all(lr.n_iter_ < lr.max_iter)))
+
+
+def _fit_path(x, y, Cs, n_classes: int, max_iter: int, *, standardize: bool = True) -> list[Linear]:
+    """One regression per C in `Cs`, in increasing C, each warm-started from the previous solution (a
+    regularisation path, as LogisticRegressionCV walks it: the problem is strictly convex, so the start changes the
+    iterations needed, not the optimum). The features are standardised once, on these rows."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    x = np.asarray(x, dtype=np.float64)
+    if standardize:
+        mean, scale = x.mean(0), x.std(0)
+        scale = np.where(scale > 0, scale, 1.0)   # StandardScaler's rule for constant columns
+    else:
+        mean, scale = np.zeros(x.shape[1]), np.ones(x.shape[1])
+    z = (x - mean) / scale
+    lr, out = LogisticRegression(max_iter=max_iter, warm_start=True), []   # multinomial, lbfgs
+    for C in sorted(Cs):
+        with warnings.catch_warnings():   # recorded as Linear.converged (and in the row), not printed per fit
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            lr.set_params(C=C).fit(z, y)
+        out.append(_as_linear(lr, mean, scale, n_classes))
+    return out
+
+
+def _fit_one(x, y, C: float, n_classes: int, max_iter: int) -> Linear:
+    return _fit_path(x, y, [C], n_classes, max_iter)[0]
+
+
+def _score(log_p: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """(accuracy, log-loss) of (n, C) log-probabilities."""
+    return float((log_p.argmax(1) == y).mean()), float(-log_p[np.arange(len(y)), y].mean())
+
+
+def fit_linear(train: tuple, val: tuple, n_classes: int, settings: LinearSettings, *,
+               standardize: bool = True) -> tuple[Linear, float]:
+    """The regression of the C in settings.c_grid with the best validation accuracy (ties: lower validation
+    log-loss, then the smaller C): (model, its validation accuracy). Fit on `train` only."""
+    best, best_key = None, None
+    for model in _fit_path(*train, settings.c_grid, n_classes, settings.max_iter, standardize=standardize):
+        acc, loss = _score(model.log_proba(val[0]), val[1])
+        if best_key is None or (acc, -loss) > best_key:
+            best, best_key = model, (acc, -loss)
+    return best, best_key[0]
+
+
+def late_weight(lp_image: np.ndarray, lp_text: np.ndarray, y: np.ndarray, steps: int) -> tuple[float, float]:
+    """(w, validation accuracy) of log_softmax(w * lp_image + (1 - w) * lp_text), w on an even grid over [0, 1]."""
+    best, best_key = 0.0, None
+    for w in np.linspace(0.0, 1.0, steps):
+        acc, loss = _score(log_softmax(w * lp_image + (1 - w) * lp_text, axis=1), y)
+        if best_key is None or (acc, -loss) > best_key:
+            best, best_key = float(w), (acc, -loss)
+    return best, best_key[0]
+
+
+def out_of_fold(x: np.ndarray, y: np.ndarray, C: float, n_classes: int, folds: int, seed: int,
+                max_iter: int) -> np.ndarray:
+    """(n, C) log-probabilities of each train row from a regression fit on the other folds (stratified folds,
+    drawn from `seed`)."""
+    from sklearn.model_selection import StratifiedKFold
+
+    smallest = min(int(c) for c in np.bincount(y) if c > 0)
+    if smallest < 2:
+        raise ValueError(f"stacking needs at least 2 train rows of every class for its out-of-fold predictions; "
+                         f"a class has {smallest}: add train rows, or leave ST out of --strategies")
+    k = min(folds, smallest)
+    out = np.empty((len(y), n_classes))
+    with warnings.catch_warnings():   # a class with fewer than k rows: sklearn warns, folds stay valid
+        warnings.simplefilter("ignore", UserWarning)
+        splits = list(StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(x, y))
+    for fit_rows, held_out in splits:
+        out[held_out] = _fit_one(x[fit_rows], y[fit_rows], C, n_classes, max_iter).log_proba(x[held_out])
+    return out
+
+
+def _stack_input(lp_image: np.ndarray, lp_text: np.ndarray) -> np.ndarray:
+    return np.maximum(np.concatenate([lp_image, lp_text], axis=1), LOG_FLOOR)   # (n, 2C)
+
+
+# ------------------------------------------------------------------------------------------------ the model
+
+
+@dataclass
+class DecisionModel:
+    """A fitted LR-*, LF or ST model. `predict_proba(features)`: one (n, D_m) array per modality the strategy
+    reads (image first: DECISION_MODALITIES), the same order as `metadata["inputs"]` of a saved model."""
+    strategy: str
+    classes: list
+    linears: dict[str, Linear]          # "image" / "text" / "concat"
+    weight: float | None = None         # LF: the image weight w
+    stacker: Linear | None = None       # ST: over [log p_image, log p_text], no scaling
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def n_parameters(self) -> int:      # coefficients + intercepts (w is a chosen hyper-parameter, not trained)
+        return sum(m.n_parameters for m in self.linears.values()) + (self.stacker.n_parameters if self.stacker else 0)
+
+    def predict_log_proba(self, features: list) -> np.ndarray:
+        xs = self._check(features)
+        if self.strategy == "LR-concat":
+            return self.linears["concat"].log_proba(np.concatenate(xs, axis=1))
+        if self.strategy in ("LR-image", "LR-text"):
+            return self.linears[self.strategy[3:]].log_proba(xs[0])
+        lp_image, lp_text = self.linears["image"].log_proba(xs[0]), self.linears["text"].log_proba(xs[1])
+        if self.strategy == "LF":
+            return log_softmax(self.weight * lp_image + (1 - self.weight) * lp_text, axis=1)
+        return self.stacker.log_proba(_stack_input(lp_image, lp_text))
+
+    def predict_proba(self, features: list) -> np.ndarray:   # (n, C)
+        return np.exp(self.predict_log_proba(features))
+
+    def predict(self, features: list) -> np.ndarray:         # (n,) class names
+        return np.asarray(self.classes)[self.predict_log_proba(features).argmax(1)]
+
+    def _check(self, features) -> list[np.ndarray]:
+        modalities = DECISION_MODALITIES[self.strategy]
+        if isinstance(features, np.ndarray):
+            features = [features]
+        if len(features) != len(modalities):
+            raise ValueError(f"{self.strategy} reads {len(modalities)} feature array(s) ({', '.join(modalities)}), "
+                             f"got {len(features)}")
+        dims = ([m.mean.shape[0] for m in (self.linears["image"], self.linears["text"])] if
+                self.strategy in ("LF", "ST") else [self.linears["concat"].mean.shape[0]] if
+                self.strategy == "LR-concat" else [self.linears[self.strategy[3:]].mean.shape[0]])
+        xs = [np.asarray(x, dtype=np.float64) for x in features]
+        width = [sum(x.shape[1] for x in xs)] if self.strategy == "LR-concat" else [x.shape[1] for x in xs]
+        if any(x.ndim != 2 for x in xs) or width != dims:
+            raise ValueError(f"{self.strategy} expects features of widths {dims}, got shapes "
+                             f"{[x.shape for x in xs]}")
+        return xs
+
+    def save_pretrained(self, folder, *, metadata: dict | None = None):
+        """model.safetensors (scaler mean/scale, coefficients, intercepts per part) + config.json."""
+        tensors = {}
+        parts = {**self.linears, **({"stacker": self.stacker} if self.stacker else {})}
+        for name, m in parts.items():
+            for key in ("mean", "scale", "coef", "intercept"):
+                tensors[f"{name}.{key}"] = torch.from_numpy(np.ascontiguousarray(getattr(m, key)))
+        doc = {"strategy": self.strategy, "classes": list(self.classes), "weight": self.weight,
+               "parts": {name: {"C": m.C, "converged": m.converged} for name, m in parts.items()},
+               "formula": "log_softmax(((x - mean) / scale) @ coef.T + intercept) per part; LF: log_softmax(w * "
+                          "image + (1 - w) * text); ST: stacker over max([image, text], %g)" % LOG_FLOOR}
+        return save_pretrained(folder, tensors, {**(metadata or {}), **doc}, kind=KIND)
+
+    @classmethod
+    def from_pretrained(cls, folder) -> "DecisionModel":
+        tensors, doc = load_pretrained(folder, kind=KIND)
+        parts = {name: Linear(*(tensors[f"{name}.{k}"].numpy() for k in ("mean", "scale", "coef", "intercept")),
+                              C=info["C"], converged=info["converged"]) for name, info in doc["parts"].items()}
+        stacker = parts.pop("stacker", None)
+        return cls(doc["strategy"], doc["classes"], parts, doc.get("weight"), stacker, metadata=doc)
+
+
+# ------------------------------------------------------------------------------------- fits shared in a sweep
+
+
+def split_arrays(split, columns: tuple[int, ...]) -> tuple[list[np.ndarray], np.ndarray]:
+    """([(n, D_m) float64 per column], (n,) labels) of a HeadData split, in memory or streamed."""
+    xs, ys = [[] for _ in columns], []
+    for inputs, y in split.eval_batches(65536):
+        for i, c in enumerate(columns):
+            xs[i].append(inputs[c].float().cpu().numpy().astype(np.float64))
+        ys.append(y.cpu().numpy())
+    return [np.concatenate(x) for x in xs], np.concatenate(ys).astype(np.int64)
+
+
+class DecisionFits:
+    """The fits of one row set (a HeadData with image and/or text columns), each made once and timed."""
+
+    def __init__(self, data, columns: dict[str, int], n_classes: int, settings: LinearSettings):
+        self.settings, self.n_classes, self.columns = settings, n_classes, columns
+        order = tuple(columns.values())
+        self.splits = {}
+        for name in ("train", "val", "test"):
+            xs, y = split_arrays(getattr(data, name), order)
+            self.splits[name] = ({m: xs[i] for i, m in enumerate(columns)}, y)
+        self._cache: dict = {}
+
+    def _x(self, split: str, part: str) -> np.ndarray:
+        xs = self.splits[split][0]
+        return np.concatenate([xs["image"], xs["text"]], axis=1) if part == "concat" else xs[part]
+
+    def _timed(self, key, make):
+        if key not in self._cache:
+            start = time.perf_counter()
+            value = make()
+            self._cache[key] = (value, time.perf_counter() - start)
+        return self._cache[key]
+
+    def linear(self, part: str) -> tuple[tuple[Linear, float], float]:
+        """((model, validation accuracy), seconds) of the regression on `part` ("image" / "text" / "concat")."""
+        y = {s: self.splits[s][1] for s in self.splits}
+        return self._timed(("linear", part), lambda: fit_linear((self._x("train", part), y["train"]),
+                                                                (self._x("val", part), y["val"]),
+                                                                self.n_classes, self.settings))
+
+    def oof(self, part: str, seed: int) -> tuple[np.ndarray, float]:
+        (model, _), _ = self.linear(part)
+        return self._timed(("oof", part, seed), lambda: out_of_fold(
+            self._x("train", part), self.splits["train"][1], model.C, self.n_classes, self.settings.folds, seed,
+            self.settings.max_iter))
+
+    def model(self, strategy: str, seed: int, classes: list) -> tuple[DecisionModel, float, float, dict]:
+        """(model, validation accuracy, seconds its fits took in all, chosen settings)."""
+        if strategy.startswith("LR-"):
+            part = strategy[3:]
+            (m, val_acc), secs = self.linear(part)
+            return DecisionModel(strategy, classes, {part: m}), val_acc, secs, {"C": m.C, "converged": m.converged}
+        (image, _), s_image = self.linear("image")
+        (text, _), s_text = self.linear("text")
+        y_val = self.splits["val"][1]
+        lp_val = {p: m.log_proba(self._x("val", p)) for p, m in (("image", image), ("text", text))}
+        chosen = {"C_image": image.C, "C_text": text.C, "converged": image.converged and text.converged}
+        if strategy == "LF":
+            start = time.perf_counter()
+            w, val_acc = late_weight(lp_val["image"], lp_val["text"], y_val, self.settings.w_steps)
+            model = DecisionModel("LF", classes, {"image": image, "text": text}, weight=w)
+            return model, val_acc, s_image + s_text + time.perf_counter() - start, {**chosen, "w": w}
+        (oof_image, o_image), (oof_text, o_text) = self.oof("image", seed), self.oof("text", seed)
+        start = time.perf_counter()
+        stacker, val_acc = fit_linear((_stack_input(oof_image, oof_text), self.splits["train"][1]),
+                                      (_stack_input(lp_val["image"], lp_val["text"]), y_val), self.n_classes,
+                                      self.settings, standardize=False)
+        model = DecisionModel("ST", classes, {"image": image, "text": text}, stacker=stacker)
+        seconds = s_image + s_text + o_image + o_text + time.perf_counter() - start
+        return model, val_acc, seconds, {**chosen, "C_stack": stacker.C, "folds": self.settings.folds,
+                                         "converged": chosen["converged"] and stacker.converged}
+
+    def test_metrics(self, model: DecisionModel) -> dict:
+        xs, y = self.splits["test"]
+        parts = [xs[m] for m in DECISION_MODALITIES[model.strategy]]
+        predicted = model.predict_log_proba(parts).argmax(1)
+        return classification_metrics(y, predicted, n_classes=self.n_classes)
+
+
+def model_config(strategy: str, input_dims: tuple[int, ...], n_classes: int) -> dict:
+    """A row's `config`: what the model is (its fitting settings are the row's `train_settings`)."""
+    return {"strategy": strategy, "kind": KIND, "input_dims": list(input_dims), "num_classes": n_classes,
+            "seed_dependent": strategy == "ST"}
+
+
+def cell_rows(fits: DecisionFits, strategy: str, seeds, keys: dict, common: dict,
+              classes: list) -> tuple[list[dict], list[DecisionModel]]:
+    """One result row per seed (the sweep's row schema; `common` holds the cell's shared fields) and its model.
+    LR-* and LF do not depend on the seed: their seeds repeat the same numbers, and the rows say so."""
+    rows, models = [], []
+    for seed in seeds:
+        model, val_acc, seconds, chosen = fits.model(strategy, seed, classes)
+        metrics = fits.test_metrics(model)
+        rows.append({**common, "run_key": keys[seed], "seed": seed,
+                     "test_accuracy": metrics["accuracy"], "test_macro_f1": metrics["macro_f1"],
+                     "best_val_accuracy": val_acc, "best_epoch": None, "epochs_run": None, "diverged": False,
+                     "train_seconds": seconds, "group_seconds": seconds, "group_size": 1, "batched": False,
+                     "device": "cpu", "precision": "fp64", "train_flops": 0.0,
+                     "trainable_parameters": model.n_parameters, "chosen": chosen,
+                     "seed_note": ("folds drawn from the seed" if strategy == "ST" else
+                                   "deterministic: every seed gives this row (fits shared with the cell's other seeds)"),
+                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        models.append(model)
+    return rows, models
+
+
+def save_best(directory, rows: list[dict], models: list[DecisionModel], store: dict) -> bool:
+    """Save the model of the best seed by validation accuracy (ties: the lower seed) unless the folder already
+    holds one of the same store and settings that is at least as good on validation; True if it saved."""
+    i = max(range(len(rows)), key=lambda j: (rows[j]["best_val_accuracy"], -rows[j]["seed"]))
+    row, directory = rows[i], Path(directory)
+    meta = {"store": store, "run_key": row["run_key"], "seed": row["seed"], "config": row["config"],
+            "train_settings": row["train_settings"], "best_val_accuracy": row["best_val_accuracy"],
+            "test_accuracy": row["test_accuracy"], "test_macro_f1": row["test_macro_f1"], "chosen": row["chosen"],
+            "inputs": list(row["store"]["feature_sets"])}
+    if (directory / "config.json").exists():
+        saved = json.loads((directory / "config.json").read_text())
+        now = json.loads(json.dumps({k: meta[k] for k in ("store", "config", "train_settings")}))
+        if all(saved.get(k) == v for k, v in now.items()) and saved.get("best_val_accuracy", -1) >= \
+                row["best_val_accuracy"]:
+            return False
+    models[i].save_pretrained(directory, metadata=meta)
+    return True
