@@ -108,6 +108,25 @@ def report(results, out):
 
 
 @heads.command()
+@click.argument("results", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--top-k", "top_k", default="auto", show_default=True,
+              help="How many saved heads, best recorded validation accuracy first; auto: the k in 1..N with the "
+                   "best ensemble validation accuracy (ties: the smaller k).")
+@click.option("--multimodal-only", is_flag=True, help="Leave the unimodal baselines out of the pool.")
+@one_line_errors
+def ensemble(results, top_k, multimodal_only):
+    """Average the class probabilities of the top-k saved heads of RESULTS (one or more `heads sweep` folders,
+    aligned by item id), score them on validation and test, and append a row to the first RESULTS'
+    ensembles.jsonl (a rerun over the same members and stores skips)."""
+    from heads.ensemble import ensemble as run_ensemble, format_summary
+
+    row = run_ensemble(list(results), top_k, multimodal_only=multimodal_only, log=click.echo)
+    click.echo(format_summary(row))
+    if not row["already_recorded"]:
+        click.echo(f"row appended to {results[0] / 'ensembles.jsonl'}")
+
+
+@heads.command()
 @click.argument("head_dir", type=click.Path(path_type=Path))
 @click.argument("inputs", metavar="INPUT", type=click.Path(path_type=Path))
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path),

@@ -226,6 +226,7 @@ def write_report(results_dir: str | Path, out_dir: str | Path) -> list[Path]:
             csv.writer(f).writerows([header] + body)
         written.append(path)
         md += ["", f"## {TITLES[name]}", "", markdown_table(header, body)]
+    md += ensemble_section(results_dir)
     (out_dir / "report.md").write_text("\n".join(md) + "\n")
     written.append(out_dir / "report.md")
     written += plot_bars(cells, out_dir)
@@ -257,3 +258,29 @@ def plot_bars(cells: list[dict], out_dir: Path, prefix: str = "") -> list[Path]:
         plt.close(fig)
         paths.append(out_dir / fname)
     return paths
+
+
+def ensemble_section(results_dir: str | Path) -> list[str]:
+    """Markdown lines for RESULTS/ensembles.jsonl (`heads ensemble`): one row per ensemble recorded, beside the
+    best single head by validation on the same items; [] when there is none."""
+    from heads.ensemble import ENSEMBLES_FILE
+
+    rows, _ = unique_runs(read_runs(results_dir, ENSEMBLES_FILE))
+    if not rows:
+        return []
+    header = ["model", "k (asked)", "members", "val acc %", "test acc %", "test macro-F1 %",
+              "best single by val: test acc %", "val / test items (left out)"]
+    body = []
+    for row in rows:
+        items, single = row["items"], row["best_single"]
+        pool = "multimodal heads" if row["multimodal_only"] else "multimodal heads + baselines"
+        body.append([f"ensemble of top-k by validation ({pool})",
+                     f"{row['k']} ({row['top_k']})", ", ".join(row["members"]), f"{100 * row['val_accuracy']:.2f}",
+                     f"{100 * row['test_accuracy']:.2f}", f"{100 * row['test_macro_f1']:.2f}",
+                     f"{100 * single['test_accuracy']:.2f} ({single['member']})",
+                     f"{items['val']['scored']} / {items['test']['scored']} ({items['val']['left_out']} / "
+                     f"{items['test']['left_out']})"])
+    return ["", "## Ensembles: average probabilities of the top-k saved heads by recorded validation accuracy", "",
+            f"From {ENSEMBLES_FILE}; members are head folders relative to the results folder; k chosen on "
+            "validation when asked auto; scored on the items every member scores.", "",
+            markdown_table(header, body)]

@@ -26,8 +26,9 @@ RUNS_FILE = "runs.jsonl"
 LOCK_FILE = ".runs.lock"
 
 
-def runs_path(out_dir: str | os.PathLike) -> Path:
-    return Path(out_dir) / RUNS_FILE
+def runs_path(out_dir: str | os.PathLike, name: str = RUNS_FILE) -> Path:
+    """RESULTS/runs.jsonl, or another rows file of the folder (`name`, e.g. ensembles.jsonl)."""
+    return Path(out_dir) / name
 
 
 # ----------------------------------------------------------------------------------------------- the lock
@@ -91,10 +92,10 @@ def _holder(descriptor: int) -> str:
 # ----------------------------------------------------------------------------------------------- reading
 
 
-def read_runs(out_dir: str | os.PathLike) -> list[dict]:
-    """The rows of RESULTS/runs.jsonl ([] when there is none). A torn final line is left out with a warning;
-    any other line that is not a JSON object is a ValueError naming file:line."""
-    path = runs_path(out_dir)
+def read_runs(out_dir: str | os.PathLike, name: str = RUNS_FILE) -> list[dict]:
+    """The rows of RESULTS/runs.jsonl (or RESULTS/`name`; [] when there is none). A torn final line is left out
+    with a warning; any other line that is not a JSON object is a ValueError naming file:line."""
+    path = runs_path(out_dir, name)
     if not path.exists():
         return []
     data = path.read_bytes()
@@ -122,12 +123,13 @@ def read_runs(out_dir: str | os.PathLike) -> list[dict]:
 # ----------------------------------------------------------------------------------------------- appending
 
 
-def append_rows(out_dir: str | os.PathLike, rows: Iterable[dict]) -> None:
-    """Append whole rows in one write + fsync, first repairing a torn final line. Call it holding the lock."""
+def append_rows(out_dir: str | os.PathLike, rows: Iterable[dict], name: str = RUNS_FILE) -> None:
+    """Append whole rows to RESULTS/runs.jsonl (or RESULTS/`name`) in one write + fsync, first repairing a torn
+    final line. Call it holding the lock."""
     lines = "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows).encode("utf-8")
     if not lines:
         return
-    path = runs_path(out_dir)
+    path = runs_path(out_dir, name)
     descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o666)
     try:
         _repair_torn_tail(descriptor)
