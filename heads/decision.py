@@ -32,10 +32,13 @@ from embedstore.model_folder import load_pretrained, save_pretrained
 
 # in the order a sweep fits them, cheapest first: LR-image / LR-text's fits are shared by LF and ST, and ST's
 # out-of-fold fits (K per modality and seed) come last, so the other rows are written before them
-DECISION_STRATEGIES = ("LR-image", "LR-text", "LF", "LR-concat", "ST")
-MULTIMODAL_DECISION = ("LF", "ST", "LR-concat")
+DECISION_STRATEGIES = ("LFM", "LR-image", "LR-text", "LF", "LR-concat", "ST")
+MULTIMODAL_DECISION = ("LF", "ST", "LR-concat", "LFM")
 DECISION_MODALITIES = {"LF": ("image", "text"), "ST": ("image", "text"), "LR-concat": ("image", "text"),
-                       "LR-image": ("image",), "LR-text": ("text",)}
+                       "LR-image": ("image",), "LR-text": ("text",), "LFM": ("image", "text")}
+# the store layer each reads: LFM fuses the fine-tuned modules' own classifier outputs (1-B's inputs), the rest
+# the backbones' pooled features
+DECISION_LAYER = {s: "classifier" if s == "LFM" else "pooled" for s in DECISION_STRATEGIES}
 KIND = "linear"
 # stacking reads log-probabilities; a class a regression is sure against gives ~ -700 (float64 underflow of the
 # softmax): floor them so one such value cannot dominate the stacker's standardisation-free inputs
@@ -189,6 +192,9 @@ class DecisionModel:
 
     def predict_log_proba(self, features: list) -> np.ndarray:
         xs = self._check(features)
+        if self.strategy == "LFM":   # the modules' logits: nothing fitted but w
+            lp_image, lp_text = (log_softmax(x, axis=1) for x in xs)
+            return log_softmax(self.weight * lp_image + (1 - self.weight) * lp_text, axis=1)
         if self.strategy == "LR-concat":
             return self.linears["concat"].log_proba(np.concatenate(xs, axis=1))
         if self.strategy in ("LR-image", "LR-text"):
@@ -211,7 +217,8 @@ class DecisionModel:
         if len(features) != len(modalities):
             raise ValueError(f"{self.strategy} reads {len(modalities)} feature array(s) ({', '.join(modalities)}), "
                              f"got {len(features)}")
-        dims = ([m.mean.shape[0] for m in (self.linears["image"], self.linears["text"])] if
+        dims = ([len(self.classes)] * 2 if self.strategy == "LFM" else
+                [m.mean.shape[0] for m in (self.linears["image"], self.linears["text"])] if
                 self.strategy in ("LF", "ST") else [self.linears["concat"].mean.shape[0]] if
                 self.strategy == "LR-concat" else [self.linears[self.strategy[3:]].mean.shape[0]])
         xs = [np.asarray(x, dtype=np.float64) for x in features]
@@ -223,7 +230,7 @@ class DecisionModel:
 
     def save_pretrained(self, folder, *, metadata: dict | None = None):
         """model.safetensors (scaler mean/scale, coefficients, intercepts per part) + config.json."""
-        tensors = {}
+        tensors = {"weight": torch.tensor([np.nan if self.weight is None else self.weight])}  # never an empty file
         parts = {**self.linears, **({"stacker": self.stacker} if self.stacker else {})}
         for name, m in parts.items():
             for key in ("mean", "scale", "coef", "intercept"):
@@ -298,9 +305,14 @@ class DecisionFits:
             part = strategy[3:]
             (m, val_acc), secs = self.linear(part)
             return DecisionModel(strategy, classes, {part: m}), val_acc, secs, {"C": m.C, "converged": m.converged}
+        y_val = self.splits["val"][1]
+        if strategy == "LFM":
+            start = time.perf_counter()
+            lp_image, lp_text = (log_softmax(self._x("val", m), axis=1) for m in ("image", "text"))
+            w, val_acc = late_weight(lp_image, lp_text, y_val, self.settings.w_steps)
+            return (DecisionModel("LFM", classes, {}, weight=w), val_acc, time.perf_counter() - start, {"w": w})
         (image, _), s_image = self.linear("image")
         (text, _), s_text = self.linear("text")
-        y_val = self.splits["val"][1]
         lp_val = {p: m.log_proba(self._x("val", p)) for p, m in (("image", image), ("text", text))}
         chosen = {"C_image": image.C, "C_text": text.C, "converged": image.converged and text.converged}
         if strategy == "LF":

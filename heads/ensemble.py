@@ -70,8 +70,23 @@ def _fusion_head(folder: Path, config: dict) -> Member:
                   head.predict_proba)
 
 
+def _decision_model(folder: Path, config: dict) -> Member:
+    """LR-*, LF, ST, LFM (heads/decision.py): scikit-learn fits saved as arrays."""
+    from heads.decision import MULTIMODAL_DECISION, DecisionModel
+    from heads.sweep import head_store_path
+
+    model = DecisionModel.from_pretrained(folder)
+    meta = model.metadata
+    if not isinstance(meta.get("best_val_accuracy"), (int, float)) or "path" not in (meta.get("store") or {}):
+        raise ValueError("no recorded validation accuracy or store; save it with `heads sweep`")
+    return Member(folder, config["kind"], float(meta["best_val_accuracy"]), head_store_path(folder, meta),
+                  tuple(meta["inputs"]), tuple(str(c) for c in model.classes),
+                  model.strategy in MULTIMODAL_DECISION, meta.get("run_key") or fingerprint(config),
+                  model.predict_proba)
+
+
 # kind (config.json "kind") -> loader(folder, config) -> Member
-MEMBER_LOADERS: dict[str, Callable[[Path, dict], Member]] = {"fusion-head": _fusion_head}
+MEMBER_LOADERS: dict[str, Callable[[Path, dict], Member]] = {"fusion-head": _fusion_head, "linear": _decision_model}
 
 
 def load_member(folder: str | os.PathLike) -> Member:

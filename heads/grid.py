@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from heads.decision import DECISION_MODALITIES, DECISION_STRATEGIES
+from heads.decision import DECISION_LAYER, DECISION_MODALITIES, DECISION_STRATEGIES
 from heads.end_to_end import END_TO_END
 from heads.fusion import list_fusions
 from heads.inputs import MODULE_HINT, POOLED_HINT, inputs_for, inputs_with_shared_rows
@@ -141,23 +141,25 @@ def decision_cells(store, *, strategies: tuple[str, ...] | None, baselines: bool
     explicit = strategies is not None
     wanted = [s for s in DECISION_STRATEGIES if (s in strategies if explicit else
                                                   baselines or len(DECISION_MODALITIES[s]) == 2)]   # cheapest first
-    image = sources(store, "image", "pooled", tuple(image_sources))
-    text = sources(store, "text", "pooled", tuple(text_sources))
-    named = len(image) > 1 or len(text) > 1
+    held = {layer: {"image": sources(store, "image", layer, tuple(image_sources)),
+                    "text": sources(store, "text", layer, tuple(text_sources))} for layer in ("pooled", "classifier")}
+    named = any(len(v) > 1 for by_layer in held.values() for v in by_layer.values())
     cells, notes = [], []
     for strategy in wanted:
-        modalities = DECISION_MODALITIES[strategy]
+        modalities, layer = DECISION_MODALITIES[strategy], DECISION_LAYER[strategy]
+        image, text = held[layer]["image"], held[layer]["text"]
         lacking = [m for m in modalities if not {"image": image, "text": text}[m]]
         if lacking:
-            message = (f"strategy {strategy} needs {' and '.join(lacking)} 'pooled' features, which {store.path} "
-                       f"lacks (it holds {', '.join(sorted(store.feature_sets)) or 'nothing'}); {POOLED_HINT}")
+            hint = POOLED_HINT if layer == "pooled" else MODULE_HINT
+            message = (f"strategy {strategy} needs {' and '.join(lacking)} '{layer}' features, which {store.path} "
+                       f"lacks (it holds {', '.join(sorted(store.feature_sets)) or 'nothing'}); {hint}")
             if explicit:
                 raise ValueError(message)
             notes.append(f"skipped {strategy}: {message}")
             continue
         if len(modalities) == 2:
             for pair in itertools.product(image, text):
-                names = tuple(inputs_with_shared_rows(store, "2A", *pair))
+                names = tuple(inputs_with_shared_rows(store, "2A" if layer == "pooled" else "1B", *pair))
                 cells.append(Cell(strategy, None, names, names, pair, named))
         else:   # one modality, on the rows of its pair with the other modality's first source (as the baselines)
             for source in (image if modalities == ("image",) else text):

@@ -190,7 +190,8 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-DECISION_KIND = {"LF": "late (w on validation)", "ST": "stacking (out-of-fold)"}
+DECISION_KIND = {"LF": "late (w on validation)", "ST": "stacking (out-of-fold)",
+                 "LFM": "late, modules' outputs (w on validation)"}
 
 TITLES = {"table5_strategies": "Table 5: multimodal fine-tuning strategies (test accuracy, mean ± std over seeds)",
           "table6_fusions": "Table 6: fusion operators (test accuracy, mean ± std over seeds)",

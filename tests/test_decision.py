@@ -154,7 +154,7 @@ def test_one_modality_store_refuses_late_fusion_in_one_line(tmp_path):
     assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
     with FeatureStore(store) as opened:   # the default grid keeps what it can serve: LR-text, the rest noted
         cells, notes = decision_cells(opened, strategies=None, baselines=True)
-    assert [c.name for c in cells] == ["LR-text"] and len(notes) == 4
+    assert [c.name for c in cells] == ["LR-text"] and len(notes) == 5   # LF, ST, LR-concat, LR-image, LFM
 
 
 def test_default_grid_and_pair_names(tmp_path):
@@ -164,7 +164,7 @@ def test_default_grid_and_pair_names(tmp_path):
         no_baselines, _ = decision_cells(opened, strategies=None, baselines=False)
     names = [c.name for c in cells]
     assert "LF@img1+txt" in names and "ST@img2+txt" in names and "LR-image@img2" in names and "LR-text@txt" in names
-    assert len(names) == 3 * 2 + 2 + 1 and not notes
+    assert len(names) == 3 * 2 + 2 + 1 and [n[:12] for n in notes] == ["skipped LFM:"]   # no module outputs here
     assert {c.strategy for c in no_baselines} == {"LF", "ST", "LR-concat"}
     lf = next(c for c in cells if c.name == "LF@img2+txt")
     assert lf.feature_sets == lf.row_sets == ("image/img2/pooled", "text/txt/pooled")
@@ -191,3 +191,45 @@ def test_report_rows_and_best_multimodal_by_validation(swept, tmp_path):
     written = write_report(results, tmp_path / "report")
     text = (tmp_path / "report" / "report.md").read_text()
     assert "| LF |" in text and "| ST |" in text and "LR-concat" in text and len(written) > 3
+
+
+def make_module_store(path, *, image_noise: bool, n=240, seed=3):
+    """A store of two modules' classifier outputs (C logits each, 1-B's inputs): the text module's logits point at
+    the class, the image module's at the class too or (image_noise) at nothing."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % C
+    split = np.array(["train"] * (n // 2) + ["val"] * (n // 4) + ["test"] * (n // 4))
+    onehot = np.eye(C)[y] * 3
+    image = rng.normal(size=(n, C)) * 3 if image_noise else onehot + rng.normal(size=(n, C)) * 1.5
+    text = onehot + rng.normal(size=(n, C)) * 1.2
+    features = {"image/module-a/classifier": (image, {"parameters": 10}),
+                "text/module-b/classifier": (text, {"parameters": 10})}
+    return write_store_from_arrays(path, ids=[f"item{i}" for i in range(n)], labels=y, splits=split,
+                                   classes=[f"class{i}" for i in range(C)], features=features,
+                                   manifest_sha256="test-manifest")
+
+
+@pytest.mark.parametrize("image_noise", [True, False])
+def test_lfm_fuses_the_modules_outputs_with_a_weight_chosen_on_validation(tmp_path, image_noise):
+    store = make_module_store(tmp_path / "store.h5", image_noise=image_noise)
+    run_sweep(store, tmp_path / "results", settings(("LFM",), seeds=(0,)), log=lambda _: None)
+    (row,) = read_runs(tmp_path / "results")
+    assert row["strategy"] == "LFM" and list(row["store"]["feature_sets"]) == ["image/module-a/classifier",
+                                                                                "text/module-b/classifier"]
+    if image_noise:
+        assert row["chosen"]["w"] <= 0.2          # the image module says nothing: lean on text
+    else:
+        assert 0.1 <= row["chosen"]["w"] <= 0.9   # both informative: a real mixture beats either alone
+    model = DecisionModel.from_pretrained(tmp_path / "results" / "heads" / "LFM")
+    with FeatureStore(store) as s:
+        data = s.load(list(row["store"]["feature_sets"]))
+    xs = [data.features[n][data.split == "test"] for n in row["store"]["feature_sets"]]
+    accuracy = (model.predict(xs) == np.asarray(model.classes)[data.labels[data.split == "test"]]).mean()
+    assert accuracy == pytest.approx(row["test_accuracy"])   # the saved model is the row's model
+    assert model.weight == row["chosen"]["w"]
+
+
+def test_lfm_on_a_store_without_module_outputs_is_refused_in_one_line(tmp_path):
+    store = make_store(tmp_path / "store.h5")
+    with pytest.raises(ValueError, match=r"LFM needs image and text 'classifier' features.*embed extract"):
+        run_sweep(store, tmp_path / "results", settings(("LFM",), seeds=(0,)), log=lambda _: None)
