@@ -3,10 +3,14 @@
     python benchmarks/bench_sweep.py --synthetic                      # store-shaped random data of the real sizes
     python benchmarks/bench_sweep.py --store runs/store.h5 --compare jobs       # --jobs 1 vs --jobs 2
     python benchmarks/bench_sweep.py --store runs/store.h5 --compare precision  # fp32 vs bf16, cell by cell
+    python benchmarks/bench_sweep.py --synthetic --compare grouping --repeats 2 # cells of one shape in one step
+                                                                               # vs one stacked step per cell
 
 Two sweeps of the same grid, back to back in one process: their wall times and ratio, the GFLOP/s each reached
 beside a matmul peak measured in the same run, whether both gave the same rows (or, for precision, whether each
-cell's bf16 accuracy is within its fp32 seed spread), and the command line.
+cell's bf16 accuracy is within its fp32 seed spread), and the command line. `--repeats N` alternates the two
+runs (A B B A ...) so that a change in the machine's load hits both alike; times are each run's total and the
+ratio is of the totals.
 """
 from __future__ import annotations
 
@@ -62,6 +66,7 @@ COMPARISONS = {
     "batching": [("batched", {"batched": True, "jobs": 1}), ("sequential", {"batched": False, "jobs": 1})],
     "jobs": [("jobs=1", {"jobs": 1}), ("jobs=2", {"jobs": 2})],
     "precision": [("fp32", {"precision": "fp32"}), ("bf16", {"precision": "bf16"})],
+    "grouping": [("grouped", {"group_cells": True, "jobs": 1}), ("per-cell", {"group_cells": False, "jobs": 1})],
 }
 
 
@@ -71,7 +76,9 @@ def main(argv=None) -> None:
     src.add_argument("--store", type=Path, help="an existing feature store")
     src.add_argument("--synthetic", action="store_true", help="generate a store of the real sizes first")
     p.add_argument("--compare", choices=sorted(COMPARISONS), default="batching",
-                   help="batching: stacked vs one head at a time; jobs: --jobs 1 vs --jobs 2; precision: fp32 vs bf16")
+                   help="batching: stacked vs one head at a time; jobs: --jobs 1 vs --jobs 2; precision: fp32 vs "
+                        "bf16; grouping: cells of one shape in one step vs one step per cell")
+    p.add_argument("--repeats", type=int, default=1, help="runs of each, alternated A B B A ...")
     p.add_argument("--strategies", default=None, help="default: every strategy the store allows")
     p.add_argument("--fusions", default=None, help="default: every registered operator")
     p.add_argument("--seeds", default="0,1,2")
@@ -90,16 +97,21 @@ def main(argv=None) -> None:
                     fusions=tuple(args.fusions.split(",")) if args.fusions else None,
                     seeds=tuple(int(s) for s in args.seeds.split(",")), baselines=not args.no_baselines,
                     device=args.device, threads=args.threads, progress=False)
-        times, rows, summaries = {}, {}, {}
-        for label, overrides in COMPARISONS[args.compare]:
+        times, rows, summaries, each = {}, {}, {}, {}
+        pair = COMPARISONS[args.compare]
+        order = [pair[(r + i) % 2 if r % 2 else i] for r in range(args.repeats) for i in range(2)]   # A B B A
+        for rep, (label, overrides) in enumerate(order):
+            overrides = dict(overrides)
             train = TrainSettings(max_epochs=args.max_epochs, precision=overrides.pop("precision", "auto"))
             settings = SweepSettings(**{**base, **overrides, "train": train})
+            folder = tmp / f"{label.replace('=', '')}-{rep}"
             t0 = time.perf_counter()
-            summaries[label] = run_sweep(store, tmp / label.replace("=", ""), settings,
+            summaries[label] = run_sweep(store, folder, settings,
                                          log=lambda line, label=label: print(f"  [{label}] {line}", flush=True))
-            times[label] = time.perf_counter() - t0
+            each.setdefault(label, []).append(time.perf_counter() - t0)
+            times[label] = sum(each[label])
             rows[label] = {r["run_key"] if args.compare != "precision" else (r["cell"], r["seed"]): r
-                           for r in read_runs(tmp / label.replace("=", ""))}
+                           for r in read_runs(folder)}
 
     first, second = [label for label, _ in COMPARISONS[args.compare]]
     heads = len(rows[first])
@@ -108,7 +120,9 @@ def main(argv=None) -> None:
     print(f"grid: {heads} heads, {epochs} head-epochs in total; device {args.device}")
     for label in (first, second):
         s = summaries[label]
-        print(f"{label:>10}: {times[label]:.1f} s ({times[label] / heads:.2f} s per head); training matmuls "
+        runs = len(each[label])
+        print(f"{label:>10}: {times[label]:.1f} s in {runs} run(s) ({', '.join(f'{t:.1f}' for t in each[label])} s; "
+              f"{times[label] / runs / heads:.2f} s per head); training matmuls "
               f"{s.get('gflops', 0):.1f} GFLOP/s ({s.get('precision')}), {s['jobs']} job(s), matmul peak measured in "
               f"the same run {s.get('peak_gflops', 0):.1f} GFLOP/s on {s['jobs']} core(s) = "
               f"{100 * s.get('gflops', 0) / max(s.get('peak_gflops', 1), 1e-9):.0f} %")

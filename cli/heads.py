@@ -32,6 +32,9 @@ def heads():
 @click.option("--baselines/--no-baselines", default=True, show_default=True,
               help="Also train the unimodal image-only and text-only heads (Table 7).")
 @click.option("--sequential", is_flag=True, help="Train one head at a time instead of all seeds of a cell at once.")
+@click.option("--group-cells/--no-group-cells", default=True, show_default=True,
+              help="Stack cells of the same shape (e.g. a strategy's add, average and product) into one training "
+                   "step; --no-group-cells: one step per cell, for comparison. Same rows either way.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [default: cuda if available, else cpu]")
 @click.option("--jobs", type=POSITIVE, default=None,
               help="Worker processes training cells at once, one thread each [default: the cores this process may "
@@ -59,7 +62,8 @@ def heads():
                    "larger feature sets are streamed from the store in row blocks.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @one_line_errors
-def sweep(store, out, strategies, fusions, image_sources, text_sources, seeds, baselines, sequential, device, jobs,
+def sweep(store, out, strategies, fusions, image_sources, text_sources, seeds, baselines, sequential, group_cells,
+          device, jobs,
           threads, batch_size, lr, max_epochs, patience, class_weight, precision, manifest, end_to_end_epochs,
           max_steps_per_epoch, memory_budget, progress):
     """Train the grid over STORE; one JSON row per run in OUT/runs.jsonl, best head per cell in OUT/heads/.
@@ -76,7 +80,8 @@ def sweep(store, out, strategies, fusions, image_sources, text_sources, seeds, b
         strategies=tuple(comma_list(strategies)) if strategies else None,
         fusions=tuple(comma_list(fusions)) if fusions else None, seeds=int_list(seeds, "--seeds"),
         image_sources=image_sources, text_sources=text_sources,
-        baselines=baselines, batched=not sequential, device=device, jobs=jobs, threads=threads, progress=progress,
+        baselines=baselines, batched=not sequential, group_cells=group_cells, device=device, jobs=jobs,
+        threads=threads, progress=progress,
         train=TrainSettings(batch_size=batch_size, lr=lr, max_epochs=max_epochs, patience=patience,
                             precision=precision, class_weight=None if class_weight == "none" else class_weight),
         manifest=str(manifest) if manifest else None,

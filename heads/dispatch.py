@@ -5,6 +5,10 @@ cell gives the same weights and metrics wherever it trains: `--jobs 2` and a 2-r
 Workers are spawned (a fork of a process that has run OpenMP code can hang) and receive the features through
 torch's shared memory (the tensors are not copied per worker). Ranks deal the cells round-robin in grid order,
 train their own, and send the results to rank 0, which alone writes rows and heads.
+
+The unit of dispatch is a group of tasks (`group_tasks`): cells whose heads share one stacked step (same feature
+sets and rows, same StackedHead.shape_key; heads/groups.py) go to one worker or rank together, since splitting a
+group across workers would take away the stacking it exists for. A head's results do not depend on its group.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ import torch.multiprocessing
 
 from heads.grid import Cell
 from heads.models import HeadConfig, StackedHead
-from heads.train import HeadData, HeadResult, TrainSettings, train_heads
+from heads.train import HeadData, HeadResult, TrainSettings, train_group
 
 
 @dataclass
@@ -38,6 +42,18 @@ class Task:
         return StackedHead(self.config).forward_flops_per_row() * len(self.seeds)
 
 
+def group_tasks(tasks: list[Task], *, enabled: bool = True) -> list[list[Task]]:
+    """Tasks whose heads can share one stacked step, in grid order of each group's first task; with `enabled`
+    False, every task is its own group (one stacked step per cell)."""
+    if not enabled:
+        return [[t] for t in tasks]
+    groups: dict[tuple, list[Task]] = {}
+    for t in tasks:
+        key = (t.cell.feature_sets, t.cell.row_sets, StackedHead(t.config).shape_key())
+        groups.setdefault(key, []).append(t)
+    return list(groups.values())
+
+
 def default_jobs(device: torch.device) -> int:
     """The cores this process may use on a CPU; one process per GPU on CUDA."""
     if device.type != "cpu":
@@ -52,28 +68,40 @@ def _worker_start() -> None:
     torch.set_num_threads(1)   # one thread per process: N processes use N cores with no OpenMP barriers
 
 
-def _train(config: HeadConfig, seeds: list[int], data: HeadData, train: TrainSettings, batched: bool,
+def _train(heads: list[tuple[HeadConfig, int]], data: HeadData, train: TrainSettings, batched: bool,
            cpu_auto_bf16: bool) -> list[HeadResult]:
-    return train_heads(config, seeds, data, train, batched=batched, cpu_auto_bf16=cpu_auto_bf16)
+    return train_group(heads, data, train, batched=batched, cpu_auto_bf16=cpu_auto_bf16)
 
 
-def run_tasks(tasks: list[Task], data_for: Callable[[Task], HeadData], train: TrainSettings, *, jobs: int,
+def _heads(group: list[Task]) -> list[tuple[HeadConfig, int]]:
+    return [(t.config, s) for t in group for s in t.seeds]
+
+
+def _per_task(group: list[Task], results: list[HeadResult]) -> Iterator[tuple[Task, list[HeadResult]]]:
+    start = 0
+    for task in group:
+        yield task, results[start:start + len(task.seeds)]
+        start += len(task.seeds)
+
+
+def run_tasks(groups: list[list[Task]], data_for: Callable[[Task], HeadData], train: TrainSettings, *, jobs: int,
               batched: bool, cpu_auto_bf16: bool) -> Iterator[tuple[Task, list[HeadResult]]]:
-    """Yields (task, results) as tasks finish: in order in this process (jobs = 1), else as workers finish."""
-    if jobs <= 1 or len(tasks) <= 1:
-        for task in tasks:
-            yield task, _train(task.config, task.seeds, data_for(task), train, batched, cpu_auto_bf16)
+    """Trains each group (`group_tasks`) in one stack; yields (task, results) per task as groups finish: in
+    order in this process (jobs = 1), else as workers finish. Every task of a group reads data_for(group[0])."""
+    if jobs <= 1 or len(groups) <= 1:
+        for group in groups:
+            yield from _per_task(group, _train(_heads(group), data_for(group[0]), train, batched, cpu_auto_bf16))
         return
     context = torch.multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=context,
+    with ProcessPoolExecutor(max_workers=min(jobs, len(groups)), mp_context=context,
                              initializer=_worker_start) as pool:
-        # largest first: a long cell started last would leave the other workers idle at the end
-        order = sorted(tasks, key=lambda t: -t.cost)
-        futures = {pool.submit(_train, t.config, t.seeds, data_for(t), train, batched, cpu_auto_bf16): t
-                   for t in order}
+        # largest first: a long group started last would leave the other workers idle at the end
+        order = sorted(groups, key=lambda g: -sum(t.cost for t in g))
+        futures = {pool.submit(_train, _heads(g), data_for(g[0]), train, batched, cpu_auto_bf16): i
+                   for i, g in enumerate(order)}
         try:
             for future in as_completed(futures):
-                yield futures[future], future.result()
+                yield from _per_task(order[futures[future]], future.result())
         except BrokenProcessPool as error:  # a worker was killed (out of memory, a signal): say so in one line
             raise OSError(errno.ECHILD, f"a sweep worker process died ({error}); the cells recorded so far are "
                                         "kept, so a rerun resumes (with fewer --jobs if memory ran out)") from None
@@ -87,9 +115,10 @@ def world() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def my_tasks(tasks: list[Task], rank: int, size: int) -> list[Task]:
-    """Rank r trains tasks r, r + size, r + 2 size, ... of the grid order: the same deal on every rank."""
-    return tasks[rank::size]
+def my_tasks(groups: list, rank: int, size: int) -> list:
+    """Rank r trains groups (or tasks) r, r + size, r + 2 size, ... of the grid order: the same deal on every
+    rank."""
+    return groups[rank::size]
 
 
 class RankGroup:

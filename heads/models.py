@@ -157,13 +157,25 @@ class StackedHead:
                 if c.strategy == "2B":  # (G, B, 500) -> (G, B, C)
                     h = _linear(h, p[f"{m}_classifier.weight"], p[f"{m}_classifier.bias"])
                 feats[i] = h
-        if self.fusion is None:
-            fused = feats[0]
-        else:
-            fused = self.fusion.forward({k[7:]: v for k, v in p.items() if k.startswith("fusion.")}, *feats)
+        fused = self.fuse(p, feats)
         h = torch.relu(_linear(fused, p["fusion_layer.weight"], p["fusion_layer.bias"]))  # (G, B, 250)
         h = dropout(h, len(self._dropout_widths) - 1)
         return _linear(h, p["classifier.weight"], p["classifier.bias"])  # (G, B, C)
+
+
+    def fuse(self, params: dict[str, torch.Tensor], feats: list[torch.Tensor]) -> torch.Tensor:
+        """The fusion operator on the per-modality features (G, B, d) each -> (G, B, fused_dim)."""
+        if self.fusion is None:
+            return feats[0]
+        return self.fusion.forward({k[7:]: v for k, v in params.items() if k.startswith("fusion.")}, *feats)
+
+    def shape_key(self) -> tuple:
+        """What heads must share to train in one stacked step (heads/groups.py): the strategy (the forward's
+        structure), every parameter shape, the dropout layout and rate. Add, average and product of one
+        strategy share it (their fused width is the branch width); concat doubles the fusion layer's input and
+        gated has gate weights, so each of those only stacks with itself."""
+        c = self.config
+        return (c.strategy, tuple(self.param_shapes().items()), tuple(self._dropout_widths), c.dropout)
 
 
 def predict_logits(model: StackedHead, params: dict[str, torch.Tensor], inputs: list[torch.Tensor],

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from embedstore.defaults import resolve_device, resolve_precision
 from embedstore.fingerprint import fingerprint
-from heads.dispatch import RankGroup, Task, default_jobs, my_tasks, run_tasks, world
+from heads.dispatch import RankGroup, Task, default_jobs, group_tasks, my_tasks, run_tasks, world
 from heads.end_to_end import END_TO_END, EndToEndSettings
 from heads.estimator import FusionHead
 from heads.fusion import list_fusions
@@ -48,6 +48,8 @@ class SweepSettings:
     image_sources: tuple[str, ...] = ()   # only these image sources (names or backbones); () = every one
     text_sources: tuple[str, ...] = ()
     batched: bool = True                  # all seeds of a cell in one stack; False: one head at a time
+    # also stack cells of the same shape (operators, not only seeds; heads/groups.py) into one step; same rows
+    group_cells: bool = True
     device: str | None = None             # None: cuda when available, else cpu
     jobs: int | None = None               # worker processes, one thread each; None: the cores we may use
     # torch.set_num_threads while training in this process (jobs = 1). 1 by default: on this project's 2-vCPU
@@ -164,14 +166,16 @@ def _sweep_ranks(store_path: Path, out_dir: Path, settings: SweepSettings, devic
         for note in notes:
             log(note)
         tasks = _tasks(store, cells, settings, done, summary, log, out_dir)
-        mine = my_tasks(tasks, rank, size)
+        # a group of cells (heads/groups.py) is the unit of dispatch: one stack, one worker or rank
+        mine = my_tasks(group_tasks(tasks, enabled=settings.group_cells and settings.batched), rank, size)
         data = _DataCache(store, device, settings.memory_budget, log)
         finished: list[tuple[Task, list[HeadResult]]] = []
-        bar = tqdm(total=sum(len(t.seeds) for t in mine), unit="head", desc="heads sweep",
+        bar = tqdm(total=sum(len(t.seeds) for g in mine for t in g), unit="head", desc="heads sweep",
                    disable=not settings.progress or rank != 0, leave=False)
-        # streamed cells read the store in this process (an open HDF5 file does not travel to workers)
-        streamed = [t for t in mine if data.streamed(t)]
-        in_memory = [t for t in mine if t not in streamed]
+        # streamed cells read the store in this process (an open HDF5 file does not travel to workers); a
+        # group's cells share their rows, so its first decides
+        streamed = [g for g in mine if data.streamed(g[0])]
+        in_memory = [g for g in mine if not data.streamed(g[0])]
         for task, results in _chain(run_tasks(in_memory, data.for_task, settings.train, jobs=jobs,
                                               batched=settings.batched, cpu_auto_bf16=CPU_AUTO_BF16),
                                     run_tasks(streamed, data.for_task, settings.train, jobs=1,

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 
 from embedstore.defaults import PRECISIONS, SPLITS, autocast, resolve_precision
 from embedstore.metrics import classification_metrics
-from heads.models import HeadConfig, StackedHead
+from heads.groups import GroupHead
+from heads.models import HeadConfig
 
 CLASS_WEIGHTS = (None, "balanced")
 
@@ -191,18 +192,26 @@ def train_heads(config: HeadConfig, seeds: list[int], data: HeadData, settings: 
                 *, batched: bool = True, cpu_auto_bf16: bool = False) -> list[HeadResult]:
     """Train one head per seed; all in one stack (batched) or one after another. Same results either way.
     `cpu_auto_bf16`: precision "auto" may pick bf16 on a CPU with native bf16 (the sweep decides)."""
+    return train_group([(config, s) for s in seeds], data, settings, batched=batched, cpu_auto_bf16=cpu_auto_bf16)
+
+
+def train_group(heads: list[tuple[HeadConfig, int]], data: HeadData, settings: TrainSettings = TrainSettings(),
+                *, batched: bool = True, cpu_auto_bf16: bool = False) -> list[HeadResult]:
+    """Train heads of several cells, one per (config, seed), in one stack when their configs share
+    StackedHead.shape_key (heads/groups.py), else (`batched=False`) one after another. Results in `heads` order;
+    each is bit-identical to the same head trained alone on the same device."""
     if batched:
-        return _train_stack(config, list(seeds), data, settings, reference=False, cpu_auto_bf16=cpu_auto_bf16)
-    return [r for s in seeds
-            for r in _train_stack(config, [s], data, settings, reference=True, cpu_auto_bf16=cpu_auto_bf16)]
+        return _train_stack(list(heads), data, settings, reference=False, cpu_auto_bf16=cpu_auto_bf16)
+    return [r for head in heads
+            for r in _train_stack([head], data, settings, reference=True, cpu_auto_bf16=cpu_auto_bf16)]
 
 
-def _generators(config: HeadConfig, seeds: list[int], device: torch.device):
+def _generators(heads: list[tuple[HeadConfig, int]], device: torch.device):
     """(init generators on the CPU, stream generators on the device): the same objects on a CPU device."""
-    init = [torch.Generator().manual_seed(head_seed(config, sd)) for sd in seeds]
+    init = [torch.Generator().manual_seed(head_seed(config, sd)) for config, sd in heads]
     if device.type == "cpu":
         return init, init
-    return init, [torch.Generator(device=device).manual_seed(head_seed(config, sd)) for sd in seeds]
+    return init, [torch.Generator(device=device).manual_seed(head_seed(config, sd)) for config, sd in heads]
 
 
 def _dropout_masks(generators: list[torch.Generator], batch: int, width: int, p: float,
@@ -277,14 +286,15 @@ def _class_weights(split: DataSplit, num_classes: int, how: str | None) -> torch
     return weights.to(torch.float32).to(split.device)
 
 
-def _train_stack(config: HeadConfig, seeds: list[int], data: HeadData, s: TrainSettings,
+def _train_stack(heads: list[tuple[HeadConfig, int]], data: HeadData, s: TrainSettings,
                  *, reference: bool, cpu_auto_bf16: bool = False) -> list[HeadResult]:
     t0 = time.perf_counter()
     device = data.train.device
-    model = StackedHead(config)
+    model = all_heads = GroupHead([config for config, _ in heads])   # refuses configs of different shapes
+    config, seeds = heads[0][0], [sd for _, sd in heads]   # configs share every shape, dropout and class count
     G, n, p_drop = len(seeds), len(data.train), config.dropout
     precision = resolve_precision(s.precision, device, cpu_auto_bf16=cpu_auto_bf16)
-    init_gens, gens = _generators(config, seeds, device)
+    init_gens, gens = _generators(heads, device)
     params = {k: v.to(device).requires_grad_() for k, v in model.init_params(init_gens).items()}
     class_weight = _class_weights(data.train, config.num_classes, s.class_weight)
     if reference:  # the plain one-model path every PyTorch user writes
@@ -347,6 +357,7 @@ def _train_stack(config: HeadConfig, seeds: list[int], data: HeadData, s: TrainS
             keep = torch.nonzero(~stopped).flatten()
             active = active[keep]
             gens = [gens[i] for i in keep.tolist()]
+            model = model.select(keep.tolist())   # the operators of the heads left, in stack order
             keep_d = keep.to(device)
             params = {k: v.detach()[keep_d].requires_grad_() for k, v in params.items()}
             if not reference:
@@ -356,7 +367,7 @@ def _train_stack(config: HeadConfig, seeds: list[int], data: HeadData, s: TrainS
     metrics = [None] * G
     if data.test is not None and len(data.test) > 0:
         with autocast(device, precision):
-            test_pred, y_test = _predictions(model, best, data.test, s.eval_chunk)
+            test_pred, y_test = _predictions(all_heads, best, data.test, s.eval_chunk)
         test_pred, y_test = test_pred.cpu().numpy(), y_test.cpu().numpy()
         metrics = [classification_metrics(y_test, test_pred[i]) for i in range(G)]
     return [HeadResult(

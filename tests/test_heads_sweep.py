@@ -141,6 +141,16 @@ def test_cli_sweep_then_report(tmp_path):
     assert "Table 5" in md and "| 2A |" in md and "text only" in md
 
 
+@pytest.mark.parametrize("flag,sizes", [([], {2}), (["--no-group-cells"], {1})])
+def test_cli_groups_cells_of_one_shape_unless_told_not_to(tmp_path, flag, sizes):
+    store = make_store(tmp_path / "s.h5")
+    res = CliRunner().invoke(main, ["sweep", str(store), "--out", str(tmp_path / "r"), "--strategies", "2A",
+                                    "--fusions", "add,average", "--seeds", "0", "--no-baselines", "--max-epochs", "2",
+                                    "--device", "cpu", "--jobs", "1"] + flag)
+    assert res.exit_code == 0, res.output
+    assert {r["group_size"] for r in read_runs(tmp_path / "r")} == sizes   # 2A-add + 2A-average, or alone
+
+
 @pytest.mark.parametrize("args,message", [
     (["--fusions", "attention"], "unknown fusion operator 'attention'"),
     (["--strategies", "3C"], "unknown strategy '3C'"),  # 3A/3B exist: heads/end_to_end.py

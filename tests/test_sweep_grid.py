@@ -111,10 +111,26 @@ def test_jobs_2_gives_exactly_the_rows_of_jobs_1(tmp_path):
         assert a["run_key"] == b["run_key"] and a["best_val_accuracy"] == b["best_val_accuracy"]
 
 
+def test_cells_of_one_shape_share_a_step_and_give_the_rows_and_heads_of_one_step_per_cell(tmp_path):
+    store = make_store(tmp_path / "s.h5", modules=True)
+    settings = dict(fusions=("add", "average", "concat"), seeds=(0, 1), train=FAST, progress=False, jobs=1)
+    run_sweep(store, tmp_path / "grouped", SweepSettings(**settings), log=lambda _: None)
+    run_sweep(store, tmp_path / "cells", SweepSettings(group_cells=False, **settings), log=lambda _: None)
+    grouped, cells = read_runs(tmp_path / "grouped"), read_runs(tmp_path / "cells")
+    assert len(grouped) == (3 * 3 + 2) * 2 and metrics(grouped) == metrics(cells)
+    size = {r["cell"]: r["group_size"] for r in grouped}
+    # add and average of a strategy: 2 cells x 2 seeds in one stack; concat and the baselines: their seeds only
+    assert size["2A-add"] == size["2A-average"] == size["1A-average"] == 4
+    assert size["2A-concat"] == size["image"] == 2 and {r["group_size"] for r in cells} == {2}
+    for cell in ("2A-average", "1A-add", "text"):
+        a = (tmp_path / "grouped" / "heads" / cell / "model.safetensors").read_bytes()
+        assert a == (tmp_path / "cells" / "heads" / cell / "model.safetensors").read_bytes()
+
+
 def test_torchrun_two_ranks_give_the_rows_of_one_process(tmp_path):
     store = make_store(tmp_path / "s.h5", modules=True)
-    args = ["sweep", str(store), "--fusions", "add,gated", "--seeds", "0,1", "--max-epochs", "4", "--patience", "2",
-            "--batch-size", "32", "--lr", "0.003", "--jobs", "1", "--no-progress", "--device", "cpu"]
+    args = ["sweep", str(store), "--fusions", "add,average,gated", "--seeds", "0,1", "--max-epochs", "4",
+            "--patience", "2", "--batch-size", "32", "--lr", "0.003", "--jobs", "1", "--no-progress", "--device", "cpu"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, "-m", "cli.heads"] + args + ["--out", str(tmp_path / "one")], env=env,
                          cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -124,7 +140,8 @@ def test_torchrun_two_ranks_give_the_rows_of_one_process(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     rows_one, rows_two = read_runs(tmp_path / "one"), read_runs(tmp_path / "two")
-    assert len(rows_one) == len(rows_two) == (3 * 2 + 2) * 2   # 1A, 2A, 2B x 2 operators + 2 baselines
+    assert len(rows_one) == len(rows_two) == (3 * 3 + 2) * 2   # 1A, 2A, 2B x 3 operators + 2 baselines
+    assert {r["group_size"] for r in rows_two} == {2, 4}       # add + average stacked, dealt to one rank
     assert metrics(rows_one) == metrics(rows_two)
     assert "2 rank(s)" in two.stdout
 
@@ -139,8 +156,10 @@ def test_a_worker_killed_with_sigkill_is_one_line_and_the_finished_cells_are_kep
 
     store = make_store(tmp_path / "s.h5", n=240)
     slow = TrainSettings(batch_size=8, max_epochs=10, patience=10, lr=1e-3)   # a second or so per cell
+    # one unit of dispatch per cell (add and product would share one stack): four units for two workers, so
+    # the kill lands while work is left
     settings = dict(strategies=("2A",), fusions=("add", "product", "concat", "gated"), seeds=(0,), train=slow,
-                    baselines=False, progress=False)
+                    baselines=False, progress=False, group_cells=False)
 
     def kill_a_worker_after_the_first_row():
         deadline = time.time() + 120
