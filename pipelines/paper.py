@@ -342,7 +342,8 @@ class _ManifestJob:
 
         # + the decision-level models (logistic regressions, late fusion, stacking: heads/decision.py)
         settings = SweepSettings(strategies=("2A", "2B") + DECISION_STRATEGIES, fusions=self.s.fusions,
-                                 seeds=self.s.seeds, baselines=True, device=self.s.device, train=self._train_settings())
+                                 seeds=self.s.seeds, baselines=True, device=self.s.device, train=self._train_settings(),
+                                 progress=self.s.progress)
         self._sweep("sweep results/pooled (2-A, 2-B, baselines, LR, LF, ST)", self.store,
                     self.root / "results" / "pooled", {"store": self.store_digest}, settings)
 
@@ -378,7 +379,8 @@ class _ManifestJob:
         self.entry["pairs"][str(seed)] = {"image": str(image_dir), "text": str(text_dir), "store": str(store)}
         # + LFM: late fusion of the two modules' own classifier outputs (heads/decision.py)
         sweep = SweepSettings(strategies=("1A", "1B", "LFM"), fusions=self.s.fusions, seeds=(seed,), baselines=False,
-                              device=self.s.device, train=self._train_settings())
+                              device=self.s.device, train=self._train_settings(),
+                                 progress=self.s.progress)
         self._sweep(f"sweep results/modules-seed-{seed} (1-A, 1-B, LFM)", store,
                     self.root / "results" / f"modules-seed-{seed}", {"store": store_digest}, sweep)
 
@@ -410,6 +412,7 @@ class _ManifestJob:
                                       progress=self.s.progress)
         settings = SweepSettings(strategies=("3A", "3B"), fusions=self.s.end_to_end_fusions, seeds=self.s.seeds,
                                  baselines=False, device=self.s.device, train=self._train_settings(),
+                                 progress=self.s.progress,
                                  manifest=str(self.manifest), end_to_end=end_to_end)
         recorded = {k: v for k, v in asdict(end_to_end).items() if k not in ("workers", "progress", "device")}
         self._sweep("sweep results/end-to-end (3-A, 3-B)", self.store, self.root / "results" / "end-to-end",

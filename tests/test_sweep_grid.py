@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from heads.decision import DECISION_STRATEGIES
 from embedstore.store import FeatureStore, write_store_from_arrays
 from heads.fusion import Fusion, _FUSIONS, list_fusions, register_fusion
 from heads.grid import build_grid
@@ -52,8 +53,10 @@ def test_default_sweep_takes_what_the_store_allows_and_says_what_it_skipped(tmp_
     summary = run_sweep(store, tmp_path / "r", SweepSettings(seeds=(0,), train=FAST, jobs=1, progress=False),
                         log=logged.append)
     strategies = {r["strategy"] for r in read_runs(tmp_path / "r")}
-    assert strategies == {"2A", "2B", "image", "text"}
+    # + the decision-level models over pooled features (heads/decision.py); LFM needs module outputs
+    assert strategies == {"2A", "2B", "image", "text", "LF", "ST", "LR-image", "LR-text", "LR-concat"}
     assert any("skipped 1A" in line and "--image-module DIR" in line for line in logged)
+    assert any("skipped LFM" in line and "--image-module DIR" in line for line in logged)
     assert any("skipped 1B" in line for line in summary["notes"])
     fusions = {r["fusion"] for r in read_runs(tmp_path / "r") if r["strategy"] == "2A"}
     assert fusions == set(list_fusions())
@@ -116,7 +119,9 @@ def test_cells_of_one_shape_share_a_step_and_give_the_rows_and_heads_of_one_step
     settings = dict(fusions=("add", "average", "concat"), seeds=(0, 1), train=FAST, progress=False, jobs=1)
     run_sweep(store, tmp_path / "grouped", SweepSettings(**settings), log=lambda _: None)
     run_sweep(store, tmp_path / "cells", SweepSettings(group_cells=False, **settings), log=lambda _: None)
-    grouped, cells = read_runs(tmp_path / "grouped"), read_runs(tmp_path / "cells")
+    # the heads' rows (the default grid also fits the decision-level models, which train in no step)
+    grouped, cells = ([r for r in read_runs(tmp_path / d) if r["strategy"] not in DECISION_STRATEGIES]
+                      for d in ("grouped", "cells"))
     assert len(grouped) == (3 * 3 + 2) * 2 and metrics(grouped) == metrics(cells)
     size = {r["cell"]: r["group_size"] for r in grouped}
     # add and average of a strategy: 2 cells x 2 seeds in one stack; concat and the baselines: their seeds only
@@ -140,9 +145,10 @@ def test_torchrun_two_ranks_give_the_rows_of_one_process(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     rows_one, rows_two = read_runs(tmp_path / "one"), read_runs(tmp_path / "two")
-    assert len(rows_one) == len(rows_two) == (3 * 3 + 2) * 2   # 1A, 2A, 2B x 3 operators + 2 baselines
-    assert {r["group_size"] for r in rows_two} == {2, 4}       # add + average stacked, dealt to one rank
-    assert metrics(rows_one) == metrics(rows_two)
+    assert metrics(rows_one) == metrics(rows_two)               # heads and (rank 0's) decision-level models
+    heads_two = [r for r in rows_two if r["strategy"] not in DECISION_STRATEGIES]
+    assert len(heads_two) == (3 * 3 + 2) * 2                    # 1A, 2A, 2B x 3 operators + 2 baselines
+    assert {r["group_size"] for r in heads_two} == {2, 4}       # add + average stacked, dealt to one rank
     assert "2 rank(s)" in two.stdout
 
 
