@@ -79,12 +79,14 @@ def table(rows_by_variant: dict[str, list[dict]]) -> list[str]:
              "|---|---|---|---|"]
     for cell in cells:
         stats = {}
-        for variant, rows in rows_by_variant.items():
-            values = np.array([row["test_accuracy"] for row in rows if row["cell"] == cell]) * 100
-            stats[variant] = (values.mean(), values.std(ddof=1) if len(values) > 1 else 0.0, len(values))
+        for variant in VARIANTS:
+            values = np.array([row["test_accuracy"] for row in rows_by_variant.get(variant, [])
+                               if row["cell"] == cell]) * 100
+            stats[variant] = (values.mean(), values.std(ddof=1) if len(values) > 1 else 0.0, len(values)) \
+                if len(values) else None
+        shown = [f"{s[0]:.2f} +- {s[1]:.2f} ({s[2]})" if s else "not run" for s in stats.values()]
         p, c = stats["plain"], stats["cross-fit"]
-        lines.append(f"| {cell} | {p[0]:.2f} +- {p[1]:.2f} ({p[2]}) | {c[0]:.2f} +- {c[1]:.2f} ({c[2]}) | "
-                     f"{c[0] - p[0]:+.2f} |")
+        lines.append(f"| {cell} | {shown[0]} | {shown[1]} | {f'{c[0] - p[0]:+.2f}' if p and c else ''} |")
     return lines
 
 
@@ -97,6 +99,8 @@ def main(argv=None) -> None:
     parser.add_argument("--image-size", type=int, default=112)
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None, help="write the Markdown tables here too")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: tables from the heads already in --work (an unfinished run)")
     args = parser.parse_args(argv)
     # one thread: on a shared 2-core machine OpenMP barriers stall whenever the other core is busy (sweep.py)
     torch.set_num_threads(1)
@@ -105,11 +109,17 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     per_manifest = {}
     for index, (manifest, store) in enumerate(zip(args.manifest, args.store)):
-        per_manifest[str(manifest)] = run_manifest(manifest, store, args.work / f"manifest-{index}", args.k,
-                                                   args.image_size, args.jobs, functools.partial(print, flush=True))
+        work = args.work / f"manifest-{index}"
+        if args.report_only:
+            per_manifest[str(manifest)] = {v: [r for r in read_runs(work / f"heads-{v}")
+                                               if r["strategy"] in ("1A", "1B")]
+                                           for v in VARIANTS if (work / f"heads-{v}" / "runs.jsonl").is_file()}
+            continue
+        per_manifest[str(manifest)] = run_manifest(manifest, store, work, args.k, args.image_size, args.jobs,
+                                                   functools.partial(print, flush=True))
     lines = [f"command: `python {shlex.join(['benchmarks/cross_fit.py', *(argv or sys.argv[1:])])}`", "",
              f"## All manifests x seeds 0,1,2 (K = {args.k})", "",
-             *table({v: [r for res in per_manifest.values() for r in res[v]] for v in VARIANTS})]
+             *table({v: [r for res in per_manifest.values() for r in res.get(v, [])] for v in VARIANTS})]
     for manifest, results in per_manifest.items():
         lines += ["", f"## {manifest}", "", *table(results)]
     lines += ["", f"wall time {time.perf_counter() - start:.0f} s"]
