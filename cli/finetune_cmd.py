@@ -39,10 +39,16 @@ TABLE_COLUMNS = (("test accuracy", "test_accuracy", "{:.4f}"), ("macro-F1", "tes
 @click.option("--max-steps-per-epoch", type=POSITIVE, default=None,
               help="Stop each epoch after this many steps (measures time per step; the full epoch is extrapolated).")
 @click.option("--workers", default=2, type=NON_NEGATIVE, show_default=True, help="DataLoader processes decoding images (S3).")
+@click.option("--cross-fit", "cross_fit", type=int, default=None, metavar="K",
+              help="Also train K fold modules (K >= 2; stratified folds drawn from --seed), fold k without the "
+                   "training items of fold k, in OUT/folds/: `embed extract --image-module/--text-module` then "
+                   "gives each training row the features of the fold module that never saw it (out-of-fold "
+                   "features for 1-A/1-B heads), validation and test rows those of the usual module. K+1 trainings: "
+                   "seconds for S1/S2, K+1 full fine-tunings for S3. Rerun to resume: finished folds are kept.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @one_line_errors
 def finetune(manifest, modality, strategy, out, store, backbone, weights, image_size, epochs, batch_size, lr,
-             patience, dropout, seed, device, max_steps_per_epoch, workers, progress):
+             patience, dropout, seed, device, max_steps_per_epoch, workers, cross_fit, progress):
     """Train a MANIFEST module with a transfer strategy; print the columns of the paper's Tables 3/4."""
     from embedstore.finetune import FinetuneSettings, finetune as run_finetune
 
@@ -53,7 +59,7 @@ def finetune(manifest, modality, strategy, out, store, backbone, weights, image_
         modality=modality, strategy=int(strategy), backbone=backbone, weights=str(weights) if weights else None,
         image_size=image_size, lr=lr, batch_size=batch_size, max_epochs=epochs, patience=patience,
         dropout=dropout, seed=seed, device=device, max_steps_per_epoch=max_steps_per_epoch, workers=workers,
-        progress=progress,
+        progress=progress, cross_fit=cross_fit,
     )
     result = run_finetune(manifest, out, settings, store_path=store)
     metrics = result.metrics
@@ -67,4 +73,9 @@ def finetune(manifest, modality, strategy, out, store, backbone, weights, image_
         click.echo(f"  partial epochs of {max_steps_per_epoch} steps: {metrics['seconds_per_step']:.3f} s/step, "
                    f"about {metrics['estimated_full_epoch_seconds']:.0f} s of training per full epoch of "
                    f"{metrics['steps_per_full_epoch']} steps (extrapolated)")
-    click.echo(f"wrote {out}/model.safetensors, config.json, metrics.json")
+    for fold in metrics.get("cross_fit", {}).get("folds", []):
+        state = "kept (finished before)" if fold["kept"] else "trained"
+        click.echo(f"  fold {fold['fold']}: {state}, val accuracy {fold['best_val_accuracy']:.4f}, "
+                   f"items {json.dumps(fold['items'])}")
+    click.echo(f"wrote {out}/model.safetensors, config.json, metrics.json"
+               + (f" and {metrics['cross_fit']['k']} fold modules in {out}/folds/" if "cross_fit" in metrics else ""))

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from embedstore.backbones import create_backbone
 from embedstore.catalog import open_catalog_from_spec
 from embedstore.chunks import check_feature_dtype
+from embedstore.cross_fit import RowPlan, check_folds
 from embedstore.defaults import autocast_for, compute_precision, resolve_device
 from embedstore.images import ImageRows, collate_images
 from embedstore.manifest import Manifest
@@ -144,7 +145,8 @@ def _extract_images(manifest: Manifest, store_path: Path, settings: ExtractSetti
         backbone = backbone.to(device, memory_format=torch.channels_last).eval()
         start = time.perf_counter()
         pending = _stream_images(manifest, writer, backbone.image_transform(train=False),
-                                 lambda images: {"pooled": backbone(images)}, settings, device, f"image/{source}")
+                                 lambda images, rows: {"pooled": backbone(images)}, settings, device,
+                                 f"image/{source}")
         complete = writer.finish()
         counts = _counts(writer.status)
     return SourceReport(f"image/{source}", len(pending), counts, complete, time.perf_counter() - start)
@@ -152,7 +154,8 @@ def _extract_images(manifest: Manifest, store_path: Path, settings: ExtractSetti
 
 def _stream_images(manifest: Manifest, writer: FeatureSetWriter, transform, compute, settings: ExtractSettings,
                    device, desc: str) -> np.ndarray:
-    """Run `compute(images (n_ok, 3, H, W)) -> {layer: (n_ok, D)}` over the writer's pending rows; returns them."""
+    """Run `compute(images (n_ok, 3, H, W), rows (n_ok,)) -> {layer: (n_ok, D)}` over the writer's pending rows
+    (`rows`: their manifest rows); returns them."""
     catalog = open_catalog_from_spec(manifest.catalog)
     refs = [item.image for item in manifest.items]
     pending = writer.pending_rows()
@@ -171,7 +174,7 @@ def _stream_images(manifest: Manifest, writer: FeatureSetWriter, transform, comp
             if images is not None:
                 with torch.inference_mode(), autocast_for(device):
                     images = images.to(device, memory_format=torch.channels_last, non_blocking=True)
-                    outputs = compute(images)
+                    outputs = compute(images, rows[status == STATUS_OK])
                 values = {layer: value.float().cpu().numpy() for layer, value in outputs.items()}
             writer.write(rows, values, status)
             bar.update(len(rows))
@@ -189,8 +192,8 @@ def _extract_texts(manifest: Manifest, store_path: Path, settings: ExtractSettin
                           dtype=settings.dtype) as writer:
         backbone = backbone.to(device).eval()
         start = time.perf_counter()
-        pending = _stream_texts(manifest, writer, backbone.tokenize, lambda tokens: {"pooled": backbone(**tokens)},
-                                settings, device, f"text/{source}")
+        pending = _stream_texts(manifest, writer, backbone.tokenize,
+                                lambda tokens, rows: {"pooled": backbone(**tokens)}, settings, device, f"text/{source}")
         complete = writer.finish()
         counts = _counts(writer.status)
     return SourceReport(f"text/{source}", len(pending), counts, complete, time.perf_counter() - start)
@@ -198,7 +201,7 @@ def _extract_texts(manifest: Manifest, store_path: Path, settings: ExtractSettin
 
 def _stream_texts(manifest: Manifest, writer: FeatureSetWriter, tokenize, compute, settings: ExtractSettings,
                   device, desc: str) -> np.ndarray:
-    """Run `compute(tokens: dict of (n_ok, 30)) -> {layer: (n_ok, D)}` over the writer's pending rows."""
+    """Run `compute(tokens: dict of (n_ok, 30), rows (n_ok,)) -> {layer: (n_ok, D)}` over the writer's pending rows."""
     titles = [item.title for item in manifest.items]
     pending = writer.pending_rows()
     with tqdm(total=len(titles), initial=len(titles) - len(pending), unit="title",
@@ -212,7 +215,7 @@ def _stream_texts(manifest: Manifest, writer: FeatureSetWriter, tokenize, comput
                 tokens = tokenize([titles[row] for row in rows[usable]])  # (n_ok, 30) each
                 tokens = {key: value.to(device, non_blocking=True) for key, value in tokens.items()}
                 with torch.inference_mode(), autocast_for(device):
-                    outputs = compute(tokens)
+                    outputs = compute(tokens, rows[usable])
                 values = {layer: value.float().cpu().numpy() for layer, value in outputs.items()}
             writer.write(rows, values, status)
             bar.update(len(rows))
@@ -225,9 +228,11 @@ def _stream_texts(manifest: Manifest, writer: FeatureSetWriter, tokenize, comput
 def _extract_module(manifest: Manifest, store_path: Path, module_dir: Path, modality: str,
                     settings: ExtractSettings, device) -> SourceReport:
     """A module's dense (S2/S3) and classifier outputs as source "module-<id>". S1/S2 modules read the store's
-    pooled features of their backbone when it holds them (no backbone pass); otherwise the backbone runs."""
+    pooled features of their backbone when it holds them (no backbone pass); otherwise the backbone runs.
+    A cross-fitted module's training rows get their fold module's outputs (embedstore/cross_fit.py)."""
     _check_module(module_dir, modality, manifest)
     module, config = load_module(module_dir, device=device)
+    plan = RowPlan.build(module, config, module_dir, manifest, device)
     identity = module_id(module_dir)
     source = f"module-{identity}"
     provenance = {
@@ -238,6 +243,8 @@ def _extract_module(manifest: Manifest, store_path: Path, module_dir: Path, moda
         "compute_precision": compute_precision(device),
         "library_versions": library_versions(), "created": now_iso(),
     }
+    if plan.k:
+        provenance["cross_fit"] = plan.k
     layers = module.head.layers
     pooled = _cached_pooled(store_path, module.backbone) if module.frozen else None
     with FeatureSetWriter(store_path, modality=modality, source=source, layers=layers, add=True,
@@ -245,11 +252,11 @@ def _extract_module(manifest: Manifest, store_path: Path, module_dir: Path, moda
         start = time.perf_counter()
         desc = f"{modality}/{source}"
 
-        def compute(inputs):  # images (n, 3, H, W) or tokens -> {"dense": (n, 500), "classifier": (n, C)}
-            return module.head.forward_features(module.forward_pooled(inputs))
+        def compute(inputs, rows):  # images (n, 3, H, W) or tokens -> {"dense": (n, 500), "classifier": (n, C)}
+            return plan.run(inputs, rows, lambda m, x: m.head.forward_features(m.forward_pooled(x)))
 
         if pooled is not None:
-            pending = _module_from_pooled(writer, module, pooled, device)
+            pending = _module_from_pooled(writer, plan, pooled, device)
         elif modality == "image":
             pending = _stream_images(manifest, writer, module.backbone.image_transform(train=False),
                                      compute, settings, device, desc)
@@ -268,6 +275,7 @@ def _check_module(module_dir: Path, modality: str, manifest: Manifest) -> None:
         raise ValueError(f"module {module_dir} was trained on another manifest (sha256 {config['manifest_sha256'][:12]}…, "
                          f"this one {manifest.sha256[:12]}…); its outputs would not describe these items: train a "
                          f"module on this manifest with `embed finetune`")
+    check_folds(config, manifest, module_dir)
 
 
 def _cached_pooled(store_path: Path, backbone) -> tuple[np.ndarray, np.ndarray] | None:
@@ -284,7 +292,7 @@ def _cached_pooled(store_path: Path, backbone) -> tuple[np.ndarray, np.ndarray] 
     return pooled, status
 
 
-def _module_from_pooled(writer: FeatureSetWriter, module, pooled, device, batch_size: int = 4096) -> np.ndarray:
+def _module_from_pooled(writer: FeatureSetWriter, plan: RowPlan, pooled, device, batch_size: int = 4096) -> np.ndarray:
     features, status = pooled
     pending = writer.pending_rows()
     for begin in range(0, len(pending), batch_size):
@@ -293,7 +301,8 @@ def _module_from_pooled(writer: FeatureSetWriter, module, pooled, device, batch_
         values = {}
         if ok.size:
             with torch.inference_mode():
-                outputs = module.head.forward_features(torch.from_numpy(features[ok]).to(device))
+                outputs = plan.run(torch.from_numpy(features[ok]).to(device), ok,
+                                   lambda m, x: m.head.forward_features(x))
             values = {layer: value.float().cpu().numpy() for layer, value in outputs.items()}
         writer.write(rows, values, status[rows])
     return pending

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from embedstore.cross_fit import check_k, finetune_cross_fitted
 from embedstore.defaults import DEFAULT_IMAGE_BACKBONE, DEFAULT_TEXT_BACKBONE
 from embedstore.images import ImageRows, collate_images
 from embedstore.manifest import SPLITS, Manifest
@@ -50,6 +51,7 @@ class FinetuneSettings:
     max_steps_per_epoch: int | None = None  # partial epochs, for measuring time per step
     workers: int = 2                   # S3 images: DataLoader processes decoding JPEGs
     progress: bool = True
+    cross_fit: int | None = None       # K: also K fold modules for out-of-fold train features (cross_fit.py)
 
     def resolved(self) -> "FinetuneSettings":
         if self.modality not in DEFAULT_BACKBONES:
@@ -63,13 +65,14 @@ class FinetuneSettings:
             batch_size=self.batch_size or (128 if heads else 32),
             max_epochs=self.max_epochs or (100 if heads else 10),
             patience=self.patience or (5 if heads else 3),
+            cross_fit=None if self.cross_fit is None else check_k(self.cross_fit),
         )
         return check_training_numbers(done)
 
 
 # Settings that must match for a checkpoint to be resumed (max_epochs and patience may grow, device may change).
 RESUME_KEYS = ("modality", "strategy", "backbone", "weights", "image_size", "lr", "batch_size", "dropout",
-               "weight_decay", "seed", "max_steps_per_epoch")
+               "weight_decay", "seed", "max_steps_per_epoch", "cross_fit")
 
 
 @dataclass
@@ -87,11 +90,20 @@ def finetune(manifest_path: str | Path, out_dir: str | Path, settings: FinetuneS
     settings = settings.resolved()
     manifest = Manifest.load(manifest_path)
     with training_processes(settings.device) as (device, ranks):
-        return _finetune(manifest, Path(out_dir), settings, device, ranks, store_path, backbone)
+        if not settings.cross_fit:
+            return _finetune(manifest, Path(out_dir), settings, device, ranks, store_path, backbone)
+
+        def train_one(folder, fresh_backbone, held_out, extra):
+            return _finetune(manifest, folder, settings, device, ranks, store_path, fresh_backbone,
+                             held_out=held_out, extra=extra).metrics
+
+        metrics = finetune_cross_fitted(manifest, Path(out_dir), settings, train_one, backbone)
+        return FinetuneResult(Path(out_dir), metrics)
 
 
 def _finetune(manifest: Manifest, out_dir: Path, settings: FinetuneSettings, device, ranks: Ranks,
-              store_path, backbone) -> FinetuneResult:
+              store_path, backbone, *, held_out: frozenset = frozenset(), extra: dict | None = None) -> FinetuneResult:
+    """One module; `held_out`: training item ids it must not see (a cross-fit fold), `extra`: more config.json."""
     torch.manual_seed(settings.seed)  # the head's initial weights
     module = build_module(settings.modality, settings.strategy, len(manifest.classes), backbone=backbone,
                           name=settings.backbone if backbone is None else None, weights=settings.weights,
@@ -107,6 +119,8 @@ def _finetune(manifest: Manifest, out_dir: Path, settings: FinetuneSettings, dev
     else:
         data = (ImageItems if settings.modality == "image" else TextItems)(manifest, module.backbone, settings, device)
         checkpoint_dir = out_dir
+    if held_out:
+        data.drop_train(held_out)
     if ranks.world > 1 and module.frozen:
         raise ValueError(f"strategy {settings.strategy} trains a small head over cached features in seconds; run it "
                          "as one process (torchrun is for strategy 3)")
@@ -130,8 +144,8 @@ def _finetune(manifest: Manifest, out_dir: Path, settings: FinetuneSettings, dev
     if ranks.rank != 0:
         return FinetuneResult(out_dir, metrics)  # only rank 0 writes
     module.cpu().save(out_dir, classes=manifest.classes, manifest_sha256=manifest.sha256,
-                      extra={"settings": asdict(settings), "metrics": {k: v for k, v in metrics.items()
-                                                                       if k != "history"}},
+                      extra={"settings": asdict(settings), **(extra or {}),
+                             "metrics": {k: v for k, v in metrics.items() if k != "history"}},
                       extra_files={"metrics.json": json.dumps(metrics, indent=1, sort_keys=True) + "\n"})
     return FinetuneResult(out_dir, metrics)
 
@@ -143,7 +157,7 @@ def _cached_features(store_path, manifest: Manifest, module: TransferModule) -> 
                              f"this one {manifest.sha256[:12]}…); pass the store extracted from this manifest")
         name = pooled_set_for(store, module.backbone)
         loaded = store.load([name])
-    return CachedFeatures(loaded.features[name], loaded.labels, loaded.split)
+    return CachedFeatures(loaded.features[name], loaded.labels, loaded.split, loaded.ids)
 
 
 # ----------------------------------------------------------------------------------------------- the data
@@ -154,9 +168,16 @@ def _cached_features(store_path, manifest: Manifest, module: TransferModule) -> 
 class CachedFeatures:
     """S1/S2: the store's pooled features, in memory ((N, D) float32 is small next to the backbone)."""
 
-    def __init__(self, features: np.ndarray, labels: np.ndarray, split: np.ndarray):
+    def __init__(self, features: np.ndarray, labels: np.ndarray, split: np.ndarray, ids: np.ndarray):
         self.x = {s: torch.from_numpy(np.ascontiguousarray(features[split == s])) for s in SPLITS}  # (n, D)
         self.y = {s: torch.from_numpy(labels[split == s].astype(np.int64)) for s in SPLITS}  # (n,)
+        self.train_ids = [str(i) for i in ids[split == "train"]]
+
+    def drop_train(self, ids: frozenset) -> None:
+        """Leave these training items out (a cross-fit fold module must never see its fold)."""
+        keep = torch.tensor([i not in ids for i in self.train_ids], dtype=torch.bool)
+        self.x["train"], self.y["train"] = self.x["train"][keep], self.y["train"][keep]
+        self.train_ids = [i for i in self.train_ids if i not in ids]
 
     def counts(self) -> dict:
         return {s: len(self.y[s]) for s in SPLITS}
@@ -182,11 +203,15 @@ class ImageItems:
     def __init__(self, manifest: Manifest, backbone, settings: FinetuneSettings, device):
         self.catalog, self.settings = manifest.open_catalog(), settings
         self.refs = [item.image for item in manifest.items]
+        self.ids = [item.id for item in manifest.items]
         self.labels = manifest.labels()  # (N,)
         self.rows = {s: np.array([i for i, item in enumerate(manifest.items) if item.split == s]) for s in SPLITS}
         self.transforms = {True: backbone.image_transform(train=True), False: backbone.image_transform(train=False)}
         self.pin = device.type == "cuda"
         self.skipped = dict.fromkeys(SPLITS, 0)
+
+    def drop_train(self, ids: frozenset) -> None:
+        self.rows["train"] = np.array([row for row in self.rows["train"] if self.ids[row] not in ids], dtype=np.int64)
 
     def counts(self) -> dict:
         return {s: len(self.rows[s]) - self.skipped[s] for s in SPLITS} | {
@@ -229,12 +254,19 @@ class TextItems:
         self.tokenize = backbone.tokenize
         labels = manifest.labels()
         usable = [bool(clean_title(item.title)) for item in manifest.items]
-        self.titles, self.y, self.skipped = {}, {}, {}
+        self.titles, self.y, self.skipped, self.ids = {}, {}, {}, {}
         for s in SPLITS:
             rows = [i for i, item in enumerate(manifest.items) if item.split == s and usable[i]]
             self.titles[s] = [manifest.items[i].title for i in rows]
+            self.ids[s] = [manifest.items[i].id for i in rows]
             self.y[s] = torch.from_numpy(labels[rows]) if rows else torch.zeros(0, dtype=torch.int64)
             self.skipped[s] = sum(1 for item, ok in zip(manifest.items, usable) if item.split == s and not ok)
+
+    def drop_train(self, ids: frozenset) -> None:
+        keep = [n for n, item in enumerate(self.ids["train"]) if item not in ids]
+        self.titles["train"] = [self.titles["train"][n] for n in keep]
+        self.ids["train"] = [self.ids["train"][n] for n in keep]
+        self.y["train"] = self.y["train"][torch.tensor(keep, dtype=torch.int64)]
 
     def counts(self) -> dict:
         return {s: len(self.y[s]) for s in SPLITS} | {f"skipped {s}": n for s, n in self.skipped.items() if n}

@@ -206,6 +206,11 @@ def module_id(folder: str | os.PathLike) -> str:
             digest.update(block)
     identity = {key: config.get(key) for key in ("modality", "strategy", "classes", "manifest_sha256")}
     identity["backbone"] = {k: config["backbone"].get(k) for k in ("name", "weights_id", "preprocessing")}
+    if config.get("cross_fit"):  # its training rows' features come from its fold modules (cross_fit.py)
+        record = config["cross_fit"]
+        identity["cross_fit"] = {"k": record["k"], "fold_module_ids": record["fold_module_ids"],
+                                 "folds_sha256": hashlib.sha256(json.dumps(record["folds"], sort_keys=True)
+                                                                .encode()).hexdigest()}
     digest.update(json.dumps(identity, sort_keys=True).encode())
     return digest.hexdigest()[:12]
 
