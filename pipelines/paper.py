@@ -338,10 +338,12 @@ class _ManifestJob:
     def _sweep_pooled(self) -> None:
         from heads.sweep import SweepSettings
 
-        from heads.decision import DECISION_STRATEGIES
+        from heads.decision import DECISION_LAYER, DECISION_STRATEGIES
+
+        pooled = tuple(s for s in DECISION_STRATEGIES if DECISION_LAYER[s] == "pooled")   # LFM: module sweeps
 
         # + the decision-level models (logistic regressions, late fusion, stacking: heads/decision.py)
-        settings = SweepSettings(strategies=("2A", "2B") + DECISION_STRATEGIES, fusions=self.s.fusions,
+        settings = SweepSettings(strategies=("2A", "2B") + pooled, fusions=self.s.fusions,
                                  seeds=self.s.seeds, baselines=True, device=self.s.device, train=self._train_settings(),
                                  progress=self.s.progress)
         self._sweep("sweep results/pooled (2-A, 2-B, baselines, LR, LF, ST)", self.store,

@@ -75,7 +75,7 @@ def collect(plan: dict) -> tuple[list[dict], list[dict]]:
                 heads.append({"group": "ensemble", "strategy": "ensemble", "fusion": None,
                               "manifest_seed": entry["seed"], "seed": None, "results_dir": None,
                               "test_accuracy": row["test_accuracy"], "test_macro_f1": row["test_macro_f1"],
-                              "val_accuracy": row["val_accuracy"], "train_seconds": row["seconds"], "epochs": 0,
+                              "val_accuracy": row["val_accuracy"], "train_seconds": row["seconds"], "epochs": None,
                               "trainable": 0, "non_trainable": 0})
     return modules, heads
 
@@ -86,9 +86,9 @@ def _std(values) -> float:
 
 def summarize(rows: list[dict], name: str) -> dict:
     """Mean and std over every run, and per manifest seed."""
-    def stat(key):
-        values = [r[key] for r in rows]
-        return float(np.mean(values)), _std(values)
+    def stat(key):  # None: not applicable (a regression has no epochs)
+        values = [r[key] for r in rows if r[key] is not None]
+        return (float(np.mean(values)), _std(values)) if values else (float("nan"), 0.0)
 
     per_manifest, per_manifest_val = {}, {}
     for m in sorted({r["manifest_seed"] for r in rows}):
@@ -126,7 +126,8 @@ def _cells(c: dict | None, manifest_seeds: list[int]) -> list:
     if c is None:
         return [""] * len(_columns(manifest_seeds))
     return ([c["runs"], _pm(c["accuracy_mean"], c["accuracy_std"]), _pm(c["macro_f1_mean"], c["macro_f1_std"]),
-             _seconds(c["train_seconds_mean"], c["train_seconds_std"]), f"{c['epochs_mean']:.1f}",
+             _seconds(c["train_seconds_mean"], c["train_seconds_std"]),
+             "" if np.isnan(c["epochs_mean"]) else f"{c['epochs_mean']:.1f}",
              f"{c['trainable']:,}", f"{c['non_trainable']:,}"]
             + [_pm(*c["per_manifest"][m][:2]) if m in c["per_manifest"] else "" for m in manifest_seeds])
 

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from cli.embed import embed
 from tests.catalog_factory import make_fashion_catalog
+from heads.decision import DECISION_STRATEGIES
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -58,6 +59,10 @@ def test_paper_end_to_end_then_skip_then_rerun_what_changed(tmp_path):
     findings = md.split("## Findings of the paper, checked")[1].split("\n## ")[0]
     verdicts = re.findall(r"^- \*\*(HELD|NOT HELD|NOT DECIDED)\*\*", findings, flags=re.M)
     assert len(verdicts) == 7 and set(verdicts) <= {"HELD", "NOT HELD"}, findings
+    targets = md.split("## Targets for the fused model")[1].split("\n## ")[0]
+    assert "Choices were made on manifest 0 only" in targets
+    assert len(re.findall(r"^- \*\*(MET|NOT MET)\*\*", targets, flags=re.M)) == 3, targets
+    assert "| LF | (none) |" in md and "(ensemble)" in md and "logistic regression" in md
     assert "tiny-resnet" in md and "Image S3: skipped" in md and "3-A/3-B (end to end): skipped" in md
     assert "60x80 px" in md  # the generated catalog's photo size, read from the catalog
     # the tables' numbers come from the runs: image S2's mean over both manifests x both seeds
@@ -78,10 +83,12 @@ def test_paper_end_to_end_then_skip_then_rerun_what_changed(tmp_path):
     # other head settings: the sweeps (and the report) re-run; manifests, features and modules do not
     output, changed = run(info.path, out, "--head-epochs", "8")
     assert {s.split("] ")[-1].split(":")[0] for s in ran(changed, "")} == {
-        "sweep results/pooled (2-A, 2-B, baselines)", "sweep results/modules-seed-0 (1-A, 1-B)",
-        "sweep results/modules-seed-1 (1-A, 1-B)", "report"}, output
+        "sweep results/pooled (2-A, 2-B, baselines, LR, LF, ST)", "sweep results/modules-seed-0 (1-A, 1-B, LFM)",
+        "sweep results/modules-seed-1 (1-A, 1-B, LFM)", "ensemble results/pooled/ensembles.jsonl", "report"}, output
     rows = [json.loads(line) for p in results_files(out) for line in p.read_text().splitlines()]
-    assert rows and all(r["train_settings"]["max_epochs"] == 8 for r in rows)  # stale runs removed
+    heads = [r for r in rows if r["strategy"] not in DECISION_STRATEGIES]   # regressions have no epochs
+    assert heads and all(r["train_settings"]["max_epochs"] == 8 for r in heads)  # stale runs removed
+    assert {r["strategy"] for r in rows} >= {"LF", "ST", "LFM", "LR-text"}
 
     # more S3 epochs: text S3 resumes; nothing upstream or beside it re-runs
     output, changed = run(info.path, out, "--head-epochs", "8", "--text-s3-epochs", "2")
