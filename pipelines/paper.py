@@ -298,8 +298,10 @@ class _ManifestJob:
                         weights=getattr(self.s, f"{modality}_weights"), image_size=self.s.image_size,
                         max_epochs=epochs, seed=seed, device=self.s.device, workers=self.s.workers,
                         progress=self.s.progress).resolved()
+                    # settings added later with their default left out, so existing stamps stay current
                     recorded = {k: v for k, v in asdict(settings).items()
-                                if k not in ("device", "workers", "progress", "max_epochs", "patience")}
+                                if k not in ("device", "workers", "progress", "max_epochs", "patience")
+                                and not (k == "cross_fit" and v is None)}
                     inputs = {"manifest_sha256": self.sha, "backbone": self.identity[modality], "settings": recorded,
                               "max_epochs": settings.max_epochs, "patience": settings.patience,
                               "store": self.store_digest if strategy < 3 else None}
