@@ -57,10 +57,11 @@ def swept(tmp_path_factory):
 def test_sweep_separates_classes(swept):
     _, results, _, summary = swept
     rows = read_runs(results)
-    # the default grid: heads x operators, the unimodal heads, and the decision-level models (heads/decision.py)
-    assert summary["trained"] == len(rows) == (4 * 2 + 2 + 5) * 2
+    # the default grid: heads x operators, the unimodal heads, and the decision-level models (heads/decision.py;
+    # LFM over the modules' classifier outputs, which this store holds)
+    assert summary["trained"] == len(rows) == (4 * 2 + 2 + 6) * 2
     assert {r["cell"] for r in rows} == {f"{s}-{f}" for s in ("1A", "1B", "2A", "2B") for f in ("concat", "gated")} \
-        | {"image", "text", "LF", "ST", "LR-image", "LR-text", "LR-concat"}
+        | {"image", "text", "LF", "ST", "LR-image", "LR-text", "LR-concat", "LFM"}
     for r in rows:
         if r["strategy"] in ("1A", "2A", "image", "text"):
             assert r["test_accuracy"] > 0.8, r["cell"]  # chance is 0.25
