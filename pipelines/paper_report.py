@@ -331,7 +331,8 @@ def confusion(heads_rows: list[dict], best: dict, report_dir: Path) -> tuple[lis
     off = [(int(matrix[i, j]), classes[i], classes[j]) for i in range(len(classes)) for j in range(len(classes))
            if i != j and matrix[i, j]]
     pairs = sorted(off, key=lambda x: (-x[0], x[1], x[2]))[:10]
-    lines = [f"Best multimodal model by validation accuracy: **{best['cell']}**, saved head `{relative_to_folder(head_dir, report_dir)}` (seed "
+    lines = [f"Best fusion head (1-A, 1-B, 2-A, 2-B: the models with a saved head to score) by validation "
+             f"accuracy: **{best['cell']}**, saved head `{relative_to_folder(head_dir, report_dir)}` (seed "
              f"{head.seed}, validation accuracy {head.metadata_['best_val_accuracy']:.4f}), on the "
              f"{int(test.sum())} test items of its store."
              + (f" The {len(pairs)} most confused pairs (true -> predicted):" if pairs else ""), ""]
