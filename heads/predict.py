@@ -225,18 +225,25 @@ def _module_source(name: str, modality: str, layer: str, recorded: dict, device)
 
 def load_sources(head: FusionHead, settings: PredictSettings, device) -> list[FeatureSource]:
     """The head's inputs in its order (image first), each rebuilt and checked against its provenance."""
-    doc, config = head.metadata_, head.config_
+    config = head.config_
+    return sources_for(head.metadata_, config.strategy, STRATEGY_MODALITIES[config.strategy],
+                       STRATEGY_LAYER[config.strategy], settings, device)
+
+
+def sources_for(doc: dict, strategy: str, modalities: tuple[str, ...], layer: str, settings: PredictSettings,
+                device) -> list[FeatureSource]:
+    """The feature sources a saved model's config.json (`doc`: 'inputs' + 'store.feature_sets') names, in its
+    order, each rebuilt and checked against its provenance; for fusion heads and decision-level models alike."""
     names, provenance = doc.get("inputs"), (doc.get("store") or {}).get("feature_sets")
     if not names or not provenance:
-        raise ValueError("the head's config.json records no feature sets ('inputs', 'store.feature_sets'); "
+        raise ValueError("the model's config.json records no feature sets ('inputs', 'store.feature_sets'); "
                          "save it again with `heads sweep`")
-    modalities, layer = STRATEGY_MODALITIES[config.strategy], STRATEGY_LAYER[config.strategy]
     found = tuple(name.split("/")[0] for name in names)
     if found != modalities or any(name.rsplit("/", 1)[1] != layer for name in names):
-        raise ValueError(f"the head (strategy {config.strategy}) needs {layer} features of {modalities}, but its "
+        raise ValueError(f"the model (strategy {strategy}) needs {layer} features of {modalities}, but its "
                          f"config.json names {names}")
     sources = []
-    for name, modality, dim in zip(names, modalities, config.input_dims):
+    for name, modality in zip(names, modalities):
         if layer == "pooled":
             source = _pooled_source(name, modality, provenance[name], settings, device)
         else:
@@ -326,6 +333,27 @@ def head_predictor(head_dir: Path, settings: PredictSettings, device) -> Predict
     return Predictor(classes, tuple(s.modality for s in sources), image and image.prepare, probabilities)
 
 
+def decision_predictor(model_dir: Path, settings: PredictSettings, device) -> Predictor:
+    """A decision-level model (LR-*, LF, ST, LFM: heads/decision.py) over the features its recorded backbones or
+    modules compute from the raw products."""
+    from heads.decision import DECISION_LAYER, DECISION_MODALITIES, DecisionModel
+
+    model = DecisionModel.from_pretrained(model_dir)
+    sources = sources_for(model.metadata, model.strategy, DECISION_MODALITIES[model.strategy],
+                          DECISION_LAYER[model.strategy], settings, device)
+    classes = [str(c) for c in model.classes]
+
+    def probabilities(rows, images, image_status, inputs):
+        status, features = _features(rows, images, image_status, inputs, sources, device)
+        ok = status == STATUS_OK
+        if not ok.any():
+            return status, np.zeros((0, len(classes)))
+        return status, model.predict_proba([f.numpy() for f in features])  # (b_ok, C)
+
+    image = next((s for s in sources if s.modality == "image"), None)
+    return Predictor(classes, tuple(s.modality for s in sources), image and image.prepare, probabilities)
+
+
 def end_to_end_predictor(model_dir: Path, device) -> Predictor:
     """A 3-A / 3-B model: images and titles straight through the trained model."""
     model, config = load_end_to_end(model_dir, device=device)
@@ -361,9 +389,11 @@ def predict_products(head_dir: str | os.PathLike, inputs: str | os.PathLike, out
         predictor = end_to_end_predictor(head_dir, device)
     elif kind == "fusion-head":
         predictor = head_predictor(head_dir, settings, device)
+    elif kind == "linear":
+        predictor = decision_predictor(head_dir, settings, device)
     else:
-        raise ValueError(f"{head_dir} holds a {kind} model; `heads predict` takes a head from `heads sweep` or a "
-                         "3-A/3-B model folder")
+        raise ValueError(f"{head_dir} holds a {kind} model; `heads predict` takes a head or decision-level model "
+                         "from `heads sweep` or a 3-A/3-B model folder")
     classes = predictor.classes
     items = read_inputs(inputs, settings.columns, predictor.modalities)
     top_k = min(settings.top_k, len(classes))

@@ -273,3 +273,27 @@ def test_every_feature_set_records_its_compute_precision_and_predict_follows_it(
     second = [float(bf16[i]["probability_1"]) for i in ids]
     assert first != second                                  # the features were computed in another precision
     assert np.allclose(first, second, atol=0.05)           # ... and only as far apart as bf16 rounding takes them
+
+
+@pytest.mark.parametrize("strategy", ["LF", "LR-text"])
+def test_a_decision_level_model_predicts_from_raw_products_like_from_the_store(world, tmp_path, strategy):
+    """LF / LR-* folders (kind "linear", heads/decision.py) run their recorded backbones on raw products and give
+    the probabilities they give over the store's features."""
+    from heads.decision import DecisionModel
+
+    results = tmp_path / "results"
+    ok(heads, ["sweep", world["store"], "--out", results, "--strategies", strategy, "--seeds", 0, "--no-baselines",
+               "--device", "cpu"])
+    model_dir = results / "heads" / strategy
+    out = tmp_path / "pred.csv"
+    ok(heads, ["predict", model_dir, world["csv"], "--out", out, "--top-k", TOP_K, "--device", "cpu",
+               "--workers", 0])
+    _, predictions = read_predictions(out)
+    model = DecisionModel.from_pretrained(model_dir)
+    with FeatureStore(world["store"]) as opened:
+        data = opened.load(model.metadata["inputs"])
+    expected = dict(zip(data.ids, model.predict_proba([data.features[n] for n in model.metadata["inputs"]])))
+    test_ids = [item.id for item in world["test_items"]]
+    assert_same_as_store(predictions, expected, list(model.classes), test_ids)
+    if strategy == "LR-text":   # titles only: the missing and corrupt images do not matter
+        assert predictions["missing"]["reason"] == "" and predictions["empty"]["reason"] == "empty title"
