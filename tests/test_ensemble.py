@@ -225,3 +225,28 @@ def test_cli_prints_a_summary_and_gives_one_line_errors(disagree, tmp_path):
     missing = runner.invoke(main, ["ensemble", str(tmp_path / "absent")])
     assert missing.exit_code == 2 and "no saved heads in" in missing.output and "heads sweep" in missing.output
     assert not (tmp_path / "absent").exists()  # refused before the lock could create it
+
+
+def test_decision_level_models_join_as_members_with_their_own_probabilities(disagree, tmp_path):
+    """An LF and an LR-text folder (kind "linear", heads/decision.py) are members like heads: ranked by their
+    recorded validation accuracy, scored with their own predict_proba, counted as multimodal or not."""
+    from embedstore.store import FeatureStore
+    from heads.decision import DecisionModel
+
+    results = copy_of(disagree, tmp_path)
+    sweep(tmp_path / "store.h5", results, ("LF", "LR-text"))
+    rows = ensemble(results, top_k="auto", log=quiet)
+    assert rows["pool"] == 5 and not rows["skipped_folders"]
+    single = ensemble(results, top_k=1, multimodal_only=True, log=quiet)
+    assert single["unimodal_left_out"] == 3   # image, text, LR-text
+    lf = DecisionModel.from_pretrained(results / "heads" / "LF")
+    if single["members"] == ["heads/LF"]:     # LF ranks first among the multimodal ones: its own numbers back
+        with FeatureStore(tmp_path / "store.h5") as store:
+            data = store.load(lf.metadata["inputs"])
+        test = data.split == "test"
+        predicted = lf.predict([data.features[n][test] for n in lf.metadata["inputs"]])
+        accuracy = (predicted == np.asarray(lf.classes)[data.labels[test]]).mean()
+        assert single["test_accuracy"] == pytest.approx(accuracy)
+    else:
+        assert single["members"] == ["heads/2A-concat"]
+        assert recorded(results, "2A-concat")["best_val_accuracy"] >= lf.metadata["best_val_accuracy"]
