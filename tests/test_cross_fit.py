@@ -11,7 +11,6 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
 import embedstore.finetune as finetune_module
 from cli.embed import embed
@@ -25,20 +24,9 @@ from embedstore.modules import load_module, module_id
 from embedstore.store import FeatureStore
 from embedstore.synthetic_catalog import make_fashion_catalog
 from heads.estimator import FusionHead
+from tests.cli_helpers import TINY, invoke, ok
 
-TINY = ["--image-backbone", "tiny-resnet", "--image-size", "64", "--text-backbone", "tiny-bert", "--workers", "0",
-        "--no-progress"]
 K = 3
-
-
-def invoke(group, args):
-    return CliRunner().invoke(group, [str(a) for a in args])
-
-
-def ok(group, args) -> str:
-    result = invoke(group, args)
-    assert result.exit_code == 0, result.output
-    return result.output
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -24,23 +23,12 @@ from embedstore.store import FeatureStore
 from embedstore.synthetic_catalog import make_fashion_catalog
 from heads.end_to_end import EndToEndSettings, load_end_to_end, train_end_to_end
 from heads.estimator import FusionHead
+from tests.cli_helpers import TINY, invoke, ok
 
-TINY = ["--image-backbone", "tiny-resnet", "--image-size", "64", "--text-backbone", "tiny-bert", "--workers", "0",
-        "--no-progress"]
 TOP_K = 2
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def invoke(group, args):
-    return CliRunner().invoke(group, [str(a) for a in args])
-
-
-def ok(group, args) -> str:
-    result = invoke(group, args)
-    assert result.exit_code == 0, result.output
-    return result.output
 
 
 @pytest.fixture(scope="module")

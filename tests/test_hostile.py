@@ -16,7 +16,6 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file
 
 import embedstore.extract as extract_module
@@ -31,6 +30,7 @@ from embedstore.store import (STATUS_NON_FINITE, STATUS_OK, DataWarning, Feature
 from embedstore.synthetic_catalog import make_fashion_catalog
 from heads.results import ResultsLock, read_runs
 from heads.train import TrainSettings
+from tests.cli_helpers import TINY, invoke as run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -38,8 +38,6 @@ C = 6  # the issue's store: six classes, so chance is 1/6
 IMAGE, TEXT = "image/tiny-img/pooled", "text/tiny-txt/pooled"
 SWEEP = ["--strategies", "2A", "--fusions", "concat", "--seeds", "0", "--max-epochs", "4", "--batch-size", "32",
          "--device", "cpu"]
-TINY = ["--image-backbone", "tiny-resnet", "--image-size", "64", "--text-backbone", "tiny-bert", "--workers", "0",
-        "--no-progress"]
 
 
 def make_store(path, *, n=240, seed=0, image=None):
@@ -55,10 +53,6 @@ def make_store(path, *, n=240, seed=0, image=None):
                 TEXT: (feats(12), {"parameters": 5})}
     return write_store_from_arrays(path, ids=[f"item{i}" for i in range(n)], labels=y, splits=split,
                                    classes=[f"class{i}" for i in range(C)], features=features, manifest_sha256="m")
-
-
-def run(group, args):
-    return CliRunner().invoke(group, [str(a) for a in args])
 
 
 def prepared(root, *, as_zip=False):

@@ -9,7 +9,6 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 import embedstore.outputs as outputs_module
@@ -19,13 +18,10 @@ from cli.embed import embed
 from cli.heads import heads
 from embedstore.manifest import Manifest
 from embedstore.synthetic_catalog import make_fashion_catalog
-from tests.test_hostile import TINY, bomb_png
+from tests.cli_helpers import TINY, invoke as run
+from tests.test_hostile import bomb_png
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def run(group, args):
-    return CliRunner().invoke(group, [str(a) for a in args])
 
 
 def one_line(result) -> str:
