@@ -17,7 +17,6 @@ model-folder convention (kind "linear") and reloaded with identical probabilitie
 """
 from __future__ import annotations
 
-import json
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from scipy.special import log_softmax
 
 from embedstore.metrics import classification_metrics
 from embedstore.model_folder import load_pretrained, save_pretrained
+from heads.results import saved_is_at_least_as_good
 
 # in the order a sweep fits them, cheapest first: LR-image / LR-text's fits are shared by LF and ST, and ST's
 # out-of-fold fits (K per modality and seed) come last, so the other rows are written before them
@@ -210,6 +210,15 @@ class DecisionModel:
     def predict(self, features: list) -> np.ndarray:         # (n,) class names
         return np.asarray(self.classes)[self.predict_log_proba(features).argmax(1)]
 
+    def _input_widths(self) -> list[int]:
+        """The widths predict takes: LR-concat's one concatenated width, the others one per modality."""
+        if self.strategy == "LFM":   # the modules' logits
+            return [len(self.classes)] * 2
+        if self.strategy in ("LF", "ST"):
+            return [self.linears[m].mean.shape[0] for m in ("image", "text")]
+        part = "concat" if self.strategy == "LR-concat" else self.strategy[3:]
+        return [self.linears[part].mean.shape[0]]
+
     def _check(self, features) -> list[np.ndarray]:
         modalities = DECISION_MODALITIES[self.strategy]
         if isinstance(features, np.ndarray):
@@ -217,10 +226,7 @@ class DecisionModel:
         if len(features) != len(modalities):
             raise ValueError(f"{self.strategy} reads {len(modalities)} feature array(s) ({', '.join(modalities)}), "
                              f"got {len(features)}")
-        dims = ([len(self.classes)] * 2 if self.strategy == "LFM" else
-                [m.mean.shape[0] for m in (self.linears["image"], self.linears["text"])] if
-                self.strategy in ("LF", "ST") else [self.linears["concat"].mean.shape[0]] if
-                self.strategy == "LR-concat" else [self.linears[self.strategy[3:]].mean.shape[0]])
+        dims = self._input_widths()
         xs = [np.asarray(x, dtype=np.float64) for x in features]
         width = [sum(x.shape[1] for x in xs)] if self.strategy == "LR-concat" else [x.shape[1] for x in xs]
         if any(x.ndim != 2 for x in xs) or width != dims:
@@ -373,11 +379,8 @@ def save_best(directory, rows: list[dict], models: list[DecisionModel], store: d
             "train_settings": row["train_settings"], "best_val_accuracy": row["best_val_accuracy"],
             "test_accuracy": row["test_accuracy"], "test_macro_f1": row["test_macro_f1"], "chosen": row["chosen"],
             "inputs": list(row["store"]["feature_sets"])}
-    if (directory / "config.json").exists():
-        saved = json.loads((directory / "config.json").read_text())
-        now = json.loads(json.dumps({k: meta[k] for k in ("store", "config", "train_settings")}))
-        if all(saved.get(k) == v for k, v in now.items()) and saved.get("best_val_accuracy", -1) >= \
-                row["best_val_accuracy"]:
-            return False
+    identity = {k: meta[k] for k in ("store", "config", "train_settings")}
+    if saved_is_at_least_as_good(directory, identity, row["best_val_accuracy"]):
+        return False
     models[i].save_pretrained(directory, metadata=meta)
     return True

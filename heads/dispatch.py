@@ -68,11 +68,6 @@ def _worker_start() -> None:
     torch.set_num_threads(1)   # one thread per process: N processes use N cores with no OpenMP barriers
 
 
-def _train(heads: list[tuple[HeadConfig, int]], data: HeadData, train: TrainSettings, batched: bool,
-           cpu_auto_bf16: bool) -> list[HeadResult]:
-    return train_group(heads, data, train, batched=batched, cpu_auto_bf16=cpu_auto_bf16)
-
-
 def _heads(group: list[Task]) -> list[tuple[HeadConfig, int]]:
     return [(t.config, s) for t in group for s in t.seeds]
 
@@ -90,15 +85,17 @@ def run_tasks(groups: list[list[Task]], data_for: Callable[[Task], HeadData], tr
     order in this process (jobs = 1), else as workers finish. Every task of a group reads data_for(group[0])."""
     if jobs <= 1 or len(groups) <= 1:
         for group in groups:
-            yield from _per_task(group, _train(_heads(group), data_for(group[0]), train, batched, cpu_auto_bf16))
+            results = train_group(_heads(group), data_for(group[0]), train, batched=batched,
+                                  cpu_auto_bf16=cpu_auto_bf16)
+            yield from _per_task(group, results)
         return
     context = torch.multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=min(jobs, len(groups)), mp_context=context,
                              initializer=_worker_start) as pool:
         # largest first: a long group started last would leave the other workers idle at the end
         order = sorted(groups, key=lambda g: -sum(t.cost for t in g))
-        futures = {pool.submit(_train, _heads(g), data_for(g[0]), train, batched, cpu_auto_bf16): i
-                   for i, g in enumerate(order)}
+        futures = {pool.submit(train_group, _heads(g), data_for(g[0]), train, batched=batched,
+                               cpu_auto_bf16=cpu_auto_bf16): i for i, g in enumerate(order)}
         try:
             for future in as_completed(futures):
                 yield from _per_task(order[futures[future]], future.result())

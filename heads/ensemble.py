@@ -52,37 +52,37 @@ class Member:
     predict_proba: Callable[[list[np.ndarray]], np.ndarray] = field(repr=False)  # [(n, D_m)] -> (n, C)
 
 
-def _fusion_head(folder: Path, config: dict) -> Member:
-    from heads.estimator import FusionHead
-    from heads.models import MULTIMODAL_STRATEGIES
+def _member(folder: Path, config: dict, meta: dict, classes, multimodal: bool,
+            predict_proba: Callable[[list[np.ndarray]], np.ndarray]) -> Member:
+    """What every kind's folder must record to be a member (its validation accuracy, its store), checked once."""
     from heads.sweep import head_store_path
 
-    head = FusionHead.from_pretrained(folder)
-    meta = head.metadata_
     if not isinstance(meta.get("best_val_accuracy"), (int, float)):
         raise ValueError("no recorded validation accuracy (best_val_accuracy); save it with `heads sweep`")
     if not isinstance(meta.get("store"), dict) or "path" not in meta["store"]:
         raise ValueError("names no store (store.path); save it with `heads sweep`")
     inputs = meta.get("inputs") or list(meta["store"].get("feature_sets") or [])
     return Member(folder, config["kind"], float(meta["best_val_accuracy"]), head_store_path(folder, meta),
-                  tuple(inputs), tuple(str(c) for c in head.classes_),
-                  head.config_.strategy in MULTIMODAL_STRATEGIES, meta.get("run_key") or fingerprint(config),
-                  head.predict_proba)
+                  tuple(inputs), tuple(str(c) for c in classes), multimodal,
+                  meta.get("run_key") or fingerprint(config), predict_proba)
+
+
+def _fusion_head(folder: Path, config: dict) -> Member:
+    from heads.estimator import FusionHead
+    from heads.models import MULTIMODAL_STRATEGIES
+
+    head = FusionHead.from_pretrained(folder)
+    return _member(folder, config, head.metadata_, head.classes_, head.config_.strategy in MULTIMODAL_STRATEGIES,
+                   head.predict_proba)
 
 
 def _decision_model(folder: Path, config: dict) -> Member:
     """LR-*, LF, ST, LFM (heads/decision.py): scikit-learn fits saved as arrays."""
     from heads.decision import MULTIMODAL_DECISION, DecisionModel
-    from heads.sweep import head_store_path
 
     model = DecisionModel.from_pretrained(folder)
-    meta = model.metadata
-    if not isinstance(meta.get("best_val_accuracy"), (int, float)) or "path" not in (meta.get("store") or {}):
-        raise ValueError("no recorded validation accuracy or store; save it with `heads sweep`")
-    return Member(folder, config["kind"], float(meta["best_val_accuracy"]), head_store_path(folder, meta),
-                  tuple(meta["inputs"]), tuple(str(c) for c in model.classes),
-                  model.strategy in MULTIMODAL_DECISION, meta.get("run_key") or fingerprint(config),
-                  model.predict_proba)
+    return _member(folder, config, model.metadata, model.classes, model.strategy in MULTIMODAL_DECISION,
+                   model.predict_proba)
 
 
 # kind (config.json "kind") -> loader(folder, config) -> Member
@@ -152,8 +152,13 @@ class _Scores:
     proba: np.ndarray      # (n, C) in the member's class order
 
 
-def _score(member: Member, store) -> dict[str, _Scores]:
-    data = store.load(list(member.inputs))
+def _score(member: Member, store, loaded: dict) -> dict[str, _Scores]:
+    """The member's probabilities per split; `loaded` keeps each (store, feature sets) read once, since most
+    members of a pool read the same pooled sets of the same store."""
+    key = (store.path, member.inputs)
+    if key not in loaded:
+        loaded[key] = store.load(list(member.inputs))
+    data = loaded[key]
     classes = np.asarray(store.classes)
     scores = {}
     for split in SPLITS:
@@ -241,6 +246,7 @@ def _evaluate(members: list[Member], notes: list[str], request: int | str, base:
         from embedstore.store import FeatureStore
 
         stores: dict[Path, FeatureStore] = {}
+        loaded: dict = {}   # (store, feature sets) -> its data, read once for every member that reads it
         scored, manifest, reference = [], None, None
         for member in members:
             name = relative_to_folder(member.folder, base)
@@ -254,7 +260,7 @@ def _evaluate(members: list[Member], notes: list[str], request: int | str, base:
                                      f"{manifest[:12]} like the best member's")
                 if reference is not None and set(member.classes) != set(reference.classes):
                     raise ValueError("its classes differ from the best member's")
-                scores = _score(member, store)
+                scores = _score(member, store, loaded)
             except (ValueError, KeyError, OSError) as error:
                 reason = str(error.args[0] if error.args else error).splitlines()[0]
                 notes.append(f"{name}: skipped ({reason})")

@@ -5,7 +5,6 @@ The report only reads result rows; it never trains. Mean and spread (sample std)
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import numpy as np

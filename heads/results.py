@@ -174,3 +174,15 @@ def resolve_store_path(recorded: str, out_dir: str | os.PathLike) -> Path:
     """A row's (or saved head's) store path: relative to the results folder, or absolute in older rows."""
     path = Path(recorded)
     return path if path.is_absolute() else Path(out_dir) / path
+
+
+def saved_is_at_least_as_good(directory: str | os.PathLike, identity: dict, val_accuracy: float) -> bool:
+    """True when `directory` already holds a model saved with this `identity` (store, config, training settings:
+    the keys compared) whose recorded validation accuracy is at least `val_accuracy`: then a sweep keeps it
+    rather than saving a new seed's model over it."""
+    path = Path(directory) / "config.json"
+    if not path.exists():
+        return False
+    saved = json.loads(path.read_text())
+    now = json.loads(json.dumps(identity))  # tuples -> lists, as saved
+    return all(saved.get(k) == v for k, v in now.items()) and saved.get("best_val_accuracy", -1) >= val_accuracy

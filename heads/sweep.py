@@ -9,7 +9,6 @@ where they train (this process, `--jobs` workers, torchrun ranks) is heads/dispa
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,7 +30,8 @@ from heads.inputs import inputs_with_shared_rows
 from heads.models import HeadConfig, StackedHead
 from heads.throughput import matmul_peak_gflops
 from heads.streamed import load_head_data, only_input
-from heads.results import ResultsLock, append_rows, read_runs  # noqa: F401  (read_runs: re-exported)
+# read_runs: re-exported
+from heads.results import ResultsLock, append_rows, read_runs, saved_is_at_least_as_good  # noqa: F401
 from heads.train import HeadData, HeadResult, TrainSettings
 
 # bf16 vs fp32 over the whole real-catalog grid (benchmarks/results/precision.md): see README "Precision" for
@@ -101,8 +101,31 @@ def resolve_feature_sets(store, strategy: str, image_source: str | None = None,
 
 
 def run_key(config: HeadConfig, train: TrainSettings, seed: int, manifest_sha256: str, provenance: dict) -> str:
-    return fingerprint({"config": config.to_dict(), "train": asdict(train), "seed": seed,
-                        "manifest_sha256": manifest_sha256, "feature_sets": provenance})
+    return _run_key(config.to_dict(), asdict(train), seed, manifest_sha256, provenance)
+
+
+def _run_key(config: dict, train: dict, seed: int, manifest_sha256: str, provenance: dict) -> str:
+    """A run's identity, for heads and decision-level models alike: what it is, how it was fit, its seed, its data."""
+    return fingerprint({"config": config, "train": train, "seed": seed, "manifest_sha256": manifest_sha256,
+                        "feature_sets": provenance})
+
+
+def _seeds_to_run(cell: Cell, keys: dict[int, str], done: set, summary: dict, log, out_dir: Path) -> list[int]:
+    """The seeds of `cell` whose run key is not in runs.jsonl yet; the others are counted (and, when none is
+    left, logged) as skipped."""
+    todo = [s for s in keys if keys[s] not in done]
+    summary["skipped"] += len(keys) - len(todo)
+    if not todo:
+        log(f"{cell.name}: all {len(keys)} seeds already in {out_dir / 'runs.jsonl'}; skipped")
+    return todo
+
+
+def _store_doc(store, store_path: Path, out_dir: Path, cell: Cell, data: "_DataCache") -> dict:
+    """The `store` field of a cell's rows: its path relative to the results folder, the manifest, the feature
+    sets' provenance and the row counts."""
+    provenance = {n: _provenance(store.feature_sets[n]) for n in cell.feature_sets}
+    return {"path": os.path.relpath(store_path, out_dir), "manifest_sha256": store.manifest_sha256,
+            "feature_sets": provenance, **data.counts(cell)}
 
 
 def _provenance(info) -> dict:
@@ -226,12 +249,9 @@ def _tasks(store, cells: list[Cell], settings: SweepSettings, done: set, summary
         config = HeadConfig(cell.strategy, cell.fusion, tuple(sets[n].dim for n in cell.feature_sets), len(classes),
                             dropout=settings.dropout)
         keys = {s: run_key(config, settings.train, s, manifest, provenance) for s in settings.seeds}
-        todo = [s for s in settings.seeds if keys[s] not in done]
-        summary["skipped"] += len(settings.seeds) - len(todo)
-        if not todo:
-            log(f"{cell.name}: all {len(settings.seeds)} seeds already in {out_dir / 'runs.jsonl'}; skipped")
-            continue
-        tasks.append(Task(cell, config, todo, keys))
+        todo = _seeds_to_run(cell, keys, done, summary, log, out_dir)
+        if todo:
+            tasks.append(Task(cell, config, todo, keys))
     return tasks
 
 
@@ -245,6 +265,10 @@ class _DataCache:
 
     def counts(self, cell: Cell) -> dict:
         return self._load(cell.row_sets)[1]
+
+    def rows(self, cell: Cell) -> HeadData:
+        """Every feature set of the cell's rows (a baseline's too), as loaded for its heads."""
+        return self._load(cell.row_sets)[0]
 
     def streamed(self, task: Task) -> bool:
         return self.counts(task.cell)["data_access"] == "streamed"
@@ -274,10 +298,8 @@ def _record(out_dir: Path, store, store_path: Path, task: Task, results: list[He
     """The cell's best head first, then its rows: a crash between the two leaves a head and no rows (the runs
     train again), never rows without their head."""
     cell, config = task.cell, task.config
-    provenance = {n: _provenance(store.feature_sets[n]) for n in cell.feature_sets}
-    non_trainable, note = _non_trainable(provenance)
-    store_doc = {"path": os.path.relpath(store_path, out_dir), "manifest_sha256": store.manifest_sha256,
-                 "feature_sets": provenance, **data.counts(cell)}
+    store_doc = _store_doc(store, store_path, out_dir, cell, data)
+    non_trainable, note = _non_trainable(store_doc["feature_sets"])
     rows = []
     for r in results:
         rows.append({
@@ -310,23 +332,19 @@ def _decision(store, store_path: Path, out_dir: Path, cells: list[Cell], setting
     per-modality regressions are fit once per row set and shared by the cells and seeds that use them."""
     from heads.decision import DecisionFits, cell_rows, model_config, save_best
     sets, classes, fits = store.feature_sets, list(store.classes), {}
+    train = asdict(settings.linear)
     for cell in cells:
         provenance = {n: _provenance(sets[n]) for n in cell.feature_sets}
         config = model_config(cell.strategy, tuple(sets[n].dim for n in cell.feature_sets), len(classes))
-        train = asdict(settings.linear)
-        keys = {s: fingerprint({"config": config, "train": train, "seed": s, "manifest_sha256": store.manifest_sha256,
-                                "feature_sets": provenance}) for s in settings.seeds}
-        todo = [s for s in settings.seeds if keys[s] not in done]
-        summary["skipped"] += len(settings.seeds) - len(todo)
+        keys = {s: _run_key(config, train, s, store.manifest_sha256, provenance) for s in settings.seeds}
+        todo = _seeds_to_run(cell, keys, done, summary, log, out_dir)
         if not todo:
-            log(f"{cell.name}: all {len(settings.seeds)} seeds already in {out_dir / 'runs.jsonl'}; skipped")
             continue
         if cell.row_sets not in fits:
             columns = {sets[n].modality: i for i, n in enumerate(cell.row_sets)}
-            fits[cell.row_sets] = DecisionFits(data._load(cell.row_sets)[0], columns, len(classes), settings.linear)
+            fits[cell.row_sets] = DecisionFits(data.rows(cell), columns, len(classes), settings.linear)
+        store_doc = _store_doc(store, store_path, out_dir, cell, data)
         non_trainable, note = _non_trainable(provenance)
-        store_doc = {"path": os.path.relpath(store_path, out_dir), "manifest_sha256": store.manifest_sha256,
-                     "feature_sets": provenance, **data.counts(cell)}
         common = {"cell": cell.name, "cell_base": cell.base_name, "pair": cell.pair_name, "image_source": cell.pair[0],
                   "text_source": cell.pair[1], "strategy": cell.strategy, "fusion": None, "config": config,
                   "train_settings": train, "store": store_doc, "non_trainable_parameters": non_trainable,
@@ -378,13 +396,9 @@ def _save_best(out_dir: Path, cell: Cell, config: HeadConfig, results, rows, cla
     directory = head_folder(out_dir, cell)
     # the head names its store relative to its own folder, so a results folder moved with its store still works
     store = {**row["store"], "path": os.path.relpath(out_dir / row["store"]["path"], directory)}
-    if (directory / "config.json").exists():
-        saved = json.loads((directory / "config.json").read_text())
-        now = json.loads(json.dumps({"store": store, "config": config.to_dict(),
-                                     "train_settings": row["train_settings"]}))  # tuples -> lists, as saved
-        same = all(saved.get(k) == v for k, v in now.items())
-        if same and saved.get("best_val_accuracy", -1) >= best.best_val_accuracy:
-            return
+    identity = {"store": store, "config": config.to_dict(), "train_settings": row["train_settings"]}
+    if saved_is_at_least_as_good(directory, identity, best.best_val_accuracy):
+        return
     head = FusionHead.from_trained(config, best.params, classes, seed=best.seed)
     head.save_pretrained(directory, metadata={
         "store": store, "run_key": row["run_key"], "train_settings": row["train_settings"],

@@ -28,6 +28,9 @@ from embedstore.fingerprint import fingerprint
 from embedstore.manifest import SplitSettings
 
 STAMP_SUFFIX = ".stamp.json"
+# FinetuneSettings fields added after stamps were first written, with their default: a stamp leaves a field out
+# while it has that default, so stamps written before the field existed stay current (no module is retrained)
+ADDED_LATER = {"cross_fit": None}
 PLAN_FILE = "plan.json"
 LOG_FILE = "paper.log"
 
@@ -298,10 +301,9 @@ class _ManifestJob:
                         weights=getattr(self.s, f"{modality}_weights"), image_size=self.s.image_size,
                         max_epochs=epochs, seed=seed, device=self.s.device, workers=self.s.workers,
                         progress=self.s.progress).resolved()
-                    # settings added later with their default left out, so existing stamps stay current
                     recorded = {k: v for k, v in asdict(settings).items()
                                 if k not in ("device", "workers", "progress", "max_epochs", "patience")
-                                and not (k == "cross_fit" and v is None)}
+                                and not (k in ADDED_LATER and v == ADDED_LATER[k])}
                     inputs = {"manifest_sha256": self.sha, "backbone": self.identity[modality], "settings": recorded,
                               "max_epochs": settings.max_epochs, "patience": settings.patience,
                               "store": self.store_digest if strategy < 3 else None}
