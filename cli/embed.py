@@ -102,9 +102,12 @@ def _fractions(text: str) -> list[float]:
                    "(join them with `embed merge`); auto = RANK/WORLD_SIZE of torchrun, the default under it.")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="Stored feature values: float16 halves disk and memory (heads upcast each batch to float32).")
+@click.option("--image-pipeline", type=click.Choice(["auto", "pil", "tensor"]), default="auto", show_default=True,
+              help="Where images are resized, cropped and normalized: pil = in the DataLoader workers; tensor = "
+                   "workers only decode, the device does the rest batched; auto = tensor on CUDA, pil on a CPU.")
 @one_line_errors
 def extract(manifest, store, image_backbone, text_backbone, image_weights, text_weights, image_size, batch_size,
-            text_batch_size, workers, device, add, progress, image_module, text_module, shard, dtype):
+            text_batch_size, workers, device, add, progress, image_module, text_module, shard, dtype, image_pipeline):
     """Write every MANIFEST item's pooled image and text features into STORE; resumes where it stopped.
 
     With --image-module / --text-module only the modules' features are written, unless backbones are named too.
@@ -128,6 +131,7 @@ def extract(manifest, store, image_backbone, text_backbone, image_weights, text_
         device=device, add=add, progress=progress,
         image_module=str(image_module) if image_module else None,
         text_module=str(text_module) if text_module else None, shard=shard, dtype=dtype,
+        image_pipeline=image_pipeline,
     )
     if shard is not None:
         click.echo(f"shard {shard.index} of {shard.count} -> {shard.path_for(store)}")

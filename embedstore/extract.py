@@ -24,7 +24,9 @@ from embedstore.catalog import open_catalog_from_spec
 from embedstore.chunks import check_feature_dtype
 from embedstore.cross_fit import RowPlan, check_folds
 from embedstore.defaults import autocast_for, compute_precision, resolve_device
-from embedstore.images import ImageRows, collate_images
+from embedstore.image_pipeline import CHOICES as IMAGE_PIPELINES
+from embedstore.image_pipeline import recorded_preprocessing, resolve_pipeline
+from embedstore.images import ImageRows, ImageStages, image_stages
 from embedstore.manifest import Manifest
 from embedstore.modules import config_sha256, load_module, module_id, pooled_set_for, read_module_config
 from embedstore.preprocess import clean_title
@@ -59,12 +61,17 @@ class ExtractSettings:
     text_module: str | None = None   # outputs as source "module-<id>" beside the pooled features
     shard: Shard | None = None  # only this shard's rows, into its own file <store>.shard-k-of-n.h5 (shards.py)
     dtype: str = "float32"  # stored values: float16 halves disk and memory; readers upcast to float32 per batch
+    # where resize, crop and normalize run (embedstore/image_pipeline.py): "pil" in the DataLoader workers, "tensor"
+    # batched on the compute device; "auto": "tensor" on CUDA, "pil" on a CPU
+    image_pipeline: str = "auto"
 
     def __post_init__(self):
         for option, value, least in (("--image-size", self.image_size, 1), ("--batch-size", self.batch_size, 1),
                                      ("--text-batch-size", self.text_batch_size, 1), ("--workers", self.workers, 0)):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
                 raise ValueError(f"{option} must be an integer of at least {least}, got {value!r}")
+        if self.image_pipeline not in IMAGE_PIPELINES:
+            raise ValueError(f"unknown --image-pipeline {self.image_pipeline!r}; use one of {', '.join(IMAGE_PIPELINES)}")
 
 
 @dataclass
@@ -116,13 +123,13 @@ def extract(manifest_path: str | Path, store_path: str | Path, settings: Extract
     return reports
 
 
-def _provenance(backbone, source: str, device: torch.device) -> dict:
+def _provenance(backbone, source: str, device: torch.device, preprocessing: dict | None = None) -> dict:
     return {
         "backbone": backbone.name,
         "source": source,
         "compute_precision": compute_precision(device),
         "weights_id": backbone.weights_id,
-        "preprocessing": backbone.preprocessing,
+        "preprocessing": backbone.preprocessing if preprocessing is None else preprocessing,
         "parameters": int(backbone.parameter_count),
         "library_versions": library_versions(),
         "created": now_iso(),
@@ -138,47 +145,78 @@ def _extract_images(manifest: Manifest, store_path: Path, settings: ExtractSetti
     backbone = create_backbone("image", settings.image_backbone, weights=settings.image_weights,
                                image_size=settings.image_size)
     source = image_source_name(backbone.name, settings.image_size)
+    stages = image_stages(backbone, resolve_pipeline(settings.image_pipeline, device), device)
+    provenance = _provenance(backbone, source, device, recorded_preprocessing(backbone.preprocessing, stages.pipeline))
     with FeatureSetWriter(store_path, modality="image", source=source, layers={"pooled": backbone.feature_dim},
-                          provenance={"pooled": _provenance(backbone, source, device)}, add=settings.add,
-                          dtype=settings.dtype) as writer:
+                          provenance={"pooled": provenance}, add=settings.add, dtype=settings.dtype) as writer:
         # channels-last convolutions measured 1.6-2.5x faster on CPU for EfficientNet-Lite0 (and suit GPUs)
         backbone = backbone.to(device, memory_format=torch.channels_last).eval()
         start = time.perf_counter()
-        pending = _stream_images(manifest, writer, backbone.image_transform(train=False),
-                                 lambda images, rows: {"pooled": backbone(images)}, settings, device,
-                                 f"image/{source}")
+        pending = _stream_images(manifest, writer, stages, lambda images, rows: {"pooled": backbone(images)},
+                                 settings, device, f"image/{source}")
         complete = writer.finish()
         counts = _counts(writer.status)
     return SourceReport(f"image/{source}", len(pending), counts, complete, time.perf_counter() - start)
 
 
-def _stream_images(manifest: Manifest, writer: FeatureSetWriter, transform, compute, settings: ExtractSettings,
-                   device, desc: str) -> np.ndarray:
+def _stream_images(manifest: Manifest, writer: FeatureSetWriter, stages: ImageStages, compute,
+                   settings: ExtractSettings, device, desc: str) -> np.ndarray:
     """Run `compute(images (n_ok, 3, H, W), rows (n_ok,)) -> {layer: (n_ok, D)}` over the writer's pending rows
-    (`rows`: their manifest rows); returns them."""
+    (`rows`: their manifest rows); returns them.
+
+    Overlap: workers decode (and, for "pil", transform) ahead; on CUDA a batch's outputs copy to pinned host
+    memory without waiting, and the host writes batch i - 1 while the device computes batch i."""
     catalog = open_catalog_from_spec(manifest.catalog)
     refs = [item.image for item in manifest.items]
     pending = writer.pending_rows()
     loader = DataLoader(
-        ImageRows(catalog, refs, pending, transform),
+        ImageRows(catalog, refs, pending, stages.worker),
         batch_size=settings.batch_size, shuffle=False, num_workers=settings.workers,
-        collate_fn=collate_images, pin_memory=device.type == "cuda",
+        collate_fn=stages.collate, pin_memory=device.type == "cuda",
         persistent_workers=False, prefetch_factor=2 if settings.workers else None,
         multiprocessing_context=worker_context() if settings.workers else None,
         worker_init_fn=functools.partial(die_with, os.getpid()) if settings.workers else None,
     )
     with tqdm(total=len(manifest.items), initial=len(manifest.items) - len(pending), unit="img",
               desc=desc, disable=not settings.progress) as bar:
+        in_flight = None   # the previous batch, its outputs on their way to the host
         for rows, images, status in loader:
-            values = {}
+            outputs = {}
             if images is not None:
                 with torch.inference_mode(), autocast_for(device):
-                    images = images.to(device, memory_format=torch.channels_last, non_blocking=True)
-                    outputs = compute(images, rows[status == STATUS_OK])
-                values = {layer: value.float().cpu().numpy() for layer, value in outputs.items()}
-            writer.write(rows, values, status)
-            bar.update(len(rows))
+                    outputs = compute(stages.to_device(images, device), rows[status == STATUS_OK])
+            batch = _HostCopy(rows, outputs, status)   # starts the copies; waits for nothing on CUDA
+            if in_flight is not None:
+                bar.update(in_flight.write(writer))
+            in_flight = batch
+        if in_flight is not None:
+            bar.update(in_flight.write(writer))
     return pending
+
+
+class _HostCopy:
+    """One batch's outputs on their way to the host. On CUDA each (n_ok, D) output is copied into pinned memory
+    without waiting and an event marks the end of the copies; `write` waits for that event only, so the device is
+    already computing the next batch. On a CPU the outputs are host tensors already."""
+
+    def __init__(self, rows: np.ndarray, outputs: dict[str, torch.Tensor], status: np.ndarray):
+        self.rows, self.status, self.values, self.done = rows, status, {}, None
+        for layer, value in outputs.items():
+            value = value.float()
+            if value.device.type == "cuda":
+                host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+                self.values[layer] = host.copy_(value, non_blocking=True)
+                self.done = torch.cuda.Event()
+            else:
+                self.values[layer] = value
+        if self.done is not None:
+            self.done.record()
+
+    def write(self, writer: FeatureSetWriter) -> int:
+        if self.done is not None:
+            self.done.synchronize()
+        writer.write(self.rows, {layer: value.numpy() for layer, value in self.values.items()}, self.status)
+        return len(self.rows)
 
 
 # ----------------------------------------------------------------------------------------------- texts
@@ -246,7 +284,13 @@ def _extract_module(manifest: Manifest, store_path: Path, module_dir: Path, moda
     if plan.k:
         provenance["cross_fit"] = plan.k
     layers = module.head.layers
+    stages = None
+    if modality == "image":
+        stages = image_stages(module.backbone, resolve_pipeline(settings.image_pipeline, device), device)
+        provenance["preprocessing"] = recorded_preprocessing(module.backbone.preprocessing, stages.pipeline)
     pooled = _cached_pooled(store_path, module.backbone) if module.frozen else None
+    if pooled is not None:  # outputs of the stored pooled features: made the way those were
+        provenance["preprocessing"] = pooled[2]
     with FeatureSetWriter(store_path, modality=modality, source=source, layers=layers, add=True,
                           provenance={layer: provenance for layer in layers}, dtype=settings.dtype) as writer:
         start = time.perf_counter()
@@ -258,8 +302,7 @@ def _extract_module(manifest: Manifest, store_path: Path, module_dir: Path, moda
         if pooled is not None:
             pending = _module_from_pooled(writer, plan, pooled, device)
         elif modality == "image":
-            pending = _stream_images(manifest, writer, module.backbone.image_transform(train=False),
-                                     compute, settings, device, desc)
+            pending = _stream_images(manifest, writer, stages, compute, settings, device, desc)
         else:
             pending = _stream_texts(manifest, writer, module.backbone.tokenize, compute, settings, device, desc)
         complete = writer.finish()
@@ -278,8 +321,9 @@ def _check_module(module_dir: Path, modality: str, manifest: Manifest) -> None:
     check_folds(config, manifest, module_dir)
 
 
-def _cached_pooled(store_path: Path, backbone) -> tuple[np.ndarray, np.ndarray] | None:
-    """(pooled (N, D), status (N,)) of this exact backbone from the store, or None when it holds none."""
+def _cached_pooled(store_path: Path, backbone) -> tuple[np.ndarray, np.ndarray, dict] | None:
+    """(pooled (N, D), status (N,), their recorded preprocessing) of this exact backbone from the store, or None
+    when it holds none."""
     with FeatureStore(store_path) as store:
         try:
             name = pooled_set_for(store, backbone)
@@ -289,11 +333,12 @@ def _cached_pooled(store_path: Path, backbone) -> tuple[np.ndarray, np.ndarray] 
         data = store.load([name])
         pooled = np.full((len(status), data.features[name].shape[1]), np.nan, dtype=np.float32)
         pooled[status == STATUS_OK] = data.features[name]  # load() keeps manifest order
-    return pooled, status
+        preprocessing = store.feature_sets[name].provenance.get("preprocessing")
+    return pooled, status, preprocessing
 
 
 def _module_from_pooled(writer: FeatureSetWriter, plan: RowPlan, pooled, device, batch_size: int = 4096) -> np.ndarray:
-    features, status = pooled
+    features, status, _ = pooled
     pending = writer.pending_rows()
     for begin in range(0, len(pending), batch_size):
         rows = pending[begin : begin + batch_size]

@@ -1,17 +1,22 @@
 """Images decoded for a backbone: one dataset item per manifest row, decoded and transformed in a DataLoader
 worker, and the collate that keeps the rows whose image is bad (with their status) beside the good images.
 Shared by extraction (embedstore/extract.py), S3 training (embedstore/finetune.py) and `heads predict`.
+`image_stages` splits the pixel work between the workers and the compute device by image pipeline
+(embedstore/image_pipeline.py).
 """
 from __future__ import annotations
 
 import io
 import warnings
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from embedstore.image_pipeline import BatchedImageTransform, decode_to_uint8, group_by_size
 from embedstore.store import STATUS_IMAGE_TOO_LARGE, STATUS_MISSING_IMAGE, STATUS_OK, STATUS_UNREADABLE_IMAGE
 
 
@@ -50,3 +55,34 @@ def collate_images(batch):
     ok = [pixels for _, pixels, code in batch if code == STATUS_OK]
     images = torch.stack(ok) if ok else None  # (n_ok, 3, H, W)
     return rows, images, status
+
+
+def collate_decoded(batch):
+    """The "tensor" pipeline's collate: (rows (n,) int64, DecodedImages or None, status (n,) int8); the decoded
+    uint8 images grouped by size, stacked here in the worker so that the DataLoader pins each group."""
+    rows = np.array([row for row, _, _ in batch], dtype=np.int64)
+    status = np.array([code for _, _, code in batch], dtype=np.int8)
+    ok = [pixels for _, pixels, code in batch if code == STATUS_OK]
+    return rows, (group_by_size(ok) if ok else None), status
+
+
+@dataclass
+class ImageStages:
+    """One image pipeline's stages: `worker` (PIL RGB image -> tensor) and `collate` run in DataLoader workers;
+    `to_device` turns a collated batch into the backbone's (n_ok, 3, S, S) channels-last input on the device."""
+    pipeline: str
+    worker: Callable
+    collate: Callable
+    on_device: BatchedImageTransform | None = None
+
+    def to_device(self, images, device: torch.device) -> torch.Tensor:
+        if self.on_device is None:   # "pil": normalized float batches come from the workers
+            return images.to(device, memory_format=torch.channels_last, non_blocking=True)
+        return self.on_device(images)  # "tensor": resize, crop and normalize run here, batched
+
+
+def image_stages(backbone, pipeline: str, device: torch.device) -> ImageStages:
+    """The stages of `pipeline` ("pil" | "tensor", resolved) for an ImageBackbone's evaluation preprocessing."""
+    if pipeline == "pil":
+        return ImageStages("pil", backbone.image_transform(train=False), collate_images)
+    return ImageStages("tensor", decode_to_uint8, collate_decoded, BatchedImageTransform.for_backbone(backbone, device))

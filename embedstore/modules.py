@@ -260,8 +260,10 @@ def pooled_set_for(store, backbone: Backbone) -> str:
                   if info.modality == backbone.modality and info.layer == "pooled"]
     for info in candidates:
         p = info.provenance
+        # either image pipeline (embedstore/image_pipeline.py) will do: they agree to one intensity level
+        preprocessing = {k: v for k, v in (p.get("preprocessing") or {}).items() if k != "pipeline"}
         if p.get("backbone") == backbone.name and p.get("weights_id") == backbone.weights_id \
-                and p.get("preprocessing") == wanted:
+                and preprocessing == wanted:
             if not info.complete:
                 raise ValueError(f"{info.name} in {store.path} is incomplete; finish it with `embed extract` (it resumes)")
             return info.name

@@ -29,7 +29,8 @@ from torch.utils.data import DataLoader
 from embedstore.backbones import create_backbone
 from embedstore.catalog import Catalog, FolderFiles, is_fashion_header, open_catalog
 from embedstore.defaults import autocast_for, resolve_device
-from embedstore.images import ImageRows, collate_images
+from embedstore.image_pipeline import recorded_pipeline
+from embedstore.images import ImageRows, ImageStages, image_stages
 from embedstore.model_folder import read_config
 from embedstore.modules import load_module, module_id
 from embedstore.preprocess import clean_title
@@ -158,7 +159,7 @@ class FeatureSource:
     modality: str
     network: torch.nn.Module     # a Backbone or a TransferModule, on the device
     compute: Callable            # images (B, 3, H, W) or tokens {(B, 30)} -> (B, D)
-    prepare: Callable            # image transform (PIL -> (3, S, S)) or tokenize (titles -> tokens)
+    prepare: Callable | ImageStages  # the image pipeline's stages, as the store ran them, or tokenize
     # the precision the store computed this feature set in ("compute_precision" in its provenance): predict runs
     # the network in it too, on any device, so a store extracted under bf16 on a GPU and heads served on a CPU
     # see features made the same way. None (stores written before it was recorded): this device's default.
@@ -175,7 +176,9 @@ def _check_identity(name: str, built, recorded: dict, fix: str) -> None:
     if built.weights_id != recorded.get("weights_id"):
         raise ValueError(f"{name}: the head was trained on features of weights {recorded.get('weights_id')}, but "
                          f"they resolve here to {built.weights_id}; {fix}")
-    wanted, got = _normalised(recorded.get("preprocessing", {})), _normalised(built.preprocessing)
+    # the image pipeline is not the backbone's: predict runs the recorded one (see image_stages below)
+    wanted = {k: v for k, v in _normalised(recorded.get("preprocessing", {})).items() if k != "pipeline"}
+    got = _normalised(built.preprocessing)
     if wanted != got:
         differ = sorted(k for k in wanted.keys() | got.keys() if wanted.get(k) != got.get(k))
         raise ValueError(f"{name}: the head was trained on features with another preprocessing "
@@ -197,7 +200,7 @@ def _pooled_source(name: str, modality: str, recorded: dict, settings: PredictSe
     if modality == "image":
         # channels-last, as extraction ran it, so the convolutions round the same way
         backbone = backbone.to(device, memory_format=torch.channels_last).eval()
-        return FeatureSource(name, modality, backbone, backbone, backbone.image_transform(train=False),
+        return FeatureSource(name, modality, backbone, backbone, _recorded_stages(backbone, recorded, device),
                              recorded.get("compute_precision"))
     backbone = backbone.to(device).eval()
     return FeatureSource(name, modality, backbone, lambda tokens: backbone(**tokens), backbone.tokenize,
@@ -216,11 +219,17 @@ def _module_source(name: str, modality: str, layer: str, recorded: dict, device)
     _check_identity(name, module.backbone, recorded, f"restore the backbone weights the module in {folder} used")
     if modality == "image":
         module = module.to(memory_format=torch.channels_last)
-        prepare = module.backbone.image_transform(train=False)
+        prepare = _recorded_stages(module.backbone, recorded, device)
     else:
         prepare = module.backbone.tokenize
     return FeatureSource(name, modality, module, lambda inputs: module.forward_features(inputs)[layer], prepare,
                          recorded.get("compute_precision"))
+
+
+def _recorded_stages(backbone, recorded: dict, device) -> ImageStages:
+    """The image pipeline the store's feature set was made with ("pil" for stores that record none), on this
+    device: the same resize on any device, to one intensity level across the two pipelines."""
+    return image_stages(backbone, recorded_pipeline(recorded.get("preprocessing")), device)
 
 
 def load_sources(head: FusionHead, settings: PredictSettings, device) -> list[FeatureSource]:
@@ -255,18 +264,19 @@ def sources_for(doc: dict, strategy: str, modalities: tuple[str, ...], layer: st
 # ----------------------------------------------------------------------------------------------- batches
 
 
-def _batches(inputs: Inputs, image_prepare: Callable | None, settings: PredictSettings):
-    """(rows (b,), images (b_ok, 3, S, S) or None, image status (b,) int8) in input order; status is all OK
-    and images None when the model reads no images."""
+def _batches(inputs: Inputs, stages: ImageStages | None, settings: PredictSettings, device):
+    """(rows (b,), images (b_ok, 3, S, S) on the device or None, image status (b,) int8) in input order; status
+    is all OK and images None when the model reads no images."""
     n, size = len(inputs.ids), settings.batch_size
-    if image_prepare is None:
+    if stages is None:
         for begin in range(0, n, size):
             rows = np.arange(begin, min(begin + size, n))
             yield rows, None, np.full(len(rows), STATUS_OK, dtype=np.int8)
         return
-    loader = DataLoader(ImageRows(inputs.files, inputs.images, np.arange(n), image_prepare),
-                        batch_size=size, shuffle=False, num_workers=settings.workers, collate_fn=collate_images)
-    yield from loader
+    loader = DataLoader(ImageRows(inputs.files, inputs.images, np.arange(n), stages.worker),
+                        batch_size=size, shuffle=False, num_workers=settings.workers, collate_fn=stages.collate)
+    for rows, images, status in loader:
+        yield rows, None if images is None else stages.to_device(images, device), status
 
 
 def _title_status(rows, image_status, inputs: Inputs) -> np.ndarray:
@@ -314,7 +324,7 @@ class Predictor:
 
     classes: list[str]
     modalities: tuple[str, ...]
-    image_prepare: Callable | None
+    image_stages: ImageStages | None
     probabilities: Callable
 
 
@@ -370,7 +380,8 @@ def end_to_end_predictor(model_dir: Path, device) -> Predictor:
             logits = model({"images": pixels.to(device), **{k: v.to(device) for k, v in tokens.items()}})
         return status, torch.softmax(logits.float(), dim=-1).cpu().numpy()  # (b_ok, C)
 
-    return Predictor(classes, ("image", "text"), model.image.backbone.image_transform(train=False), probabilities)
+    # 3-A / 3-B models trained on PIL-transformed images (embedstore/finetune.py): served the same way
+    return Predictor(classes, ("image", "text"), image_stages(model.image.backbone, "pil", device), probabilities)
 
 
 def predict_products(head_dir: str | os.PathLike, inputs: str | os.PathLike, out_csv: str | os.PathLike,
@@ -404,7 +415,7 @@ def predict_products(head_dir: str | os.PathLike, inputs: str | os.PathLike, out
         writer = csv.writer(handle)
         writer.writerow(["id"] + [f"{c}_{k}" for k in range(1, top_k + 1) for c in ("label", "probability")]
                         + ["reason"])
-        for rows, images, image_status in _batches(items, predictor.image_prepare, settings):
+        for rows, images, image_status in _batches(items, predictor.image_stages, settings, device):
             status, probabilities = predictor.probabilities(rows, images, image_status, items)
             status, probabilities = _without_non_finite(status, probabilities)
             _write_rows(writer, [items.ids[r] for r in rows], status, probabilities, classes, top_k, summary)
