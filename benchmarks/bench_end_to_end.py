@@ -8,8 +8,9 @@ does) and one head alone. End-to-end side: 3-A with the same operator and the ba
 provenance, trained by heads/end_to_end.py for a few steps per epoch over the full training split (val and test
 cut to a few items so the CPU is not spent on them); the full epoch's time is extrapolated from the last
 epoch's steps (the first pays for start-up). Extraction: measured on the manifest's first items with the same
-backbones, extrapolated to the whole manifest. Prints each time, the ratios, after how many head trainings the
-store has paid for itself, and the command line.
+backbones, extrapolated to the whole manifest. Image S3 (`embed finetune --modality image --strategy 3`, the
+store's image backbone fine-tuned end to end) is timed the same way, against the same head epoch. Prints each
+time, the ratios, after how many head trainings the store has paid for itself, and the command line.
 """
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ import math
 import shlex
 import sys
 import tempfile
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from embedstore.extract import ExtractSettings, extract  # noqa: E402
+from embedstore.finetune import FinetuneSettings, finetune  # noqa: E402
 from embedstore.manifest import Manifest  # noqa: E402
 from embedstore.store import FeatureStore  # noqa: E402
 from heads.end_to_end import EndToEndSettings, backbones_of_store, train_end_to_end  # noqa: E402
@@ -89,6 +90,21 @@ def end_to_end_side(manifest_path: Path, store_path: Path, args, folder: Path) -
             "parameters": metrics["trainable_parameters"]}
 
 
+def image_s3_side(manifest_path: Path, settings: EndToEndSettings, args, folder: Path) -> dict:
+    """Image S3 over the full training split for `--end-to-end-steps` steps per epoch, two epochs; the full
+    epoch extrapolated from the last epoch's steps, like the end-to-end side."""
+    manifest = Manifest.load(manifest_path)
+    result = finetune(cut_manifest(manifest, folder, keep_eval=args.batch_size), folder / "image-s3", FinetuneSettings(
+        modality="image", strategy=3, backbone=settings.image_backbone, image_size=settings.image_size,
+        batch_size=args.batch_size, max_epochs=2, patience=10, max_steps_per_epoch=args.end_to_end_steps,
+        workers=args.workers, device=args.device, progress=False))
+    metrics = result.metrics
+    last = metrics["history"][-1]
+    per_step = last["train_seconds"] / last["steps"]
+    return {"per_step": per_step, "steps_per_epoch": metrics["steps_per_full_epoch"],
+            "epoch": per_step * metrics["steps_per_full_epoch"], "history": metrics["history"]}
+
+
 def extraction_side(manifest_path: Path, settings: EndToEndSettings, items: int, workers: int, device,
                     folder: Path) -> dict:
     manifest = Manifest.load(manifest_path)
@@ -116,6 +132,8 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=None, help="threads of the end-to-end side (default: torch's)")
     p.add_argument("--head-threads", type=int, default=1, help="threads of the head side (heads sweep's default)")
     p.add_argument("--precision", default="auto", help="of the head side: auto (fp32 on CPU), bf16, fp32")
+    p.add_argument("--image-s3", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time image S3 (the store's image backbone fine-tuned) against the head epoch")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -149,12 +167,23 @@ def main(argv=None) -> None:
               f"{e2e['epoch']:.0f} s per epoch (EXTRAPOLATED from {e2e['history'][-1]['steps']} measured steps)")
         print(f"  time to the best validation epoch: at least one epoch = {e2e['epoch']:.0f} s (lower bound; "
               "not trained to convergence here)")
+        s3 = None
+        if args.image_s3:
+            s3 = image_s3_side(args.manifest, es, args, Path(tmp))
+            print(f"\nimage S3 ({es.image_backbone}, {es.image_size} px, batch {args.batch_size}): "
+                  + ", ".join(f"epoch {h['epoch']}: {h['steps']} steps in {h['train_seconds']:.2f} s"
+                              for h in s3["history"]))
+            print(f"  {s3['per_step']:.3f} s per step (last epoch) x {s3['steps_per_epoch']} steps = "
+                  f"{s3['epoch']:.1f} s per epoch (EXTRAPOLATED from {s3['history'][-1]['steps']} measured steps)")
         ext = extraction_side(args.manifest, es, args.extract_items, args.workers, device, Path(tmp))
     print(f"\nextraction (one-off): {ext['items']} items in {ext['seconds']:.1f} s "
           f"({', '.join(f'{k} {v:.1f} s' for k, v in ext['by_source'].items())}) -> about {ext['estimate']:.0f} s "
           f"for all {ext['total_items']} items (extrapolated)")
 
     ratio_epoch = e2e["epoch"] / heads["per_head_epoch"]
+    if s3 is not None:
+        print(f"\nratio per epoch, image S3 / head in a stack: {s3['epoch'] / heads['per_head_epoch']:,.0f}x "
+              f"(issue 13's GPU target >= 1,000x); / one head alone: {s3['epoch'] / heads['alone_epoch']:,.0f}x")
     print(f"\nratio per epoch, end to end / head in a stack: {ratio_epoch:,.0f}x (target >= 5,000x: "
           f"{'met' if ratio_epoch >= 5000 else 'NOT met'}); / one head alone: {e2e['epoch'] / heads['alone_epoch']:,.0f}x")
     print(f"ratio of time to the best validation epoch (end to end's lower bound / head in a stack): "

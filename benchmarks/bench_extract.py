@@ -3,10 +3,16 @@
     python benchmarks/bench_extract.py --catalog ../shared/datasets/fashion-product-images-small.zip \
         --out runs/bench-extract [--image-backbone efficientnet_lite0] [--text-backbone all-MiniLM-L6-v2]
 
+    python benchmarks/bench_extract.py --catalog CATALOG --device cuda --pipelines pil,tensor --workers 12 \
+        --batch-size 256 --memory-sizes none          # the GPU check (benchmarks/gpu_check.sh)
+
 One run on one machine, printed as ratios (these machines are noisy):
-1. bare forward: the image backbone on preprocessed batches already in memory, images/s;
-2. `extract` of the protocol manifest (9,250 items) with DataLoader workers, images/s and titles/s; the ratio
-   of 2 to 1 says whether decode, transform and write hide behind compute (target >= 0.9);
+1. bare forward: the image backbone on normalized batches already on the device, channels-last, in the precision
+   extraction uses there (bf16 autocast on CUDA, float32 on a CPU), images/s;
+2. `extract` of the protocol manifest (9,250 items) with DataLoader workers, images/s and titles/s, once per
+   image pipeline asked for ("pil": workers transform; "tensor": workers decode, the device resizes, crops and
+   normalizes); the ratio of 2 to 1 says whether decode, transform and write hide behind compute (target >= 0.9
+   on a CPU, >= 0.7 on a GPU: issue 13);
 3. the store's read throughput (FeatureStore.load of both pooled sets);
 4. peak resident memory of `embed extract` (a child process) on two manifests of different sizes: it must
    not grow with the catalog.
@@ -26,22 +32,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from embedstore.backbones import create_backbone  # noqa: E402
 from embedstore.catalog import open_catalog  # noqa: E402
+from embedstore.defaults import autocast_for, resolve_device  # noqa: E402
 from embedstore.extract import ExtractSettings, extract  # noqa: E402
-from embedstore.manifest import Manifest, SplitSettings, prepare_manifest  # noqa: E402
+from embedstore.manifest import SplitSettings, prepare_manifest  # noqa: E402
 from embedstore.store import FeatureStore  # noqa: E402
 
 
-def bare_forward_rate(name: str, batch_size: int, batches: int, image_size: int) -> float:
-    """Images/s of the forward pass alone on a fixed batch (no decoding, no writing)."""
-    # the same memory format as `extract` uses, so the ratio compares like with like
-    backbone = create_backbone("image", name, image_size=image_size).to(memory_format=torch.channels_last).eval()
-    images = torch.randn(batch_size, 3, image_size, image_size).to(memory_format=torch.channels_last)  # (B, 3, H, W)
-    with torch.inference_mode():
-        backbone(images)  # warm-up
+def bare_forward_rate(name: str, batch_size: int, batches: int, image_size: int, device: torch.device) -> float:
+    """Images/s of the forward pass alone on a fixed batch already on the device (no decoding, no writing)."""
+    # the same memory format and precision as `extract` uses, so the ratio compares like with like
+    backbone = create_backbone("image", name, image_size=image_size)
+    backbone = backbone.to(device, memory_format=torch.channels_last).eval()
+    images = torch.randn(batch_size, 3, image_size, image_size, device=device)
+    images = images.to(memory_format=torch.channels_last)  # (B, 3, H, W)
+    with torch.inference_mode(), autocast_for(device):
+        for _ in range(2):  # warm-up (cuDNN picks its algorithms on the first calls)
+            backbone(images)
+        _synchronize(device)
         start = time.perf_counter()
         for _ in range(batches):
             backbone(images)
+        _synchronize(device)
     return batch_size * batches / (time.perf_counter() - start)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def peak_memory_mib(manifest: Path, store: Path, args) -> float:
@@ -61,17 +78,22 @@ def main() -> None:
     parser.add_argument("--catalog", required=True)
     parser.add_argument("--out", default="runs/bench-extract")
     parser.add_argument("--image-backbone", default="efficientnet_lite0")
-    parser.add_argument("--text-backbone", default="all-MiniLM-L6-v2")
+    parser.add_argument("--text-backbone", default="all-MiniLM-L6-v2", help="'none': images only")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--bare-batches", type=int, default=8)
-    parser.add_argument("--memory-sizes", default="20,80", help="items per class of the two memory manifests")
+    parser.add_argument("--memory-sizes", default="20,80",
+                        help="items per class of the two memory manifests ('none': skip the memory part)")
+    parser.add_argument("--device", default=None, help="cpu, cuda (default: CUDA when present)")
+    parser.add_argument("--pipelines", default="pil", help="image pipelines to extract with, comma-separated: pil,tensor")
     args = parser.parse_args()
+    device = resolve_device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print("command:", " ".join([Path(sys.executable).name, *sys.argv]))
-    print(f"torch threads {torch.get_num_threads()}, workers {args.workers}, batch {args.batch_size}, "
+    print(f"device {device}{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
+          f"torch threads {torch.get_num_threads()}, workers {args.workers}, batch {args.batch_size}, "
           f"image size {args.image_size}")
 
     catalog = open_catalog(args.catalog)
@@ -79,27 +101,36 @@ def main() -> None:
     manifest = prepare_manifest(catalog, SplitSettings())
     manifest.save(manifest_path)
 
-    bare = bare_forward_rate(args.image_backbone, args.batch_size, args.bare_batches, args.image_size)
+    bare = bare_forward_rate(args.image_backbone, args.batch_size, args.bare_batches, args.image_size, device)
     print(f"bare forward  {args.image_backbone}: {bare:.1f} images/s")
 
-    store_path = out / "store.h5"
-    store_path.unlink(missing_ok=True)
-    settings = ExtractSettings(image_backbone=args.image_backbone, text_backbone=args.text_backbone,
-                               image_size=args.image_size, batch_size=args.batch_size, workers=args.workers,
-                               progress=False)
-    wall = time.perf_counter()
-    reports = extract(manifest_path, store_path, settings)
-    wall = time.perf_counter() - wall
-    image_report, text_report = reports
-    image_rate = image_report.computed / image_report.seconds
-    print(f"extract       {image_report.name}: {image_report.computed} images in {image_report.seconds:.1f} s "
-          f"= {image_rate:.1f} images/s; skipped {image_report.counts}")
-    print(f"extract       {text_report.name}: {text_report.computed} titles in {text_report.seconds:.1f} s "
-          f"= {text_report.computed / text_report.seconds:.1f} titles/s")
-    print(f"extract       protocol ({len(manifest.items)} items) wall time {wall:.1f} s")
-    print(f"ratio         extraction / bare forward = {image_rate / bare:.2f} (target >= 0.9)")
+    results = {"device": str(device), "bare_images_per_s": bare, "pipelines": {}}
+    for i, pipeline in enumerate(args.pipelines.split(",")):
+        store_path = out / f"store-{pipeline}.h5"
+        store_path.unlink(missing_ok=True)
+        # titles once: they do not depend on the image pipeline
+        settings = ExtractSettings(image_backbone=args.image_backbone,
+                                   text_backbone=args.text_backbone if i == 0 and args.text_backbone != "none" else None,
+                                   image_size=args.image_size, batch_size=args.batch_size, workers=args.workers,
+                                   device=str(device), image_pipeline=pipeline, progress=False)
+        wall = time.perf_counter()
+        reports = extract(manifest_path, store_path, settings)
+        wall = time.perf_counter() - wall
+        image_report = reports[0]
+        image_rate = image_report.computed / image_report.seconds
+        print(f"extract       {image_report.name} ({pipeline} pipeline): {image_report.computed} images in "
+              f"{image_report.seconds:.1f} s = {image_rate:.1f} images/s; {image_report.counts}")
+        print(f"ratio         extraction ({pipeline}) / bare forward = {image_rate / bare:.2f}")
+        results["pipelines"][pipeline] = {"extract_images_per_s": image_rate, "ratio": image_rate / bare,
+                                          "image_s": image_report.seconds}
+        if len(reports) > 1:
+            text_report = reports[1]
+            print(f"extract       {text_report.name}: {text_report.computed} titles in {text_report.seconds:.1f} s "
+                  f"= {text_report.computed / text_report.seconds:.1f} titles/s")
+            print(f"extract       protocol ({len(manifest.items)} items, {pipeline}) wall time {wall:.1f} s")
+            results.update(protocol_wall_s=wall, text_s=text_report.seconds)
 
-    with FeatureStore(store_path) as store:
+    with FeatureStore(out / f"store-{args.pipelines.split(',')[0]}.h5") as store:
         names = list(store.feature_sets)
         start = time.perf_counter()
         data = store.load(names)
@@ -107,9 +138,11 @@ def main() -> None:
     megabytes = sum(matrix.nbytes for matrix in data.features.values()) / 2**20
     print(f"read          {len(data.ids)} rows x {len(names)} sets ({megabytes:.1f} MiB) in {seconds:.3f} s "
           f"= {len(data.ids) / seconds:,.0f} rows/s, {megabytes / seconds:,.0f} MiB/s")
+    results["read_rows_per_s"] = len(data.ids) / seconds
 
     peaks = {}
-    for per_class in (int(n) for n in args.memory_sizes.split(",")):
+    sizes = [] if args.memory_sizes == "none" else [int(n) for n in args.memory_sizes.split(",")]
+    for per_class in sizes:
         train, val = int(per_class * 0.7), int(per_class * 0.1)
         small = prepare_manifest(catalog, SplitSettings(items_per_class=per_class, train=train, val=val,
                                                         test=per_class - train - val))
@@ -119,14 +152,12 @@ def main() -> None:
         memory_store.unlink(missing_ok=True)
         peaks[len(small.items)] = peak_memory_mib(path, memory_store, args)
         print(f"peak memory   {len(small.items):>5} items: {peaks[len(small.items)]:.0f} MiB")
-    sizes = sorted(peaks)
-    print(f"memory ratio  {sizes[-1]} / {sizes[0]} items: {peaks[sizes[-1]] / peaks[sizes[0]]:.2f} "
-          f"(catalog {sizes[-1] / sizes[0]:.1f}x larger)")
-    (out / "result.json").write_text(json.dumps({
-        "bare_images_per_s": bare, "extract_images_per_s": image_rate, "ratio": image_rate / bare,
-        "protocol_wall_s": wall, "image_s": image_report.seconds, "text_s": text_report.seconds,
-        "read_rows_per_s": len(data.ids) / seconds, "peak_memory_mib": peaks,
-    }, indent=1))
+    if peaks:
+        sizes = sorted(peaks)
+        print(f"memory ratio  {sizes[-1]} / {sizes[0]} items: {peaks[sizes[-1]] / peaks[sizes[0]]:.2f} "
+              f"(catalog {sizes[-1] / sizes[0]:.1f}x larger)")
+    results["peak_memory_mib"] = peaks
+    (out / "result.json").write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

