@@ -25,7 +25,7 @@ from embedstore.chunks import check_feature_dtype
 from embedstore.cross_fit import RowPlan, check_folds
 from embedstore.defaults import autocast_for, compute_precision, resolve_device
 from embedstore.image_pipeline import CHOICES as IMAGE_PIPELINES
-from embedstore.image_pipeline import recorded_preprocessing, resolve_pipeline
+from embedstore.image_pipeline import recorded_pipeline, recorded_preprocessing, resolve_pipeline
 from embedstore.images import ImageRows, ImageStages, image_stages
 from embedstore.manifest import Manifest
 from embedstore.modules import config_sha256, load_module, module_id, pooled_set_for, read_module_config
@@ -145,7 +145,7 @@ def _extract_images(manifest: Manifest, store_path: Path, settings: ExtractSetti
     backbone = create_backbone("image", settings.image_backbone, weights=settings.image_weights,
                                image_size=settings.image_size)
     source = image_source_name(backbone.name, settings.image_size)
-    stages = image_stages(backbone, resolve_pipeline(settings.image_pipeline, device), device)
+    stages = image_stages(backbone, _pipeline_for(store_path, f"image/{source}/pooled", settings, device), device)
     provenance = _provenance(backbone, source, device, recorded_preprocessing(backbone.preprocessing, stages.pipeline))
     with FeatureSetWriter(store_path, modality="image", source=source, layers={"pooled": backbone.feature_dim},
                           provenance={"pooled": provenance}, add=settings.add, dtype=settings.dtype) as writer:
@@ -157,6 +157,17 @@ def _extract_images(manifest: Manifest, store_path: Path, settings: ExtractSetti
         complete = writer.finish()
         counts = _counts(writer.status)
     return SourceReport(f"image/{source}", len(pending), counts, complete, time.perf_counter() - start)
+
+
+def _pipeline_for(store_path: Path, feature_set: str, settings: ExtractSettings, device) -> str:
+    """The image pipeline to run: the one asked for; for "auto", the one that began this feature set when
+    resuming it (a run begun on a GPU resumes on a CPU without mixing pipelines), else the device's default."""
+    if settings.image_pipeline == "auto":
+        with FeatureStore(store_path) as store:
+            begun = store.feature_sets.get(feature_set)
+        if begun is not None:
+            return recorded_pipeline(begun.provenance.get("preprocessing"))
+    return resolve_pipeline(settings.image_pipeline, device)
 
 
 def _stream_images(manifest: Manifest, writer: FeatureSetWriter, stages: ImageStages, compute,
@@ -286,7 +297,8 @@ def _extract_module(manifest: Manifest, store_path: Path, module_dir: Path, moda
     layers = module.head.layers
     stages = None
     if modality == "image":
-        stages = image_stages(module.backbone, resolve_pipeline(settings.image_pipeline, device), device)
+        pipeline = _pipeline_for(store_path, f"image/{source}/{next(iter(layers))}", settings, device)
+        stages = image_stages(module.backbone, pipeline, device)
         provenance["preprocessing"] = recorded_preprocessing(module.backbone.preprocessing, stages.pipeline)
     pooled = _cached_pooled(store_path, module.backbone) if module.frozen else None
     if pooled is not None:  # outputs of the stored pooled features: made the way those were

@@ -6,6 +6,7 @@ import io
 import json
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -16,7 +17,7 @@ from cli.heads import heads
 from embedstore.backbones import create_backbone
 from embedstore.images import ImageRows, collate_decoded, collate_images, image_stages
 from embedstore.image_pipeline import BatchedImageTransform, recorded_pipeline, resolve_pipeline
-from embedstore.store import STATUS_OK, STATUS_UNREADABLE_IMAGE, FeatureStore
+from embedstore.store import STATUS_OK, STATUS_PENDING, STATUS_UNREADABLE_IMAGE, FeatureStore
 from embedstore.synthetic_catalog import make_fashion_catalog
 from tests.cli_helpers import TINY, invoke, ok
 
@@ -141,10 +142,25 @@ def test_a_tensor_pipeline_store_records_its_pipeline_and_stays_close_to_pil(cat
     assert not np.array_equal(x, y)
 
 
-def test_one_feature_set_never_mixes_pipelines(catalog):
-    store = extract_with(catalog, "pil", "mixed")
+def test_one_feature_set_never_mixes_pipelines_and_auto_resumes_with_the_one_it_began_with(catalog):
+    store = extract_with(catalog, "tensor", "mixed")   # as a run begun on a GPU ("auto" there) would make it
+    with FeatureStore(store) as opened:
+        (name,) = [n for n in opened.feature_sets if n.startswith("image/")]
+        status = opened.status(name).copy()
+    with h5py.File(store, "r+") as f:   # the state a kill leaves: the last rows still pending
+        group = f[f"features/{name.rsplit('/', 1)[0]}"]
+        group["status"][-5:] = STATUS_PENDING
+        for node in (group, group["pooled"]):
+            node.attrs["complete"] = False
+    # "auto" on this CPU would pick "pil", but resuming keeps the pipeline the feature set began with
+    output = ok(embed, ["extract", catalog["manifest"], "--store", store, *TINY, "--workers", 0, "--device", "cpu",
+                        "--no-progress"])
+    assert f"{name.rsplit('/', 1)[0]}: computed 5 rows" in output, output
+    with FeatureStore(store) as opened:
+        assert np.array_equal(opened.status(name), status)
+        assert opened.feature_sets[name].provenance["preprocessing"]["pipeline"] == "tensor"
     result = invoke(embed, ["extract", catalog["manifest"], "--store", store, *TINY, "--workers", 0,
-                            "--device", "cpu", "--image-pipeline", "tensor", "--no-progress"])
+                            "--device", "cpu", "--image-pipeline", "pil", "--no-progress"])
     assert result.exit_code != 0
     assert "with another preprocessing" in result.output and "refusing to mix them" in result.output
     assert "Traceback" not in result.output
