@@ -194,8 +194,10 @@ def _stream_images(manifest: Manifest, writer: FeatureSetWriter, stages: ImageSt
         for rows, images, status in loader:
             outputs = {}
             if images is not None:
-                with torch.inference_mode(), autocast_for(device):
-                    outputs = compute(stages.to_device(images, device), rows[status == STATUS_OK])
+                with torch.inference_mode():
+                    images = stages.to_device(images, device)   # (n_ok, 3, S, S): pixel work in float32
+                    with autocast_for(device):
+                        outputs = compute(images, rows[status == STATUS_OK])
             batch = _HostCopy(rows, outputs, status)   # starts the copies; waits for nothing on CUDA
             if in_flight is not None:
                 bar.update(in_flight.write(writer))
