@@ -198,6 +198,7 @@ def print_op_profile(stack: Stack, collected, loss_fn, label: str) -> None:
             step(stack, xs, y, loss_fn)
         wall = time.perf_counter() - wall
     kinds, counts, ops, n_ops = defaultdict(float), defaultdict(int), defaultdict(float), 0
+    per_op = defaultdict(int)
     for e in prof.key_averages():
         if e.key.startswith(("phase: ", "ProfilerStep", "autograd::engine::evaluate_function")):
             continue   # ranges and wrappers whose time is their children's
@@ -205,6 +206,7 @@ def print_op_profile(stack: Stack, collected, loss_fn, label: str) -> None:
         kinds[op_kind(e.key)] += e.self_cpu_time_total
         counts[op_kind(e.key)] += e.count
         ops[e.key] += e.self_cpu_time_total
+        per_op[e.key] += e.count
     print(f"\ntorch.profiler, {label} (profiled wall {1e3 * wall / steps:.1f} ms per step, {n_ops / steps:.0f} ops "
           f"per step):")
     for kind, us in sorted(kinds.items(), key=lambda kv: -kv[1]):
@@ -219,6 +221,8 @@ def print_op_profile(stack: Stack, collected, loss_fn, label: str) -> None:
           "of matmul work")
     print("    top ops by self CPU time: " + ", ".join(
         f"{k} {v / 1e3 / steps:.2f} ms" for k, v in sorted(ops.items(), key=lambda kv: -kv[1])[:8]))
+    print("    most frequent ops per step: " + ", ".join(
+        f"{k} {v / steps:.0f}" for k, v in sorted(per_op.items(), key=lambda kv: -kv[1])[:8]))
 
 
 def timed(fn):
