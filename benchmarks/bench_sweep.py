@@ -114,10 +114,12 @@ def main(argv=None) -> None:
                            for r in read_runs(folder)}
 
     first, second = [label for label, _ in COMPARISONS[args.compare]]
-    heads = len(rows[first])
-    epochs = sum(r["epochs_run"] for r in rows[first].values())
+    trained = [r for r in rows[first].values() if r["epochs_run"] is not None]   # decision-level rows have none
+    heads = len(trained)
+    epochs = sum(r["epochs_run"] for r in trained)
     print(f"\nstore: {'synthetic 9,250 x (1280 | 384), 37 classes' if args.synthetic else args.store}")
-    print(f"grid: {heads} heads, {epochs} head-epochs in total; device {args.device}")
+    print(f"grid: {heads} heads, {epochs} head-epochs in total, {len(rows[first]) - heads} decision-level rows; "
+          f"device {args.device}")
     for label in (first, second):
         s = summaries[label]
         runs = len(each[label])

@@ -8,10 +8,10 @@ scikit-learn-style estimator around ONE trained head.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 
 from heads.fusion import create_fusion, list_fusions
@@ -144,7 +144,9 @@ class StackedHead:
                 dropout_masks: torch.Tensor | None = None) -> torch.Tensor:
         """inputs: one (G, B, D_m) tensor per modality; dropout_masks (G, B, dropout_width) already scaled by
         1/(1-p), or None for evaluation. Returns logits (G, B, C)."""
-        offsets = np.cumsum([0] + self._dropout_widths)
+        # Python ints, not a numpy array: torch.compile turns numpy into tensor reads, and slicing by one breaks the
+        # graph (the whole forward then ran eagerly); tests/test_heads_compile.py keeps the step one graph
+        offsets = [0, *itertools.accumulate(self._dropout_widths)]
 
         def dropout(x, i):
             return x if dropout_masks is None else x * dropout_masks[:, :, offsets[i]:offsets[i + 1]]
