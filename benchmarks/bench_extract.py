@@ -137,8 +137,8 @@ def main() -> None:
     manifest.save(manifest_path)
 
     pipelines = args.pipelines.split(",")
-    # A B B A ...: a change in the machine's load hits every pipeline alike; each run is timed against a bare
-    # forward pass measured just before it
+    # A B B A ...: a change in the machine's load hits every pipeline alike; each run is timed against the mean
+    # of bare forward passes measured just before and just after it
     order = [p for r in range(args.repeats) for p in (pipelines if r % 2 == 0 else pipelines[::-1])]
     results = {"device": str(device), "runs": [], "pipelines": {}}
     for i, pipeline in enumerate(order):
@@ -153,9 +153,11 @@ def main() -> None:
         wall = time.perf_counter()
         reports = extract(manifest_path, store_path, settings)
         wall = time.perf_counter() - wall
+        after = bare_forward_rate(args.image_backbone, args.batch_size, args.bare_batches, args.image_size, device)
+        print(f"bare forward  {args.image_backbone}: {bare:.1f} images/s before, {after:.1f} after")
+        bare = (bare + after) / 2
         image_report = reports[0]
         image_rate = image_report.computed / image_report.seconds
-        print(f"bare forward  {args.image_backbone}: {bare:.1f} images/s")
         print(f"extract       {image_report.name} ({pipeline} pipeline): {image_report.computed} images in "
               f"{image_report.seconds:.1f} s = {image_rate:.1f} images/s ({image_rate / bare:.2f} of the bare "
               f"forward); {image_report.counts}")

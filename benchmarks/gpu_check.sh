@@ -14,7 +14,7 @@
 #      --synthetic --compare grouping): seconds and TFLOP/s (target <= 3 s);
 #   3. extraction of the carried protocol images, both image pipelines, vs the bare bf16 channels-last forward
 #      pass (bench_extract; target >= 0.7);
-#   4. head epoch vs end-to-end epoch on cuda (bench_end_to_end --device cuda).
+#   4. head epoch vs end-to-end and image S3 epochs on cuda (bench_end_to_end --device cuda; target >= 1,000x).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 CARRY=runs/gpu-carry
@@ -47,33 +47,39 @@ EOF
     exit 0
 fi
 
+# A dry run here (no GPU) checks the plumbing before a GPU session is spent on it: every step starts and parses
+# its options, then is stopped after a few seconds:
+#     GPU_CHECK_DEVICE=cpu GPU_CHECK_DRY=1 PYTHON=.venv/bin/python OUT=runs/gpu-dry bash benchmarks/gpu_check.sh
+DEVICE=${GPU_CHECK_DEVICE:-cuda}
+PY=${PYTHON:-python}
 OUT=${OUT:-runs/gpu-out}
 mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"
 export PYTHONPATH="$PWD:$PWD/$CARRY" HF_HUB_OFFLINE=1
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log output and wall time
     local name=$1 limit=$2; shift 2
+    [ -n "${GPU_CHECK_DRY:-}" ] && limit=25
     echo "=== $name (limit ${limit}s): $*" >>"$LOG"
     local start=$SECONDS
     timeout "$limit" "$@" >>"$LOG" 2>&1
     echo "=== $name: exit $? after $((SECONDS - start)) s" >>"$LOG"
 }
 { date -u; nvidia-smi --query-gpu=name,memory.total --format=csv; git log --oneline -1;
-  python -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"; } >"$LOG" 2>&1
+  $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"; } >"$LOG" 2>&1
 
-step tests 200 python -m pytest -q -m "not real" -x -p no:cacheprovider
-step sweep-grid 150 python benchmarks/bench_sweep.py --synthetic --device cuda --compare grouping \
+step tests 200 $PY -m pytest -q -m "not real" -x -p no:cacheprovider ${GPU_CHECK_DRY:+--collect-only}
+step sweep-grid 150 $PY benchmarks/bench_sweep.py --synthetic --device "$DEVICE" --compare grouping \
     --strategies 1A,1B,2A,2B
 if [ -f "$CARRY/subset.zip" ]; then
-    python -m cli.embed prepare "$CARRY/subset.zip" --out "$OUT/manifest.json" --min-items 50 \
+    $PY -m cli.embed prepare "$CARRY/subset.zip" --out "$OUT/manifest.json" --min-items 50 \
         --items-per-class 50 --train 30 --val 8 --test 12 >>"$LOG" 2>&1
-    step extraction 100 python benchmarks/bench_extract.py --catalog "$CARRY/subset.zip" --out "$OUT/extract" \
-        --device cuda --pipelines tensor,pil --text-backbone none --memory-sizes none --batch-size 256 \
+    step extraction 100 $PY benchmarks/bench_extract.py --catalog "$CARRY/subset.zip" --out "$OUT/extract" \
+        --device "$DEVICE" --pipelines tensor,pil --text-backbone none --memory-sizes none --batch-size 256 \
         --workers 12 --bare-batches 20
-    python -m cli.embed extract "$OUT/manifest.json" --store "$OUT/store.h5" --text-backbone tiny-bert \
-        --device cuda --batch-size 256 --workers 12 --no-progress >>"$LOG" 2>&1
-    step end-to-end 90 python benchmarks/bench_end_to_end.py --manifest "$OUT/manifest.json" \
-        --store "$OUT/store.h5" --device cuda
+    step store 60 $PY -m cli.embed extract "$OUT/manifest.json" --store "$OUT/store.h5" --text-backbone tiny-bert \
+        --device "$DEVICE" --batch-size 256 --workers 12 --no-progress
+    step end-to-end 90 $PY benchmarks/bench_end_to_end.py --manifest "$OUT/manifest.json" \
+        --store "$OUT/store.h5" --device "$DEVICE" --workers 12 --end-to-end-steps 10
 else
     echo "=== extraction, end-to-end: skipped ($CARRY/subset.zip not carried; run --prepare here first)" >>"$LOG"
 fi
