@@ -26,7 +26,7 @@ from embedstore.cross_fit import RowPlan, check_folds
 from embedstore.defaults import autocast_for, compute_precision, resolve_device
 from embedstore.image_pipeline import CHOICES as IMAGE_PIPELINES
 from embedstore.image_pipeline import recorded_pipeline, recorded_preprocessing, resolve_pipeline
-from embedstore.images import ImageRows, ImageStages, image_stages
+from embedstore.images import ImageStages, image_stages
 from embedstore.manifest import Manifest
 from embedstore.modules import config_sha256, load_module, module_id, pooled_set_for, read_module_config
 from embedstore.preprocess import clean_title
@@ -181,7 +181,7 @@ def _stream_images(manifest: Manifest, writer: FeatureSetWriter, stages: ImageSt
     refs = [item.image for item in manifest.items]
     pending = writer.pending_rows()
     loader = DataLoader(
-        ImageRows(catalog, refs, pending, stages.worker),
+        stages.rows(catalog, refs, pending),
         batch_size=settings.batch_size, shuffle=False, num_workers=settings.workers,
         collate_fn=stages.collate, pin_memory=device.type == "cuda",
         persistent_workers=False, prefetch_factor=2 if settings.workers else None,

@@ -207,6 +207,7 @@ class ImageItems:
         self.labels = manifest.labels()  # (N,)
         self.rows = {s: np.array([i for i, item in enumerate(manifest.items) if item.split == s]) for s in SPLITS}
         self.transforms = {True: backbone.image_transform(train=True), False: backbone.image_transform(train=False)}
+        self.resize = int(backbone.preprocessing["resize"])
         self.pin = device.type == "cuda"
         self.skipped = dict.fromkeys(SPLITS, 0)
 
@@ -222,7 +223,8 @@ class ImageItems:
 
     def _loader(self, split: str, batch_size: int, sampler=None, generator=None):
         """Yields (manifest rows (n_ok,), images (n_ok, 3, H, W)) of the readable images."""
-        dataset = ImageRows(self.catalog, self.refs, self.rows[split], self.transforms[split == "train"])
+        dataset = ImageRows(self.catalog, self.refs, self.rows[split], self.transforms[split == "train"],
+                            resize=self.resize)
         workers = self.settings.workers
         loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, generator=generator,
                             num_workers=workers, collate_fn=collate_images, pin_memory=self.pin,

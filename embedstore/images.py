@@ -21,10 +21,15 @@ from embedstore.store import STATUS_IMAGE_TOO_LARGE, STATUS_MISSING_IMAGE, STATU
 
 
 class ImageRows(Dataset):
-    """Decodes and transforms one item per call, in a worker process; bad images become a status, not an error."""
+    """Decodes and transforms one item per call, in a worker process; bad images become a status, not an error.
 
-    def __init__(self, catalog, refs: list[str], rows: np.ndarray, transform):
+    `resize`: the shorter side the transform resizes to. An image whose resized size would pass PIL's pixel
+    limit is "image too large" before any work: a 1x40000 strip is 40k pixels on disk but 2.6 billion after
+    a resize of its shorter side to 256, which would exhaust memory in either image pipeline."""
+
+    def __init__(self, catalog, refs: list[str], rows: np.ndarray, transform, *, resize: int | None = None):
         self.catalog, self.refs, self.rows, self.transform = catalog, refs, rows, transform
+        self.resize = resize
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -40,12 +45,21 @@ class ImageRows(Dataset):
                 # PIL only warns between its pixel limit and twice it, and decodes: gigabytes for one item
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 with Image.open(io.BytesIO(data)) as image:
+                    if self.resize and resized_pixels(image.size, self.resize) > Image.MAX_IMAGE_PIXELS:
+                        return row, None, STATUS_IMAGE_TOO_LARGE
                     pixels = self.transform(image.convert("RGB"))  # (3, H, W)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             return row, None, STATUS_IMAGE_TOO_LARGE
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
             return row, None, STATUS_UNREADABLE_IMAGE
         return row, pixels, STATUS_OK
+
+
+def resized_pixels(size: tuple[int, int], resize: int) -> int:
+    """Pixels of a (width, height) image once its shorter side is `resize` (the longer side as torchvision and
+    PIL compute it, to within one pixel)."""
+    short, long = sorted(max(1, side) for side in size)
+    return resize * int(resize * long / short)
 
 
 def collate_images(batch):
@@ -73,7 +87,12 @@ class ImageStages:
     pipeline: str
     worker: Callable
     collate: Callable
+    resize: int             # the shorter side images are resized to (ImageRows refuses what would be too large)
     on_device: BatchedImageTransform | None = None
+
+    def rows(self, catalog, refs: list[str], rows: np.ndarray) -> ImageRows:
+        """The dataset of these manifest rows' images for this pipeline's workers."""
+        return ImageRows(catalog, refs, rows, self.worker, resize=self.resize)
 
     def to_device(self, images, device: torch.device) -> torch.Tensor:
         if self.on_device is None:   # "pil": normalized float batches come from the workers
@@ -83,6 +102,8 @@ class ImageStages:
 
 def image_stages(backbone, pipeline: str, device: torch.device) -> ImageStages:
     """The stages of `pipeline` ("pil" | "tensor", resolved) for an ImageBackbone's evaluation preprocessing."""
+    resize = int(backbone.preprocessing["resize"])
     if pipeline == "pil":
-        return ImageStages("pil", backbone.image_transform(train=False), collate_images)
-    return ImageStages("tensor", decode_to_uint8, collate_decoded, BatchedImageTransform.for_backbone(backbone, device))
+        return ImageStages("pil", backbone.image_transform(train=False), collate_images, resize)
+    return ImageStages("tensor", decode_to_uint8, collate_decoded, resize,
+                       BatchedImageTransform.for_backbone(backbone, device))

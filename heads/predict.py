@@ -30,7 +30,7 @@ from embedstore.backbones import create_backbone
 from embedstore.catalog import Catalog, FolderFiles, is_fashion_header, open_catalog
 from embedstore.defaults import autocast_for, resolve_device
 from embedstore.image_pipeline import recorded_pipeline
-from embedstore.images import ImageRows, ImageStages, image_stages
+from embedstore.images import ImageStages, image_stages
 from embedstore.model_folder import read_config
 from embedstore.modules import load_module, module_id
 from embedstore.preprocess import clean_title
@@ -273,7 +273,7 @@ def _batches(inputs: Inputs, stages: ImageStages | None, settings: PredictSettin
             rows = np.arange(begin, min(begin + size, n))
             yield rows, None, np.full(len(rows), STATUS_OK, dtype=np.int8)
         return
-    loader = DataLoader(ImageRows(inputs.files, inputs.images, np.arange(n), stages.worker),
+    loader = DataLoader(stages.rows(inputs.files, inputs.images, np.arange(n)),
                         batch_size=size, shuffle=False, num_workers=settings.workers, collate_fn=stages.collate)
     for rows, images, status in loader:
         yield rows, None if images is None else stages.to_device(images, device), status

@@ -15,9 +15,9 @@ from PIL import Image
 from cli.embed import embed
 from cli.heads import heads
 from embedstore.backbones import create_backbone
-from embedstore.images import ImageRows, collate_decoded, collate_images, image_stages
+from embedstore.images import image_stages, resized_pixels
 from embedstore.image_pipeline import BatchedImageTransform, recorded_pipeline, resolve_pipeline
-from embedstore.store import STATUS_OK, STATUS_PENDING, STATUS_UNREADABLE_IMAGE, FeatureStore
+from embedstore.store import STATUS_IMAGE_TOO_LARGE, STATUS_OK, STATUS_PENDING, STATUS_UNREADABLE_IMAGE, FeatureStore
 from embedstore.synthetic_catalog import make_fashion_catalog
 from tests.cli_helpers import TINY, invoke, ok
 
@@ -62,18 +62,18 @@ def odd_images() -> dict[str, bytes]:
     }
 
 
-def batch_of(files: dict[str, bytes], worker, collate):
+def batch_of(files: dict[str, bytes], stages):
     refs = list(files)
-    dataset = ImageRows(Files(files), refs, np.arange(len(refs)), worker)
-    return collate([dataset[i] for i in range(len(refs))])
+    dataset = stages.rows(Files(files), refs, np.arange(len(refs)))
+    return stages.collate([dataset[i] for i in range(len(refs))])
 
 
 def test_the_batched_transform_matches_pil_to_one_intensity_level_and_keeps_bad_images_as_skips():
     files = odd_images()
     backbone = create_backbone("image", "tiny-resnet", image_size=64)
     pil, tensor = image_stages(backbone, "pil", torch.device("cpu")), image_stages(backbone, "tensor", torch.device("cpu"))
-    rows_p, images_p, status_p = batch_of(files, pil.worker, pil.collate)
-    rows_t, groups, status_t = batch_of(files, tensor.worker, tensor.collate)
+    rows_p, images_p, status_p = batch_of(files, pil)
+    rows_t, groups, status_t = batch_of(files, tensor)
     assert list(rows_p) == list(rows_t) and list(status_p) == list(status_t)
     assert status_t[list(files).index("corrupt.jpg")] == STATUS_UNREADABLE_IMAGE
     assert len(groups) == 4   # the three 60x80 photos (two RGB, the grayscale one) share a group; the others are alone
@@ -89,12 +89,25 @@ def test_an_image_transforms_the_same_alone_or_in_a_batch_of_other_sizes():
     files = odd_images()
     transform = BatchedImageTransform(64, 73, MEAN, STD, torch.device("cpu"))
     stages = image_stages(create_backbone("image", "tiny-resnet", image_size=64), "tensor", torch.device("cpu"))
-    _, groups, status = batch_of(files, stages.worker, stages.collate)
+    _, groups, status = batch_of(files, stages)
     together = transform(groups)
     good = [name for name, code in zip(files, status) if code == STATUS_OK]
     for i, name in enumerate(good):
-        _, alone, _ = batch_of({name: files[name]}, stages.worker, stages.collate)
+        _, alone, _ = batch_of({name: files[name]}, stages)
         assert torch.equal(transform(alone)[0], together[i]), name
+
+
+@pytest.mark.parametrize("pipeline", ["pil", "tensor"])
+def test_a_thin_strip_that_would_explode_when_resized_is_a_counted_skip(pipeline):
+    # 40,000 pixels on disk; 73 x 2,920,000 once its shorter side is resized to 73 (64 px crops): past PIL's limit
+    strip = encoded(Image.fromarray(np.zeros((40000, 1, 3), dtype=np.uint8)), "PNG")
+    files = {"a.jpg": odd_images()["a.jpg"], "strip.png": strip}
+    stages = image_stages(create_backbone("image", "tiny-resnet", image_size=64), pipeline, torch.device("cpu"))
+    assert stages.resize == 73
+    _, images, status = batch_of(files, stages)
+    assert list(status) == [STATUS_OK, STATUS_IMAGE_TOO_LARGE]
+    assert stages.to_device(images, torch.device("cpu")).shape == (1, 3, 64, 64)
+    assert resized_pixels((1, 40000), 73) == 73 * 2_920_000 and resized_pixels((60, 80), 256) == 256 * 341
 
 
 def test_pipeline_choice_and_its_record():
