@@ -214,16 +214,20 @@ class _HostCopy:
 
     def __init__(self, rows: np.ndarray, outputs: dict[str, torch.Tensor], status: np.ndarray):
         self.rows, self.status, self.values, self.done = rows, status, {}, None
+        stream = None
         for layer, value in outputs.items():
             value = value.float()
             if value.device.type == "cuda":
                 host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
                 self.values[layer] = host.copy_(value, non_blocking=True)
-                self.done = torch.cuda.Event()
+                # the copy runs on the output's device's stream, which under torchrun (cuda:LOCAL_RANK) need not
+                # be the current device's: the event must be recorded there to wait for it
+                stream = torch.cuda.current_stream(value.device)
             else:
                 self.values[layer] = value
-        if self.done is not None:
-            self.done.record()
+        if stream is not None:
+            self.done = torch.cuda.Event()
+            self.done.record(stream)
 
     def write(self, writer: FeatureSetWriter) -> int:
         if self.done is not None:
