@@ -83,7 +83,7 @@ def load_head_data(store, names: list[str], *, device: str | torch.device, budge
     counts = {"rows": len(ok), "skipped_rows": len(store.ids) - len(ok),
               "split_rows": {name: int((split == name).sum()) for name in SPLITS}}
     need = in_memory_bytes(store, names, len(ok))
-    if need <= budget:
+    if not streams(store, names, budget):
         data = store.load(names, upcast=False)   # float16 stays float16; batches are upcast
         head_data = HeadData.from_arrays([data.features.pop(n) for n in names], data.labels, data.split, device)
         # rows marked ok that hold NaN/inf were left out (and warned about) by the reader: count them too
@@ -100,7 +100,24 @@ def load_head_data(store, names: list[str], *, device: str | torch.device, budge
             "training classes (the store keeps items class by class); streamed heads then learn far worse than in "
             "memory (measured with 1,000 classes: 0.1 % against 28 % test accuracy after one epoch). Give a larger "
             "--memory-budget, or extract with --dtype float16 so that the features fit in memory")
-    return head_data, {**counts, "data_access": "streamed", "window_class_share": round(share, 3)}
+    return head_data, {**counts, "data_access": "streamed", "window_class_share": round(share, 3),
+                       "block_rows": int(stream.block), "window_blocks": int(stream.window_blocks)}
+
+
+def streams(store, names: list[str], budget: int | None) -> bool:
+    """Whether `load_head_data` streams these sets under `budget` bytes (None: half the available memory)."""
+    from embedstore.streaming import default_memory_budget, in_memory_bytes
+
+    budget = default_memory_budget() if budget is None else budget
+    return in_memory_bytes(store, names, len(store.ok_rows(names))) > budget
+
+
+def access_key(counts: dict) -> dict:
+    """What of a split's data access changes the heads trained on it, for their run keys: nothing in memory;
+    streamed, the batch order depends on the block and shuffle-window sizes (and these on the budget)."""
+    if counts["data_access"] != "streamed":
+        return {}
+    return {"data_access": "streamed", "block_rows": counts["block_rows"], "window_blocks": counts["window_blocks"]}
 
 
 MIN_WINDOW_CLASS_SHARE = 0.5

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from embedstore.defaults import resolve_device, resolve_precision
 from embedstore.fingerprint import fingerprint
+from embedstore.streaming import default_memory_budget
 from heads.dispatch import RankGroup, Task, default_jobs, group_tasks, my_tasks, run_tasks, world
 from heads.end_to_end import END_TO_END, EndToEndSettings
 from heads.estimator import FusionHead
@@ -29,7 +30,7 @@ from heads.grid import CACHED_STRATEGIES, Cell, build_grid, decision_cells
 from heads.inputs import inputs_with_shared_rows
 from heads.models import HeadConfig, StackedHead
 from heads.throughput import matmul_peak_gflops
-from heads.streamed import load_head_data, only_input
+from heads.streamed import access_key, load_head_data, only_input, streams
 # read_runs: re-exported
 from heads.results import ResultsLock, append_rows, read_runs, saved_is_at_least_as_good  # noqa: F401
 from heads.train import HeadData, HeadResult, TrainSettings
@@ -100,14 +101,21 @@ def resolve_feature_sets(store, strategy: str, image_source: str | None = None,
     return inputs_with_shared_rows(store, strategy, image_source, text_source)
 
 
-def run_key(config: HeadConfig, train: TrainSettings, seed: int, manifest_sha256: str, provenance: dict) -> str:
-    return _run_key(config.to_dict(), asdict(train), seed, manifest_sha256, provenance)
+def run_key(config: HeadConfig, train: TrainSettings, seed: int, manifest_sha256: str, provenance: dict,
+            access: dict | None = None) -> str:
+    return _run_key(config.to_dict(), asdict(train), seed, manifest_sha256, provenance, access)
 
 
-def _run_key(config: dict, train: dict, seed: int, manifest_sha256: str, provenance: dict) -> str:
-    """A run's identity, for heads and decision-level models alike: what it is, how it was fit, its seed, its data."""
-    return fingerprint({"config": config, "train": train, "seed": seed, "manifest_sha256": manifest_sha256,
-                        "feature_sets": provenance})
+def _run_key(config: dict, train: dict, seed: int, manifest_sha256: str, provenance: dict,
+             access: dict | None = None) -> str:
+    """A run's identity, for heads and decision-level models alike: what it is, how it was fit, its seed, its data,
+    and (`access`, heads/streamed.py access_key) how a streamed split was read; in-memory runs leave it out, so
+    their keys are those of sweeps made before it was recorded."""
+    doc = {"config": config, "train": train, "seed": seed, "manifest_sha256": manifest_sha256,
+           "feature_sets": provenance}
+    if access:
+        doc["data_access"] = access
+    return fingerprint(doc)
 
 
 def _seeds_to_run(cell: Cell, keys: dict[int, str], done: set, summary: dict, log, out_dir: Path) -> list[int]:
@@ -188,10 +196,13 @@ def _sweep_ranks(store_path: Path, out_dir: Path, settings: SweepSettings, devic
         summary["notes"] = notes
         for note in notes:
             log(note)
-        tasks = _tasks(store, cells, settings, done, summary, log, out_dir)
+        budget = settings.memory_budget if settings.memory_budget is not None else default_memory_budget()
+        # every rank decides in memory / streamed (and so the run keys) with rank 0's budget, so all deal alike
+        budget = group.broadcast(budget) if group else budget
+        data = _DataCache(store, device, budget, log)
+        tasks = _tasks(store, cells, settings, done, summary, log, out_dir, data)
         # a group of cells (heads/groups.py) is the unit of dispatch: one stack, one worker or rank
         mine = my_tasks(group_tasks(tasks, enabled=settings.group_cells and settings.batched), rank, size)
-        data = _DataCache(store, device, settings.memory_budget, log)
         finished: list[tuple[Task, list[HeadResult]]] = []
         bar = tqdm(total=sum(len(t.seeds) for g in mine for t in g), unit="head", desc="heads sweep",
                    disable=not settings.progress or rank != 0, leave=False)
@@ -240,7 +251,8 @@ def _cached(strategies):
     return None if strategies is None else tuple(s for s in strategies if s in CACHED_STRATEGIES)
 
 
-def _tasks(store, cells: list[Cell], settings: SweepSettings, done: set, summary: dict, log, out_dir) -> list[Task]:
+def _tasks(store, cells: list[Cell], settings: SweepSettings, done: set, summary: dict, log, out_dir,
+           data: "_DataCache") -> list[Task]:
     """The cells' missing seeds, in grid order; cells with nothing left are logged and counted as skipped."""
     sets, classes, manifest = store.feature_sets, store.classes, store.manifest_sha256
     tasks = []
@@ -248,7 +260,8 @@ def _tasks(store, cells: list[Cell], settings: SweepSettings, done: set, summary
         provenance = {n: _provenance(sets[n]) for n in cell.feature_sets}
         config = HeadConfig(cell.strategy, cell.fusion, tuple(sets[n].dim for n in cell.feature_sets), len(classes),
                             dropout=settings.dropout)
-        keys = {s: run_key(config, settings.train, s, manifest, provenance) for s in settings.seeds}
+        access = data.access(cell)
+        keys = {s: run_key(config, settings.train, s, manifest, provenance, access) for s in settings.seeds}
         todo = _seeds_to_run(cell, keys, done, summary, log, out_dir)
         if todo:
             tasks.append(Task(cell, config, todo, keys))
@@ -272,6 +285,13 @@ class _DataCache:
 
     def streamed(self, task: Task) -> bool:
         return self.counts(task.cell)["data_access"] == "streamed"
+
+    def access(self, cell: Cell) -> dict:
+        """The run-key part of the cell's data access (heads/streamed.py access_key), without loading features
+        that would be held in memory (a resumed sweep with nothing left to train loads nothing)."""
+        if not streams(self.store, list(cell.row_sets), self.budget):
+            return {}
+        return access_key(self.counts(cell))
 
     def _load(self, row_sets: tuple[str, ...]):
         if row_sets not in self.loaded:

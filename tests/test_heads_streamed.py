@@ -1,6 +1,8 @@
 """Heads trained on splits streamed from the store (heads/streamed.py), and `heads sweep --memory-budget`."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,7 @@ from cli.heads import main
 from embedstore.store import FeatureStore, write_store_from_arrays
 from heads.models import HeadConfig
 from heads.streamed import StreamedSplit, load_head_data, streamed_head_data
-from heads.sweep import SweepSettings, read_runs, run_sweep
+from heads.sweep import SweepSettings, read_runs, run_key, run_sweep
 from heads.train import TrainSettings, train_heads
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -92,6 +94,29 @@ def test_sweep_streams_under_a_small_budget_with_baselines(store_path, tmp_path)
         assert r["test_accuracy"] > 0.85, r["cell"]
     baselines = {r["cell"]: r for r in rows if r["strategy"] in ("image", "text")}
     assert baselines["image"]["config"]["input_dims"] == [24] and baselines["text"]["config"]["input_dims"] == [16]
+
+
+def test_streamed_and_in_memory_runs_of_a_cell_have_their_own_run_keys(store_path, tmp_path):
+    # a streamed split is read in another order (blocks, shuffle windows) than an in-memory one: other results,
+    # so a rerun with another data access must train the cell again, not skip it as done
+    out = tmp_path / "r"
+    small = SweepSettings(strategies=("2A",), fusions=("concat",), seeds=(0,), train=FAST, device="cpu",
+                          baselines=False, memory_budget=2000)
+    first = run_sweep(store_path, out, small, log=lambda _: None)
+    again = run_sweep(store_path, out, small, log=lambda _: None)
+    assert (first["trained"], again["trained"], again["skipped"]) == (1, 0, 1)
+    in_memory = run_sweep(store_path, out, dataclasses.replace(small, memory_budget=None),
+                          log=lambda _: None)
+    assert in_memory["trained"] == 1
+    rows = read_runs(out)
+    assert [r["store"]["data_access"] for r in rows] == ["streamed", "in memory"]
+    assert rows[0]["run_key"] != rows[1]["run_key"]
+    # in-memory keys are those of sweeps made before the data access was recorded
+    with FeatureStore(store_path) as store:
+        provenance = {n: {k: v for k, v in store.feature_sets[n].provenance.items() if k != "complete"}
+                      for n in NAMES}
+    config = HeadConfig.from_dict(rows[1]["config"])
+    assert rows[1]["run_key"] == run_key(config, FAST, 0, "m", provenance)
 
 
 def test_cli_memory_budget(store_path, tmp_path):
