@@ -3,8 +3,12 @@ torchrun ranks (several machines). Every head's randomness comes from its own ge
 cell gives the same weights and metrics wherever it trains: `--jobs 2` and a 2-rank torchrun equal `--jobs 1`.
 
 Workers are spawned (a fork of a process that has run OpenMP code can hang) and receive the features through
-torch's shared memory (the tensors are not copied per worker). Ranks deal the cells round-robin in grid order,
-train their own, and send the results to rank 0, which alone writes rows and heads.
+torch's shared memory (the tensors are not copied per worker). Ranks deal the cells round-robin in grid order
+and train their own in rounds (`rounds`): in each, every rank trains its next `--jobs` groups (a streamed group
+alone), then all ranks gather that round's results to rank 0, which alone writes rows and heads, before the next
+round. The ranks agree on the number of rounds first (`RankGroup.agree_max`), so a rank with fewer (fewer groups,
+or more cores per process on its machine) sends empty rounds and none waits forever. A sweep killed mid-way keeps
+every round rank 0 recorded and loses only the groups in flight; a rerun trains the rest.
 
 The unit of dispatch is a group of tasks (`group_tasks`): cells whose heads share one stacked step (same feature
 sets and rows, same StackedHead.shape_key; heads/groups.py) go to one worker or rank together, since splitting a
@@ -12,10 +16,11 @@ group across workers would take away the stacking it exists for. A head's result
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -79,19 +84,33 @@ def _per_task(group: list[Task], results: list[HeadResult]) -> Iterator[tuple[Ta
         start += len(task.seeds)
 
 
+@contextlib.contextmanager
+def worker_pool(jobs: int) -> Iterator[Executor | None]:
+    """`jobs` spawned worker processes for `run_tasks(pool=...)` (None when jobs = 1), kept for several calls:
+    torchrun rounds would otherwise start (and import torch in) a new pool each round."""
+    if jobs <= 1:
+        yield None
+        return
+    context = torch.multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_worker_start) as pool:
+        yield pool
+
+
 def run_tasks(groups: list[list[Task]], data_for: Callable[[Task], HeadData], train: TrainSettings, *, jobs: int,
-              batched: bool, cpu_auto_bf16: bool) -> Iterator[tuple[Task, list[HeadResult]]]:
+              batched: bool, cpu_auto_bf16: bool,
+              pool: Executor | None = None) -> Iterator[tuple[Task, list[HeadResult]]]:
     """Trains each group (`group_tasks`) in one stack; yields (task, results) per task as groups finish: in
-    order in this process (jobs = 1), else as workers finish. Every task of a group reads data_for(group[0])."""
+    order in this process (jobs = 1), else as workers finish (in `pool` when given, else in a pool of its own).
+    Every task of a group reads data_for(group[0])."""
     if jobs <= 1 or len(groups) <= 1:
         for group in groups:
             results = train_group(_heads(group), data_for(group[0]), train, batched=batched,
                                   cpu_auto_bf16=cpu_auto_bf16)
             yield from _per_task(group, results)
         return
-    context = torch.multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(jobs, len(groups)), mp_context=context,
-                             initializer=_worker_start) as pool:
+    with contextlib.ExitStack() as stack:
+        if pool is None:
+            pool = stack.enter_context(worker_pool(min(jobs, len(groups))))
         # largest first: a long group started last would leave the other workers idle at the end
         order = sorted(groups, key=lambda g: -sum(t.cost for t in g))
         futures = {pool.submit(train_group, _heads(g), data_for(g[0]), train, batched=batched,
@@ -118,6 +137,17 @@ def my_tasks(groups: list, rank: int, size: int) -> list:
     return groups[rank::size]
 
 
+def rounds(in_memory: list, streamed: list, jobs: int) -> list[tuple[list, int]]:
+    """A rank's groups as rounds of (groups, jobs), after each of which rank 0 records what finished: the
+    in-memory groups `jobs` at a time (one per worker, so a kill loses at most `jobs` groups per rank), largest
+    first (a round lasts as long as its slowest group on any rank, so groups of like cost should meet in one),
+    then each streamed group alone (it trains in this process, one at a time)."""
+    if jobs < 1:
+        raise ValueError(f"jobs must be at least 1, got {jobs}")
+    order = sorted(in_memory, key=lambda g: -sum(t.cost for t in g))
+    return [(order[i:i + jobs], jobs) for i in range(0, len(order), jobs)] + [([g], 1) for g in streamed]
+
+
 class RankGroup:
     """The sweep's collectives under torchrun, on a gloo group (objects travel through host memory, whatever
     backend the default group uses)."""
@@ -126,11 +156,18 @@ class RankGroup:
         import torch.distributed as dist
         self.dist = dist
         self.group = dist.new_group(backend="gloo")
+        self.waited = 0.0   # seconds spent in gathers, all rounds together (waiting for the slowest rank)
 
     def broadcast(self, obj):
         box = [obj]
         self.dist.broadcast_object_list(box, src=0, group=self.group)
         return box[0]
+
+    def agree_max(self, n: int) -> int:
+        """The largest `n` over the ranks, on every rank (the number of rounds all of them take part in)."""
+        every = [None] * self.dist.get_world_size()
+        self.dist.all_gather_object(every, n, group=self.group)
+        return max(every)
 
     def gather(self, obj) -> list | None:
         """Every rank's `obj` on rank 0 (None elsewhere), after all ranks arrive."""
@@ -138,5 +175,5 @@ class RankGroup:
         out = [None] * self.dist.get_world_size() if rank == 0 else None
         started = time.perf_counter()
         self.dist.gather_object(obj, out, dst=0, group=self.group)
-        self.waited = time.perf_counter() - started
+        self.waited += time.perf_counter() - started
         return out

@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 from embedstore.defaults import resolve_device, resolve_precision
 from embedstore.fingerprint import fingerprint
 from embedstore.streaming import default_memory_budget
-from heads.dispatch import RankGroup, Task, default_jobs, group_tasks, my_tasks, run_tasks, world
+from heads.dispatch import (RankGroup, Task, default_jobs, group_tasks, my_tasks, rounds, run_tasks, worker_pool,
+                            world)
 from heads.end_to_end import END_TO_END, EndToEndSettings
 from heads.estimator import FusionHead
 from heads.fusion import list_fusions
@@ -203,31 +204,37 @@ def _sweep_ranks(store_path: Path, out_dir: Path, settings: SweepSettings, devic
         tasks = _tasks(store, cells, settings, done, summary, log, out_dir, data)
         # a group of cells (heads/groups.py) is the unit of dispatch: one stack, one worker or rank
         mine = my_tasks(group_tasks(tasks, enabled=settings.group_cells and settings.batched), rank, size)
-        finished: list[tuple[Task, list[HeadResult]]] = []
         bar = tqdm(total=sum(len(t.seeds) for g in mine for t in g), unit="head", desc="heads sweep",
                    disable=not settings.progress or rank != 0, leave=False)
         # streamed cells read the store in this process (an open HDF5 file does not travel to workers); a
         # group's cells share their rows, so its first decides
         streamed = [g for g in mine if data.streamed(g[0])]
         in_memory = [g for g in mine if not data.streamed(g[0])]
-        for task, results in _chain(run_tasks(in_memory, data.for_task, settings.train, jobs=jobs,
-                                              batched=settings.batched, cpu_auto_bf16=CPU_AUTO_BF16),
-                                    run_tasks(streamed, data.for_task, settings.train, jobs=1,
-                                              batched=settings.batched, cpu_auto_bf16=CPU_AUTO_BF16)):
-            bar.update(len(results))
-            if group is None:  # write as each cell finishes, so a killed sweep resumes from here
+        common = dict(data_for=data.for_task, train=settings.train, batched=settings.batched,
+                      cpu_auto_bf16=CPU_AUTO_BF16)
+        if group is None:  # write as each cell finishes, so a killed sweep resumes from here
+            for task, results in _chain(run_tasks(in_memory, jobs=jobs, **common),
+                                        run_tasks(streamed, jobs=1, **common)):
+                bar.update(len(results))
                 _record(out_dir, store, store_path, task, results, settings, device, data, summary, log)
-            else:
-                finished.append((task, results))
-        bar.close()
-        if group is not None:
-            gathered = group.gather([(t.cell.name, r) for t, r in finished])
-            if rank == 0:
-                by_name = {t.cell.name: t for t in tasks}
-                for part in gathered:
-                    for name, results in part:
+        else:  # rounds (heads/dispatch.py): rank 0 records each round's results of every rank before the next
+            by_name = {t.cell.name: t for t in tasks}
+            mine_rounds = rounds(in_memory, streamed, jobs)
+            # every rank takes part in every gather: a rank with fewer rounds sends empty ones
+            n_rounds = group.agree_max(len(mine_rounds))
+            with worker_pool(min(jobs, len(in_memory))) as pool:
+                for k in range(n_rounds):
+                    groups, round_jobs = mine_rounds[k] if k < len(mine_rounds) else ([], 1)
+                    finished = []
+                    for task, results in run_tasks(groups, jobs=round_jobs, pool=pool, **common):
+                        bar.update(len(results))
+                        finished.append((task.cell.name, results))
+                    gathered = group.gather(finished)
+                    for name, results in (pair for part in gathered or [] for pair in part):   # rank 0 only
                         _record(out_dir, store, store_path, by_name[name], results, settings, device, data,
                                 summary, log)
+            summary["rounds"], summary["gather_seconds"] = n_rounds, group.waited
+        bar.close()
         if rank == 0:   # scikit-learn fits in this process; under torchrun rank 0 alone
             _decision(store, store_path, out_dir, decisions, settings, done, data, summary, log)
         if settings.strategies and set(settings.strategies) & set(END_TO_END):

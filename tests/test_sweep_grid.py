@@ -1,5 +1,7 @@
 """The sweep's grid and where it trains: defaults from the registries, backbone pairs, strategies the store
-allows, `--jobs N` and torchrun ranks giving the rows of one process."""
+allows, `--jobs N` and torchrun ranks giving the rows of one process, and torchrun rounds recorded as they finish
+(a killed multi-rank sweep keeps them)."""
+import contextlib
 import json
 import os
 import subprocess
@@ -150,6 +152,119 @@ def test_torchrun_two_ranks_give_the_rows_of_one_process(tmp_path):
     assert len(heads_two) == (3 * 3 + 2) * 2                    # 1A, 2A, 2B x 3 operators + 2 baselines
     assert {r["group_size"] for r in heads_two} == {2, 4}       # add + average stacked, dealt to one rank
     assert "2 rank(s)" in two.stdout
+
+
+def test_rounds_deal_jobs_groups_at_a_time_largest_first_and_streamed_groups_alone():
+    from heads.dispatch import Task, rounds
+    from heads.grid import Cell
+    from heads.models import HeadConfig
+
+    def group(width):   # one task whose cost grows with its input width
+        cell = Cell("2A", "concat", ("a", "b"), ("a", "b"), ("a", "b"))
+        return [Task(cell, HeadConfig("2A", "concat", (width, 8), C), [0], {})]
+
+    small, mid, big, streamed = group(4), group(16), group(64), group(8)
+    assert rounds([small, big, mid], [streamed], 2) == [([big, mid], 2), ([small], 2), ([streamed], 1)]
+    assert rounds([small, big], [], 1) == [([big], 1), ([small], 1)]
+    assert rounds([], [], 3) == []
+    with pytest.raises(ValueError, match="jobs must be at least 1, got 0"):
+        rounds([small], [], 0)
+
+
+def test_under_ranks_rank_0_records_each_round_before_the_next_and_joins_every_round(tmp_path, monkeypatch):
+    """The round logic in this process, with a fake rank group standing in for rank 1 (which sends nothing here
+    and has one round more): at each gather, every earlier round's rows are already in runs.jsonl."""
+    import heads.sweep as sweep
+
+    out = tmp_path / "r"
+
+    class FakeRanks:
+        waited = 0.0
+
+        def __init__(self):
+            self.at_gather = []   # (rows in runs.jsonl, results this rank sends) at each gather
+
+        def broadcast(self, obj):
+            return obj
+
+        def agree_max(self, n):
+            return n + 1          # rank 1 has one round more: rank 0 must join it with an empty one
+
+        def gather(self, obj):
+            self.at_gather.append((len(read_runs(out)), len(obj)))
+            self.waited += 0.5
+            return [obj, []]
+
+    ranks = FakeRanks()
+    monkeypatch.setattr(sweep, "world", lambda: (0, 2))
+    settings = SweepSettings(strategies=("2A",), fusions=("add", "product", "concat", "gated"), seeds=(0,),
+                             train=FAST, baselines=False, progress=False, group_cells=False, jobs=1)
+    summary = sweep._sweep_ranks(make_store(tmp_path / "s.h5"), out, settings, torch.device("cpu"), ranks,
+                                 lambda _: None)
+    # rank 0's deal: groups 0 and 2 of 4, one per round (--jobs 1), then rank 1's extra round
+    assert ranks.at_gather == [(0, 1), (1, 1), (2, 0)]
+    assert [r["cell"] for r in read_runs(out)] == ["2A-concat", "2A-add"]   # largest first (its concat layer)
+    assert summary["rounds"] == 3 and summary["gather_seconds"] == 1.5 and summary["trained"] == 2
+
+
+@pytest.mark.slow
+def test_a_killed_torchrun_sweep_keeps_its_recorded_rounds_and_a_rerun_trains_only_the_rest(tmp_path):
+    """SIGKILL of torchrun and its ranks once rows appear (a lost machine): the rows recorded stay, a 2-rank rerun
+    trains exactly the rest, and the final rows are an uninterrupted run's."""
+    import signal
+    import time
+
+    store = make_store(tmp_path / "s.h5", n=240)
+    fusions = ("add", "product", "concat", "gated", "average")
+    # seven units of dispatch (5 operators + 2 baselines, one per cell), --jobs 1: four rounds on rank 0, about a
+    # second each, so the kill lands while rounds are left
+    args = ["sweep", str(store), "--strategies", "2A", "--fusions", ",".join(fusions), "--seeds", "0",
+            "--no-group-cells", "--max-epochs", "10", "--patience", "10", "--batch-size", "8", "--lr", "0.001",
+            "--jobs", "1", "--no-progress", "--device", "cpu", "--out", str(tmp_path / "r")]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                "-m", "cli.heads"] + args
+    runs = tmp_path / "r" / "runs.jsonl"
+    first = subprocess.Popen(torchrun, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)   # its own process group: torchrun, both ranks, their workers
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and first.poll() is None and not (runs.exists() and runs.read_bytes()):
+            time.sleep(0.02)
+        assert first.poll() is None, "the sweep ended before any row was seen"
+    finally:
+        # torchrun starts each rank in a session of its own, so killing torchrun's group would leave the ranks
+        # running: kill torchrun's group, then each rank's (a rank's group holds its --jobs workers too)
+        ranks = _children(first.pid)
+        os.killpg(first.pid, signal.SIGKILL)
+        for pid in ranks:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+        first.wait()
+    kept = read_runs(tmp_path / "r")
+    assert 1 <= len(kept) < 7
+
+    rest = subprocess.run(torchrun, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert rest.returncode == 0, rest.stderr[-3000:]
+    assert f"trained {7 - len(kept)} heads, skipped {len(kept)}" in rest.stdout, rest.stdout
+    whole = run_sweep(store, tmp_path / "whole", SweepSettings(
+        strategies=("2A",), fusions=fusions, seeds=(0,), group_cells=False, jobs=1, progress=False, device="cpu",
+        train=TrainSettings(batch_size=8, max_epochs=10, patience=10, lr=1e-3)), log=lambda _: None)
+    final = read_runs(tmp_path / "r")
+    assert whole["trained"] == len(final) == 7
+    assert metrics(final) == metrics(read_runs(tmp_path / "whole"))
+    assert metrics(kept).items() <= metrics(final).items()    # the kept rows are the whole run's, unchanged
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            # the parent pid is the 2nd field after the command name, which is in parentheses and may hold spaces
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
 
 
 def test_a_worker_killed_with_sigkill_is_one_line_and_the_finished_cells_are_kept(tmp_path):
