@@ -37,6 +37,12 @@ def recorded_preprocessing(backbone_preprocessing: dict, pipeline: str) -> dict:
     return dict(backbone_preprocessing) if pipeline == "pil" else {**backbone_preprocessing, "pipeline": pipeline}
 
 
+def backbone_preprocessing(recorded: dict | None) -> dict:
+    """A feature set's recorded preprocessing less its pipeline: what the backbone itself prescribes, to compare
+    with a backbone's own (either pipeline gives its features, to one intensity level)."""
+    return {k: v for k, v in (recorded or {}).items() if k != "pipeline"}
+
+
 def recorded_pipeline(preprocessing: dict | None) -> str:
     """The pipeline a feature set's recorded preprocessing names ("pil" when it names none)."""
     return (preprocessing or {}).get("pipeline", "pil")

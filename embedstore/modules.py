@@ -25,6 +25,7 @@ from torch import nn
 
 from embedstore.backbones import RANDOM_INIT, Backbone, create_backbone
 from embedstore.defaults import MIDDLE_DIM  # the paper's middle layer: module feature "A" / dense
+from embedstore.image_pipeline import backbone_preprocessing
 from embedstore.model_folder import CONFIG_FILE, WEIGHTS_FILE, load_pretrained, read_config, save_pretrained
 
 STRATEGIES = (1, 2, 3)
@@ -260,10 +261,8 @@ def pooled_set_for(store, backbone: Backbone) -> str:
                   if info.modality == backbone.modality and info.layer == "pooled"]
     for info in candidates:
         p = info.provenance
-        # either image pipeline (embedstore/image_pipeline.py) will do: they agree to one intensity level
-        preprocessing = {k: v for k, v in (p.get("preprocessing") or {}).items() if k != "pipeline"}
         if p.get("backbone") == backbone.name and p.get("weights_id") == backbone.weights_id \
-                and preprocessing == wanted:
+                and backbone_preprocessing(p.get("preprocessing")) == wanted:   # either image pipeline will do
             if not info.complete:
                 raise ValueError(f"{info.name} in {store.path} is incomplete; finish it with `embed extract` (it resumes)")
             return info.name

@@ -164,7 +164,6 @@ class StackedHead:
         h = dropout(h, len(self._dropout_widths) - 1)
         return _linear(h, p["classifier.weight"], p["classifier.bias"])  # (G, B, C)
 
-
     def fuse(self, params: dict[str, torch.Tensor], feats: list[torch.Tensor]) -> torch.Tensor:
         """The fusion operator on the per-modality features (G, B, d) each -> (G, B, fused_dim)."""
         if self.fusion is None:

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from embedstore.backbones import create_backbone
 from embedstore.catalog import Catalog, FolderFiles, is_fashion_header, open_catalog
 from embedstore.defaults import autocast_for, resolve_device
-from embedstore.image_pipeline import recorded_pipeline
+from embedstore.image_pipeline import backbone_preprocessing, recorded_pipeline
 from embedstore.images import ImageStages, image_stages
 from embedstore.model_folder import read_config
 from embedstore.modules import load_module, module_id
@@ -177,7 +177,7 @@ def _check_identity(name: str, built, recorded: dict, fix: str) -> None:
         raise ValueError(f"{name}: the head was trained on features of weights {recorded.get('weights_id')}, but "
                          f"they resolve here to {built.weights_id}; {fix}")
     # the image pipeline is not the backbone's: predict runs the recorded one (see image_stages below)
-    wanted = {k: v for k, v in _normalised(recorded.get("preprocessing", {})).items() if k != "pipeline"}
+    wanted = backbone_preprocessing(_normalised(recorded.get("preprocessing", {})))
     got = _normalised(built.preprocessing)
     if wanted != got:
         differ = sorted(k for k in wanted.keys() | got.keys() if wanted.get(k) != got.get(k))

@@ -83,7 +83,7 @@ def load_head_data(store, names: list[str], *, device: str | torch.device, budge
     counts = {"rows": len(ok), "skipped_rows": len(store.ids) - len(ok),
               "split_rows": {name: int((split == name).sum()) for name in SPLITS}}
     need = in_memory_bytes(store, names, len(ok))
-    if not streams(store, names, budget):
+    if need <= budget:   # the rule `streams` states
         data = store.load(names, upcast=False)   # float16 stays float16; batches are upcast
         head_data = HeadData.from_arrays([data.features.pop(n) for n in names], data.labels, data.split, device)
         # rows marked ok that hold NaN/inf were left out (and warned about) by the reader: count them too

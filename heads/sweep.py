@@ -282,6 +282,7 @@ class _DataCache:
     def __init__(self, store, device: torch.device, budget: int | None, log):
         self.store, self.device, self.budget, self.log = store, device, budget, log
         self.loaded: dict[tuple[str, ...], tuple[HeadData, dict]] = {}
+        self.decided: dict[tuple[str, ...], bool] = {}   # row sets -> streamed, before loading anything
 
     def counts(self, cell: Cell) -> dict:
         return self._load(cell.row_sets)[1]
@@ -296,9 +297,9 @@ class _DataCache:
     def access(self, cell: Cell) -> dict:
         """The run-key part of the cell's data access (heads/streamed.py access_key), without loading features
         that would be held in memory (a resumed sweep with nothing left to train loads nothing)."""
-        if not streams(self.store, list(cell.row_sets), self.budget):
-            return {}
-        return access_key(self.counts(cell))
+        if cell.row_sets not in self.decided:   # many cells share row sets: read their status columns once
+            self.decided[cell.row_sets] = streams(self.store, list(cell.row_sets), self.budget)
+        return access_key(self.counts(cell)) if self.decided[cell.row_sets] else {}
 
     def _load(self, row_sets: tuple[str, ...]):
         if row_sets not in self.loaded:

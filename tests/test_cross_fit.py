@@ -24,7 +24,7 @@ from embedstore.modules import load_module, module_id
 from embedstore.store import FeatureStore
 from embedstore.synthetic_catalog import make_fashion_catalog
 from heads.estimator import FusionHead
-from tests.cli_helpers import TINY, invoke, ok
+from tests.cli_helpers import TINY, invoke, ok, s2_modules_and_a_1a_head
 
 K = 3
 
@@ -207,19 +207,11 @@ def test_a_killed_cross_fit_keeps_its_finished_folds(world, tmp_path, monkeypatc
 def test_heads_predict_over_a_cross_fitted_1a_head_uses_the_full_modules(world, tmp_path):
     store = tmp_path / "store.h5"
     shutil.copy(world["store"], store)
-    manifest, modules = world["manifest_path"], {}
-    for modality, backbone in (("image", "tiny-resnet"), ("text", "tiny-bert")):
-        modules[modality] = tmp_path / f"{modality}-s2"
-        output = ok(embed, ["finetune", manifest, "--modality", modality, "--strategy", 2, "--backbone", backbone,
-                            "--image-size", 64, "--store", store, "--out", modules[modality], "--epochs", 5,
-                            "--lr", 0.01, "--no-progress", "--device", "cpu", "--cross-fit", 2])
+    outputs, head_dir = s2_modules_and_a_1a_head(world["manifest_path"], store, tmp_path, "--epochs", 5,
+                                                 "--cross-fit", 2)
+    for output in outputs.values():
         assert "fold 1: trained" in output and "2 fold modules" in output
-    ok(embed, ["extract", manifest, "--store", store, "--image-backbone", "none", "--text-backbone", "none",
-               "--image-module", modules["image"], "--text-module", modules["text"], "--workers", 0, "--no-progress"])
-    results = tmp_path / "results"
-    ok(heads, ["sweep", store, "--out", results, "--strategies", "1A", "--fusions", "concat", "--seeds", 0,
-               "--no-baselines", "--device", "cpu"])
-    head_dir, out = results / "heads" / "1A-concat", tmp_path / "pred.csv"
+    out = tmp_path / "pred.csv"
     ok(heads, ["predict", head_dir, world["products"], "--out", out, "--device", "cpu", "--workers", 0])
     head = FusionHead.from_pretrained(head_dir)
     with FeatureStore(store) as opened:

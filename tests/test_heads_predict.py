@@ -23,7 +23,7 @@ from embedstore.store import FeatureStore
 from embedstore.synthetic_catalog import make_fashion_catalog
 from heads.end_to_end import EndToEndSettings, load_end_to_end, train_end_to_end
 from heads.estimator import FusionHead
-from tests.cli_helpers import TINY, invoke, ok
+from tests.cli_helpers import TINY, invoke, ok, s2_modules_and_a_1a_head
 
 TOP_K = 2
 
@@ -173,19 +173,8 @@ def test_mismatching_weights_and_bad_inputs_are_refused_in_one_line(world, tmp_p
 def test_a_1a_head_runs_its_modules(world, tmp_path):
     store = tmp_path / "store.h5"
     shutil.copy(world["store"], store)
-    manifest = world["root"] / "manifest.json"
-    modules = {}
-    for modality, backbone in (("image", "tiny-resnet"), ("text", "tiny-bert")):
-        modules[modality] = tmp_path / f"{modality}-s2"
-        ok(embed, ["finetune", manifest, "--modality", modality, "--strategy", 2, "--backbone", backbone,
-                   "--image-size", 64, "--store", store, "--out", modules[modality], "--epochs", 20, "--lr", 0.01,
-                   "--no-progress", "--device", "cpu"])
-    ok(embed, ["extract", manifest, "--store", store, "--image-backbone", "none", "--text-backbone", "none",
-               "--image-module", modules["image"], "--text-module", modules["text"], "--workers", 0, "--no-progress"])
-    results = tmp_path / "results"
-    ok(heads, ["sweep", store, "--out", results, "--strategies", "1A", "--fusions", "concat", "--seeds", 0,
-               "--no-baselines", "--device", "cpu"])
-    head_dir, out = results / "heads" / "1A-concat", tmp_path / "pred.csv"
+    _, head_dir = s2_modules_and_a_1a_head(world["root"] / "manifest.json", store, tmp_path, "--epochs", 20)
+    out = tmp_path / "pred.csv"
     ok(heads, ["predict", head_dir, world["csv"], "--out", out, "--top-k", TOP_K, "--device", "cpu",
                "--workers", 0])
     _, predictions = read_predictions(out)
@@ -195,7 +184,7 @@ def test_a_1a_head_runs_its_modules(world, tmp_path):
     assert predictions["corrupt"]["reason"] == "unreadable image"
 
     # a module changed after the head was trained over it is refused
-    weights = modules["text"] / "model.safetensors"
+    weights = tmp_path / "text-s2" / "model.safetensors"   # the module s2_modules_and_a_1a_head made
     tensors = load_file(str(weights))
     tensors["head.dense.bias"] += 1.0
     save_file(tensors, str(weights))
