@@ -109,10 +109,11 @@ def test_cli_errors_are_one_line(tmp_path):
     assert result.exit_code == 2 and "tiny-resnet" in result.output  # the error lists what exists
 
 
-def _extract_command(manifest_path, store_path, workers=0):
+def _extract_command(manifest_path, store_path, workers=0, pipeline=None):
     return [sys.executable, "-m", "cli.embed", "extract", str(manifest_path), "--store", str(store_path),
             "--image-backbone", "tiny-resnet", "--text-backbone", "tiny-bert", "--image-size", "64",
-            "--batch-size", "2", "--workers", str(workers), "--no-progress"]
+            "--batch-size", "2", "--workers", str(workers), "--no-progress",
+            *(["--image-pipeline", pipeline] if pipeline else [])]
 
 
 def _done_rows(store_path) -> int:
@@ -153,17 +154,20 @@ def _running(pid: int) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from Linux's /proc")
-def test_killed_extraction_resumes_to_the_same_store(tmp_path):
+@pytest.mark.parametrize("pipeline", ["pil", "tensor"])
+def test_killed_extraction_resumes_to_the_same_store(tmp_path, pipeline):
+    # "tensor": the run writes each batch while the next computes; the resume names no pipeline ("auto", which on
+    # this CPU would be "pil") and must carry on with the one the feature set began with
     _, manifest, manifest_path = prepared(tmp_path, per_class=40, items_per_class=36, split=(30, 2, 4))
     n_items = len(manifest.items)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 
-    subprocess.run(_extract_command(manifest_path, tmp_path / "whole.h5"), check=True, env=env,
+    subprocess.run(_extract_command(manifest_path, tmp_path / "whole.h5", pipeline=pipeline), check=True, env=env,
                    capture_output=True)
 
     # with DataLoader workers: killing the main process must not leave them holding the store (issue #10)
     killed = tmp_path / "killed.h5"
-    process = subprocess.Popen(_extract_command(manifest_path, killed, workers=2), env=env,
+    process = subprocess.Popen(_extract_command(manifest_path, killed, workers=2, pipeline=pipeline), env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
