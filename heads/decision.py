@@ -29,16 +29,9 @@ from scipy.special import log_softmax
 from embedstore.metrics import classification_metrics
 from embedstore.model_folder import load_pretrained, save_pretrained
 from heads.results import saved_is_at_least_as_good
+from heads.selection import best_by_validation
+from heads.strategies import get_strategy
 
-# in the order a sweep fits them, cheapest first: LR-image / LR-text's fits are shared by LF and ST, and ST's
-# out-of-fold fits (K per modality and seed) come last, so the other rows are written before them
-DECISION_STRATEGIES = ("LFM", "LR-image", "LR-text", "LF", "LR-concat", "ST")
-MULTIMODAL_DECISION = ("LF", "ST", "LR-concat", "LFM")
-DECISION_MODALITIES = {"LF": ("image", "text"), "ST": ("image", "text"), "LR-concat": ("image", "text"),
-                       "LR-image": ("image",), "LR-text": ("text",), "LFM": ("image", "text")}
-# the store layer each reads: LFM fuses the fine-tuned modules' own classifier outputs (1-B's inputs), the rest
-# the backbones' pooled features
-DECISION_LAYER = {s: "classifier" if s == "LFM" else "pooled" for s in DECISION_STRATEGIES}
 KIND = "linear"
 # stacking reads log-probabilities; a class a regression is sure against gives ~ -700 (float64 underflow of the
 # softmax): floor them so one such value cannot dominate the stacker's standardisation-free inputs
@@ -177,8 +170,9 @@ def _stack_input(lp_image: np.ndarray, lp_text: np.ndarray) -> np.ndarray:
 
 @dataclass
 class DecisionModel:
-    """A fitted LR-*, LF or ST model. `predict_proba(features)`: one (n, D_m) array per modality the strategy
-    reads (image first: DECISION_MODALITIES), the same order as `metadata["inputs"]` of a saved model."""
+    """A fitted linear strategy's model (LR-*, LF, ST, LFM, or any registered with trainer "linear"; how its parts
+    combine is the strategy's `combine`). `predict_proba(features)`: one (n, D_m) array per modality the strategy
+    reads (image first), the same order as `metadata["inputs"]` of a saved model."""
     strategy: str
     classes: list
     linears: dict[str, Linear]          # "image" / "text" / "concat"
@@ -190,19 +184,24 @@ class DecisionModel:
     def n_parameters(self) -> int:      # coefficients + intercepts (w is a chosen hyper-parameter, not trained)
         return sum(m.n_parameters for m in self.linears.values()) + (self.stacker.n_parameters if self.stacker else 0)
 
+    @property
+    def declared(self):
+        return get_strategy(self.strategy)
+
     def predict_log_proba(self, features: list) -> np.ndarray:
         xs = self._check(features)
-        if self.strategy == "LFM":   # the modules' logits: nothing fitted but w
+        combine = self.declared.combine
+        if combine == "late-logits":   # the modules' logits: nothing fitted but w
             lp_image, lp_text = (log_softmax(x, axis=1) for x in xs)
             return log_softmax(self.weight * lp_image + (1 - self.weight) * lp_text, axis=1)
-        if self.strategy == "LR-concat":
+        if combine == "concat":
             return self.linears["concat"].log_proba(np.concatenate(xs, axis=1))
-        if self.strategy in ("LR-image", "LR-text"):
-            return self.linears[self.strategy[3:]].log_proba(xs[0])
+        if combine == "single":
+            return self.linears[self.declared.modalities[0]].log_proba(xs[0])
         lp_image, lp_text = self.linears["image"].log_proba(xs[0]), self.linears["text"].log_proba(xs[1])
-        if self.strategy == "LF":
+        if combine == "late":
             return log_softmax(self.weight * lp_image + (1 - self.weight) * lp_text, axis=1)
-        return self.stacker.log_proba(_stack_input(lp_image, lp_text))
+        return self.stacker.log_proba(_stack_input(lp_image, lp_text))   # "stack"
 
     def predict_proba(self, features: list) -> np.ndarray:   # (n, C)
         return np.exp(self.predict_log_proba(features))
@@ -211,16 +210,17 @@ class DecisionModel:
         return np.asarray(self.classes)[self.predict_log_proba(features).argmax(1)]
 
     def _input_widths(self) -> list[int]:
-        """The widths predict takes: LR-concat's one concatenated width, the others one per modality."""
-        if self.strategy == "LFM":   # the modules' logits
+        """The widths predict takes: a concat's one concatenated width, the others one per modality."""
+        combine = self.declared.combine
+        if combine == "late-logits":   # the modules' logits
             return [len(self.classes)] * 2
-        if self.strategy in ("LF", "ST"):
+        if combine in ("late", "stack"):
             return [self.linears[m].mean.shape[0] for m in ("image", "text")]
-        part = "concat" if self.strategy == "LR-concat" else self.strategy[3:]
+        part = "concat" if combine == "concat" else self.declared.modalities[0]
         return [self.linears[part].mean.shape[0]]
 
     def _check(self, features) -> list[np.ndarray]:
-        modalities = DECISION_MODALITIES[self.strategy]
+        modalities = self.declared.modalities
         if isinstance(features, np.ndarray):
             features = [features]
         if len(features) != len(modalities):
@@ -228,7 +228,7 @@ class DecisionModel:
                              f"got {len(features)}")
         dims = self._input_widths()
         xs = [np.asarray(x, dtype=np.float64) for x in features]
-        width = [sum(x.shape[1] for x in xs)] if self.strategy == "LR-concat" else [x.shape[1] for x in xs]
+        width = [sum(x.shape[1] for x in xs)] if self.declared.combine == "concat" else [x.shape[1] for x in xs]
         if any(x.ndim != 2 for x in xs) or width != dims:
             raise ValueError(f"{self.strategy} expects features of widths {dims}, got shapes "
                              f"{[x.shape for x in xs]}")
@@ -307,38 +307,40 @@ class DecisionFits:
 
     def model(self, strategy: str, seed: int, classes: list) -> tuple[DecisionModel, float, float, dict]:
         """(model, validation accuracy, seconds its fits took in all, chosen settings)."""
-        if strategy.startswith("LR-"):
-            part = strategy[3:]
+        declared = get_strategy(strategy)
+        combine = declared.combine
+        if combine in ("single", "concat"):
+            part = declared.modalities[0] if combine == "single" else "concat"
             (m, val_acc), secs = self.linear(part)
             return DecisionModel(strategy, classes, {part: m}), val_acc, secs, {"C": m.C, "converged": m.converged}
         y_val = self.splits["val"][1]
-        if strategy == "LFM":
+        if combine == "late-logits":
             start = time.perf_counter()
             lp_image, lp_text = (log_softmax(self._x("val", m), axis=1) for m in ("image", "text"))
             w, val_acc = late_weight(lp_image, lp_text, y_val, self.settings.w_steps)
-            return (DecisionModel("LFM", classes, {}, weight=w), val_acc, time.perf_counter() - start, {"w": w})
+            return (DecisionModel(strategy, classes, {}, weight=w), val_acc, time.perf_counter() - start, {"w": w})
         (image, _), s_image = self.linear("image")
         (text, _), s_text = self.linear("text")
         lp_val = {p: m.log_proba(self._x("val", p)) for p, m in (("image", image), ("text", text))}
         chosen = {"C_image": image.C, "C_text": text.C, "converged": image.converged and text.converged}
-        if strategy == "LF":
+        if combine == "late":
             start = time.perf_counter()
             w, val_acc = late_weight(lp_val["image"], lp_val["text"], y_val, self.settings.w_steps)
-            model = DecisionModel("LF", classes, {"image": image, "text": text}, weight=w)
+            model = DecisionModel(strategy, classes, {"image": image, "text": text}, weight=w)
             return model, val_acc, s_image + s_text + time.perf_counter() - start, {**chosen, "w": w}
         (oof_image, o_image), (oof_text, o_text) = self.oof("image", seed), self.oof("text", seed)
         start = time.perf_counter()
         stacker, val_acc = fit_linear((_stack_input(oof_image, oof_text), self.splits["train"][1]),
                                       (_stack_input(lp_val["image"], lp_val["text"]), y_val), self.n_classes,
                                       self.settings, standardize=False)
-        model = DecisionModel("ST", classes, {"image": image, "text": text}, stacker=stacker)
+        model = DecisionModel(strategy, classes, {"image": image, "text": text}, stacker=stacker)
         seconds = s_image + s_text + o_image + o_text + time.perf_counter() - start
         return model, val_acc, seconds, {**chosen, "C_stack": stacker.C, "folds": self.settings.folds,
                                          "converged": chosen["converged"] and stacker.converged}
 
     def test_metrics(self, model: DecisionModel) -> dict:
         xs, y = self.splits["test"]
-        parts = [xs[m] for m in DECISION_MODALITIES[model.strategy]]
+        parts = [xs[m] for m in get_strategy(model.strategy).modalities]
         predicted = model.predict_log_proba(parts).argmax(1)
         return classification_metrics(y, predicted, n_classes=self.n_classes)
 
@@ -346,7 +348,7 @@ class DecisionFits:
 def model_config(strategy: str, input_dims: tuple[int, ...], n_classes: int) -> dict:
     """A row's `config`: what the model is (its fitting settings are the row's `train_settings`)."""
     return {"strategy": strategy, "kind": KIND, "input_dims": list(input_dims), "num_classes": n_classes,
-            "seed_dependent": strategy == "ST"}
+            "seed_dependent": get_strategy(strategy).seed_dependent}
 
 
 def cell_rows(fits: DecisionFits, strategy: str, seeds, keys: dict, common: dict,
@@ -363,7 +365,7 @@ def cell_rows(fits: DecisionFits, strategy: str, seeds, keys: dict, common: dict
                      "train_seconds": seconds, "group_seconds": seconds, "group_size": 1, "batched": False,
                      "device": "cpu", "precision": "fp64", "train_flops": 0.0,
                      "trainable_parameters": model.n_parameters, "chosen": chosen,
-                     "seed_note": ("folds drawn from the seed" if strategy == "ST" else
+                     "seed_note": ("folds drawn from the seed" if get_strategy(strategy).seed_dependent else
                                    "deterministic: every seed gives this row (fits shared with the cell's other seeds)"),
                      "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         models.append(model)
@@ -373,7 +375,7 @@ def cell_rows(fits: DecisionFits, strategy: str, seeds, keys: dict, common: dict
 def save_best(directory, rows: list[dict], models: list[DecisionModel], store: dict) -> bool:
     """Save the model of the best seed by validation accuracy (ties: the lower seed) unless the folder already
     holds one of the same store and settings that is at least as good on validation; True if it saved."""
-    i = max(range(len(rows)), key=lambda j: (rows[j]["best_val_accuracy"], -rows[j]["seed"]))
+    i = best_by_validation(range(len(rows)), val=lambda j: rows[j]["best_val_accuracy"], name=lambda j: rows[j]["seed"])
     row, directory = rows[i], Path(directory)
     meta = {"store": store, "run_key": row["run_key"], "seed": row["seed"], "config": row["config"],
             "train_settings": row["train_settings"], "best_val_accuracy": row["best_val_accuracy"],

@@ -32,8 +32,8 @@ from embedstore.defaults import DEFAULT_IMAGE_BACKBONE, DEFAULT_TEXT_BACKBONE, F
 from embedstore.modules import build_module
 from embedstore.training import check_training_numbers, fit, predict, training_processes
 from heads.fusion import create_fusion, list_fusions
+from heads.strategies import get_strategy, list_strategies
 
-END_TO_END = ("3A", "3B")
 KIND = "end-to-end"
 
 
@@ -61,8 +61,9 @@ class EndToEndSettings:
     progress: bool = True
 
     def check(self) -> "EndToEndSettings":
-        if self.strategy not in END_TO_END:
-            raise ValueError(f"unknown end-to-end strategy {self.strategy!r}; use 3A or 3B")
+        known = list_strategies(trainer="end-to-end")
+        if self.strategy not in known:
+            raise ValueError(f"unknown end-to-end strategy {self.strategy!r}; use one of {', '.join(known)}")
         if self.fusion not in list_fusions():
             raise ValueError(f"unknown fusion operator {self.fusion!r}; registered: {', '.join(list_fusions())}")
         return check_training_numbers(self)
@@ -80,10 +81,13 @@ class EndToEndModel(nn.Module):
                  fusion: str = "concat", dropout: float = 0.3, freeze_batchnorm: bool = False):
         super().__init__()
         self.strategy, self.freeze_batchnorm = strategy, freeze_batchnorm
-        classes = n_classes if strategy == "3B" else None  # 3-A fuses the 500-d layers: no module classifier
+        # the strategy's branch: ("middle",) fuses the 500-d layers (3-A: no module classifier), ("middle",
+        # "classifier") the modules' classifier outputs (3-B)
+        self.at_classifier = get_strategy(strategy).branch[-1] == "classifier"
+        classes = n_classes if self.at_classifier else None
         self.image = build_module("image", 3, classes, backbone=image_backbone, dropout=dropout)
         self.text = build_module("text", 3, classes, backbone=text_backbone, dropout=dropout)
-        self.fusion = create_fusion(fusion, MIDDLE_DIM if strategy == "3A" else n_classes)
+        self.fusion = create_fusion(fusion, n_classes if self.at_classifier else MIDDLE_DIM)
         # The registry's operators run stacks of G heads on (G, ...) weights; this model is G = 1.
         generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
         self.fusion_params = nn.ParameterDict({
@@ -103,7 +107,7 @@ class EndToEndModel(nn.Module):
 
     def _branch(self, module, inputs) -> torch.Tensor:
         features = module.forward_features(inputs)
-        if self.strategy == "3A":
+        if not self.at_classifier:
             return module.head.dropout(features["dense"])  # (B, 500), as 2-A's middle layer
         return features["classifier"]  # (B, C) = classifier(dropout(dense))
 

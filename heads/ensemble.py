@@ -30,6 +30,8 @@ import numpy as np
 
 from embedstore.fingerprint import fingerprint
 from embedstore.metrics import classification_metrics
+from heads.selection import best_by_validation, rank_by_validation
+from heads.strategies import is_multimodal
 from embedstore.model_folder import CONFIG_FILE, read_config
 from embedstore.outputs import relative_to_folder
 from heads.results import ResultsLock, append_rows, read_runs
@@ -69,19 +71,18 @@ def _member(folder: Path, config: dict, meta: dict, classes, multimodal: bool,
 
 def _fusion_head(folder: Path, config: dict) -> Member:
     from heads.estimator import FusionHead
-    from heads.models import MULTIMODAL_STRATEGIES
 
     head = FusionHead.from_pretrained(folder)
-    return _member(folder, config, head.metadata_, head.classes_, head.config_.strategy in MULTIMODAL_STRATEGIES,
+    return _member(folder, config, head.metadata_, head.classes_, is_multimodal(head.config_.strategy),
                    head.predict_proba)
 
 
 def _decision_model(folder: Path, config: dict) -> Member:
     """LR-*, LF, ST, LFM (heads/decision.py): scikit-learn fits saved as arrays."""
-    from heads.decision import MULTIMODAL_DECISION, DecisionModel
+    from heads.decision import DecisionModel
 
     model = DecisionModel.from_pretrained(folder)
-    return _member(folder, config, model.metadata, model.classes, model.strategy in MULTIMODAL_DECISION,
+    return _member(folder, config, model.metadata, model.classes, is_multimodal(model.strategy),
                    model.predict_proba)
 
 
@@ -139,8 +140,8 @@ def collect_members(results_dirs: list[Path], *, multimodal_only: bool = False,
                 unimodal += 1
             else:
                 members.append(member)
-    # ties: folder order, so the ranking does not depend on the order the folders were listed in
-    members.sort(key=lambda m: (-m.val_accuracy, relative_to_folder(m.folder, base)))
+    # heads/selection.py's rule (ties: folder name), so the ranking does not depend on the order the folders were listed in
+    members = rank_by_validation(members, val=lambda m: m.val_accuracy, name=lambda m: relative_to_folder(m.folder, base))
     return members, notes, unimodal
 
 
@@ -288,8 +289,9 @@ def _evaluate(members: list[Member], notes: list[str], request: int | str, base:
                 metrics = classification_metrics(labels, mean.argmax(axis=1), n_classes=len(classes))
                 entry.update({f"{split}_accuracy": metrics["accuracy"], f"{split}_macro_f1": metrics["macro_f1"]})
             by_k.append(entry)
-        # auto: the best validation accuracy, the smaller k on ties (max keeps the first)
-        best = max(by_k, key=lambda e: e["val_accuracy"]) if request == "auto" else by_k[-1]
+        # auto: the best validation accuracy, the smaller k on ties
+        best = best_by_validation(by_k, val=lambda e: e["val_accuracy"], name=lambda e: e["k"]) \
+            if request == "auto" else by_k[-1]
         k = best["k"]
     return {"k": k, "pool": n, "members": [relative_to_folder(m.folder, base) for m, _ in chosen[:k]],
             "member_kinds": [m.kind for m, _ in chosen[:k]],

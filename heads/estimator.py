@@ -20,7 +20,8 @@ from sklearn.exceptions import NotFittedError  # a ValueError (and an AttributeE
 from sklearn.model_selection import train_test_split
 
 from embedstore.model_folder import load_pretrained, save_pretrained
-from heads.models import BASELINES, STRATEGY_MODALITIES, HeadConfig, StackedHead, predict_logits
+from heads.models import HeadConfig, StackedHead, predict_logits
+from heads.strategies import get_strategy, list_strategies
 from embedstore.defaults import resolve_device
 from heads.train import HeadData, Split, TrainSettings, train_heads
 
@@ -95,12 +96,13 @@ class FusionHead(ClassifierMixin, BaseEstimator):
         return self
 
     def _modalities(self) -> tuple[str, ...]:
-        if self.strategy not in STRATEGY_MODALITIES:
-            raise ValueError(f"unknown strategy {self.strategy!r}; use one of {', '.join(STRATEGY_MODALITIES)}")
-        return STRATEGY_MODALITIES[self.strategy]
+        heads = list_strategies(trainer="head")
+        if self.strategy not in heads:
+            raise ValueError(f"unknown strategy {self.strategy!r}; use one of {', '.join(heads)}")
+        return get_strategy(self.strategy).modalities
 
     def _fusion(self) -> str | None:
-        if self.strategy in BASELINES:
+        if not get_strategy(self.strategy).fused:
             return self.fusion  # HeadConfig refuses an operator for a baseline
         return self.fusion or "concat"
 
@@ -150,7 +152,7 @@ class FusionHead(ClassifierMixin, BaseEstimator):
     def predict_proba(self, X) -> np.ndarray:
         """(n, C) class probabilities, columns in classes_ order."""
         self._check_fitted()
-        inputs = _check_inputs(X, STRATEGY_MODALITIES[self.config_.strategy], name="X", dims=self.input_dims_)
+        inputs = _check_inputs(X, get_strategy(self.config_.strategy).modalities, name="X", dims=self.input_dims_)
         if not len(inputs[0]):
             return np.zeros((0, len(self.classes_)), dtype=np.float32)
         logits = predict_logits(StackedHead(self.config_), self.params_, [torch.from_numpy(x) for x in inputs])[0]

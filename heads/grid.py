@@ -11,13 +11,9 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from heads.decision import DECISION_LAYER, DECISION_MODALITIES, DECISION_STRATEGIES
-from heads.end_to_end import END_TO_END
 from heads.fusion import list_fusions
 from heads.inputs import MODULE_HINT, POOLED_HINT, inputs_for, inputs_with_shared_rows
-from heads.models import BASELINES, MULTIMODAL_STRATEGIES, STRATEGY_LAYER
-
-CACHED_STRATEGIES = MULTIMODAL_STRATEGIES + BASELINES
+from heads.strategies import get_strategy, list_strategies
 
 
 @dataclass(frozen=True)
@@ -67,20 +63,20 @@ def _check_chosen(store, modality: str, chosen: tuple[str, ...]) -> None:
 
 def strategy_pairs(store, strategy: str, image_sources=(), text_sources=()) -> list[tuple[str | None, str | None]]:
     """Every (image source, text source) pair the store holds for a strategy's layer; [] if none."""
-    layer = STRATEGY_LAYER[strategy]
-    image = sources(store, "image", layer, tuple(image_sources))
-    text = sources(store, "text", layer, tuple(text_sources))
-    if strategy == "image":
+    declared = get_strategy(strategy)
+    image = sources(store, "image", declared.layer, tuple(image_sources))
+    text = sources(store, "text", declared.layer, tuple(text_sources))
+    if declared.modalities == ("image",):
         return [(s, None) for s in image]
-    if strategy == "text":
+    if declared.modalities == ("text",):
         return [(None, s) for s in text]
     return list(itertools.product(image, text))
 
 
 def missing_message(store, strategy: str) -> str:
-    layer = STRATEGY_LAYER[strategy]
+    declared = get_strategy(strategy)
+    layer, modalities = declared.layer, declared.modalities
     hint = MODULE_HINT if layer in ("dense", "classifier") else POOLED_HINT
-    modalities = ("image", "text") if strategy not in BASELINES else (strategy,)
     lacking = [m for m in modalities if not sources(store, m, layer)] or list(modalities)
     needs = " and ".join(f"{m} '{layer}'" for m in lacking)
     return (f"strategy {strategy} needs {needs} features, which {store.path} lacks (it holds "
@@ -97,9 +93,11 @@ def build_grid(store, *, strategies: tuple[str, ...] | None, fusions: tuple[str,
     _check_chosen(store, "text", tuple(text_sources))
     fusions = tuple(list_fusions()) if fusions is None else tuple(fusions)
     explicit = strategies is not None
-    wanted = [s for s in (strategies if explicit else MULTIMODAL_STRATEGIES) if s not in END_TO_END]
-    if baselines or not explicit:
-        wanted += [b for b in BASELINES if b not in wanted and (baselines or b in (strategies or ()))]
+    heads = list_strategies(trainer="head")
+    default = [s for s in list_strategies(trainer="head", multimodal=True) if get_strategy(s).in_default_grid]
+    wanted = [s for s in (strategies if explicit else default) if s in heads]
+    if baselines:
+        wanted += [b for b in list_strategies(trainer="head", multimodal=False) if b not in wanted]
     notes, plan = [], []
     for strategy in wanted:
         pairs = strategy_pairs(store, strategy, image_sources, text_sources)
@@ -113,7 +111,7 @@ def build_grid(store, *, strategies: tuple[str, ...] | None, fusions: tuple[str,
     cells = []
     for strategy, pairs in plan:
         for image, text in pairs:
-            if strategy in BASELINES:
+            if not get_strategy(strategy).multimodal:
                 cells.append(_baseline_cell(store, strategy, image or text, named))
                 continue
             names = inputs_for(store, strategy, image, text)   # checks that the pair can be fused
@@ -123,14 +121,17 @@ def build_grid(store, *, strategies: tuple[str, ...] | None, fusions: tuple[str,
 
 
 def _baseline_cell(store, strategy: str, source: str, named: bool) -> Cell:
-    """A unimodal head reads one pooled set, on the rows 2-A uses: those ok in the other modality's first
-    pooled source too, when the store has one (so baselines and 2-A are scored on the same test items)."""
-    other = "text" if strategy == "image" else "image"
-    partners = sources(store, other, "pooled")
-    pair = (source, None) if strategy == "image" else (None, source)
-    named_sources = {strategy: source, other: partners[0] if partners else None}
+    """A unimodal model reads one set, on the rows of the strategy it declares `rows_of` (the baselines: 2-A's):
+    those ok in the other modality's first source of that layer too, when the store has one (so baselines and
+    2-A are scored on the same test items)."""
+    declared = get_strategy(strategy)
+    modality = declared.modalities[0]
+    other = "text" if modality == "image" else "image"
+    partners = sources(store, other, get_strategy(declared.rows_of).layer) if declared.rows_of else []
+    pair = (source, None) if modality == "image" else (None, source)
+    named_sources = {modality: source, other: partners[0] if partners else None}
     rows = inputs_with_shared_rows(store, strategy, named_sources["image"], named_sources["text"])
-    return Cell(strategy, None, (f"{strategy}/{source}/pooled",), tuple(rows), pair, named)
+    return Cell(strategy, None, (f"{modality}/{source}/{declared.layer}",), tuple(rows), pair, named)
 
 
 def decision_cells(store, *, strategies: tuple[str, ...] | None, baselines: bool, image_sources: tuple[str, ...] = (),
@@ -139,14 +140,17 @@ def decision_cells(store, *, strategies: tuple[str, ...] | None, baselines: bool
     LR-concat per (image, text) pair, LR-image / LR-text per source. `strategies=None`: each one the store allows
     (LR-image / LR-text only with `baselines`), the rest named in a note; a named one it cannot serve: ValueError."""
     explicit = strategies is not None
-    wanted = [s for s in DECISION_STRATEGIES if (s in strategies if explicit else
-                                                  baselines or len(DECISION_MODALITIES[s]) == 2)]   # cheapest first
+    linear = list_strategies(trainer="linear")   # in registration order: cheapest first
+    wanted = [s for s in linear if (s in strategies if explicit else get_strategy(s).in_default_grid and
+                                    (baselines or get_strategy(s).multimodal))]
+    layers = sorted({get_strategy(s).layer for s in linear})
     held = {layer: {"image": sources(store, "image", layer, tuple(image_sources)),
-                    "text": sources(store, "text", layer, tuple(text_sources))} for layer in ("pooled", "classifier")}
+                    "text": sources(store, "text", layer, tuple(text_sources))} for layer in layers}
     named = any(len(v) > 1 for by_layer in held.values() for v in by_layer.values())
     cells, notes = [], []
     for strategy in wanted:
-        modalities, layer = DECISION_MODALITIES[strategy], DECISION_LAYER[strategy]
+        declared = get_strategy(strategy)
+        modalities, layer = declared.modalities, declared.layer
         image, text = held[layer]["image"], held[layer]["text"]
         lacking = [m for m in modalities if not {"image": image, "text": text}[m]]
         if lacking:
@@ -159,10 +163,9 @@ def decision_cells(store, *, strategies: tuple[str, ...] | None, baselines: bool
             continue
         if len(modalities) == 2:
             for pair in itertools.product(image, text):
-                names = tuple(inputs_with_shared_rows(store, "2A" if layer == "pooled" else "1B", *pair))
+                names = tuple(inputs_with_shared_rows(store, declared.rows_of or strategy, *pair))
                 cells.append(Cell(strategy, None, names, names, pair, named))
         else:   # one modality, on the rows of its pair with the other modality's first source (as the baselines)
             for source in (image if modalities == ("image",) else text):
-                base = _baseline_cell(store, modalities[0], source, named)
-                cells.append(Cell(strategy, None, base.feature_sets, base.row_sets, base.pair, named))
+                cells.append(_baseline_cell(store, strategy, source, named))
     return cells, notes

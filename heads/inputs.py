@@ -9,7 +9,7 @@ the caller names one; otherwise the only one is used.
 """
 from __future__ import annotations
 
-from heads.models import BASELINES, STRATEGY_LAYER, STRATEGY_MODALITIES
+from heads.strategies import get_strategy, list_strategies
 
 MODULE_HINT = ("`embed extract MANIFEST --store STORE --image-module DIR --text-module DIR` writes the "
                "fine-tuned modules' (from `embed finetune`) 'dense' and 'classifier' features")
@@ -19,14 +19,16 @@ POOLED_HINT = "`embed extract MANIFEST --store STORE` writes the backbones' 'poo
 def inputs_for(store, strategy: str, image_source: str | None = None, text_source: str | None = None) -> list[str]:
     """The feature set names (image first) that `strategy` reads from `store`, or a one-line ValueError naming
     what is missing or ambiguous and how to fix it."""
-    if strategy not in STRATEGY_LAYER:
-        raise ValueError(f"unknown strategy {strategy!r} for store features; use one of {', '.join(STRATEGY_LAYER)}"
-                         " (3A/3B train end to end on the raw catalog)")
-    layer = STRATEGY_LAYER[strategy]
+    over_store = [s for s in list_strategies() if get_strategy(s).over_store]
+    if strategy not in over_store:
+        raise ValueError(f"unknown strategy {strategy!r} for store features; use one of {', '.join(over_store)}"
+                         f" ({', '.join(list_strategies(trainer='end-to-end'))} train end to end on the raw catalog)")
+    declared = get_strategy(strategy)
+    layer = declared.layer
     hint = MODULE_HINT if layer in ("dense", "classifier") else POOLED_HINT
     chosen = {"image": image_source, "text": text_source}
     names, missing = [], []
-    for modality in STRATEGY_MODALITIES[strategy]:
+    for modality in declared.modalities:
         name = _one_set(store, modality, layer, chosen[modality])
         if name is None:
             missing.append(f"{modality} '{layer}'")
@@ -38,9 +40,9 @@ def inputs_for(store, strategy: str, image_source: str | None = None, text_sourc
     sets = store.feature_sets
     dims = [sets[n].dim for n in names]
     if layer == "classifier" and any(d != len(store.classes) for d in dims):
-        raise ValueError(f"strategy 1B fuses classifier outputs, but {', '.join(names)} have {dims} outputs and "
+        raise ValueError(f"strategy {strategy} fuses classifier outputs, but {', '.join(names)} have {dims} outputs and "
                          f"the store has {len(store.classes)} classes; {hint} with modules trained on these classes")
-    if strategy in ("1A", "1B") and dims[0] != dims[1]:
+    if declared.fused and not declared.branch and dims[0] != dims[1]:
         raise ValueError(f"strategy {strategy} fuses {names[0]} ({dims[0]}-d) with {names[1]} ({dims[1]}-d) "
                          f"directly; their sizes must match; {hint}")
     return names
@@ -68,11 +70,13 @@ def inputs_with_shared_rows(store, strategy: str, image_source: str | None = Non
     has one, so the baselines train and test on the same rows as 2-A (a store of one modality still gets its
     baseline). The baseline's own set is the image one (index 0) or the text one (the last)."""
     names = inputs_for(store, strategy, image_source, text_source)
-    if strategy not in BASELINES:
+    declared = get_strategy(strategy)
+    if declared.multimodal or declared.rows_of is None:
         return names
-    other = "text" if strategy == "image" else "image"
+    other = "text" if declared.modalities == ("image",) else "image"
     try:
-        extra = _one_set(store, other, "pooled", text_source if other == "text" else image_source)
+        extra = _one_set(store, other, get_strategy(declared.rows_of).layer,
+                         text_source if other == "text" else image_source)
     except ValueError:  # ambiguous or a named source that is absent: the baseline keeps its own rows
         extra = None
     if extra is None:

@@ -15,21 +15,14 @@ from dataclasses import asdict, dataclass
 import torch
 
 from heads.fusion import create_fusion, list_fusions
-
-MULTIMODAL_STRATEGIES = ("1A", "1B", "2A", "2B")
-BASELINES = ("image", "text")
-# Which store layer each strategy reads, and which modalities (image first, the fusion operators' `a`).
-STRATEGY_LAYER = {"1A": "dense", "1B": "classifier", "2A": "pooled", "2B": "pooled",
-                  "image": "pooled", "text": "pooled"}
-STRATEGY_MODALITIES = {"1A": ("image", "text"), "1B": ("image", "text"), "2A": ("image", "text"),
-                       "2B": ("image", "text"), "image": ("image",), "text": ("text",)}
+from heads.strategies import get_strategy, list_strategies
 
 
 @dataclass(frozen=True)
 class HeadConfig:
-    strategy: str                 # "1A" | "1B" | "2A" | "2B" | "image" | "text"
+    strategy: str                 # a registered strategy trained as a head (heads/strategies.py): "2A", "image", ...
     fusion: str | None            # a registered fusion operator; None for the unimodal baselines
-    input_dims: tuple[int, ...]   # one per modality in STRATEGY_MODALITIES order
+    input_dims: tuple[int, ...]   # one per modality of the strategy, image first
     num_classes: int
     middle_dim: int = 500         # the new per-modality layer of 2-A / 2-B / baselines
     fusion_dim: int = 250         # the fusion layer: fused_dim -> 250
@@ -37,18 +30,19 @@ class HeadConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "input_dims", tuple(int(d) for d in self.input_dims))
-        if self.strategy not in STRATEGY_LAYER:
-            raise ValueError(f"unknown strategy {self.strategy!r}; "
-                             f"known: {', '.join(MULTIMODAL_STRATEGIES + BASELINES)}")
-        if self.strategy in BASELINES:
+        heads = list_strategies(trainer="head")
+        if self.strategy not in heads:
+            raise ValueError(f"unknown strategy {self.strategy!r} for a head; known: {', '.join(heads)}")
+        strategy = get_strategy(self.strategy)
+        if not strategy.fused:
             if self.fusion is not None:
                 raise ValueError(f"the unimodal baseline {self.strategy!r} takes no fusion operator")
         elif self.fusion not in list_fusions():
             raise ValueError(f"unknown fusion operator {self.fusion!r}; registered: {', '.join(list_fusions())}")
-        if len(self.input_dims) != len(STRATEGY_MODALITIES[self.strategy]):
-            raise ValueError(f"strategy {self.strategy} needs {len(STRATEGY_MODALITIES[self.strategy])} "
+        if len(self.input_dims) != len(strategy.modalities):
+            raise ValueError(f"strategy {self.strategy} needs {len(strategy.modalities)} "
                              f"input dims, got {self.input_dims}")
-        if self.strategy in ("1A", "1B") and self.input_dims[0] != self.input_dims[1]:
+        if strategy.fused and not strategy.branch and self.input_dims[0] != self.input_dims[1]:
             raise ValueError(f"strategy {self.strategy} fuses the inputs directly, so their sizes must match: "
                              f"image {self.input_dims[0]} vs text {self.input_dims[1]}")
         if not 0.0 <= self.dropout < 1.0:
@@ -82,18 +76,22 @@ class StackedHead:
     def __init__(self, config: HeadConfig):
         self.config = config
         c = config
-        self.modalities = STRATEGY_MODALITIES[c.strategy]
+        strategy = get_strategy(c.strategy)
+        self.modalities, self.branch = strategy.modalities, strategy.branch
         # (name, shape, fan_in) in a fixed order: the order each head's generator draws its init
         self._linears: list[tuple[str, int, int]] = []   # (prefix, out, in)
         self._dropout_widths: list[int] = []
         branch_dim = c.input_dims[0]
-        if c.strategy in ("2A", "2B", "image", "text"):
+        if self.branch:   # per modality: [middle D -> 500, ReLU, dropout] [classifier -> C]
+            widths = {"middle": c.middle_dim, "classifier": c.num_classes}
             for m, d in zip(self.modalities, c.input_dims):
-                self._linears.append((f"{m}_middle", c.middle_dim, d))
-                self._dropout_widths.append(c.middle_dim)
-                if c.strategy == "2B":
-                    self._linears.append((f"{m}_classifier", c.num_classes, c.middle_dim))
-            branch_dim = c.num_classes if c.strategy == "2B" else c.middle_dim
+                width = d
+                for layer in self.branch:
+                    self._linears.append((f"{m}_{layer}", widths[layer], width))
+                    if layer == "middle":
+                        self._dropout_widths.append(c.middle_dim)
+                    width = widths[layer]
+            branch_dim = widths[self.branch[-1]]
         self.fusion = None if c.fusion is None else create_fusion(c.fusion, branch_dim)
         fused_dim = branch_dim if self.fusion is None else self.fusion.output_dim
         self._linears.append(("fusion_layer", c.fusion_dim, fused_dim))
@@ -151,14 +149,18 @@ class StackedHead:
         def dropout(x, i):
             return x if dropout_masks is None else x * dropout_masks[:, :, offsets[i]:offsets[i + 1]]
 
-        c, p = self.config, params
+        p = params
         feats = list(inputs)
-        if c.strategy in ("2A", "2B", "image", "text"):
-            for i, m in enumerate(self.modalities):
-                h = dropout(torch.relu(_linear(feats[i], p[f"{m}_middle.weight"], p[f"{m}_middle.bias"])), i)
-                if c.strategy == "2B":  # (G, B, 500) -> (G, B, C)
+        drop = 0   # the dropout layer's index: one per middle layer, then the fusion layer's
+        for i, m in enumerate(self.modalities if self.branch else ()):
+            h = feats[i]
+            for layer in self.branch:
+                if layer == "middle":   # (G, B, D) -> (G, B, 500)
+                    h = dropout(torch.relu(_linear(h, p[f"{m}_middle.weight"], p[f"{m}_middle.bias"])), drop)
+                    drop += 1
+                else:                   # classifier: (G, B, 500) -> (G, B, C)
                     h = _linear(h, p[f"{m}_classifier.weight"], p[f"{m}_classifier.bias"])
-                feats[i] = h
+            feats[i] = h
         fused = self.fuse(p, feats)
         h = torch.relu(_linear(fused, p["fusion_layer.weight"], p["fusion_layer.bias"]))  # (G, B, 250)
         h = dropout(h, len(self._dropout_widths) - 1)

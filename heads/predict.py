@@ -38,7 +38,7 @@ from embedstore.outputs import check_writable, partial_file
 from embedstore.store import STATUS_EMPTY_TITLE, STATUS_NAMES, STATUS_NON_FINITE, STATUS_OK
 from heads.end_to_end import load_end_to_end
 from heads.estimator import FusionHead
-from heads.models import STRATEGY_LAYER, STRATEGY_MODALITIES
+from heads.strategies import get_strategy
 
 
 REASONS = {code: name.removeprefix("skipped: ") for code, name in STATUS_NAMES.items() if name.startswith("skipped")}
@@ -235,8 +235,8 @@ def _recorded_stages(backbone, recorded: dict, device) -> ImageStages:
 def load_sources(head: FusionHead, settings: PredictSettings, device) -> list[FeatureSource]:
     """The head's inputs in its order (image first), each rebuilt and checked against its provenance."""
     config = head.config_
-    return sources_for(head.metadata_, config.strategy, STRATEGY_MODALITIES[config.strategy],
-                       STRATEGY_LAYER[config.strategy], settings, device)
+    declared = get_strategy(config.strategy)
+    return sources_for(head.metadata_, config.strategy, declared.modalities, declared.layer, settings, device)
 
 
 def sources_for(doc: dict, strategy: str, modalities: tuple[str, ...], layer: str, settings: PredictSettings,
@@ -346,11 +346,11 @@ def head_predictor(head_dir: Path, settings: PredictSettings, device) -> Predict
 def decision_predictor(model_dir: Path, settings: PredictSettings, device) -> Predictor:
     """A decision-level model (LR-*, LF, ST, LFM: heads/decision.py) over the features its recorded backbones or
     modules compute from the raw products."""
-    from heads.decision import DECISION_LAYER, DECISION_MODALITIES, DecisionModel
+    from heads.decision import DecisionModel
 
     model = DecisionModel.from_pretrained(model_dir)
-    sources = sources_for(model.metadata, model.strategy, DECISION_MODALITIES[model.strategy],
-                          DECISION_LAYER[model.strategy], settings, device)
+    declared = get_strategy(model.strategy)
+    sources = sources_for(model.metadata, model.strategy, declared.modalities, declared.layer, settings, device)
     classes = [str(c) for c in model.classes]
 
     def probabilities(rows, images, image_status, inputs):

@@ -11,15 +11,24 @@ import numpy as np
 
 from heads.fusion import list_fusions
 from embedstore.fingerprint import fingerprint
-from heads.decision import DECISION_STRATEGIES, MULTIMODAL_DECISION
-from heads.models import BASELINES, MULTIMODAL_STRATEGIES
-
-# every strategy that reads both modalities: candidates for "the best multimodal model" (chosen by validation)
-MULTIMODAL = MULTIMODAL_STRATEGIES + MULTIMODAL_DECISION
-# Table 5-like rows: the heads and the decision-level fusions; Table 7 rows: the unimodal heads and the regressions
-TABLE5 = MULTIMODAL_STRATEGIES + ("LF", "ST")
-LINEAR = tuple(s for s in DECISION_STRATEGIES if s.startswith("LR-"))
 from heads.results import read_runs, runs_path
+from heads.selection import TIE_RULE, best_summary
+from heads.strategies import get_strategy, is_multimodal, list_strategies, report_order
+
+
+def _multimodal(cells: list[dict]) -> list[dict]:
+    """Every strategy that reads both modalities: candidates for "the best multimodal model" (by validation)."""
+    return [c for c in cells if is_multimodal(c["strategy"])]
+
+
+def _reference(strategy: str) -> bool:
+    """Table 7's simple reference models: the unimodal heads and the regressions (strategies.py `reference`)."""
+    return strategy in list_strategies() and get_strategy(strategy).reference
+
+
+def _table5(strategy: str) -> bool:
+    """Table 5's rows: the multimodal strategies that are not simple reference models."""
+    return is_multimodal(strategy) and not _reference(strategy)
 
 
 def unique_runs(rows: list[dict]) -> tuple[list[dict], int]:
@@ -72,7 +81,7 @@ def summarize(rows: list[dict]) -> list[dict]:
             "non_trainable_parameters": rs[0]["non_trainable_parameters"],
             "note": "; ".join(notes),
         })
-    order = {s: i for i, s in enumerate(MULTIMODAL_STRATEGIES + DECISION_STRATEGIES + BASELINES)}
+    order = {s: i for i, s in enumerate(report_order())}
     return sorted(out, key=lambda c: (order.get(c["strategy"], 99), c["fusion"], c["cell"]))
 
 
@@ -89,32 +98,34 @@ def _pm(mean: float, std: float, scale: float = 100.0, digits: int = 2) -> str:
 
 
 def _best_pair(cells: list[dict]) -> str | None:
-    """With several backbone pairs, Tables 5-6 show the pair of the best multimodal cell (by test accuracy
-    mean, as the tables themselves rank); the by-pair table compares them all."""
-    multi = [c for c in cells if c["strategy"] in MULTIMODAL]
+    """With several backbone pairs, Tables 5-6 show the pair of the best multimodal cell by validation
+    (heads/selection.py); the by-pair table compares them all."""
+    multi = _multimodal(cells)
     if len({c["pair"] for c in multi}) <= 1:
         return None
-    return max(multi, key=lambda c: c["accuracy_mean"])["pair"]
+    return best_summary(multi)["pair"]
 
 
 def _pair_table(cells: list[dict]) -> tuple[list[str], list[list]]:
-    """One row per (image source, text source) pair: each strategy's best operator, and the best of all."""
-    multi = [c for c in cells if c["strategy"] in MULTIMODAL]
-    strategies = [s for s in MULTIMODAL if any(c["strategy"] == s for c in multi)]
+    """One row per (image source, text source) pair: each strategy's best operator, and the best of all (by
+    validation)."""
+    multi = _multimodal(cells)
+    strategies = [s for s in report_order() if any(c["strategy"] == s for c in multi)]
     rows = []
     for pair in sorted({c["pair"] for c in multi}):
         mine = [c for c in multi if c["pair"] == pair]
         row = [pair]
         for s in strategies:
             of_s = [c for c in mine if c["strategy"] == s]
-            best = max(of_s, key=lambda c: c["accuracy_mean"]) if of_s else None
+            best = best_summary(of_s)
             row.append(f"{_pm(best['accuracy_mean'], best['accuracy_std'])} ({best['fusion'] or '-'})" if best else "")
-        top = max(mine, key=lambda c: c["accuracy_mean"])
+        top = best_summary(mine)
         rows.append(row + [_base(top), _pm(top["accuracy_mean"], top["accuracy_std"])])
-    for c in (c for c in cells if c["strategy"] in BASELINES + LINEAR and c["strategy"] not in MULTIMODAL):
+    for c in (c for c in cells if _reference(c["strategy"]) and not is_multimodal(c["strategy"])):
         rows.append([f"{c['strategy']} only: {c['pair']}"] + [""] * len(strategies) +
                     ["", _pm(c["accuracy_mean"], c["accuracy_std"])])
-    return ["backbone pair"] + [f"{s} best acc % (operator)" for s in strategies] + ["best cell", "best acc %"], rows
+    return (["backbone pair"] + [f"{s} best-by-val acc % (operator)" for s in strategies] +
+            ["best cell by val", "its acc %"], rows)
 
 
 def _base(cell: dict) -> str:
@@ -124,10 +135,10 @@ def _base(cell: dict) -> str:
 def _tables(cells: list[dict]) -> dict[str, tuple[list[str], list[list]]]:
     pair = _best_pair(cells)
     tables = {"by_pair": _pair_table(cells)} if pair is not None else {}
-    multi = [c for c in cells if c["strategy"] in MULTIMODAL and (pair is None or c["pair"] == pair)]
+    multi = [c for c in _multimodal(cells) if pair is None or c["pair"] == pair]
     present = {c["fusion"] for c in multi if c["fusion"]}
     fusions = [f for f in list_fusions() if f in present] + sorted(present - set(list_fusions()))
-    strategies = [s for s in TABLE5 if any(c["strategy"] == s for c in multi)]
+    strategies = [s for s in report_order() if _table5(s) and any(c["strategy"] == s for c in multi)]
     by = {(c["strategy"], c["fusion"]): c for c in multi}
 
     header = ["cell", "seeds", "accuracy %", "macro-F1 %", "best epoch", "epochs", "train s/head",
@@ -138,24 +149,23 @@ def _tables(cells: list[dict]) -> dict[str, tuple[list[str], list[list]]]:
                                  c["trainable_parameters"], c["non_trainable_parameters"], c["note"]]
                                 for c in cells])
 
-    # Table 5: multimodal strategies, accuracy per operator and the best operator; LF / ST fuse decisions (no
-    # operator): their "best fusion" names how
+    # Table 5: multimodal strategies, accuracy per operator and the best operator by validation; strategies
+    # without an operator (LF, ST, ...) name how they fuse (strategies.py `fused_by`)
     rows = []
     for s in strategies:
-        mine = [c for c in multi if c["strategy"] == s]
-        best = max(mine, key=lambda c: c["accuracy_mean"])
+        best = best_summary(c for c in multi if c["strategy"] == s)
         rows.append([s] + [_pm(by[s, f]["accuracy_mean"], by[s, f]["accuracy_std"]) if (s, f) in by else ""
                            for f in fusions]
-                    + [best["fusion"] or DECISION_KIND.get(s, ""), _pm(best["accuracy_mean"], best["accuracy_std"]),
+                    + [best["fusion"] or get_strategy(s).fused_by or "", _pm(best["accuracy_mean"], best["accuracy_std"]),
                        _pm(best["macro_f1_mean"], best["macro_f1_std"]), f"{best['train_seconds_mean']:.2f}",
                        best["trainable_parameters"], best["non_trainable_parameters"]])
     tables["table5_strategies"] = (["strategy"] + [f"{f} acc %" for f in fusions] +
-                                   ["best fusion", "best acc %", "best macro-F1 %", "train s/head",
+                                   ["best fusion (by val)", "its acc %", "its macro-F1 %", "train s/head",
                                     "trainable params", "non-trainable params"], rows)
 
     # Table 6: fusion operators, per strategy and on average over strategies
     rows = []
-    strategies6 = [s for s in strategies if s in MULTIMODAL_STRATEGIES]   # the ones with an operator
+    strategies6 = [s for s in strategies if get_strategy(s).fused]   # the ones with an operator
     for f in fusions:
         mine = [by[s, f] for s in strategies6 if (s, f) in by]
         rows.append([f] + [_pm(by[s, f]["accuracy_mean"], by[s, f]["accuracy_std"]) if (s, f) in by else ""
@@ -166,16 +176,19 @@ def _tables(cells: list[dict]) -> dict[str, tuple[list[str], list[list]]]:
     tables["table6_fusions"] = (["fusion"] + [f"{s} acc %" for s in strategies6] +
                                 ["mean acc %", "mean macro-F1 %", "mean train s/head"], rows)
 
-    # Table 7: unimodal heads and the logistic regressions vs the best multimodal model, chosen by mean
-    # validation accuracy (never by test) among heads, late fusion, stacking and LR-concat
+    # Table 7: the simple reference models (unimodal heads, regressions) vs the best multimodal model, chosen by
+    # mean validation accuracy (never by test) among every multimodal cell
     rows = []
-    picks = [c for c in cells if c["strategy"] in BASELINES] + [c for c in cells if c["strategy"] in LINEAR]
+    references = [c for c in cells if _reference(c["strategy"])]
+    # the heads first (their names say what they are), then the regressions with their labels
+    picks = ([c for c in references if get_strategy(c["strategy"]).trainer == "head"] +
+             [c for c in references if get_strategy(c["strategy"]).trainer != "head"])
     if multi:
-        picks.append(max(multi, key=lambda c: (c["val_accuracy_mean"], -c["train_seconds_mean"])))
+        picks.append(best_summary(multi))
     for i, c in enumerate(picks):
+        declared = get_strategy(c["strategy"])
         kind = (f"multimodal (best by validation: {c['cell']})" if multi and i == len(picks) - 1 else
-                f"{c['strategy']} only" if c["strategy"] in BASELINES else
-                f"logistic regression, {c['strategy'][3:]} ({c['cell']})")
+                f"{c['strategy']} only" if declared.trainer == "head" else f"{declared.label} ({c['cell']})")
         rows.append([kind, _pm(c["accuracy_mean"], c["accuracy_std"]), _pm(c["macro_f1_mean"], c["macro_f1_std"]),
                      f"{c['train_seconds_mean']:.2f}", c["trainable_parameters"], c["non_trainable_parameters"]])
     tables["table7_unimodal_vs_multimodal"] = (["model", "accuracy %", "macro-F1 %", "train s/head",
@@ -188,9 +201,6 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
 
-
-DECISION_KIND = {"LF": "late (w on validation)", "ST": "stacking (out-of-fold)",
-                 "LFM": "late, modules' outputs (w on validation)"}
 
 TITLES = {"table5_strategies": "Table 5: multimodal fine-tuning strategies (test accuracy, mean ± std over seeds)",
           "table6_fusions": "Table 6: fusion operators (test accuracy, mean ± std over seeds)",
@@ -217,7 +227,8 @@ def write_report(results_dir: str | Path, out_dir: str | Path) -> list[Path]:
     # paths relative to the report's folder: the report names no machine's folders
     md = [f"# Fusion head sweep: {len(rows)} runs from {relative_to_folder(runs_path(results_dir), out_dir)}",
           f"Store manifest(s): {', '.join(stores)}. Accuracy and macro-F1 on the test split at each head's best "
-          f"validation epoch; train s/head is wall time per head (batched stacks share theirs)."]
+          f"validation epoch; train s/head is wall time per head (batched stacks share theirs). Every \"best\" is "
+          f"chosen on validation, never on test ({TIE_RULE})."]
     if repeats:
         md.append(f"{repeats} repeated rows (a run_key already seen) were left out.")
     for name, (header, body) in tables.items():

@@ -23,13 +23,15 @@ from embedstore.fingerprint import fingerprint
 from embedstore.streaming import default_memory_budget
 from heads.dispatch import (RankGroup, Task, default_jobs, group_tasks, my_tasks, rounds, run_tasks, worker_pool,
                             world)
-from heads.end_to_end import END_TO_END, EndToEndSettings
+from heads.end_to_end import EndToEndSettings
 from heads.estimator import FusionHead
 from heads.fusion import list_fusions
-from heads.decision import DECISION_STRATEGIES, LinearSettings
-from heads.grid import CACHED_STRATEGIES, Cell, build_grid, decision_cells
+from heads.decision import LinearSettings
+from heads.grid import Cell, build_grid, decision_cells
 from heads.inputs import inputs_with_shared_rows
 from heads.models import HeadConfig, StackedHead
+from heads.selection import best_by_validation
+from heads.strategies import get_strategy, list_strategies
 from heads.throughput import matmul_peak_gflops
 from heads.streamed import access_key, load_head_data, only_input, streams
 # read_runs: re-exported
@@ -69,7 +71,7 @@ class SweepSettings:
     memory_budget: int | None = None
 
     def __post_init__(self):
-        known = CACHED_STRATEGIES + DECISION_STRATEGIES + END_TO_END
+        known = list_strategies()
         for name in ("strategies", "fusions"):
             value = getattr(self, name)
             if value is not None:
@@ -80,9 +82,10 @@ class SweepSettings:
                     raise ValueError(f"unknown strategy {s!r}; known: {', '.join(known)}")
             if not self.strategies:
                 raise ValueError("give at least one strategy")
-            if set(self.strategies) & set(END_TO_END) and not self.manifest:
-                raise ValueError("strategies 3A/3B train end to end on the raw catalog: pass --manifest MANIFEST "
-                                 "(the one the store was extracted from)")
+            end_to_end = [s for s in self.strategies if get_strategy(s).trainer == "end-to-end"]
+            if end_to_end and not self.manifest:
+                raise ValueError(f"strategies {'/'.join(end_to_end)} train end to end on the raw catalog: pass "
+                                 "--manifest MANIFEST (the one the store was extracted from)")
         for f in self.fusions or ():
             if f not in list_fusions():
                 raise ValueError(f"unknown fusion operator {f!r}; registered: {', '.join(list_fusions())}")
@@ -237,7 +240,7 @@ def _sweep_ranks(store_path: Path, out_dir: Path, settings: SweepSettings, devic
         bar.close()
         if rank == 0:   # scikit-learn fits in this process; under torchrun rank 0 alone
             _decision(store, store_path, out_dir, decisions, settings, done, data, summary, log)
-        if settings.strategies and set(settings.strategies) & set(END_TO_END):
+        if _of_trainer(settings.strategies, "end-to-end"):
             _end_to_end(store, store_path, out_dir, settings, device, done, summary, log)
     seconds = time.perf_counter() - t_start
     summary["seconds"] = seconds
@@ -254,8 +257,12 @@ def _chain(*iterators):
         yield from iterator
 
 
+def _of_trainer(strategies, trainer: str) -> tuple[str, ...]:
+    return tuple(s for s in strategies or () if get_strategy(s).trainer == trainer)
+
+
 def _cached(strategies):
-    return None if strategies is None else tuple(s for s in strategies if s in CACHED_STRATEGIES)
+    return None if strategies is None else _of_trainer(strategies, "head")
 
 
 def _tasks(store, cells: list[Cell], settings: SweepSettings, done: set, summary: dict, log, out_dir,
@@ -391,7 +398,7 @@ def _end_to_end(store, store_path, out_dir, settings: SweepSettings, device, don
     """3A/3B: the whole model on the raw catalog, one run per seed (slow; heads/end_to_end.py)."""
     from heads.end_to_end import is_rank_zero, sweep_cell
     end_to_end = EndToEndSettings(**{**asdict(settings.end_to_end), "device": str(device)})
-    for strategy in (s for s in settings.strategies if s in END_TO_END):
+    for strategy in _of_trainer(settings.strategies, "end-to-end"):
         for fusion in settings.fusions or list_fusions():
             rows, n_skipped = sweep_cell(store, store_path, settings.manifest, out_dir, strategy, fusion,
                                          settings.seeds, end_to_end, done, log=log)
@@ -419,7 +426,7 @@ def _save_best(out_dir: Path, cell: Cell, config: HeadConfig, results, rows, cla
     candidates = [j for j in range(len(results)) if not results[j].diverged]
     if not candidates:
         return
-    i = max(candidates, key=lambda j: (results[j].best_val_accuracy, -results[j].seed))
+    i = best_by_validation(candidates, val=lambda j: results[j].best_val_accuracy, name=lambda j: results[j].seed)
     best, row = results[i], rows[i]
     directory = head_folder(out_dir, cell)
     # the head names its store relative to its own folder, so a results folder moved with its store still works

@@ -342,12 +342,13 @@ class _ManifestJob:
     def _sweep_pooled(self) -> None:
         from heads.sweep import SweepSettings
 
-        from heads.decision import DECISION_LAYER, DECISION_STRATEGIES
+        from heads.strategies import strategies_reading
 
-        pooled = tuple(s for s in DECISION_STRATEGIES if DECISION_LAYER[s] == "pooled")   # LFM: module sweeps
-
-        # + the decision-level models (logistic regressions, late fusion, stacking: heads/decision.py)
-        settings = SweepSettings(strategies=("2A", "2B") + pooled, fusions=self.s.fusions,
+        # the fused heads over pooled features (2-A, 2-B) + the decision-level models over them (logistic
+        # regressions, late fusion, stacking: heads/decision.py); the unimodal heads come with baselines=True
+        strategies = (strategies_reading("pooled", trainer="head", fused=True)
+                      + strategies_reading("pooled", trainer="linear"))
+        settings = SweepSettings(strategies=strategies, fusions=self.s.fusions,
                                  seeds=self.s.seeds, baselines=True, device=self.s.device, train=self._train_settings(),
                                  progress=self.s.progress)
         self._sweep("sweep results/pooled (2-A, 2-B, baselines, LR, LF, ST)", self.store,
@@ -363,6 +364,7 @@ class _ManifestJob:
     def _sweep_modules(self, seed: int, modules: dict) -> None:
         from embedstore.extract import ExtractSettings, extract
         from embedstore.modules import module_id
+        from heads.strategies import strategies_reading
         from heads.sweep import SweepSettings
 
         (image_dir, _), (text_dir, _) = (self._pair_module(m, seed, modules) for m in ("image", "text"))
@@ -383,8 +385,9 @@ class _ManifestJob:
         inputs = {"store": self.store_digest, "image_module": module_id(image_dir), "text_module": module_id(text_dir)}
         store_digest = run_step(f"module features module-stores/{store.name}", store, inputs, work, self.log)
         self.entry["pairs"][str(seed)] = {"image": str(image_dir), "text": str(text_dir), "store": str(store)}
-        # + LFM: late fusion of the two modules' own classifier outputs (heads/decision.py)
-        sweep = SweepSettings(strategies=("1A", "1B", "LFM"), fusions=self.s.fusions, seeds=(seed,), baselines=False,
+        # the strategies over the modules' outputs: 1-A, 1-B and LFM (late fusion of their own classifier outputs)
+        sweep = SweepSettings(strategies=strategies_reading("dense", "classifier"), fusions=self.s.fusions,
+                              seeds=(seed,), baselines=False,
                               device=self.s.device, train=self._train_settings(),
                                  progress=self.s.progress)
         self._sweep(f"sweep results/modules-seed-{seed} (1-A, 1-B, LFM)", store,
@@ -411,12 +414,14 @@ class _ManifestJob:
 
     def _sweep_end_to_end(self) -> None:
         from heads.end_to_end import EndToEndSettings
+        from heads.strategies import list_strategies
         from heads.sweep import SweepSettings
 
         end_to_end = EndToEndSettings(max_epochs=self.s.end_to_end_epochs, image_weights=self.s.image_weights,
                                       text_weights=self.s.text_weights, workers=self.s.workers,
                                       progress=self.s.progress)
-        settings = SweepSettings(strategies=("3A", "3B"), fusions=self.s.end_to_end_fusions, seeds=self.s.seeds,
+        settings = SweepSettings(strategies=list_strategies(trainer="end-to-end"), fusions=self.s.end_to_end_fusions,
+                                 seeds=self.s.seeds,
                                  baselines=False, device=self.s.device, train=self._train_settings(),
                                  progress=self.s.progress,
                                  manifest=str(self.manifest), end_to_end=end_to_end)

@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.paper import PLAN_FILE
-from pipelines.paper_targets import OPERATOR_FREE, UNIMODAL_HEADS, choose_multimodal, targets
+from pipelines.paper_targets import ENSEMBLE, choose_multimodal, operator_free, targets, unimodal_heads
 from heads.report import markdown_table, plot_bars
-from heads.sweep import read_runs
+from heads.results import read_runs
+from heads.selection import best_summary
+from heads.strategies import get_strategy, list_strategies
 
 STRATEGY_NAMES = {1: "S1 (classifier only)", 2: "S2 (middle layer + classifier)", 3: "S3 (fine-tuning)"}
-MULTIMODAL = ("1A", "1B", "2A", "2B", "3A", "3B")
-CACHED = ("1A", "1B", "2A", "2B")
 PAPER_BACKBONES = {"image": "resnet50", "text": "bert-base-uncased"}
 PAPER_ERROR_RATIOS = {"text": 1 / 2, "image": 1 / 7}  # multimodal error / unimodal error in the paper
 RATIO_TOLERANCE = 1.5      # "about": within a factor 1.5 of the paper's ratio
@@ -149,32 +149,34 @@ def build_tables(plan: dict, modules: dict, heads: dict) -> dict[str, tuple[str,
             f"Table {number}: {modality} transfer strategies ({settings[f'{modality}_backbone']})",
             ["strategy"] + _columns(ms), rows)
 
-    fusions = [f for f in settings["fusions"] if any(f"{s}-{f}" in heads for s in MULTIMODAL)]
+    fused, cached = _fused(), _cached()
+    fusions = [f for f in settings["fusions"] if any(f"{s}-{f}" in heads for s in fused)]
     fusions += [f for f in settings["end_to_end_fusions"] if f not in fusions and settings["end_to_end"]]
-    strategies = [s for s in MULTIMODAL if any(k.startswith(f"{s}-") for k in heads)]
+    strategies = [s for s in fused if any(k.startswith(f"{s}-") for k in heads)]
     rows = []
-    for s in strategies:
-        best = max((c for k, c in heads.items() if k.startswith(f"{s}-")), key=lambda c: c["accuracy_mean"])
+    for s in strategies:   # the best operator by validation (heads/selection.py), as every report chooses
+        best = best_summary(c for k, c in heads.items() if k.startswith(f"{s}-"))
         per_fusion = [_pm(heads[f"{s}-{f}"]["accuracy_mean"], heads[f"{s}-{f}"]["accuracy_std"])
                       if f"{s}-{f}" in heads else "" for f in fusions]
         rows.append([s, best["cell"].split("-", 1)[1]] + _cells(best, ms) + per_fusion)
-    for name in OPERATOR_FREE:  # late fusion, stacking, ensembles, linear: one row each, no operator
+    for name in operator_free():  # late fusion, stacking, ensembles, linear: one row each, no operator
         if name in heads:
             rows.append([name, "(none)"] + _cells(heads[name], ms) + [""] * len(fusions))
     tables["table5_multimodal_strategies"] = (
-        "Table 5: multimodal fine-tuning strategies (the best operator of each; accuracy per operator at the right)",
+        "Table 5: multimodal fine-tuning strategies (the best operator of each by validation; accuracy per operator "
+        "at the right)",
         ["strategy", "best fusion"] + _columns(ms) + [f"{f} acc %" for f in fusions], rows)
 
     rows = []
     for f in fusions:
-        cached = [heads[f"{s}-{f}"] for s in CACHED if f"{s}-{f}" in heads]
+        of_cached = [heads[f"{s}-{f}"] for s in cached if f"{s}-{f}" in heads]
         rows.append([f] + [_pm(heads[f"{s}-{f}"]["accuracy_mean"], heads[f"{s}-{f}"]["accuracy_std"])
                            if f"{s}-{f}" in heads else "" for s in strategies]
-                    + ([f"{100 * np.mean([c['accuracy_mean'] for c in cached]):.2f}",
-                        f"{100 * np.mean([c['macro_f1_mean'] for c in cached]):.2f}",
-                        f"{np.mean([c['train_seconds_mean'] for c in cached]):.3f}"] if cached else ["", "", ""]))
+                    + ([f"{100 * np.mean([c['accuracy_mean'] for c in of_cached]):.2f}",
+                        f"{100 * np.mean([c['macro_f1_mean'] for c in of_cached]):.2f}",
+                        f"{np.mean([c['train_seconds_mean'] for c in of_cached]):.3f}"] if of_cached else ["", "", ""]))
     tables["table6_fusion_operators"] = (
-        "Table 6: fusion operators (mean over the cached strategies 1-A, 1-B, 2-A, 2-B at the right)",
+        f"Table 6: fusion operators (mean over the cached strategies {', '.join(cached)} at the right)",
         ["fusion"] + [f"{s} acc %" for s in strategies] + ["mean acc %", "mean macro-F1 %", "mean train s/head"],
         rows)
 
@@ -186,6 +188,16 @@ def build_tables(plan: dict, modules: dict, heads: dict) -> dict[str, tuple[str,
     return tables
 
 
+def _fused() -> tuple[str, ...]:
+    """Multimodal strategies with a fusion operator, cached and end to end (heads/strategies.py)."""
+    return list_strategies(fused=True)
+
+
+def _cached() -> tuple[str, ...]:
+    """The fused strategies trained over the store."""
+    return tuple(s for s in _fused() if get_strategy(s).over_store)
+
+
 def best_module(modules: dict, modality: str) -> dict | None:
     mine = [c for k, c in modules.items() if k.startswith(f"{modality} S")]
     return max(mine, key=lambda c: c["accuracy_mean"]) if mine else None
@@ -194,18 +206,15 @@ def best_module(modules: dict, modality: str) -> dict | None:
 def best_multimodal(heads: dict, cached_only: bool = False, choice_manifest: int | None = None) -> dict | None:
     """The best multimodal model by validation accuracy on the choice manifest (pipelines/paper_targets.py);
     `cached_only`: among the fusion heads over the store (1-A, 1-B, 2-A, 2-B) only."""
-    pool = [c for k, c in heads.items() if k.split("-")[0] in CACHED] if cached_only else None
+    pool = [c for k, c in heads.items() if k.split("-")[0] in _cached()] if cached_only else None
     return choose_multimodal(heads, choice_manifest, pool=pool)
 
 
-UNIMODAL_LABELS = {"image": "head over pooled features", "text": "head over pooled features",
-                   "LR-image": "logistic regression on standardized pooled features",
-                   "LR-text": "logistic regression on standardized pooled features"}
-MULTIMODAL_LABELS = {"LR-concat": "logistic regression on both modalities' standardized pooled features",
-                     "LF": "late fusion of the logistic regressions (weight on validation)",
-                     "ST": "stacking over out-of-fold probabilities",
-                     "LFM": "late fusion of the fine-tuned modules (weight on validation)",
-                     "ensemble": "top-k heads by validation, probabilities averaged"}
+ENSEMBLE_LABEL = "top-k heads by validation, probabilities averaged"
+
+
+def _label(name: str) -> str:
+    return ENSEMBLE_LABEL if name == ENSEMBLE else get_strategy(name).label
 
 
 def unimodal_vs_multimodal(modules: dict, heads: dict, choice_manifest: int | None = None) -> list[tuple[str, dict]]:
@@ -213,12 +222,12 @@ def unimodal_vs_multimodal(modules: dict, heads: dict, choice_manifest: int | No
     for modality in ("image", "text"):
         if (c := best_module(modules, modality)) is not None:
             picks.append((f"{modality} only: best module ({c['cell']})", c))
-    for name, modality in UNIMODAL_HEADS.items():
+    for name, modality in unimodal_heads().items():
         if name in heads:
-            picks.append((f"{modality} only: {UNIMODAL_LABELS[name]}", heads[name]))
-    for name, label in MULTIMODAL_LABELS.items():
+            picks.append((f"{modality} only: {_label(name)} ({name})", heads[name]))
+    for name in operator_free():
         if name in heads:
-            picks.append((f"multimodal: {label} ({name})", heads[name]))
+            picks.append((f"multimodal: {_label(name)} ({name})", heads[name]))
     if (c := best_multimodal(heads, choice_manifest=choice_manifest)) is not None:
         where = f" on manifest {choice_manifest}" if choice_manifest is not None else ""
         picks.append((f"multimodal: best by validation{where} ({c['cell']})", c))
@@ -250,7 +259,7 @@ def findings(modules: dict, heads: dict, choice_manifest: int | None = None) -> 
                     f"mean test accuracy: {ran}{note}"))
 
     strategy_best = {}
-    for s in MULTIMODAL:
+    for s in _fused():
         mine = [c for k, c in heads.items() if k.startswith(f"{s}-")]
         if mine:
             strategy_best[s] = max(mine, key=lambda c: c["accuracy_mean"])
@@ -270,7 +279,7 @@ def findings(modules: dict, heads: dict, choice_manifest: int | None = None) -> 
 
     per_fusion = {}
     for k, c in heads.items():
-        if k.split("-")[0] in CACHED:
+        if k.split("-")[0] in _cached():
             per_fusion.setdefault(k.split("-", 1)[1], []).append(c["accuracy_mean"])
     means = {f: float(np.mean(v)) for f, v in per_fusion.items()}
     winner = max(means, key=means.get) if means else None

@@ -11,25 +11,40 @@ Summaries are paper_report.summarize() dicts keyed by group name: "image S2" (mo
 """
 from __future__ import annotations
 
+from heads.selection import best_by_validation
+from heads.strategies import get_strategy, list_strategies
+
 TARGET_ACCURACY = 0.980       # best multimodal model by validation: mean test accuracy over the manifests
 TARGET_MARGIN = 0.005         # ... and on every manifest at least this far above the best unimodal model
 TARGET_ERROR_RATIO = 0.75     # ... and its error at most this fraction of the best text-only model's
 
-OPERATOR_STRATEGIES = ("1A", "1B", "2A", "2B", "3A", "3B")     # multimodal heads with a fusion operator
-# multimodal models without an operator: late fusion, stacking (heads/decision.py), late fusion of the fine-tuned
-# modules' own outputs, the top-k ensemble (heads/ensemble.py), a logistic regression on both modalities' features
-OPERATOR_FREE = ("LF", "ST", "LFM", "ensemble", "LR-concat")
-UNIMODAL_HEADS = {"image": "image", "text": "text", "LR-image": "image", "LR-text": "text"}
+ENSEMBLE = "ensemble"   # the top-k ensemble's group (heads/ensemble.py): multimodal, not a registered strategy
+
+
+def operator_strategies() -> tuple[str, ...]:
+    """Multimodal strategies with a fusion operator (their groups are "<strategy>-<operator>")."""
+    return list_strategies(fused=True)
+
+
+def operator_free() -> tuple[str, ...]:
+    """Multimodal models without an operator (late fusion, stacking, ..., and the ensemble): one group each."""
+    return list_strategies(multimodal=True, fused=False) + (ENSEMBLE,)
+
+
+def unimodal_heads() -> dict[str, str]:
+    """Unimodal strategies over the store -> their modality."""
+    return {s: get_strategy(s).modalities[0] for s in list_strategies(multimodal=False)}
 
 
 def is_multimodal(group: str) -> bool:
-    return group.split("-")[0] in OPERATOR_STRATEGIES or group in OPERATOR_FREE
+    return group.split("-")[0] in operator_strategies() or group in operator_free()
 
 
 def unimodal(modules: dict, heads: dict, modality: str | None = None) -> list[dict]:
     """Every unimodal model's summary (modules and heads), of one modality or both."""
     found = [c for k, c in modules.items() if modality is None or k.startswith(f"{modality} S")]
-    found += [c for k, c in heads.items() if k in UNIMODAL_HEADS and modality in (None, UNIMODAL_HEADS[k])]
+    by_modality = unimodal_heads()
+    found += [c for k, c in heads.items() if k in by_modality and modality in (None, by_modality[k])]
     return found
 
 
@@ -40,9 +55,11 @@ def _val_on(c: dict, manifest: int | None) -> float:
 
 def choose_multimodal(heads: dict, choice_manifest: int | None = None, *, pool=None) -> dict | None:
     """The multimodal model with the best validation accuracy on the choice manifest (mean validation accuracy
-    over every manifest where the summary has no per-manifest figure; the overall mean breaks ties)."""
+    over every manifest where the summary has no per-manifest figure; then the overall mean; then heads/selection.py's
+    tie rule)."""
     pool = [c for k, c in heads.items() if is_multimodal(k)] if pool is None else pool
-    return max(pool, key=lambda c: (_val_on(c, choice_manifest), c["val_accuracy_mean"])) if pool else None
+    return best_by_validation(pool, val=lambda c: (_val_on(c, choice_manifest), c["val_accuracy_mean"]),
+                              name=lambda c: c["cell"])
 
 
 def _test_on(c: dict, manifest: int) -> float | None:

@@ -186,7 +186,8 @@ def test_report_rows_and_best_multimodal_by_validation(swept, tmp_path):
     table5 = {r[0]: r for r in tables["table5_strategies"][1]}
     assert set(table5) == {"2A", "LF", "ST"} and "late" in table5["LF"][2]
     table7 = [r[0] for r in tables["table7_unimodal_vs_multimodal"][1]]
-    assert table7 == ["text only", "logistic regression, text (LR-text)", "multimodal (best by validation: LF)"]
+    assert table7 == ["text only", "logistic regression on standardized pooled features (LR-text)",
+                      "multimodal (best by validation: LF)"]
     _, results, _ = swept
     written = write_report(results, tmp_path / "report")
     text = (tmp_path / "report" / "report.md").read_text()

@@ -20,7 +20,8 @@ from embedstore.extract import ExtractSettings, extract
 from embedstore.training import predict
 from embedstore.manifest import SplitSettings, prepare_manifest
 from embedstore.synthetic_catalog import make_fashion_catalog
-from heads.end_to_end import (END_TO_END, EndToEndModel, EndToEndSettings, PairItems, load_end_to_end,
+from heads.strategies import list_strategies
+from heads.end_to_end import (EndToEndModel, EndToEndSettings, PairItems, load_end_to_end,
                               train_end_to_end)
 from heads.fusion import list_fusions
 
@@ -53,7 +54,7 @@ def train(world, out, **options):
     return train_end_to_end(world["manifest_path"], out, settings, backbones=backbones()).metrics
 
 
-@pytest.mark.parametrize("strategy", END_TO_END)
+@pytest.mark.parametrize("strategy", list_strategies(trainer="end-to-end"))
 def test_forward_shapes_for_every_operator_and_gradients_reach_both_backbones(strategy):
     image, text = backbones()
     tokens = text.tokenize(["Puma Men Black Tshirt", "Titan Women Analog Watch", "Nike Canvas Sneakers"])

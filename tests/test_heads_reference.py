@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from heads.fusion import list_fusions
-from heads.models import STRATEGY_MODALITIES, HeadConfig, StackedHead
+from heads.models import HeadConfig, StackedHead
+from heads.strategies import get_strategy
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -25,7 +26,7 @@ class Reference(nn.Module):
 
     def __init__(self, c: HeadConfig):
         super().__init__()
-        self.c, self.modalities = c, STRATEGY_MODALITIES[c.strategy]
+        self.c, self.modalities = c, get_strategy(c.strategy).modalities
         self.branched = c.strategy in ("2A", "2B", "image", "text")
         if self.branched:
             self.middle = nn.ModuleList(nn.Linear(d, c.middle_dim) for d in c.input_dims)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from heads.decision import DECISION_STRATEGIES
+from heads.strategies import list_strategies
 from embedstore.store import FeatureStore, write_store_from_arrays
 from heads.fusion import Fusion, _FUSIONS, list_fusions, register_fusion
 from heads.grid import build_grid
@@ -122,7 +122,7 @@ def test_cells_of_one_shape_share_a_step_and_give_the_rows_and_heads_of_one_step
     run_sweep(store, tmp_path / "grouped", SweepSettings(**settings), log=lambda _: None)
     run_sweep(store, tmp_path / "cells", SweepSettings(group_cells=False, **settings), log=lambda _: None)
     # the heads' rows (the default grid also fits the decision-level models, which train in no step)
-    grouped, cells = ([r for r in read_runs(tmp_path / d) if r["strategy"] not in DECISION_STRATEGIES]
+    grouped, cells = ([r for r in read_runs(tmp_path / d) if r["strategy"] not in list_strategies(trainer="linear")]
                       for d in ("grouped", "cells"))
     assert len(grouped) == (3 * 3 + 2) * 2 and metrics(grouped) == metrics(cells)
     size = {r["cell"]: r["group_size"] for r in grouped}
@@ -148,7 +148,7 @@ def test_torchrun_two_ranks_give_the_rows_of_one_process(tmp_path):
     assert two.returncode == 0, two.stderr[-3000:]
     rows_one, rows_two = read_runs(tmp_path / "one"), read_runs(tmp_path / "two")
     assert metrics(rows_one) == metrics(rows_two)               # heads and (rank 0's) decision-level models
-    heads_two = [r for r in rows_two if r["strategy"] not in DECISION_STRATEGIES]
+    heads_two = [r for r in rows_two if r["strategy"] not in list_strategies(trainer="linear")]
     assert len(heads_two) == (3 * 3 + 2) * 2                    # 1A, 2A, 2B x 3 operators + 2 baselines
     assert {r["group_size"] for r in heads_two} == {2, 4}       # add + average stacked, dealt to one rank
     assert "2 rank(s)" in two.stdout
