@@ -31,6 +31,7 @@ import torch.multiprocessing
 from heads.grid import Cell
 from heads.models import HeadConfig, StackedHead
 from heads.train import HeadData, HeadResult, TrainSettings, train_group
+from heads.strategies import install, registered
 
 
 @dataclass
@@ -84,6 +85,12 @@ def _per_task(group: list[Task], results: list[HeadResult]) -> Iterator[tuple[Ta
         start += len(task.seeds)
 
 
+def _with_strategies(strategies, fn, *args, **kwargs):
+    """fn(*args, **kwargs) in a worker that knows the parent's strategies (heads/strategies.py)."""
+    install(strategies)
+    return fn(*args, **kwargs)
+
+
 @contextlib.contextmanager
 def worker_pool(jobs: int) -> Iterator[Executor | None]:
     """`jobs` spawned worker processes for `run_tasks(pool=...)` (None when jobs = 1), kept for several calls:
@@ -113,8 +120,9 @@ def run_tasks(groups: list[list[Task]], data_for: Callable[[Task], HeadData], tr
             pool = stack.enter_context(worker_pool(min(jobs, len(groups))))
         # largest first: a long group started last would leave the other workers idle at the end
         order = sorted(groups, key=lambda g: -sum(t.cost for t in g))
-        futures = {pool.submit(train_group, _heads(g), data_for(g[0]), train, batched=batched,
-                               cpu_auto_bf16=cpu_auto_bf16): i for i, g in enumerate(order)}
+        strategies = registered()   # strategies registered at run time reach the spawned workers too
+        futures = {pool.submit(_with_strategies, strategies, train_group, _heads(g), data_for(g[0]), train,
+                               batched=batched, cpu_auto_bf16=cpu_auto_bf16): i for i, g in enumerate(order)}
         try:
             for future in as_completed(futures):
                 yield from _per_task(order[futures[future]], future.result())

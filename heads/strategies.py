@@ -104,6 +104,19 @@ def unregister_strategy(name: str) -> None:
     _REGISTRY.pop(name, None)
 
 
+def registered() -> tuple[Strategy, ...]:
+    """Every registered strategy, in order: what a spawned worker process needs to know the same ones
+    (`install` there), since a strategy registered at run time is not registered again by importing this module."""
+    return tuple(_REGISTRY.values())
+
+
+def install(strategies: tuple[Strategy, ...]) -> None:
+    """Register each of `strategies` that is not registered yet (in a worker: the parent's run-time ones)."""
+    for strategy in strategies:
+        if strategy.name not in _REGISTRY:
+            register_strategy(strategy)
+
+
 def get_strategy(name: str) -> Strategy:
     """The registered strategy of that name, or a one-line ValueError listing the known ones."""
     try:
