@@ -26,12 +26,12 @@ from typing import Callable
 
 from embedstore.fingerprint import fingerprint
 from embedstore.manifest import SplitSettings
+from pipelines.paper_report import PLAN_FILE
+from pipelines.steps import as_json, run_step
 
-STAMP_SUFFIX = ".stamp.json"
 # FinetuneSettings fields added after stamps were first written, with their default: a stamp leaves a field out
 # while it has that default, so stamps written before the field existed stay current (no module is retrained)
 ADDED_LATER = {"cross_fit": None}
-PLAN_FILE = "plan.json"
 LOG_FILE = "paper.log"
 
 
@@ -103,59 +103,6 @@ class PaperSettings:
         return self.image_s3_seeds if self.image_s3 else ()
 
 
-# ----------------------------------------------------------------------------------------------- steps
-
-
-def _json(value):
-    """JSON-normalised (tuples -> lists, paths -> str), so a stamp read back compares equal."""
-    return json.loads(json.dumps(value, sort_keys=True, default=str))
-
-
-def digest(inputs: dict) -> str:
-    return fingerprint(inputs)
-
-
-def stamp_path(output: Path) -> Path:
-    return output.with_name(output.name + STAMP_SUFFIX)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
-
-
-def run_step(label: str, output: Path, inputs: dict, work: Callable[[], None], log: Callable[[str], None], *,
-             resumable: tuple[str, ...] = ()) -> str:
-    """Run `work` unless `output` exists with a finished stamp of these `inputs`; returns the inputs' digest.
-
-    `resumable`: input keys whose change keeps the old output (the step continues from it)."""
-    inputs = _json(inputs)
-    path = stamp_path(output)
-    old = json.loads(path.read_text()) if path.is_file() else None
-    if old and old["inputs"] == inputs and old["finished"] and output.exists():
-        log(f"{label}: skipped (current; ran {old['seconds']:.1f} s at {old['finished_at']})")
-        return digest(inputs)
-    reason = "new"
-    if old and old["inputs"] != inputs:
-        changed = sorted(k for k in set(old["inputs"]) | set(inputs) if old["inputs"].get(k) != inputs.get(k))
-        if not set(changed) <= set(resumable):
-            _remove(output)  # made from other inputs: stale
-        reason = f"changed: {', '.join(changed)}"
-    elif old:
-        reason = "resuming an unfinished run" if output.exists() else "output missing"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"inputs": inputs, "finished": False}, indent=1, sort_keys=True) + "\n")
-    start = time.perf_counter()
-    work()
-    seconds = time.perf_counter() - start
-    path.write_text(json.dumps({"inputs": inputs, "finished": True, "seconds": seconds,
-                                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1, sort_keys=True) + "\n")
-    log(f"{label}: run ({reason}) in {seconds:.1f} s")
-    return digest(inputs)
-
-
 # ----------------------------------------------------------------------------------------------- the run
 
 
@@ -169,7 +116,7 @@ def backbone_identity(settings: PaperSettings) -> dict:
                                     ("text", settings.text_backbone, settings.text_weights)):
         options = {"image_size": settings.image_size} if modality == "image" else {}
         backbone = create_backbone(modality, name, weights=weights, **options)
-        identity[modality] = _json({"backbone": backbone.name, "weights_id": backbone.weights_id,
+        identity[modality] = as_json({"backbone": backbone.name, "weights_id": backbone.weights_id,
                                     "preprocessing": backbone.preprocessing, "feature_dim": backbone.feature_dim})
         del backbone
     return identity
@@ -194,7 +141,7 @@ def run_paper(catalog: str | Path, out: str | Path, settings: PaperSettings = Pa
 
     say(f"embed paper {catalog} -> {out}")
     identity = backbone_identity(settings)
-    plan = {"catalog": str(catalog), "settings": _json(asdict(settings)), "backbones": identity, "manifests": []}
+    plan = {"catalog": str(catalog), "settings": as_json(asdict(settings)), "backbones": identity, "manifests": []}
     for m in settings.manifest_seeds:
         job = _ManifestJob(catalog, out / f"manifest-seed-{m}", m, settings, identity, say)
         plan["manifests"].append(job.run())

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.paper import PLAN_FILE
 from pipelines.paper_targets import ENSEMBLE, choose_multimodal, operator_free, targets, unimodal_heads
 from heads.report import markdown_table, plot_bars
 from heads.results import read_runs
@@ -27,6 +26,7 @@ PAPER_BACKBONES = {"image": "resnet50", "text": "bert-base-uncased"}
 PAPER_ERROR_RATIOS = {"text": 1 / 2, "image": 1 / 7}  # multimodal error / unimodal error in the paper
 RATIO_TOLERANCE = 1.5      # "about": within a factor 1.5 of the paper's ratio
 SPEED_RATIO_RANGE = (1.5, 3.0)  # "about twice as fast"
+PLAN_FILE = "plan.json"       # what `embed paper` ran (pipelines/paper.py writes it; this report reads it)
 REPORT_VERSION = 2         # part of the report step's stamp: a new layout re-renders an existing report
 
 
