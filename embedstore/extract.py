@@ -29,7 +29,7 @@ from embedstore.image_pipeline import recorded_pipeline, recorded_preprocessing,
 from embedstore.images import ImageStages, image_stages
 from embedstore.manifest import Manifest
 from embedstore.modules import config_sha256, load_module, module_id, pooled_set_for, read_module_config
-from embedstore.preprocess import clean_title
+from embedstore.preprocess import RESIZE_MODES, clean_title
 from embedstore.shards import Shard, shard_job
 from embedstore.store import (
     STATUS_EMPTY_TITLE,
@@ -50,7 +50,7 @@ class ExtractSettings:
     text_backbone: str | None = "all-MiniLM-L6-v2"
     image_weights: str | None = None  # a local weights file, else the backbone's standard places
     text_weights: str | None = None  # a local Hugging Face folder, else the standard places
-    image_size: int = 224  # center crop; the resize before it keeps the protocol's 256/224 ratio
+    image_size: int = 224  # center crop (or padded square); a crop's resize before it keeps the protocol's 256/224
     batch_size: int = 64  # images per forward pass
     text_batch_size: int = 256
     workers: int = 2  # DataLoader processes decoding images; 0 decodes in the main process
@@ -64,6 +64,9 @@ class ExtractSettings:
     # where resize, crop and normalize run (embedstore/image_pipeline.py): "pil" in the DataLoader workers, "tensor"
     # batched on the compute device; "auto": "tensor" on CUDA, "pil" on a CPU
     image_pipeline: str = "auto"
+    # "crop": the protocol's resize and center crop; "pad": the whole photo on a white square (preprocess.py).
+    # Part of the image feature set's identity and of its source name ("-pad"), so the two never mix in one set.
+    image_resize: str = "crop"
 
     def __post_init__(self):
         for option, value, least in (("--image-size", self.image_size, 1), ("--batch-size", self.batch_size, 1),
@@ -72,6 +75,12 @@ class ExtractSettings:
                 raise ValueError(f"{option} must be an integer of at least {least}, got {value!r}")
         if self.image_pipeline not in IMAGE_PIPELINES:
             raise ValueError(f"unknown --image-pipeline {self.image_pipeline!r}; use one of {', '.join(IMAGE_PIPELINES)}")
+        if self.image_resize not in RESIZE_MODES:
+            raise ValueError(f"unknown --image-resize {self.image_resize!r}; use one of {', '.join(RESIZE_MODES)}")
+        if self.image_resize != "crop" and not self.image_backbone:
+            # a module's features keep the preprocessing its backbone was trained with: nothing here would pad
+            raise ValueError(f"--image-resize {self.image_resize} applies to an --image-backbone's features, and "
+                             "none is extracted; name one with --image-backbone")
 
 
 @dataclass
@@ -83,8 +92,11 @@ class SourceReport:
     seconds: float = 0.0
 
 
-def image_source_name(backbone_name: str, image_size: int) -> str:
-    return backbone_name if image_size == 224 else f"{backbone_name}-{image_size}px"
+def image_source_name(backbone_name: str, image_size: int, resize: str = "crop") -> str:
+    """The feature set's source: the backbone's name, plus what differs from the protocol (size, then "-pad"), so
+    one store holds the same backbone at several sizes and resize modes side by side (`--add`)."""
+    name = backbone_name if image_size == 224 else f"{backbone_name}-{image_size}px"
+    return name if resize == "crop" else f"{name}-{resize}"
 
 
 def extract(manifest_path: str | Path, store_path: str | Path, settings: ExtractSettings) -> list[SourceReport]:
@@ -124,7 +136,7 @@ def extract(manifest_path: str | Path, store_path: str | Path, settings: Extract
 
 
 def _provenance(backbone, source: str, device: torch.device, preprocessing: dict | None = None) -> dict:
-    return {
+    provenance = {
         "backbone": backbone.name,
         "source": source,
         "compute_precision": compute_precision(device),
@@ -134,6 +146,13 @@ def _provenance(backbone, source: str, device: torch.device, preprocessing: dict
         "library_versions": library_versions(),
         "created": now_iso(),
     }
+    # The resolution an image backbone's weights were trained at, recorded only where it is not the protocol's
+    # 224 (EfficientNet-Lite1/2), so every earlier store's provenance is unchanged. Not part of the identity: the
+    # features depend on the image_size they were computed at, which preprocessing records.
+    native = getattr(backbone, "native_image_size", 224)
+    if native != 224:
+        provenance["native_image_size"] = native
+    return provenance
 
 
 # ----------------------------------------------------------------------------------------------- images
@@ -143,8 +162,8 @@ def _provenance(backbone, source: str, device: torch.device, preprocessing: dict
 
 def _extract_images(manifest: Manifest, store_path: Path, settings: ExtractSettings, device) -> SourceReport:
     backbone = create_backbone("image", settings.image_backbone, weights=settings.image_weights,
-                               image_size=settings.image_size)
-    source = image_source_name(backbone.name, settings.image_size)
+                               image_size=settings.image_size, image_resize=settings.image_resize)
+    source = image_source_name(backbone.name, settings.image_size, settings.image_resize)
     stages = image_stages(backbone, _pipeline_for(store_path, f"image/{source}/pooled", settings, device), device)
     provenance = _provenance(backbone, source, device, recorded_preprocessing(backbone.preprocessing, stages.pipeline))
     with FeatureSetWriter(store_path, modality="image", source=source, layers={"pooled": backbone.feature_dim},

@@ -25,7 +25,7 @@ from embedstore.defaults import DEFAULT_IMAGE_BACKBONE, DEFAULT_TEXT_BACKBONE
 from embedstore.images import ImageRows, collate_images
 from embedstore.manifest import SPLITS, Manifest
 from embedstore.metrics import classification_metrics
-from embedstore.preprocess import clean_title
+from embedstore.preprocess import clean_title, shorter_side
 from embedstore.modules import TransferModule, build_module, check_strategy, pooled_set_for
 from embedstore.store import STATUS_OK, FeatureStore
 from embedstore.training import Ranks, check_training_numbers, fit, predict, training_processes
@@ -207,7 +207,7 @@ class ImageItems:
         self.labels = manifest.labels()  # (N,)
         self.rows = {s: np.array([i for i, item in enumerate(manifest.items) if item.split == s]) for s in SPLITS}
         self.transforms = {True: backbone.image_transform(train=True), False: backbone.image_transform(train=False)}
-        self.resize = int(backbone.preprocessing["resize"])
+        self.resize = shorter_side(backbone.preprocessing)  # None for a "pad" backbone: nothing to refuse
         self.pin = device.type == "cuda"
         self.skipped = dict.fromkeys(SPLITS, 0)
 

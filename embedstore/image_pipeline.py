@@ -10,6 +10,11 @@
 
 The two agree to one intensity level: torchvision's uint8 antialiased resize rounds like PIL's. Measured on 296
 catalog photos (60x80), the largest difference after normalization was 0.0175 (1/255 over the smallest std).
+Both also do the "pad" resize (embedstore/preprocess.py: the photo on a white square), placed by one shared
+function (`pad_geometry`), so the white border agrees exactly. The photo agrees to one level but for rare pixels
+at two: keeping the aspect makes the scale the same exact ratio on both axes (60x80 -> 168x224 is 2.8), where
+the two libraries' fixed-point weights round differently; measured on 300 random 60x80 JPEGs, 130 of 45 million
+values at 224 px (105 of 3.7 million at 64 px) were two levels apart, none more.
 A store records its pipeline (provenance "preprocessing.pipeline", absent for "pil", so older stores read as
 "pil"); resuming or merging refuses to mix pipelines, and `heads predict` computes features with the store's.
 """
@@ -17,6 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
+from embedstore.preprocess import pad_geometry
 
 PIPELINES = ("pil", "tensor")
 CHOICES = ("auto", *PIPELINES)
@@ -70,12 +77,15 @@ def decode_to_uint8(image) -> torch.Tensor:
 
 class BatchedImageTransform:
     """A batch of decoded images of any sizes -> one normalized (n, 3, S, S) float32 channels-last tensor on
-    `device`: the protocol's resize of the shorter side, center crop and normalization, done per group of
-    equally sized images as batched torchvision ops. The catalog's photos are almost all 60x80, so a batch is
-    one or two groups."""
+    `device`: the protocol's resize of the shorter side, center crop and normalization (or, with resize="pad",
+    the photo scaled to fit and pasted on a white square), done per group of equally sized images as batched
+    torchvision ops. The catalog's photos are almost all 60x80, so a batch is one or two groups.
 
-    def __init__(self, image_size: int, resize: int, mean, std, device: torch.device):
-        self.image_size, self.resize, self.device = int(image_size), int(resize), device
+    resize: the shorter side to resize to before the crop, or "pad", as the backbone's preprocessing records it."""
+
+    def __init__(self, image_size: int, resize: int | str, mean, std, device: torch.device):
+        self.image_size, self.device = int(image_size), device
+        self.resize = "pad" if resize == "pad" else int(resize)
         self.mean, self.std = [float(m) for m in mean], [float(s) for s in std]
 
     def __call__(self, groups: "DecodedImages") -> torch.Tensor:
@@ -87,11 +97,22 @@ class BatchedImageTransform:
         out = torch.empty(n, 3, size, size, device=self.device, memory_format=torch.channels_last)  # (n, 3, S, S)
         for positions, group in groups:
             group = group.to(self.device, non_blocking=True)          # pinned by the DataLoader on CUDA
-            group = F.resize(group, [self.resize], antialias=True)    # the shorter side -> `resize`
-            group = F.center_crop(group, [size, size])                # (g, 3, S, S) uint8
+            if self.resize == "pad":
+                group = self._pad(group, F)                           # (g, 3, S, S) uint8
+            else:
+                group = F.resize(group, [self.resize], antialias=True)    # the shorter side -> `resize`
+                group = F.center_crop(group, [size, size])                # (g, 3, S, S) uint8
             group = F.normalize(F.to_dtype(group, torch.float32, scale=True), self.mean, self.std)
             out[positions.to(self.device, non_blocking=True)] = group
         return out
+
+    def _pad(self, group: torch.Tensor, F) -> torch.Tensor:
+        """(g, 3, h, w) uint8 -> (g, 3, S, S) uint8: resized to fit (aspect kept), centred on white."""
+        size = self.image_size
+        width, height, left, top = pad_geometry(group.shape[3], group.shape[2], size)
+        square = torch.full((len(group), 3, size, size), 255, dtype=torch.uint8, device=group.device)
+        square[:, :, top : top + height, left : left + width] = F.resize(group, [height, width], antialias=True)
+        return square
 
     @classmethod
     def for_backbone(cls, backbone, device: torch.device) -> "BatchedImageTransform":

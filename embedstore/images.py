@@ -17,15 +17,17 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from embedstore.image_pipeline import BatchedImageTransform, decode_to_uint8, group_by_size
+from embedstore.preprocess import shorter_side
 from embedstore.store import STATUS_IMAGE_TOO_LARGE, STATUS_MISSING_IMAGE, STATUS_OK, STATUS_UNREADABLE_IMAGE
 
 
 class ImageRows(Dataset):
     """Decodes and transforms one item per call, in a worker process; bad images become a status, not an error.
 
-    `resize`: the shorter side the transform resizes to. An image whose resized size would pass PIL's pixel
-    limit is "image too large" before any work: a 1x40000 strip is 40k pixels on disk but 2.6 billion after
-    a resize of its shorter side to 256, which would exhaust memory in either image pipeline."""
+    `resize`: the shorter side the transform resizes to (None: no such resize, as "pad" scales the longer side
+    down to the square's). An image whose resized size would pass PIL's pixel limit is "image too large" before
+    any work: a 1x40000 strip is 40k pixels on disk but 2.6 billion after a resize of its shorter side to 256,
+    which would exhaust memory in either image pipeline."""
 
     def __init__(self, catalog, refs: list[str], rows: np.ndarray, transform, *, resize: int | None = None):
         self.catalog, self.refs, self.rows, self.transform = catalog, refs, rows, transform
@@ -87,7 +89,8 @@ class ImageStages:
     pipeline: str
     worker: Callable
     collate: Callable
-    resize: int             # the shorter side images are resized to (ImageRows refuses what would be too large)
+    resize: int | None      # the shorter side images are resized to (ImageRows refuses what would be too large);
+                            # None for "pad", whose resized photo fits in the S x S square
     on_device: BatchedImageTransform | None = None
 
     def rows(self, catalog, refs: list[str], rows: np.ndarray) -> ImageRows:
@@ -101,8 +104,9 @@ class ImageStages:
 
 
 def image_stages(backbone, pipeline: str, device: torch.device) -> ImageStages:
-    """The stages of `pipeline` ("pil" | "tensor", resolved) for an ImageBackbone's evaluation preprocessing."""
-    resize = int(backbone.preprocessing["resize"])
+    """The stages of `pipeline` ("pil" | "tensor", resolved) for an ImageBackbone's evaluation preprocessing
+    (its resize mode, "crop" or "pad", included)."""
+    resize = shorter_side(backbone.preprocessing)
     if pipeline == "pil":
         return ImageStages("pil", backbone.image_transform(train=False), collate_images, resize)
     return ImageStages("tensor", decode_to_uint8, collate_decoded, resize,

@@ -2,7 +2,9 @@
 
 Text: remove special characters, stop words and repeated spaces, then an uncased WordPiece tokenizer pads or
 truncates to 30 tokens with [CLS]/[SEP] and an attention mask.
-Image: resize to 256, center-crop 224, normalise as the backbone's weights expect.
+Image: resize to 256, center-crop 224, normalise as the backbone's weights expect. One alternative, "pad", is
+not the protocol's: the whole photo, its aspect kept and its longer side scaled to 224, pasted centred on a
+white 224 x 224 square (nothing is cropped; the catalog's 60x80 photos lose their top and bottom to the crop).
 """
 from __future__ import annotations
 
@@ -37,13 +39,69 @@ def clean_title(text: str) -> str:
     return " ".join(word for word in words if word.lower() not in STOP_WORDS)
 
 
+RESIZE_MODES = ("crop", "pad")  # "crop" is the protocol's
+
+
 def resize_size(image_size: int) -> int:
     """The shorter-side resize before the center crop: 256 for 224, keeping the protocol's 256/224 ratio."""
     return round(image_size * 256 / 224)
 
 
-def build_image_transform(image_size: int, mean, std, *, train: bool = False):
-    """PIL image -> normalised (3, image_size, image_size) float tensor, as the reference protocol prescribes.
+def image_preprocessing(image_size: int, mean, std, resize: str = "crop") -> dict:
+    """What an image backbone records as its preprocessing (part of a feature set's identity).
+
+    "crop": {"resize": <shorter side>, "crop": "center", ...}, exactly as every store before "pad" recorded it.
+    "pad": {"resize": "pad", "fill": "white", ...}; `resize_mode` reads either back.
+    """
+    if resize == "crop":
+        geometry = {"image_size": image_size, "resize": resize_size(image_size), "crop": "center"}
+    elif resize == "pad":
+        geometry = {"image_size": image_size, "resize": "pad", "fill": "white"}
+    else:
+        raise ValueError(f"unknown image resize {resize!r}; use one of {', '.join(RESIZE_MODES)}")
+    return {**geometry, "interpolation": "bilinear", "mean": list(mean), "std": list(std),
+            "train_augmentation": "random horizontal flip"}
+
+
+def resize_mode(preprocessing: dict | None) -> str:
+    """"pad" or "crop" from recorded preprocessing; stores written before "pad" existed record a number there
+    (or nothing at all), and read as "crop"."""
+    return "pad" if (preprocessing or {}).get("resize") == "pad" else "crop"
+
+
+def shorter_side(preprocessing: dict) -> int | None:
+    """The size "crop" resizes an image's shorter side to (the images' too-large check needs it); None for "pad",
+    whose resized photo fits in image_size x image_size whatever its shape."""
+    return None if resize_mode(preprocessing) == "pad" else int(preprocessing["resize"])
+
+
+def pad_geometry(width: int, height: int, size: int) -> tuple[int, int, int, int]:
+    """"pad": (new width, new height, left, top) of a width x height photo pasted on a size x size square, its
+    longer side scaled to `size`. Both image pipelines place it with this one function, so they agree exactly."""
+    longer = max(width, height, 1)
+    new_width, new_height = (max(1, round(side * size / longer)) for side in (width, height))
+    return new_width, new_height, (size - new_width) // 2, (size - new_height) // 2
+
+
+class PadToSquare:
+    """PIL RGB image -> the image_size x image_size white square with the photo pasted centred (PIL bilinear,
+    which antialiases when shrinking, as transforms.Resize does). A class so it pickles into DataLoader workers."""
+
+    def __init__(self, size: int):
+        self.size = int(size)
+
+    def __call__(self, image):
+        from PIL import Image
+
+        width, height, left, top = pad_geometry(*image.size, self.size)
+        square = Image.new("RGB", (self.size, self.size), (255, 255, 255))
+        square.paste(image.resize((width, height), Image.Resampling.BILINEAR), (left, top))
+        return square
+
+
+def build_image_transform(image_size: int, mean, std, *, train: bool = False, resize: str = "crop"):
+    """PIL image -> normalised (3, image_size, image_size) float tensor, as the reference protocol prescribes
+    (resize="crop"), or with the photo padded to a square instead (resize="pad").
 
     Training adds a random horizontal flip (DESIGN, S3 image); nothing else, so frozen features and fine-tuning
     see the same distribution apart from the flip.
@@ -51,7 +109,13 @@ def build_image_transform(image_size: int, mean, std, *, train: bool = False):
     from torchvision import transforms  # torchvision is only needed by callers that transform images
 
     # Catalog photos include grayscale and CMYK JPEGs and RGBA PNGs; the backbones want exactly 3 channels.
-    steps = [transforms.Lambda(_to_rgb), transforms.Resize(resize_size(image_size)), transforms.CenterCrop(image_size)]
+    if resize == "crop":
+        steps = [transforms.Lambda(_to_rgb), transforms.Resize(resize_size(image_size)),
+                 transforms.CenterCrop(image_size)]
+    elif resize == "pad":
+        steps = [transforms.Lambda(_to_rgb), PadToSquare(image_size)]
+    else:
+        raise ValueError(f"unknown image resize {resize!r}; use one of {', '.join(RESIZE_MODES)}")
     if train:
         steps.append(transforms.RandomHorizontalFlip())
     steps += [transforms.ToTensor(), transforms.Normalize(list(mean), list(std))]

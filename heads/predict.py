@@ -33,7 +33,7 @@ from embedstore.image_pipeline import backbone_preprocessing, recorded_pipeline
 from embedstore.images import ImageStages, image_stages
 from embedstore.model_folder import read_config
 from embedstore.modules import load_module, module_id
-from embedstore.preprocess import clean_title
+from embedstore.preprocess import clean_title, resize_mode
 from embedstore.outputs import check_writable, partial_file
 from embedstore.store import STATUS_EMPTY_TITLE, STATUS_NAMES, STATUS_NON_FINITE, STATUS_OK
 from heads.end_to_end import load_end_to_end
@@ -190,7 +190,7 @@ def _pooled_source(name: str, modality: str, recorded: dict, settings: PredictSe
     if modality == "image":
         option, weights = "--image-weights FILE", settings.image_weights
         backbone = create_backbone("image", recorded["backbone"], weights=weights,
-                                   image_size=int(preprocessing["image_size"]))
+                                   image_size=int(preprocessing["image_size"]), image_resize=resize_mode(preprocessing))
     else:
         option, weights, backbone_name = "--text-weights DIR", settings.text_weights, recorded["backbone"]
         if preprocessing.get("folder"):  # a local Hugging Face folder was the backbone's name

