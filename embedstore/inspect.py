@@ -50,6 +50,16 @@ def describe_store(path: str | Path) -> list[str]:
     return lines
 
 
+def format_counts(counts: dict) -> str:
+    """Rows per status as people read them: {"ok": 38, "skipped: missing image": 2} -> "ok: 38, skipped (missing
+    image): 2" (what `embed extract`, the demo and `embed paper` print; never a Python dict)."""
+    parts = []
+    for name, n in counts.items():
+        kind, _, reason = str(name).partition(": ")
+        parts.append(f"{kind} ({reason}): {n:,}" if reason else f"{name}: {n:,}")
+    return ", ".join(parts) or "no rows"
+
+
 def _short_versions(versions) -> str:
     if not isinstance(versions, dict):
         return "?"

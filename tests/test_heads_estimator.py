@@ -115,7 +115,8 @@ def test_it_is_a_scikit_learn_estimator(fitted):
      r"X\[1\] \(text\) holds NaN or infinite values in 1 row\(s\) \(first: row 3\)"),
     (lambda xi, xt: [xi, xt[:10]], r"the inputs have 300 vs 10 rows"),
     (lambda xi, xt: [xi, np.full(xt.shape, "a")], r"X\[1\] \(text\) is not numeric"),
-    (lambda xi, xt: xi[0], r"X must be 2-D \(rows, features\), got shape \(16,\); Reshape your data: X.reshape\(1, -1\) for one row"),
+    (lambda xi, xt: xi[0],
+     r"X must be 2-D \(rows, features\), got shape \(16,\); Reshape your data: X.reshape\(1, -1\) for one row"),
     (lambda xi, xt: [xi[0], xt[0]], r"X is not a numeric 2-D array"),
 ])
 def test_bad_inputs_are_one_line_value_errors(fitted, make_input, message):
