@@ -125,6 +125,7 @@ def extract(manifest, store, image_backbone, text_backbone, image_weights, text_
     With --image-module / --text-module only the modules' features are written, unless backbones are named too.
     """
     from embedstore.extract import ExtractSettings, extract as run_extract
+    from embedstore.inspect import format_counts
     from embedstore.shards import parse_shard
 
     shard = parse_shard(shard)  # before any work: a bad --shard is a one-line error
@@ -148,6 +149,9 @@ def extract(manifest, store, image_backbone, text_backbone, image_weights, text_
     if shard is not None:
         click.echo(f"shard {shard.index} of {shard.count} -> {shard.path_for(store)}")
     for report in run_extract(manifest, store, settings):
+        if report.already_complete:
+            click.echo(f"{report.name}: already complete ({format_counts(report.counts)}); nothing to compute")
+            continue
         skipped = ", ".join(f"{k} {v}" for k, v in report.counts.items() if k.startswith("skipped")) or "none skipped"
         state = "complete" if report.complete else "INCOMPLETE"
         click.echo(f"{report.name}: computed {report.computed} rows in {report.seconds:.1f} s; "

@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+from embedstore.image_pipeline import recorded_pipeline
 from embedstore.store import SPLITS, FeatureStore
 
 
@@ -39,6 +40,7 @@ def describe_store(path: str | Path) -> list[str]:
                 if isinstance(p.get("parameters"), int) else
                 f"    backbone {p.get('backbone')}  weights {p.get('weights_id')}",
                 f"    preprocessing {p.get('preprocessing')}",
+                *([f"    pipeline: {recorded_pipeline(p.get('preprocessing'))}"] if info.modality == "image" else []),
                 f"    created {p.get('created', '?')}  versions {_short_versions(p.get('library_versions'))}",
                 f"    rows ok {info.counts.get('ok', 0):,}; skipped "
                 + (", ".join(f"{k.removeprefix('skipped: ')} {v}" for k, v in skipped.items()) or "none"),
