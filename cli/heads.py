@@ -161,6 +161,9 @@ def predict(head_dir, inputs, out, top_labels, top_k_alias, batch_size, device, 
     a trained 3-A/3-B model (HEAD_DIR = RESULTS/end_to_end/<cell>/seed-<seed>: images and titles through it)."""
     from heads.predict import InputColumns, PredictSettings, predict_products
 
+    if not inputs.exists():  # before the head and its backbones load (tens of seconds)
+        raise InputError(f"input not found: {inputs}; pass a CSV with image and title columns, or a catalog "
+                         "folder or zip")
     if top_k_alias is not None:  # the old name still works, with a one-line notice
         context = click.get_current_context()
         if context.get_parameter_source("top_labels") is not click.core.ParameterSource.DEFAULT:

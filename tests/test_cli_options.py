@@ -90,7 +90,7 @@ def predict_settings(monkeypatch, tmp_path):
 
 
 def test_predict_counts_labels_with_top_labels(predict_settings, tmp_path):
-    result = CliRunner().invoke(heads_group, ["predict", str(tmp_path), str(tmp_path / "in.csv"), "--out",
+    result = CliRunner().invoke(heads_group, ["predict", str(tmp_path), str(tmp_path), "--out",
                                               str(tmp_path / "o.csv"), "--top-labels", "5"])
     assert result.exit_code == 0, result.output
     assert predict_settings[-1].top_k == 5
@@ -99,7 +99,7 @@ def test_predict_counts_labels_with_top_labels(predict_settings, tmp_path):
 
 
 def test_predicts_old_top_k_still_works_with_a_notice(predict_settings, tmp_path):
-    args = ["predict", str(tmp_path), str(tmp_path / "in.csv"), "--out", str(tmp_path / "o.csv")]
+    args = ["predict", str(tmp_path), str(tmp_path), "--out", str(tmp_path / "o.csv")]
     result = CliRunner().invoke(heads_group, args + ["--top-k", "2"])
     assert result.exit_code == 0, result.output
     assert predict_settings[-1].top_k == 2 and "now --top-labels" in result.output
@@ -127,3 +127,10 @@ def test_status_counts_are_printed_as_words_not_a_dict():
 
     assert format_counts({"ok": 1038, "skipped: missing image": 2}) == "ok: 1,038, skipped (missing image): 2"
     assert format_counts({}) == "no rows"
+
+
+def test_predict_on_a_missing_input_says_so_before_loading_anything(predict_settings, tmp_path):
+    result = CliRunner().invoke(heads_group, ["predict", str(tmp_path), str(tmp_path / "nowhere.csv"), "--out",
+                                              str(tmp_path / "o.csv")])
+    assert result.exit_code == 2 and f"input not found: {tmp_path / 'nowhere.csv'}" in result.output
+    assert predict_settings == []  # the library (which loads the head and its backbones) was never called
