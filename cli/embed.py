@@ -5,10 +5,12 @@ from pathlib import Path
 
 import click
 
-from cli.common import NON_NEGATIVE, POSITIVE, one_line_errors, optional_name
+from cli.common import (DEVICE_DEFAULT, GROUP_SETTINGS, NON_NEGATIVE, POSITIVE, one_line_errors, optional_name,
+                        package_version, split_counts)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings=GROUP_SETTINGS)
+@click.version_option(package_version(), "--version", prog_name="embed")
 def embed():
     """Run image and text backbones once and keep their features in an HDF5 feature store."""
 
@@ -18,28 +20,35 @@ def embed():
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Manifest file to write (JSON).")
 @click.option("--min-items", type=POSITIVE, default=None, show_default="250; with --fractions 20",
               help="Keep classes with at least this many usable items.")
-@click.option("--items-per-class", default=250, type=POSITIVE, show_default=True, help="Items drawn from each kept class.")
-@click.option("--train", default=175, type=NON_NEGATIVE, show_default=True, help="Training items per class.")
-@click.option("--val", default=25, type=NON_NEGATIVE, show_default=True, help="Validation items per class.")
-@click.option("--test", default=50, type=NON_NEGATIVE, show_default=True, help="Test items per class.")
+@click.option("--items-per-class", default=250, type=POSITIVE,
+              help="Items drawn from each kept class, split 7:1:2 into train/val/test like the paper's 175/25/50 "
+                   "(rounded as --fractions rounds: 40 -> 28/4/8, 10 -> 7/1/2, 5 -> 3/1/1) unless --train/--val/"
+                   "--test say otherwise.")
+@click.option("--train", default=None, type=NON_NEGATIVE, show_default="7/10 of --items-per-class, 175 of 250",
+              help="Training items per class; given counts must add up to --items-per-class.")
+@click.option("--val", default=None, type=NON_NEGATIVE, show_default="1/10 of --items-per-class, 25 of 250",
+              help="Validation items per class.")
+@click.option("--test", default=None, type=NON_NEGATIVE, show_default="2/10 of --items-per-class, 50 of 250",
+              help="Test items per class.")
 @click.option("--fractions", default=None, metavar="TRAIN,VAL,TEST",
               help="Keep every usable item of each kept class and split each class by these fractions, e.g. "
                    "0.7,0.1,0.2 (instead of the fixed counts above).")
-@click.option("--max-per-class", type=POSITIVE, default=None,
+@click.option("--max-per-class", type=POSITIVE, default=None, show_default="no cap",
               help="With --fractions: at most this many items of a class (a seeded draw; the rest 'not sampled').")
-@click.option("--seed", default=0, type=NON_NEGATIVE, show_default=True, help="Seed of the draw and the split.")
-@click.option("--format", "fmt", type=click.Choice(["auto", "fashion", "csv"]), default="auto", show_default=True,
+@click.option("--seed", default=0, type=NON_NEGATIVE, help="Seed of the draw and the split.")
+@click.option("--format", "fmt", type=click.Choice(["auto", "fashion", "csv"]), default="auto",
               help="fashion = styles.csv + images/ (folder or zip); csv = a generic catalog with named columns.")
-@click.option("--id-column", default="id", show_default=True, help="Generic CSV: the id column.")
-@click.option("--image-column", default="image", show_default=True, help="Generic CSV: image path column.")
-@click.option("--title-column", default="title", show_default=True, help="Generic CSV: title column.")
-@click.option("--label-column", default="label", show_default=True, help="Generic CSV: label column.")
+@click.option("--id-column", default="id", help="Generic CSV: the id column.")
+@click.option("--image-column", default="image", help="Generic CSV: image path column.")
+@click.option("--title-column", default="title", help="Generic CSV: title column.")
+@click.option("--label-column", default="label", help="Generic CSV: label column.")
 @one_line_errors
 def prepare(catalog, out, min_items, items_per_class, train, val, test, fractions, max_per_class, seed, fmt,
             id_column, image_column, title_column, label_column):
     """Under-sample and split CATALOG (folder, zip or CSV) into a manifest, saying what was dropped and why.
 
-    Default: the paper's fixed counts per class. With --fractions: every usable item, split per class.
+    Default: the paper's fixed counts per class (175/25/50 of 250; --items-per-class N alone scales them 7:1:2).
+    With --fractions: every usable item, split per class.
     """
     from embedstore.catalog import CsvColumns, open_catalog
     from embedstore.outputs import check_writable
@@ -59,6 +68,7 @@ def prepare(catalog, out, min_items, items_per_class, train, val, test, fraction
         if max_per_class is not None:
             raise ValueError("--max-per-class caps a class under --fractions; with fixed counts use "
                              "--items-per-class")
+        train, val, test = split_counts(items_per_class, train, val, test)
         settings = SplitSettings(min_items=250 if min_items is None else min_items,
                                  items_per_class=items_per_class, train=train, val=val, test=test, seed=seed)
     columns = CsvColumns(id=id_column, image=image_column, title=title_column, label=label_column)
@@ -80,29 +90,31 @@ def _fractions(text: str) -> list[float]:
 @embed.command()
 @click.argument("manifest", type=click.Path(path_type=Path))
 @click.option("--store", required=True, type=click.Path(path_type=Path), help="HDF5 feature store to create or resume.")
-@click.option("--image-backbone", default="efficientnet_lite0", show_default=True,
+@click.option("--image-backbone", default="efficientnet_lite0",
               help="Image backbone name ('none' to skip images).")
-@click.option("--text-backbone", default="all-MiniLM-L6-v2", show_default=True,
+@click.option("--text-backbone", default="all-MiniLM-L6-v2",
               help="Text backbone name or local Hugging Face folder ('none' to skip texts).")
-@click.option("--image-weights", type=click.Path(path_type=Path), help="Local image weights file.")
-@click.option("--text-weights", type=click.Path(path_type=Path), help="Local Hugging Face folder of the text backbone.")
-@click.option("--image-size", default=224, type=POSITIVE, show_default=True, help="Center-crop size (resize keeps the 256/224 ratio).")
-@click.option("--batch-size", default=64, type=POSITIVE, show_default=True, help="Images per forward pass.")
-@click.option("--text-batch-size", default=256, type=POSITIVE, show_default=True, help="Titles per forward pass.")
-@click.option("--workers", default=2, type=NON_NEGATIVE, show_default=True, help="DataLoader processes decoding images.")
-@click.option("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when present, else CPU).")
+@click.option("--image-weights", type=click.Path(path_type=Path), show_default="the backbone's standard places",
+              help="Local image weights file.")
+@click.option("--text-weights", type=click.Path(path_type=Path), show_default="the backbone's standard places",
+              help="Local Hugging Face folder of the text backbone.")
+@click.option("--image-size", default=224, type=POSITIVE, help="Center-crop size (resize keeps the 256/224 ratio).")
+@click.option("--batch-size", default=64, type=POSITIVE, help="Images per forward pass.")
+@click.option("--text-batch-size", default=256, type=POSITIVE, help="Titles per forward pass.")
+@click.option("--workers", default=2, type=NON_NEGATIVE, help="DataLoader processes decoding images.")
+@click.option("--device", default=None, show_default=DEVICE_DEFAULT, help="cpu, cuda or cuda:N.")
 @click.option("--add", is_flag=True, help="Store these backbones' features beside other backbones' already in STORE.")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option("--progress/--no-progress", default=True, help="Progress bars on stderr.")
 @click.option("--image-module", type=click.Path(path_type=Path),
               help="Saved image module (`embed finetune`): store its dense and classifier outputs too.")
 @click.option("--text-module", type=click.Path(path_type=Path),
               help="Saved text module (`embed finetune`): store its dense and classifier outputs too.")
-@click.option("--shard", default=None, metavar="k/n|auto|none",
+@click.option("--shard", default=None, metavar="k/n|auto|none", show_default="auto under torchrun, else none",
               help="Extract only shard k (0-based) of n contiguous item ranges into STORE.shard-k-of-n.h5 "
-                   "(join them with `embed merge`); auto = RANK/WORLD_SIZE of torchrun, the default under it.")
-@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+                   "(join them with `embed merge`); auto = RANK/WORLD_SIZE of torchrun.")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32",
               help="Stored feature values: float16 halves disk and memory (heads upcast each batch to float32).")
-@click.option("--image-pipeline", type=click.Choice(["auto", "pil", "tensor"]), default="auto", show_default=True,
+@click.option("--image-pipeline", type=click.Choice(["auto", "pil", "tensor"]), default="auto",
               help="Where images are resized, cropped and normalized: pil = in the DataLoader workers; tensor = "
                    "workers only decode, the device does the rest batched; auto = tensor on CUDA, pil on a CPU.")
 @click.option("--image-resize", type=click.Choice(["crop", "pad"]), default="crop", show_default=True,
@@ -117,6 +129,7 @@ def extract(manifest, store, image_backbone, text_backbone, image_weights, text_
     With --image-module / --text-module only the modules' features are written, unless backbones are named too.
     """
     from embedstore.extract import ExtractSettings, extract as run_extract
+    from embedstore.inspect import format_counts
     from embedstore.shards import parse_shard
 
     shard = parse_shard(shard)  # before any work: a bad --shard is a one-line error
@@ -140,6 +153,9 @@ def extract(manifest, store, image_backbone, text_backbone, image_weights, text_
     if shard is not None:
         click.echo(f"shard {shard.index} of {shard.count} -> {shard.path_for(store)}")
     for report in run_extract(manifest, store, settings):
+        if report.already_complete:
+            click.echo(f"{report.name}: already complete ({format_counts(report.counts)}); nothing to compute")
+            continue
         skipped = ", ".join(f"{k} {v}" for k, v in report.counts.items() if k.startswith("skipped")) or "none skipped"
         state = "complete" if report.complete else "INCOMPLETE"
         click.echo(f"{report.name}: computed {report.computed} rows in {report.seconds:.1f} s; "
@@ -179,12 +195,12 @@ def inspect(store):
 
 
 @embed.command()
-@click.option("--out", "out", default="runs/demo", show_default=True, type=click.Path(path_type=Path),
+@click.option("--out", "out", default="runs/demo", type=click.Path(path_type=Path),
               help="Folder for the generated catalog, manifest, store, results and report.")
-@click.option("--image-backbone", default="efficientnet_lite0", show_default=True)
-@click.option("--text-backbone", default="all-MiniLM-L6-v2", show_default=True)
-@click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated seeds of the heads.")
-@click.option("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when present, else CPU).")
+@click.option("--image-backbone", default="efficientnet_lite0", help="Image backbone name.")
+@click.option("--text-backbone", default="all-MiniLM-L6-v2", help="Text backbone name or local Hugging Face folder.")
+@click.option("--seeds", default="0,1,2", help="Comma-separated seeds of the heads.")
+@click.option("--device", default=None, show_default=DEVICE_DEFAULT, help="cpu, cuda or cuda:N.")
 @one_line_errors
 def demo(out, image_backbone, text_backbone, seeds, device):
     """The built-in default job: generated catalog -> prepare -> extract -> heads sweep -> report."""

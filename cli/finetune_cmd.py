@@ -1,12 +1,11 @@
 """`embed finetune`: train an image or text module with transfer strategy 1, 2 or 3 (embedstore/finetune.py)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
-from cli.common import NON_NEGATIVE, POSITIVE, FiniteFloat, InputError, one_line_errors
+from cli.common import DEVICE_DEFAULT, NON_NEGATIVE, POSITIVE, FiniteFloat, InputError, one_line_errors
 
 # The columns of the paper's Tables 3/4, in order.
 TABLE_COLUMNS = (("test accuracy", "test_accuracy", "{:.4f}"), ("macro-F1", "test_macro_f1", "{:.4f}"),
@@ -17,7 +16,8 @@ TABLE_COLUMNS = (("test accuracy", "test_accuracy", "{:.4f}"), ("macro-F1", "tes
 
 @click.command()
 @click.argument("manifest", type=click.Path(path_type=Path))
-@click.option("--modality", required=True, type=click.Choice(["image", "text"]))
+@click.option("--modality", required=True, type=click.Choice(["image", "text"]),
+              help="Which backbone the module is built on.")
 @click.option("--strategy", required=True, type=click.Choice(["1", "2", "3"]),
               help="1: frozen backbone, classifier only; 2: frozen backbone, middle layer + classifier; "
                    "3: everything trained.")
@@ -25,27 +25,31 @@ TABLE_COLUMNS = (("test accuracy", "test_accuracy", "{:.4f}"), ("macro-F1", "tes
               help="Folder for model.safetensors, config.json, metrics.json (and S3 checkpoints; rerun to resume).")
 @click.option("--store", type=click.Path(path_type=Path), help="Feature store with the backbone's pooled features "
               "(strategies 1 and 2).")
-@click.option("--backbone", default=None, help="Backbone name (default: efficientnet_lite0 / all-MiniLM-L6-v2).")
+@click.option("--backbone", default=None, show_default="efficientnet_lite0 for images, all-MiniLM-L6-v2 for texts",
+              help="Backbone name.")
 @click.option("--weights", type=click.Path(path_type=Path), help="Local backbone weights file / Hugging Face folder.")
-@click.option("--image-size", default=224, type=POSITIVE, show_default=True, help="Center-crop size of images.")
-@click.option("--epochs", type=POSITIVE, default=None, help="Most epochs (default: 100 for S1/S2, 10 for S3).")
-@click.option("--batch-size", type=POSITIVE, default=None, help="Default: 128 for S1/S2, 32 for S3.")
-@click.option("--lr", type=FiniteFloat(min=0, min_open=True), default=None, help="Default: 1e-3 for S1/S2; S3: 1e-4 images, 5e-5 texts.")
-@click.option("--patience", type=POSITIVE, default=None, help="Epochs without a better validation accuracy "
-              "(default: 5 for S1/S2, 3 for S3).")
-@click.option("--dropout", type=FiniteFloat(min=0, max=1, max_open=True), default=0.3, show_default=True)
-@click.option("--seed", type=NON_NEGATIVE, default=0, show_default=True)
-@click.option("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when present, else CPU).")
+@click.option("--image-size", default=224, type=POSITIVE, help="Center-crop size of images.")
+@click.option("--epochs", type=POSITIVE, default=None, show_default="100 for S1/S2, 10 for S3", help="Most epochs.")
+@click.option("--batch-size", type=POSITIVE, default=None, show_default="128 for S1/S2, 32 for S3",
+              help="Items per training step.")
+@click.option("--lr", type=FiniteFloat(min=0, min_open=True), default=None,
+              show_default="1e-3 for S1/S2; S3: 1e-4 images, 5e-5 texts", help="AdamW learning rate.")
+@click.option("--patience", type=POSITIVE, default=None, show_default="5 for S1/S2, 3 for S3",
+              help="Epochs without a better validation accuracy.")
+@click.option("--dropout", type=FiniteFloat(min=0, max=1, max_open=True), default=0.3,
+              help="Dropout between the module's middle layer and its classifier.")
+@click.option("--seed", type=NON_NEGATIVE, default=0, help="Seed of the initial weights and the batch order.")
+@click.option("--device", default=None, show_default=DEVICE_DEFAULT, help="cpu, cuda or cuda:N.")
 @click.option("--max-steps-per-epoch", type=POSITIVE, default=None,
               help="Stop each epoch after this many steps (measures time per step; the full epoch is extrapolated).")
-@click.option("--workers", default=2, type=NON_NEGATIVE, show_default=True, help="DataLoader processes decoding images (S3).")
+@click.option("--workers", default=2, type=NON_NEGATIVE, help="DataLoader processes decoding images (S3).")
 @click.option("--cross-fit", "cross_fit", type=int, default=None, metavar="K",
               help="Also train K fold modules (K >= 2; stratified folds drawn from --seed), fold k without the "
                    "training items of fold k, in OUT/folds/: `embed extract --image-module/--text-module` then "
                    "gives each training row the features of the fold module that never saw it (out-of-fold "
                    "features for 1-A/1-B heads), validation and test rows those of the usual module. K+1 trainings: "
                    "seconds for S1/S2, K+1 full fine-tunings for S3. Rerun to resume: finished folds are kept.")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option("--progress/--no-progress", default=True, help="Progress bars on stderr.")
 @one_line_errors
 def finetune(manifest, modality, strategy, out, store, backbone, weights, image_size, epochs, batch_size, lr,
              patience, dropout, seed, device, max_steps_per_epoch, workers, cross_fit, progress):
@@ -66,7 +70,7 @@ def finetune(manifest, modality, strategy, out, store, backbone, weights, image_
     if metrics.get("resumed_from_epoch"):
         click.echo(f"resumed after epoch {metrics['resumed_from_epoch']}")
     click.echo(f"{modality} S{strategy} {metrics['backbone']} (best epoch {metrics['best_epoch']}, "
-               f"val accuracy {metrics['best_val_accuracy']:.4f}, items {json.dumps(metrics['items'])})")
+               f"val accuracy {metrics['best_val_accuracy']:.4f}, items {_counts(metrics['items'])})")
     for title, key, fmt in TABLE_COLUMNS:
         click.echo(f"  {title}: {fmt.format(metrics[key])}")
     if "estimated_full_epoch_seconds" in metrics:
@@ -76,6 +80,11 @@ def finetune(manifest, modality, strategy, out, store, backbone, weights, image_
     for fold in metrics.get("cross_fit", {}).get("folds", []):
         state = "kept (finished before)" if fold["kept"] else "trained"
         click.echo(f"  fold {fold['fold']}: {state}, val accuracy {fold['best_val_accuracy']:.4f}, "
-                   f"items {json.dumps(fold['items'])}")
+                   f"items {_counts(fold['items'])}")
     click.echo(f"wrote {out}/model.safetensors, config.json, metrics.json"
                + (f" and {metrics['cross_fit']['k']} fold modules in {out}/folds/" if "cross_fit" in metrics else ""))
+
+
+def _counts(counts: dict) -> str:
+    """{"train": 175, "val": 25} -> "train: 175, val: 25" (not a Python dict in what people read)."""
+    return ", ".join(f"{name}: {n:,}" if isinstance(n, int) else f"{name}: {n}" for name, n in counts.items())

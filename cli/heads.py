@@ -5,10 +5,12 @@ from pathlib import Path
 
 import click
 
-from cli.common import NON_NEGATIVE, POSITIVE, FiniteFloat, comma_list, int_list, one_line_errors
+from cli.common import (BF16_MEASURED, DEVICE_DEFAULT, GROUP_SETTINGS, NON_NEGATIVE, POSITIVE, FiniteFloat,
+                        InputError, comma_list, int_list, one_line_errors, package_version)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings=GROUP_SETTINGS)
+@click.version_option(package_version(), "--version", prog_name="heads")
 def heads():
     """Train fusion heads (strategies 1-A/1-B/2-A/2-B x fusion operators x seeds) over cached features."""
 
@@ -17,50 +19,50 @@ def heads():
 @click.argument("store", type=click.Path(path_type=Path))
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path),
               help="Results directory: runs.jsonl and heads/<cell>/ (re-runs skip runs already there).")
-@click.option("--strategies", default=None,
+@click.option("--strategies", default=None, show_default="every strategy the store's features allow",
               help="Comma-separated: 1A, 1B (fine-tuned modules' features), 2A, 2B (pooled backbone features); "
                    "image, text name a unimodal baseline alone; LF (late fusion), ST (stacking), LR-image, LR-text, "
                    "LR-concat (logistic regressions) over pooled features; 3A, 3B train end to end on the raw catalog "
-                   "(slow, needs --manifest).  [default: every cached strategy the store's features allow]")
-@click.option("--fusions", default=None,
-              help="Comma-separated fusion operators.  [default: every registered operator]")
-@click.option("--image-source", "image_sources", multiple=True,
-              help="Only this image source (a feature set's source or backbone name); repeatable. [default: every "
-                   "image source in the store: each (image, text) pair is swept]")
-@click.option("--text-source", "text_sources", multiple=True, help="Likewise for text sources; repeatable.")
-@click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated seeds; one head per seed.")
-@click.option("--baselines/--no-baselines", default=True, show_default=True,
+                   "(slow, needs --manifest).")
+@click.option("--fusions", default=None, show_default="every registered operator",
+              help="Comma-separated fusion operators.")
+@click.option("--image-source", "image_sources", multiple=True, show_default="every image source in the store",
+              help="Only this image source (a feature set's source or backbone name); repeatable. Each (image, "
+                   "text) source pair is swept.")
+@click.option("--text-source", "text_sources", multiple=True, show_default="every text source in the store",
+              help="Only this text source; repeatable.")
+@click.option("--seeds", default="0,1,2", help="Comma-separated seeds; one head per seed.")
+@click.option("--baselines/--no-baselines", default=True,
               help="Also train the unimodal image-only and text-only heads (Table 7).")
 @click.option("--sequential", is_flag=True, help="Train one head at a time instead of all seeds of a cell at once.")
-@click.option("--group-cells/--no-group-cells", default=True, show_default=True,
+@click.option("--group-cells/--no-group-cells", default=True,
               help="Stack cells of the same shape (e.g. a strategy's add, average and product) into one training "
                    "step; --no-group-cells: one step per cell, for comparison. Same rows either way.")
-@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [default: cuda if available, else cpu]")
-@click.option("--jobs", type=POSITIVE, default=None,
-              help="Worker processes training cells at once, one thread each [default: the cores this process may "
-                   "use on a CPU, 1 on CUDA]. Same rows as --jobs 1.")
-@click.option("--threads", type=POSITIVE, default=1, show_default=True,
+@click.option("--device", default=None, show_default=DEVICE_DEFAULT, help="cpu, cuda, cuda:1 ...")
+@click.option("--jobs", type=POSITIVE, default=None, show_default="the cores this process may use on a CPU, 1 on CUDA",
+              help="Worker processes training cells at once, one thread each. Same rows as --jobs 1.")
+@click.option("--threads", type=POSITIVE, default=1,
               help="CPU threads while training in this process (--jobs 1); 1 measured fastest for small heads.")
-@click.option("--batch-size", type=POSITIVE, default=128, show_default=True)
-@click.option("--lr", default=1e-3, type=FiniteFloat(min=0, min_open=True), show_default=True)
-@click.option("--max-epochs", type=POSITIVE, default=40, show_default=True)
-@click.option("--patience", type=POSITIVE, default=5, show_default=True,
+@click.option("--batch-size", type=POSITIVE, default=128, help="Training rows per step of each head.")
+@click.option("--lr", default=1e-3, type=FiniteFloat(min=0, min_open=True), help="AdamW learning rate.")
+@click.option("--max-epochs", type=POSITIVE, default=40,
+              help="Most epochs of a head (early stopping may end it sooner).")
+@click.option("--patience", type=POSITIVE, default=5,
               help="Epochs without a better validation accuracy.")
-@click.option("--class-weight", type=click.Choice(["none", "balanced"]), default="none", show_default=True,
+@click.option("--class-weight", type=click.Choice(["none", "balanced"]), default="none",
               help="balanced: weigh each class n / (C * n_class) in the loss, for imbalanced catalogs.")
-@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
-              help="auto: bf16 autocast on CUDA, float32 on CPU (see README, Precision). bf16 on a CPU with "
-                   "AVX512-BF16/AMX: ~2x faster.")
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto",
+              help=f"auto: bf16 autocast on CUDA, float32 on CPU (see README, Precision). {BF16_MEASURED}.")
 @click.option("--manifest", type=click.Path(path_type=Path), default=None,
               help="3A/3B: the manifest the store was extracted from (they train end to end on the raw catalog, "
                    "with the backbones named in the store's provenance).")
-@click.option("--end-to-end-epochs", type=POSITIVE, default=10, show_default=True, help="3A/3B: most epochs.")
-@click.option("--max-steps-per-epoch", type=POSITIVE, default=None,
+@click.option("--end-to-end-epochs", type=POSITIVE, default=10, help="3A/3B: most epochs.")
+@click.option("--max-steps-per-epoch", type=POSITIVE, default=None, show_default="whole epochs",
               help="3A/3B: stop each epoch after this many steps (the full epoch's time is extrapolated).")
-@click.option("--memory-budget", default=None, metavar="SIZE",
-              help="Memory the features may take, e.g. 1GB or 512MiB [default: half the available memory]; "
-                   "larger feature sets are streamed from the store in row blocks.")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option("--memory-budget", default=None, metavar="SIZE", show_default="half the available memory",
+              help="Memory the features may take, e.g. 1GB or 512MiB; larger feature sets are streamed from the "
+                   "store in row blocks.")
+@click.option("--progress/--no-progress", default=True, help="Progress bars on stderr.")
 @one_line_errors
 def sweep(store, out, strategies, fusions, image_sources, text_sources, seeds, baselines, sequential, group_cells,
           device, jobs,
@@ -114,8 +116,8 @@ def report(results, out):
 
 @heads.command()
 @click.argument("results", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--top-k", "top_k", default="auto", show_default=True,
-              help="How many saved heads, best recorded validation accuracy first; auto: the k in 1..N with the "
+@click.option("--top-k", "top_k", default="auto",
+              help="How many saved models, best recorded validation accuracy first; auto: the k in 1..N with the "
                    "best ensemble validation accuracy (ties: the smaller k).")
 @click.option("--multimodal-only", is_flag=True, help="Leave the unimodal baselines out of the pool.")
 @one_line_errors
@@ -135,30 +137,42 @@ def ensemble(results, top_k, multimodal_only):
 @click.argument("head_dir", type=click.Path(path_type=Path))
 @click.argument("inputs", metavar="INPUT", type=click.Path(path_type=Path))
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path),
-              help="CSV to write: id, label_k, probability_k for k = 1..top-k, reason (empty when predicted).")
-@click.option("--top-k", default=3, type=POSITIVE, show_default=True, help="Most probable categories per row.")
-@click.option("--batch-size", default=64, type=POSITIVE, show_default=True, help="Rows per forward pass.")
-@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [default: cuda if available, else cpu]")
+              help="CSV to write: id, label_k, probability_k for k = 1..--top-labels, reason (empty when predicted).")
+@click.option("--top-labels", default=3, type=POSITIVE, help="Most probable categories per row.")
+@click.option("--top-k", "top_k_alias", default=None, type=POSITIVE, hidden=True,
+              help="Deprecated name of --top-labels (--top-k means models in `heads ensemble`).")
+@click.option("--batch-size", default=64, type=POSITIVE, help="Rows per forward pass.")
+@click.option("--device", default=None, show_default=DEVICE_DEFAULT, help="cpu, cuda, cuda:1 ...")
 @click.option("--image-weights", type=click.Path(path_type=Path),
               help="The image backbone's weights file, when it is not in its standard places (pooled heads).")
 @click.option("--text-weights", type=click.Path(path_type=Path),
               help="The text backbone's Hugging Face folder, likewise.")
-@click.option("--id-column", default=None, help="Input CSV: the id column [default: id when present, else the "
-                                                 "row number].")
-@click.option("--image-column", default="image", show_default=True,
+@click.option("--id-column", default=None, show_default="id when present, else the row number",
+              help="Input CSV: the id column.")
+@click.option("--image-column", default="image",
               help="Input CSV: image path column (relative to the CSV's folder, or absolute).")
-@click.option("--title-column", default="title", show_default=True, help="Input CSV: title column.")
-@click.option("--workers", default=2, type=NON_NEGATIVE, show_default=True, help="DataLoader processes decoding images.")
+@click.option("--title-column", default="title", help="Input CSV: title column.")
+@click.option("--workers", default=2, type=NON_NEGATIVE, help="DataLoader processes decoding images.")
 @one_line_errors
-def predict(head_dir, inputs, out, top_k, batch_size, device, image_weights, text_weights, id_column, image_column,
-            title_column, workers):
+def predict(head_dir, inputs, out, top_labels, top_k_alias, batch_size, device, image_weights, text_weights,
+            id_column, image_column, title_column, workers):
     """Classify the products in INPUT (a CSV of image paths and titles, or a catalog) with the saved head in
     HEAD_DIR (RESULTS/heads/<cell> from `heads sweep`), rebuilding and checking its backbones or modules, or with
     a trained 3-A/3-B model (HEAD_DIR = RESULTS/end_to_end/<cell>/seed-<seed>: images and titles through it)."""
     from heads.predict import InputColumns, PredictSettings, predict_products
 
+    if not inputs.exists():  # before the head and its backbones load (tens of seconds)
+        raise InputError(f"input not found: {inputs}; pass a CSV with image and title columns, or a catalog "
+                         "folder or zip")
+    if top_k_alias is not None:  # the old name still works, with a one-line notice
+        context = click.get_current_context()
+        if context.get_parameter_source("top_labels") is not click.core.ParameterSource.DEFAULT:
+            raise InputError("--top-k is the old name of --top-labels: give one of them")
+        click.echo("Note: `heads predict --top-k` is now --top-labels (--top-k means models in `heads ensemble`)",
+                   err=True)
+        top_labels = top_k_alias
     settings = PredictSettings(
-        top_k=top_k, batch_size=batch_size, device=device, workers=workers,
+        top_k=top_labels, batch_size=batch_size, device=device, workers=workers,
         image_weights=str(image_weights) if image_weights else None,
         text_weights=str(text_weights) if text_weights else None,
         columns=InputColumns(id=id_column, image=image_column, title=title_column))

@@ -5,45 +5,52 @@ from pathlib import Path
 
 import click
 
-from cli.common import NON_NEGATIVE, POSITIVE, comma_list, int_list, one_line_errors
+from cli.common import (BF16_MEASURED, DEVICE_DEFAULT, NON_NEGATIVE, POSITIVE, comma_list, int_list, one_line_errors,
+                        split_counts)
 
 
 @click.command()
 @click.argument("catalog", type=click.Path(path_type=Path))
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path),
               help="Folder for every step's output and OUT/report/; rerun to resume (finished steps are skipped).")
-@click.option("--image-backbone", default="efficientnet_lite0", show_default=True, help="The paper's: resnet50.")
-@click.option("--text-backbone", default="all-MiniLM-L6-v2", show_default=True, help="The paper's: bert-base-uncased.")
+@click.option("--image-backbone", default="efficientnet_lite0", help="The paper's: resnet50.")
+@click.option("--text-backbone", default="all-MiniLM-L6-v2", help="The paper's: bert-base-uncased.")
 @click.option("--image-weights", type=click.Path(path_type=Path), help="Local image weights file.")
 @click.option("--text-weights", type=click.Path(path_type=Path), help="Local Hugging Face folder of the text backbone.")
-@click.option("--image-size", default=224, type=POSITIVE, show_default=True, help="Center-crop size of images.")
-@click.option("--seeds", default="0,1,2", show_default=True, help="Seeds of the heads and of the S1/S2 modules.")
-@click.option("--manifest-seeds", default="0,1", show_default=True, help="Seeds of the draws (at least two).")
-@click.option("--min-items", default=250, type=POSITIVE, show_default=True, help="Keep classes with at least this many usable items.")
-@click.option("--items-per-class", default=250, type=POSITIVE, show_default=True)
-@click.option("--train", default=175, type=NON_NEGATIVE, show_default=True, help="Training items per class.")
-@click.option("--val", default=25, type=NON_NEGATIVE, show_default=True, help="Validation items per class.")
-@click.option("--test", default=50, type=NON_NEGATIVE, show_default=True, help="Test items per class.")
-@click.option("--fusions", default=None, help="Comma-separated fusion operators [default: every registered one].")
-@click.option("--pair", default="2,3", show_default=True,
+@click.option("--image-size", default=224, type=POSITIVE, help="Center-crop size of images.")
+@click.option("--seeds", default="0,1,2", help="Seeds of the heads and of the S1/S2 modules.")
+@click.option("--manifest-seeds", default="0,1", help="Seeds of the draws (at least two).")
+@click.option("--min-items", default=250, type=POSITIVE, help="Keep classes with at least this many usable items.")
+@click.option("--items-per-class", default=250, type=POSITIVE,
+              help="Items drawn from each kept class, split 7:1:2 as `embed prepare` does unless --train/--val/--test "
+                   "say otherwise.")
+@click.option("--train", default=None, type=NON_NEGATIVE, show_default="7/10 of --items-per-class, 175 of 250",
+              help="Training items per class; given counts must add up to --items-per-class.")
+@click.option("--val", default=None, type=NON_NEGATIVE, show_default="1/10 of --items-per-class, 25 of 250",
+              help="Validation items per class.")
+@click.option("--test", default=None, type=NON_NEGATIVE, show_default="2/10 of --items-per-class, 50 of 250",
+              help="Test items per class.")
+@click.option("--fusions", default=None, show_default="every registered operator",
+              help="Comma-separated fusion operators.")
+@click.option("--pair", default="2,3",
               help="Image and text module strategies whose features 1-A/1-B fuse (the paper's best: 2,3).")
-@click.option("--text-s3-epochs", default=3, type=POSITIVE, show_default=True, help="Most epochs of text S3 (the slow step).")
-@click.option("--text-s3-seeds", default="0", show_default=True)
-@click.option("--image-s3/--no-image-s3", default=None,
-              help="Fine-tune the image backbone (S3) [default: on with CUDA, off on CPU: ~6-8 min per epoch, tens of epochs].")
-@click.option("--image-s3-epochs", default=3, type=POSITIVE, show_default=True)
-@click.option("--image-s3-seeds", default="0", show_default=True)
-@click.option("--end-to-end/--no-end-to-end", default=False, show_default=True,
+@click.option("--text-s3-epochs", default=3, type=POSITIVE, help="Most epochs of text S3 (the slow step).")
+@click.option("--text-s3-seeds", default="0", help="Comma-separated seeds of the text S3 fine-tunings.")
+@click.option("--image-s3/--no-image-s3", default=None, show_default="on with CUDA, off on a CPU",
+              help="Fine-tune the image backbone (S3); on a CPU ~6-8 min per epoch, tens of epochs.")
+@click.option("--image-s3-epochs", default=3, type=POSITIVE, help="Most epochs of image S3.")
+@click.option("--image-s3-seeds", default="0", help="Comma-separated seeds of the image S3 fine-tunings.")
+@click.option("--end-to-end/--no-end-to-end", default=False,
               help="Also train strategies 3-A/3-B end to end on the raw catalog (slow).")
-@click.option("--end-to-end-fusions", default="concat", show_default=True)
-@click.option("--end-to-end-epochs", default=10, type=POSITIVE, show_default=True)
-@click.option("--head-epochs", default=40, type=POSITIVE, show_default=True, help="Most epochs of a fusion head.")
-@click.option("--module-epochs", type=POSITIVE, default=None, help="Most epochs of S1/S2 modules [default: 100].")
-@click.option("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when present, else CPU).")
-@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
-              help="The heads' precision (auto: bf16 autocast on CUDA, float32 on CPU).")
-@click.option("--workers", default=2, type=NON_NEGATIVE, show_default=True, help="DataLoader processes decoding images.")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option("--end-to-end-fusions", default="concat", help="Comma-separated fusion operators of 3-A/3-B.")
+@click.option("--end-to-end-epochs", default=10, type=POSITIVE, help="Most epochs of a 3-A/3-B model.")
+@click.option("--head-epochs", default=40, type=POSITIVE, help="Most epochs of a fusion head.")
+@click.option("--module-epochs", type=POSITIVE, default=None, show_default="100", help="Most epochs of S1/S2 modules.")
+@click.option("--device", default=None, show_default=DEVICE_DEFAULT, help="cpu, cuda or cuda:N.")
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto",
+              help=f"The heads' precision (auto: bf16 autocast on CUDA, float32 on CPU). {BF16_MEASURED}.")
+@click.option("--workers", default=2, type=NON_NEGATIVE, help="DataLoader processes decoding images.")
+@click.option("--progress/--no-progress", default=True, help="Progress bars on stderr.")
 @one_line_errors
 def paper(catalog, out, image_backbone, text_backbone, image_weights, text_weights, image_size, seeds,
           manifest_seeds, min_items, items_per_class, train, val, test, fusions, pair, text_s3_epochs, text_s3_seeds,
@@ -62,7 +69,8 @@ def paper(catalog, out, image_backbone, text_backbone, image_weights, text_weigh
         image_weights=str(image_weights) if image_weights else None,
         text_weights=str(text_weights) if text_weights else None, image_size=image_size,
         seeds=int_list(seeds, "--seeds"), manifest_seeds=int_list(manifest_seeds, "--manifest-seeds"),
-        split=SplitSettings(min_items=min_items, items_per_class=items_per_class, train=train, val=val, test=test),
+        split=SplitSettings(min_items=min_items, items_per_class=items_per_class,
+                            **dict(zip(("train", "val", "test"), split_counts(items_per_class, train, val, test)))),
         fusions=tuple(comma_list(fusions)) if fusions else None, pair=pair_strategies, text_s3_epochs=text_s3_epochs,
         text_s3_seeds=int_list(text_s3_seeds, "--text-s3-seeds"), image_s3=image_s3, image_s3_epochs=image_s3_epochs,
         image_s3_seeds=int_list(image_s3_seeds, "--image-s3-seeds"), end_to_end=end_to_end,

@@ -3,6 +3,7 @@ all-MiniLM-L6-v2, any local Hugging Face folder, and the tests' tiny BERT, each 
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import os
@@ -21,6 +22,21 @@ def _offline():
     # Belt and braces: every call below also passes local_files_only=True.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@contextlib.contextmanager
+def _no_loading_bars():
+    """transformers 5 draws a "Loading weights" progress bar on every from_pretrained, so every extract and
+    predict printed one (or one per rank) before our own output; off while a backbone loads, then as it was."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def hf_cache_dir() -> str:
@@ -57,13 +73,14 @@ def _hf_text_backbone(folder, *, name, pretrained, pooling, config=None):
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise FileNotFoundError(f"{folder} is not a Hugging Face model folder (no config.json); pass a folder "
                                 "saved with save_pretrained or downloaded from the hub")
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    if pretrained:
-        model = AutoModel.from_pretrained(folder, local_files_only=True)
-        weights_id = weights_id_for(name, _folder_weights_file(folder))
-    else:
-        config = config or AutoConfig.from_pretrained(folder, local_files_only=True)
-        model, weights_id = AutoModel.from_config(config), RANDOM_INIT
+    with _no_loading_bars():
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        if pretrained:
+            model = AutoModel.from_pretrained(folder, local_files_only=True)
+            weights_id = weights_id_for(name, _folder_weights_file(folder))
+        else:
+            config = config or AutoConfig.from_pretrained(folder, local_files_only=True)
+            model, weights_id = AutoModel.from_config(config), RANDOM_INIT
     return TextBackbone(model, tokenizer, name=name, weights_id=weights_id, pooling=pooling,
                         tokenizer_name=f"{type(tokenizer).__name__} (WordPiece)")
 

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from embedstore.backbones import create_backbone
+from embedstore.backbones import create_backbone, list_backbones
 from embedstore.catalog import open_catalog_from_spec
 from embedstore.chunks import check_feature_dtype
 from embedstore.cross_fit import RowPlan, check_folds
@@ -90,6 +90,7 @@ class SourceReport:
     counts: dict = field(default_factory=dict)  # status name -> rows, over the whole set
     complete: bool = False
     seconds: float = 0.0
+    already_complete: bool = False  # found complete before its backbone was loaded: nothing was run
 
 
 def image_source_name(backbone_name: str, image_size: int, resize: str = "crop") -> str:
@@ -126,13 +127,37 @@ def extract(manifest_path: str | Path, store_path: str | Path, settings: Extract
     device = resolve_device(settings.device)  # under torchrun: this process's GPU (LOCAL_RANK)
     reports = []
     if settings.image_backbone:
-        reports.append(_extract_images(manifest, Path(store_path), settings, device))
+        reports.append(_already_complete(Path(store_path), "image", settings)
+                       or _extract_images(manifest, Path(store_path), settings, device))
     if settings.text_backbone:
-        reports.append(_extract_texts(manifest, Path(store_path), settings, device))
+        reports.append(_already_complete(Path(store_path), "text", settings)
+                       or _extract_texts(manifest, Path(store_path), settings, device))
     for modality, module_dir in modules.items():
         if module_dir:
             reports.append(_extract_module(manifest, Path(store_path), Path(module_dir), modality, settings, device))
     return reports
+
+
+def _already_complete(store_path: Path, modality: str, settings: ExtractSettings) -> SourceReport | None:
+    """A report for a backbone's feature set that is already complete, read before the backbone is loaded
+    (loading the default pair takes ~30 s, for nothing when a finished extraction is run again); None means run
+    the usual path, which loads it and checks its identity (weights, preprocessing) against the store's. Only a
+    registered backbone with its standard weights, the same stored dtype and (images) the same or an "auto"
+    pipeline counts: explicit --image-weights / --text-weights are always loaded and checked."""
+    name = settings.image_backbone if modality == "image" else settings.text_backbone
+    weights = settings.image_weights if modality == "image" else settings.text_weights
+    if weights or name not in list_backbones(modality):
+        return None
+    source = image_source_name(name, settings.image_size) if modality == "image" else name
+    with FeatureStore(store_path) as store:
+        info = store.feature_sets.get(f"{modality}/{source}/pooled")
+    if info is None or not info.complete or info.dtype != settings.dtype:
+        return None
+    if modality == "image" and settings.image_pipeline != "auto" and \
+            recorded_pipeline(info.provenance.get("preprocessing")) != settings.image_pipeline:
+        return None  # the usual path refuses to mix pipelines, with its message
+    return SourceReport(f"{modality}/{source}", 0, {k: v for k, v in info.counts.items() if v}, True, 0.0,
+                        already_complete=True)
 
 
 def _provenance(backbone, source: str, device: torch.device, preprocessing: dict | None = None) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+from embedstore.image_pipeline import recorded_pipeline
 from embedstore.store import SPLITS, FeatureStore
 
 
@@ -39,6 +40,7 @@ def describe_store(path: str | Path) -> list[str]:
                 if isinstance(p.get("parameters"), int) else
                 f"    backbone {p.get('backbone')}  weights {p.get('weights_id')}",
                 f"    preprocessing {p.get('preprocessing')}",
+                *([f"    pipeline: {recorded_pipeline(p.get('preprocessing'))}"] if info.modality == "image" else []),
                 f"    created {p.get('created', '?')}  versions {_short_versions(p.get('library_versions'))}",
                 f"    rows ok {info.counts.get('ok', 0):,}; skipped "
                 + (", ".join(f"{k.removeprefix('skipped: ')} {v}" for k, v in skipped.items()) or "none"),
@@ -48,6 +50,16 @@ def describe_store(path: str | Path) -> list[str]:
             overall = f"DAMAGED ({damaged} feature sets hold non-finite rows marked ok)"
         lines.append(f"status      {overall}")
     return lines
+
+
+def format_counts(counts: dict) -> str:
+    """Rows per status as people read them: {"ok": 38, "skipped: missing image": 2} -> "ok: 38, skipped (missing
+    image): 2" (what `embed extract`, the demo and `embed paper` print; never a Python dict)."""
+    parts = []
+    for name, n in counts.items():
+        kind, _, reason = str(name).partition(": ")
+        parts.append(f"{kind} ({reason}): {n:,}" if reason else f"{name}: {n:,}")
+    return ", ".join(parts) or "no rows"
 
 
 def _short_versions(versions) -> str:

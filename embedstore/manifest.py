@@ -110,6 +110,21 @@ def split_counts(n: int, fractions: tuple[float, float, float]) -> dict[str, int
     return dict(zip(SPLITS, counts))
 
 
+PAPER_FRACTIONS = (0.7, 0.1, 0.2)  # the paper's 175 / 25 / 50 of 250 items per class
+
+
+def scaled_split(items_per_class: int) -> tuple[int, int, int]:
+    """(train, val, test) counts of `items_per_class` in the paper's 7:1:2 ratio (`embed prepare --items-per-class N`
+    without --train/--val/--test), by the rounding --fractions uses (split_counts): each split gets the floor of
+    its share, the items left over go to the largest remainders (ties: train, val, test), and every split gets at
+    least one item: 250 -> (175, 25, 50), 40 -> (28, 4, 8), 10 -> (7, 1, 2), 5 -> (3, 1, 1). N >= 3."""
+    if isinstance(items_per_class, bool) or not isinstance(items_per_class, (int, np.integer)) or items_per_class < 3:
+        raise ValueError(f"{items_per_class!r} items per class cannot be split 7:1:2 with an item in each split; use "
+                         "at least 3, or give the counts with --train/--val/--test")
+    counts = split_counts(int(items_per_class), PAPER_FRACTIONS)
+    return counts["train"], counts["val"], counts["test"]
+
+
 @dataclass(frozen=True)
 class ManifestItem:
     id: str

@@ -1,23 +1,37 @@
-"""`FusionHead`: one fusion head as a scikit-learn estimator, for notebooks.
+"""`FusionHead`: one fusion head as a scikit-learn estimator, for notebooks and scikit-learn's tools.
 
-    head = FusionHead("2A", "concat").fit([X_img, X_txt], y, eval_set=([V_img, V_txt], y_val))
-    head.predict([X_img, X_txt]); head.predict_proba(...); head.score(Xs, y); head.classes_
+    X = np.hstack([X_img, X_txt])                        # (n, 1280 + 384): the modalities side by side, image first
+    head = FusionHead("2A", "concat", input_widths=(1280, 384)).fit(X, y, eval_set=(X_val, y_val))
+    head.predict(X); head.predict_proba(X); head.score(X, y); head.classes_
+    cross_val_score(head, X, y, cv=3); GridSearchCV(head, {"lr": [...], "fusion": [...]}); make_pipeline(...)
     head.save_pretrained(folder); FusionHead.from_pretrained(folder)
+    data = feature_matrices(store, inputs_for(store, "2A"))  # a store's splits as (X, y), and their input_widths
 
-`fit` is the sweep's training code (heads.train.train_heads with one seed), not a loop of its own. Input widths
-and classes come from the data; labels may be strings (`classes_` is sorted like numpy.unique, and `predict`
-returns the original labels). Bad input is a one-line ValueError naming the input and the fix, not a torch error.
-Saved with the model-folder convention (embedstore/model_folder.py, kind "fusion-head").
+X is one 2-D array, so that scikit-learn can index its rows (cross-validation, pipelines); `input_widths` says
+where one modality's columns end and the next begin (a baseline reads all columns: one width, or None). The
+older input, a list of (n, D_m) arrays one per modality, is still taken (widths then come from the arrays).
+`fit` is the sweep's training code (heads.train.train_heads with one seed), not a loop of its own, on
+`num_threads` torch threads as the sweep uses (1: tiny heads only lose time to thread barriers; the caller's
+thread count is restored afterwards). Labels may be strings (`classes_` is sorted like numpy.unique, and
+`predict` returns the original labels). Bad input is a one-line ValueError naming the input and the fix, not a
+torch error. Saved with the model-folder convention (embedstore/model_folder.py, kind "fusion-head").
 """
 from __future__ import annotations
 
+import contextlib
+import numbers
 import os
+import warnings
+from typing import NamedTuple
 
 import numpy as np
 import torch
+from scipy import sparse
 from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.exceptions import DataConversionWarning
 from sklearn.exceptions import NotFittedError  # a ValueError (and an AttributeError), as sklearn raises it
 from sklearn.model_selection import train_test_split
+from sklearn.utils.multiclass import check_classification_targets
 
 from embedstore.model_folder import load_pretrained, save_pretrained
 from heads.models import HeadConfig, StackedHead, predict_logits
@@ -31,38 +45,52 @@ KIND = "fusion-head"
 class FusionHead(ClassifierMixin, BaseEstimator):
     """One fusion head (strategy 1A/1B/2A/2B, or the "image"/"text" baseline) over precomputed features.
 
-    X is a list of (n, D_m) arrays, one per modality, image first (a single array for a baseline).
-    fusion=None means "concat" for the multimodal strategies (baselines take none). Without `eval_set`, a
-    stratified `validation_fraction` of the training rows is held out for early stopping.
-    Learned: classes_, input_dims_, config_ (a HeadConfig), params_ (the weights), best_val_accuracy_,
-    best_epoch_, n_epochs_.
+    X is one (n, sum(input_widths)) array: the image columns, then the text columns. input_widths=(D_image,
+    D_text) for the multimodal strategies; a baseline takes one width or None (all columns). A list of (n, D_m)
+    arrays, one per modality, image first, is taken too. fusion=None means "concat" for the multimodal
+    strategies (baselines take none). Without `eval_set`, a stratified `validation_fraction` of the training
+    rows is held out for early stopping. Training settings are constructor parameters (as in scikit-learn), so
+    GridSearchCV can search them. num_threads: torch threads while fitting and predicting (None: leave torch's).
+    Learned: classes_, input_widths_ (= input_dims_), n_features_in_, config_ (a HeadConfig), params_ (the
+    weights), best_val_accuracy_, best_epoch_, n_epochs_.
     """
 
-    def __init__(self, strategy: str = "2A", fusion: str | None = None, *, seed: int = 0,
+    def __init__(self, strategy: str = "2A", fusion: str | None = None, *, input_widths=None, seed: int = 0,
                  validation_fraction: float = 0.15, batch_size: int = 128, lr: float = 1e-3,
                  weight_decay: float = 0.01, max_epochs: int = 40, patience: int = 5, precision: str = "auto",
-                 dropout: float = 0.3, middle_dim: int = 500, fusion_dim: int = 250, device: str | None = None):
-        self.strategy, self.fusion, self.seed = strategy, fusion, seed
+                 dropout: float = 0.3, middle_dim: int = 500, fusion_dim: int = 250, device: str | None = None,
+                 num_threads: int | None = 1):
+        # scikit-learn convention: store the parameters as given, check them in fit (clone and set_params rely on it)
+        self.strategy, self.fusion, self.input_widths, self.seed = strategy, fusion, input_widths, seed
         self.validation_fraction = validation_fraction
         self.batch_size, self.lr, self.weight_decay = batch_size, lr, weight_decay
         self.max_epochs, self.patience, self.precision = max_epochs, patience, precision
         self.dropout, self.middle_dim, self.fusion_dim, self.device = dropout, middle_dim, fusion_dim, device
+        self.num_threads = num_threads
 
     # ------------------------------------------------------------------------------------------- fit
 
     def fit(self, X, y, *, eval_set=None) -> "FusionHead":
         """Train on X, y; early stopping on eval_set = (X_val, y_val), or on a held-out part of X, y."""
+        with torch_threads(self.num_threads):
+            return self._fit(X, y, eval_set)
 
+    def _fit(self, X, y, eval_set) -> "FusionHead":
         modalities = self._modalities()
-        inputs = _check_inputs(X, modalities, name="X")
+        widths = _widths_param(self.input_widths, self.strategy, modalities)
+        inputs = _modality_inputs(X, modalities, widths, name="X", strategy=self.strategy)
+        if not len(inputs[0]):
+            raise ValueError("X has 0 rows; fit needs training rows of at least two classes")
         labels = _check_labels(y, len(inputs[0]), name="y")
         try:
             classes = np.unique(labels)
         except TypeError:
             raise ValueError("y mixes label types (e.g. numbers and strings); use one type") from None
+        check_classification_targets(labels)  # "Unknown label type: continuous ..." for a regression target
         if len(classes) < 2:
             raise ValueError(f"y holds one class ({classes[0]!r}); a classifier needs at least two")
         y_index = np.searchsorted(classes, labels)
+        dims = tuple(x.shape[1] for x in inputs)
         if eval_set is None:
             train_rows, val_rows = self._hold_out(y_index)
             val_inputs, val_index = [x[val_rows] for x in inputs], y_index[val_rows]
@@ -70,22 +98,25 @@ class FusionHead(ClassifierMixin, BaseEstimator):
         else:
             if not isinstance(eval_set, (tuple, list)) or len(eval_set) != 2:
                 raise ValueError("eval_set must be a pair (X_val, y_val)")
-            val_inputs = _check_inputs(eval_set[0], modalities, name="eval_set X",
-                                       dims=tuple(x.shape[1] for x in inputs))
+            val_inputs = _modality_inputs(eval_set[0], modalities, dims, name="eval_set X", fitted=True)
             val_labels = _check_labels(eval_set[1], len(val_inputs[0]), name="eval_set y")
             unseen = sorted(set(val_labels.tolist()) - set(classes.tolist()), key=str)
             if unseen:
                 raise ValueError(f"eval_set y holds labels not in y: {', '.join(map(repr, unseen[:5]))}; "
                                  "validate on the classes the head is trained on")
+            if not len(val_labels):
+                raise ValueError("eval_set has 0 rows; pass validation rows, or leave eval_set out to hold out "
+                                 "a part of X")
             val_index = np.searchsorted(classes, val_labels)
-        config = HeadConfig(self.strategy, self._fusion(), tuple(x.shape[1] for x in inputs), len(classes),
+        config = HeadConfig(self.strategy, self._fusion(), dims, len(classes),
                             middle_dim=self.middle_dim, fusion_dim=self.fusion_dim, dropout=self.dropout)
         settings = TrainSettings(batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
                                  max_epochs=self.max_epochs, patience=self.patience, precision=self.precision)
         device = resolve_device(self.device)
 
         def split(xs, index):
-            return Split([torch.as_tensor(x).to(device) for x in xs], torch.as_tensor(index, dtype=torch.int64).to(device))
+            return Split([torch.from_numpy(x).to(device) for x in xs],
+                         torch.as_tensor(index, dtype=torch.int64).to(device))
 
         # the estimator needs no test split: score() any split afterwards
         result = train_heads(config, [self.seed], HeadData(split(inputs, y_index), split(val_inputs, val_index),
@@ -111,14 +142,14 @@ class FusionHead(ClassifierMixin, BaseEstimator):
             raise ValueError(f"validation_fraction must be in (0, 1), got {self.validation_fraction}; or pass "
                              "eval_set=(X_val, y_val)")
         rows = np.arange(len(y_index))
+        if len(rows) < 2:
+            raise ValueError(f"cannot hold out a validation part of {len(rows)} row(s); pass more rows or "
+                             "eval_set=(X_val, y_val)")
+        n_val = min(max(1, round(self.validation_fraction * len(rows))), len(rows) - 1)
         counts = np.bincount(y_index)
-        stratify = y_index if counts.min() >= 2 else None  # stratified when every class can give one row
-        try:
-            return train_test_split(rows, test_size=self.validation_fraction, random_state=self.seed,
-                                    stratify=stratify)
-        except ValueError as error:
-            raise ValueError(f"cannot hold out a validation part of {len(rows)} rows ({error}); pass "
-                             "eval_set=(X_val, y_val)") from None
+        # stratified when every class can give one row to each part; else (a few rows) a plain seeded draw
+        stratify = y_index if counts.min() >= 2 and len(counts) <= min(n_val, len(rows) - n_val) else None
+        return train_test_split(rows, test_size=n_val, random_state=self.seed, stratify=stratify)
 
     def _set_trained(self, config: HeadConfig, params: dict[str, torch.Tensor], classes) -> None:
         classes = np.asarray(classes)
@@ -131,14 +162,15 @@ class FusionHead(ClassifierMixin, BaseEstimator):
             raise ValueError(f"the weights do not fit a {config.cell} head of input widths {config.input_dims}: "
                              f"{', '.join(differ[:4])} differ")
         self.config_, self.params_, self.classes_ = config, params, classes
-        self.input_dims_ = config.input_dims
+        self.input_widths_ = self.input_dims_ = tuple(config.input_dims)  # input_dims_: the older name
+        self.n_features_in_ = int(sum(config.input_dims))
 
     @classmethod
     def from_trained(cls, config: HeadConfig, params: dict[str, torch.Tensor], classes, *,
                      seed: int = 0) -> "FusionHead":
         """A fitted estimator around weights trained elsewhere (a sweep's train_heads result, (1, ...) each)."""
-        head = cls(config.strategy, config.fusion, seed=seed, dropout=config.dropout, middle_dim=config.middle_dim,
-                   fusion_dim=config.fusion_dim)
+        head = cls(config.strategy, config.fusion, input_widths=tuple(config.input_dims), seed=seed,
+                   dropout=config.dropout, middle_dim=config.middle_dim, fusion_dim=config.fusion_dim)
         head._set_trained(config, params, classes)
         return head
 
@@ -152,11 +184,14 @@ class FusionHead(ClassifierMixin, BaseEstimator):
     def predict_proba(self, X) -> np.ndarray:
         """(n, C) class probabilities, columns in classes_ order."""
         self._check_fitted()
-        inputs = _check_inputs(X, get_strategy(self.config_.strategy).modalities, name="X", dims=self.input_dims_)
+        inputs = _modality_inputs(X, get_strategy(self.config_.strategy).modalities, self.input_widths_, name="X",
+                                  fitted=True)
         if not len(inputs[0]):
             return np.zeros((0, len(self.classes_)), dtype=np.float32)
-        logits = predict_logits(StackedHead(self.config_), self.params_, [torch.from_numpy(x) for x in inputs])[0]
-        return torch.softmax(logits.float(), dim=-1).numpy()  # (n, C)
+        with torch_threads(self.num_threads):
+            logits = predict_logits(StackedHead(self.config_), self.params_,
+                                    [torch.from_numpy(x) for x in inputs])[0]
+            return torch.softmax(logits.float(), dim=-1).numpy()  # (n, C)
 
     def predict(self, X) -> np.ndarray:
         """(n,) predicted labels, as given to fit."""
@@ -168,8 +203,11 @@ class FusionHead(ClassifierMixin, BaseEstimator):
     def save_pretrained(self, folder: str | os.PathLike, *, metadata: dict | None = None):
         """model.safetensors + config.json (the HeadConfig, classes, seed, estimator settings, `metadata`)."""
         self._check_fitted()
+        params = self.get_params()
+        if params["input_widths"] is not None:  # JSON-able (a numpy integer is not)
+            params["input_widths"] = [int(w) for w in np.atleast_1d(params["input_widths"])]
         doc = {"config": self.config_.to_dict(), "seed": self.seed, "classes": self.classes_.tolist(),
-               "estimator": self.get_params(), "weight_layout": "linear weights are (in, out): y = x @ W + b"}
+               "estimator": params, "weight_layout": "linear weights are (in, out): y = x @ W + b"}
         clash = sorted(set(doc) & set(metadata or {}))
         if clash:
             raise ValueError(f"metadata may not set {', '.join(clash)}: the head writes them")
@@ -187,7 +225,12 @@ class FusionHead(ClassifierMixin, BaseEstimator):
             raise ValueError(f"{folder}/config.json holds no valid head config ({error}); save the head again") \
                 from None
         known = cls().get_params()
-        head = cls(**{k: v for k, v in (doc.get("estimator") or {}).items() if k in known})
+        recorded = {k: v for k, v in (doc.get("estimator") or {}).items() if k in known}
+        if "input_widths" not in recorded:  # folders written before the parameter: the widths it was fitted on
+            recorded["input_widths"] = tuple(config.input_dims)
+        elif isinstance(recorded["input_widths"], list):  # JSON has no tuples
+            recorded["input_widths"] = tuple(recorded["input_widths"])
+        head = cls(**recorded)
         head.set_params(strategy=config.strategy, fusion=config.fusion, seed=doc.get("seed", 0),
                         dropout=config.dropout, middle_dim=config.middle_dim, fusion_dim=config.fusion_dim)
         head._set_trained(config, {k: v.unsqueeze(0) for k, v in tensors.items()},
@@ -196,14 +239,154 @@ class FusionHead(ClassifierMixin, BaseEstimator):
         return head
 
 
-def _check_inputs(X, modalities: tuple[str, ...], *, name: str, dims: tuple[int, ...] | None = None) -> list:
-    """X as float32 (n, D_m) arrays, one per modality, or a one-line ValueError saying what is wrong."""
-    if not isinstance(X, (list, tuple)):
-        X = [X]
+@contextlib.contextmanager
+def torch_threads(count: int | None):
+    """torch's intra-op thread count set to `count` for the block (None: unchanged), the caller's restored after."""
+    if count is None:
+        yield
+        return
+    if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 1:
+        raise ValueError(f"num_threads must be an integer of at least 1 (or None: torch's setting), got {count!r}")
+    before = torch.get_num_threads()
+    if before != count:
+        torch.set_num_threads(int(count))
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
+class FeatureMatrices(NamedTuple):
+    """A store's splits as FusionHead inputs: each split an (X (n, sum(input_widths)), y (n,) class names) pair."""
+
+    train: tuple[np.ndarray, np.ndarray]
+    val: tuple[np.ndarray, np.ndarray]
+    test: tuple[np.ndarray, np.ndarray]
+    input_widths: tuple[int, ...]  # one per named feature set, in the order named
+    names: tuple[str, ...]
+
+
+def feature_matrices(store, names) -> FeatureMatrices:
+    """The named feature sets of `store` (e.g. heads.inputs_for(store, "2A"), image first) side by side, per
+    split, over the rows ok in every named set (as store.load):
+
+        data = feature_matrices(store, inputs_for(store, "2A"))
+        FusionHead("2A", input_widths=data.input_widths).fit(*data.train, eval_set=data.val).score(*data.test)
+    """
+    names = [names] if isinstance(names, str) else list(names)
+    loaded = store.load(names)
+    class_names = np.asarray(store.classes)
+    splits = {}
+    for split in ("train", "val", "test"):
+        rows = loaded.split == split
+        splits[split] = (np.concatenate([loaded.features[n][rows] for n in names], axis=1),  # (n, sum D)
+                         class_names[loaded.labels[rows]])
+    return FeatureMatrices(**splits, input_widths=tuple(loaded.features[n].shape[1] for n in names),
+                           names=tuple(names))
+
+
+def _widths_param(widths, strategy: str, modalities: tuple[str, ...]) -> tuple[int, ...] | None:
+    """The input_widths parameter as a tuple of positive ints, one per modality (None stays None)."""
+    if widths is None:
+        return None
+    values = (widths,) if isinstance(widths, numbers.Integral) else widths
+    try:
+        values = tuple(values)
+    except TypeError:
+        values = None
+    if values is None or not all(isinstance(w, numbers.Integral) and not isinstance(w, bool) and w > 0
+                                 for w in values):
+        raise ValueError(f"input_widths must be positive integers, one per modality, got {widths!r}; e.g. "
+                         f"input_widths=({', '.join(_EXAMPLE_WIDTHS[m] for m in modalities)})")
+    if len(values) != len(modalities):
+        raise ValueError(f"input_widths={widths!r} gives {len(values)} width(s), but strategy {strategy} reads "
+                         f"{len(modalities)} ({', '.join(modalities)}); e.g. "
+                         f"input_widths=({', '.join(_EXAMPLE_WIDTHS[m] for m in modalities)}"
+                         f"{',' if len(modalities) == 1 else ''})")
+    return tuple(int(w) for w in values)
+
+
+_EXAMPLE_WIDTHS = {"image": "1280", "text": "384"}  # efficientnet_lite0, all-MiniLM-L6-v2
+
+
+def _is_modality_list(X) -> bool:
+    """The older input: a list of per-modality (n, D_m) arrays (a list of rows is a matrix instead)."""
+    return isinstance(X, (list, tuple)) and len(X) > 0 and all(getattr(x, "ndim", None) == 2 for x in X)
+
+
+def _modality_inputs(X, modalities: tuple[str, ...], widths: tuple[int, ...] | None, *, name: str,
+                     fitted: bool = False, strategy: str | None = None) -> list[np.ndarray]:
+    """X as float32 (n, D_m) arrays, one per modality, C-contiguous and writable (torch.from_numpy warns on a
+    read-only array, e.g. from a pandas DataFrame), or a one-line ValueError saying what is wrong. `widths`: the
+    columns of each modality (None: a multimodal X cannot be split; a baseline reads every column); `fitted`:
+    they are the widths the head was fitted on (the messages say so)."""
+    if _is_modality_list(X):
+        return [np.require(x, requirements=["C", "W"])
+                for x in _check_inputs(X, modalities, name=name, dims=widths, fitted=fitted)]
+    matrix = _as_matrix(X, name)
+    columns = matrix.shape[1]
+    if not columns:
+        raise ValueError(f"{name} has 0 feature(s) (shape={matrix.shape}) while a minimum of 1 is required.")
+    if widths is None:
+        if len(modalities) > 1:
+            raise ValueError(f"{name} is one array of {columns} columns, but strategy {strategy} reads "
+                             f"{' and '.join(modalities)} columns side by side: say where they split with "
+                             f"input_widths, e.g. FusionHead({strategy!r}, input_widths=(1280, 384)) for "
+                             "[1280 image columns | 384 text columns]")
+        widths = (columns,)
+    if sum(widths) != columns:
+        parts = " + ".join(f"{m} {w}" for m, w in zip(modalities, widths))
+        if fitted:  # scikit-learn's wording (its check_estimator matches it)
+            raise ValueError(f"{name} has {columns} features, but FusionHead is expecting {sum(widths)} features "
+                             f"as input ({parts}); pass the same feature columns it was trained on, image first")
+        raise ValueError(f"{name} has {columns} columns, but input_widths={widths} add up to {sum(widths)} "
+                         f"({parts}); pass the modalities' columns side by side, image first, or fix input_widths")
+    bad = ~np.isfinite(matrix).all(axis=1)
+    if bad.any():
+        raise ValueError(f"{name} holds NaN or infinite values in {int(bad.sum())} row(s) (first: row "
+                         f"{int(np.flatnonzero(bad)[0])}); drop or impute those rows")
+    edges = np.cumsum((0,) + tuple(widths))
+    return [np.ascontiguousarray(matrix[:, a:b]) if len(widths) > 1 else np.require(matrix, requirements=["C", "W"])
+            for a, b in zip(edges[:-1], edges[1:])]
+
+
+class NotNumericError(TypeError, ValueError):
+    """Features that are not numbers: a ValueError like every bad input here, and the TypeError that
+    scikit-learn's estimators raise for it."""
+
+
+def _as_matrix(X, name: str) -> np.ndarray:
+    if sparse.issparse(X):
+        raise ValueError(f"{name} is a sparse matrix; FusionHead takes dense arrays: pass X.toarray()")
+    if isinstance(X, torch.Tensor):
+        X = X.detach().cpu().float().numpy()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", np.exceptions.ComplexWarning)  # numpy would drop imaginary parts
+            array = np.asarray(X, dtype=np.float32)
+    except np.exceptions.ComplexWarning:
+        raise ValueError(f"Complex data not supported: {name} holds complex numbers; pass real-valued features") \
+            from None
+    except TypeError as error:  # e.g. "float() argument must be a string or a real number, not 'dict'"
+        raise NotNumericError(f"{name} is not numeric ({str(error).splitlines()[0]}); pass feature arrays (e.g. "
+                              "from heads.feature_matrices)") from None
+    except ValueError:
+        raise ValueError(f"{name} is not a numeric 2-D array (rows of equal length); pass feature arrays (e.g. "
+                         "from heads.feature_matrices)") from None
+    if array.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (rows, features), got shape {array.shape}; Reshape your data: "
+                         "X.reshape(1, -1) for one row, X.reshape(-1, 1) for one feature")
+    return array
+
+
+def _check_inputs(X, modalities: tuple[str, ...], *, name: str, dims: tuple[int, ...] | None = None,
+                  fitted: bool = True) -> list:
+    """A list of float32 (n, D_m) arrays, one per modality, or a one-line ValueError saying what is wrong."""
     if len(X) != len(modalities):
         wanted = ", ".join(f"X_{m}" for m in modalities)
         raise ValueError(f"{name}: this head takes {len(modalities)} input(s) ({', '.join(modalities)}), got "
-                         f"{len(X)}; pass [{wanted}]")
+                         f"{len(X)}; pass [{wanted}], or one array of their columns side by side")
     arrays = []
     for i, (x, modality) in enumerate(zip(X, modalities)):
         label = f"{name}[{i}] ({modality})"
@@ -216,8 +399,9 @@ def _check_inputs(X, modalities: tuple[str, ...], *, name: str, dims: tuple[int,
         if array.ndim != 2:
             raise ValueError(f"{label} must be 2-D (rows, features), got shape {array.shape}")
         if dims is not None and array.shape[1] != dims[i]:
-            raise ValueError(f"{label} has {array.shape[1]} features per row, but the head was fitted on "
-                             f"{dims[i]}; pass the same feature set it was trained on")
+            raise ValueError(f"{label} has {array.shape[1]} features per row, but "
+                             + (f"the head was fitted on {dims[i]}; pass the same feature set it was trained on"
+                                if fitted else f"input_widths gives {dims[i]}; fix input_widths or the input"))
         bad = ~np.isfinite(array).all(axis=1)
         if bad.any():
             raise ValueError(f"{label} holds NaN or infinite values in {int(bad.sum())} row(s) (first: row "
@@ -231,13 +415,19 @@ def _check_inputs(X, modalities: tuple[str, ...], *, name: str, dims: tuple[int,
 
 
 def _check_labels(y, n_rows: int, *, name: str) -> np.ndarray:
+    if y is None:
+        raise ValueError(f"FusionHead requires {name} to be passed, but the target {name} is None")
     labels = np.asarray(y.detach().cpu() if isinstance(y, torch.Tensor) else y)
+    if labels.ndim == 2 and labels.shape[1] == 1:  # a column vector, as scikit-learn takes it (with a warning)
+        warnings.warn(f"A column-vector {name} was passed when a 1d array was expected. Please change the shape "
+                      f"of {name} to (n_samples, ), for example using ravel().", DataConversionWarning, stacklevel=3)
+        labels = labels.ravel()
     if labels.ndim != 1:
         raise ValueError(f"{name} must be 1-D (one label per row), got shape {labels.shape}")
     if len(labels) != n_rows:
         raise ValueError(f"{name} has {len(labels)} labels for {n_rows} rows of features")
     if labels.dtype.kind == "f" and not np.isfinite(labels).all():
-        raise ValueError(f"{name} holds NaN labels; drop those rows")
+        raise ValueError(f"Input {name} contains NaN or infinity; drop those rows")
     if labels.dtype == object:
         try:
             labels = labels.astype(str) if all(isinstance(v, str) for v in labels) else labels.astype(np.int64)

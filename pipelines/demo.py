@@ -28,6 +28,7 @@ def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), log: Call
     """Run the pipeline into OUT and return the report's Markdown file."""
     from embedstore.catalog import open_catalog
     from embedstore.extract import ExtractSettings, extract
+    from embedstore.inspect import format_counts
     from embedstore.manifest import SplitSettings, format_summary, prepare_manifest
     from embedstore.synthetic_catalog import make_fashion_catalog
     from heads.report import write_report
@@ -51,7 +52,8 @@ def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), log: Call
     extract_settings = ExtractSettings(image_backbone=settings.image_backbone, text_backbone=settings.text_backbone,
                                        image_size=settings.image_size, device=settings.device)
     for report in extract(manifest_path, store_path, extract_settings):
-        log(f"3/4 extract  {report.name}: {report.computed} rows in {report.seconds:.1f} s, {report.counts}")
+        log(f"3/4 extract  {report.name}: {report.computed} rows in {report.seconds:.1f} s, "
+            f"{format_counts(report.counts)}")
 
     results = out / "results"
     summary = run_sweep(store_path, results,

@@ -217,6 +217,7 @@ class _ManifestJob:
 
     def _extract(self) -> str:
         from embedstore.extract import ExtractSettings, extract
+        from embedstore.inspect import format_counts
 
         s = self.s
         settings = ExtractSettings(image_backbone=s.image_backbone, text_backbone=s.text_backbone,
@@ -227,7 +228,7 @@ class _ManifestJob:
             for report in extract(self.manifest, self.store, settings):
                 if not report.complete:
                     raise ValueError(f"{report.name} in {self.store} is incomplete; rerun to resume extraction")
-                self.log(f"extract {report.name}: {report.computed} rows, {report.counts}")
+                self.log(f"extract {report.name}: {report.computed} rows, {format_counts(report.counts)}")
 
         inputs = {"manifest_sha256": self.sha, "image": self.identity["image"], "text": self.identity["text"]}
         return run_step("extract store.h5", self.store, inputs, work, self.log)
@@ -310,6 +311,7 @@ class _ManifestJob:
 
     def _sweep_modules(self, seed: int, modules: dict) -> None:
         from embedstore.extract import ExtractSettings, extract
+        from embedstore.inspect import format_counts
         from embedstore.modules import module_id
         from heads.strategies import strategies_reading
         from heads.sweep import SweepSettings
@@ -327,7 +329,7 @@ class _ManifestJob:
                 shutil.copyfile(self.store, partial)
                 partial.replace(store)
             for report in extract(self.manifest, store, settings):
-                self.log(f"module features {report.name}: {report.computed} rows, {report.counts}")
+                self.log(f"module features {report.name}: {report.computed} rows, {format_counts(report.counts)}")
 
         inputs = {"store": self.store_digest, "image_module": module_id(image_dir), "text_module": module_id(text_dir)}
         store_digest = run_step(f"module features module-stores/{store.name}", store, inputs, work, self.log)

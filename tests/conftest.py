@@ -1,6 +1,26 @@
-"""Fixtures shared by the test files."""
+"""Fixtures shared by the test files, and the `quick` subset (`pytest -m quick`)."""
+from pathlib import Path
+
 import pytest
 import torch
+
+# Unit tests of one part each, no extraction pipelines, subprocesses or torchrun: about a minute together (measured
+# 1m12s on a shared 2-core machine under load, 20 s of CPU). A new file joins when it is as quick; slow or real
+# tests inside these files stay out.
+QUICK_FILES = frozenset((
+    "test_catalog.py", "test_cli_options.py", "test_decision.py", "test_fusion.py", "test_heads_estimator.py",
+    "test_heads_groups.py", "test_heads_models.py", "test_heads_reference.py", "test_heads_train.py",
+    "test_manifest.py", "test_manifest_fractions.py", "test_model_folder.py", "test_paper_findings.py",
+    "test_paper_targets.py", "test_public_api.py", "test_readme_notebook.py", "test_store.py",
+    "test_store_chunks.py", "test_training.py",
+))
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if Path(str(item.fspath)).name in QUICK_FILES and not item.get_closest_marker("slow") \
+                and not item.get_closest_marker("real"):
+            item.add_marker(pytest.mark.quick)
 
 
 @pytest.fixture(scope="module")

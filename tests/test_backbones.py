@@ -233,6 +233,20 @@ def test_local_hugging_face_folder_loads_by_path(tmp_path):
         assert torch.allclose(loaded(**tokens), original(**tokens), atol=1e-6)
 
 
+def test_loading_a_hugging_face_folder_draws_no_progress_bar(tmp_path, capfd):
+    """transformers' "Loading weights" bar came with every extract and predict; the caller's setting stays."""
+    from transformers.utils import logging as hf_logging
+
+    original = create_backbone("text", "tiny-bert")
+    original.model.save_pretrained(tmp_path / "bert")
+    original.tokenizer.save_pretrained(tmp_path / "bert")
+    capfd.readouterr()
+    assert hf_logging.is_progress_bar_enabled()
+    create_backbone("text", "tiny-bert", weights=str(tmp_path / "bert"))
+    captured = capfd.readouterr()
+    assert "Loading weights" not in captured.err + captured.out
+    assert hf_logging.is_progress_bar_enabled()  # only off while our backbone loads
+
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_explicit_weights_file_loads_back(tmp_path, suffix):
     original = create_backbone("image", "tiny-resnet")

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 from cli.embed import embed
 from embedstore.catalog import open_catalog
+import embedstore.extract
 from embedstore.extract import ExtractSettings, extract
 from embedstore.manifest import Manifest, SplitSettings, prepare_manifest
 from embedstore.store import STATUS_MISSING_IMAGE, STATUS_OK, STATUS_UNREADABLE_IMAGE, FeatureStore
@@ -81,7 +82,7 @@ def test_cli_prepare_extract_inspect_rerun_and_refusals(tmp_path):
     assert "image/tiny-resnet-64px: computed 24 rows" in result.output
 
     result = runner.invoke(embed, ["extract", manifest, "--store", store, *tiny])
-    assert "computed 0 rows" in result.output  # finished rows are never recomputed
+    assert "image/tiny-resnet-64px: already complete (ok: " in result.output  # finished rows: never recomputed
 
     other = ["--image-backbone", "tiny-resnet", "--text-backbone", "none", "--image-size", "48",
              "--workers", "0", "--no-progress"]
@@ -95,6 +96,24 @@ def test_cli_prepare_extract_inspect_rerun_and_refusals(tmp_path):
     assert "train 15, val 3, test 6" in result.output
     assert "image/tiny-resnet-48px/pooled: (24, 512) float32, complete" in result.output
     assert "status      complete" in result.output
+    assert result.output.count("    pipeline: pil") == 2  # both image sets; a pil store records no pipeline key
+
+
+def test_rerun_on_a_finished_store_loads_no_backbone(tmp_path, monkeypatch):
+    """A finished extraction run again said so only after loading both backbones (~30 s for the default pair)."""
+    _, _, manifest_path = prepared(tmp_path)
+    store = tmp_path / "s.h5"
+    extract(manifest_path, store, ExtractSettings(**TINY, workers=0))
+    loaded = []
+    real_create = embedstore.extract.create_backbone
+    monkeypatch.setattr(embedstore.extract, "create_backbone", lambda *a, **k: loaded.append(a) or real_create(*a, **k))
+    reports = extract(manifest_path, store, ExtractSettings(**TINY, workers=0))
+    assert loaded == [] and all(r.already_complete and r.complete and r.computed == 0 for r in reports)
+    assert reports[0].counts["ok"] > 0
+    # what the store alone cannot vouch for goes the usual way: the backbone is loaded and checked
+    with pytest.raises(ValueError, match="another dtype|refusing to mix"):
+        extract(manifest_path, store, ExtractSettings(**TINY, workers=0, dtype="float16"))
+    assert loaded  # a float16 request loaded its backbone
 
 
 def test_cli_errors_are_one_line(tmp_path):

@@ -115,7 +115,9 @@ def test_it_is_a_scikit_learn_estimator(fitted):
      r"X\[1\] \(text\) holds NaN or infinite values in 1 row\(s\) \(first: row 3\)"),
     (lambda xi, xt: [xi, xt[:10]], r"the inputs have 300 vs 10 rows"),
     (lambda xi, xt: [xi, np.full(xt.shape, "a")], r"X\[1\] \(text\) is not numeric"),
-    (lambda xi, xt: [xi[0], xt[0]], r"must be 2-D"),
+    (lambda xi, xt: xi[0],
+     r"X must be 2-D \(rows, features\), got shape \(16,\); Reshape your data: X.reshape\(1, -1\) for one row"),
+    (lambda xi, xt: [xi[0], xt[0]], r"X is not a numeric 2-D array"),
 ])
 def test_bad_inputs_are_one_line_value_errors(fitted, make_input, message):
     head, (xi, xt, _) = fitted
@@ -169,3 +171,180 @@ def test_a_head_folder_written_before_the_convention_still_loads(fitted, tmp_pat
     (old / "config.json").write_text(json.dumps({"config": {"strategy": "2A"}, "classes": []}))
     with pytest.raises(ValueError, match="holds no valid head config"):
         FusionHead.from_pretrained(old)
+
+
+# ---------------------------------------------------------------- one 2-D X: scikit-learn's tools work on it
+
+WIDTHS = (16, 12)
+
+
+def side_by_side(n=300, seed=0):
+    xi, xt, y = make_data(n, seed)
+    return np.hstack([xi, xt]), y  # (n, 28): image columns, then text columns
+
+
+def test_one_matrix_with_input_widths_gives_the_list_inputs_head():
+    """The 2-D X split at input_widths is the list [X_image, X_text]: same weights, same predictions."""
+    xi, xt, y = make_data()
+    X = np.hstack([xi, xt])
+    from_matrix = FusionHead("2A", "gated", input_widths=WIDTHS, **FAST).fit(X[:250], y[:250])
+    from_list = FusionHead("2A", "gated", **FAST).fit([xi[:250], xt[:250]], y[:250])
+    assert from_matrix.input_widths_ == (16, 12) and from_matrix.n_features_in_ == 28
+    assert all(torch.equal(from_matrix.params_[k], from_list.params_[k]) for k in from_list.params_)
+    np.testing.assert_array_equal(from_matrix.predict(X[250:]), from_list.predict([xi[250:], xt[250:]]))
+    np.testing.assert_array_equal(from_list.predict(X[250:]), from_list.predict([xi[250:], xt[250:]]))
+
+
+def test_clone_keeps_the_parameters_and_drops_the_fit():
+    X, y = side_by_side()
+    head = FusionHead("2B", "add", input_widths=WIDTHS, num_threads=None, **FAST).fit(X, y)
+    copy = clone(head)
+    assert copy.get_params() == head.get_params() and copy.input_widths == WIDTHS
+    assert not hasattr(copy, "params_") and not hasattr(copy, "classes_")
+    copy.set_params(lr=1e-2, fusion="concat")
+    assert copy.get_params()["lr"] == 1e-2 and head.get_params()["lr"] == FAST["lr"]
+
+
+def test_cross_val_score_splits_rows_not_modalities():
+    from sklearn.model_selection import cross_val_score
+
+    X, y = side_by_side(240)
+    scores = cross_val_score(FusionHead("2A", input_widths=WIDTHS, **FAST), X, y, cv=3)
+    assert scores.shape == (3,) and scores.min() > 0.8  # chance is 0.25
+
+
+def test_grid_search_over_two_parameters():
+    from sklearn.model_selection import GridSearchCV
+
+    X, y = side_by_side(180)
+    search = GridSearchCV(FusionHead("2A", input_widths=WIDTHS, **FAST),
+                          {"fusion": ["concat", "add"], "lr": [3e-3, 1e-2]}, cv=2).fit(X, y)
+    assert len(search.cv_results_["params"]) == 4
+    assert search.best_params_["fusion"] in ("concat", "add") and search.best_score_ > 0.8
+    assert isinstance(search.best_estimator_, FusionHead) and search.best_estimator_.input_widths_ == WIDTHS
+
+
+def test_a_pipeline_with_a_scaler_in_front():
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    X, y = side_by_side()
+    pipeline = make_pipeline(StandardScaler(), FusionHead("2A", "gated", input_widths=WIDTHS, **FAST))
+    pipeline.fit(X[:250] * 50 + 7, y[:250])  # badly scaled columns: the scaler fixes them
+    assert pipeline.score(X[250:] * 50 + 7, y[250:]) > 0.8
+    assert list(pipeline.classes_) == sorted(NAMES)
+
+
+def test_scikit_learns_check_estimator_passes_for_a_baseline():
+    """Every check of sklearn.utils.estimator_checks (a few seconds with a small head). A multimodal head cannot
+    take part: the checks fit X of 1 to 10 columns, and a 2A head needs input_widths that add up to its X."""
+    from sklearn.utils.estimator_checks import check_estimator
+
+    head = FusionHead("image", batch_size=32, max_epochs=10, patience=3, lr=1e-2, middle_dim=16, device="cpu")
+    results = check_estimator(head, on_fail=None)
+    failed = [(r["check_name"], str(r["exception"]).splitlines()[:1]) for r in results if r["status"] == "failed"]
+    assert not failed and len(results) > 40
+
+
+def test_fit_and_predict_run_on_num_threads_and_restore_the_callers(monkeypatch):
+    """The sweep trains on one thread (fastest for small heads); the estimator did not, so a notebook's fit ran
+    on every core, many times slower."""
+    X, y = side_by_side(120)
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return train_heads(*args, **kwargs)
+
+    monkeypatch.setattr(heads.estimator, "train_heads", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        head = FusionHead("2A", input_widths=WIDTHS, **FAST).fit(X, y)  # num_threads=1 by default
+        assert seen == [1] and torch.get_num_threads() == 2
+        FusionHead("2A", input_widths=WIDTHS, num_threads=None, **FAST).fit(X, y)
+        assert seen == [1, 2]  # None: torch's own setting
+        head.predict(X)
+        assert torch.get_num_threads() == 2
+        with pytest.raises(ValueError, match="num_threads must be an integer of at least 1"):
+            FusionHead("2A", input_widths=WIDTHS, num_threads=0, **FAST).fit(X, y)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("kwargs,X_of,message", [
+    ({}, lambda X: X, r"X is one array of 28 columns, but strategy 2A reads image and text columns side by side:"
+                      r" say where they split with input_widths, e.g. FusionHead\('2A', input_widths=\(1280, 384\)\)"),
+    ({"input_widths": (16, 10)}, lambda X: X, r"X has 28 columns, but input_widths=\(16, 10\) add up to 26"),
+    ({"input_widths": (28,)}, lambda X: X, r"input_widths=\(28,\) gives 1 width\(s\), but strategy 2A reads 2"),
+    ({"input_widths": (16, -12)}, lambda X: X, r"input_widths must be positive integers"),
+    ({"input_widths": WIDTHS}, lambda X: X[:0], r"X has 0 rows; fit needs training rows"),
+    ({"input_widths": WIDTHS}, lambda X: X[:, :0], r"X has 0 feature\(s\)"),
+    ({"input_widths": WIDTHS}, lambda X: X[0], r"X must be 2-D"),
+])
+def test_bad_matrices_are_one_line_value_errors(kwargs, X_of, message):
+    X, y = side_by_side()
+    with pytest.raises(ValueError, match=message) as error:
+        FusionHead("2A", **kwargs, **FAST).fit(X_of(X), y[:len(X_of(X))] if X_of(X).ndim == 2 else y)
+    assert "\n" not in str(error.value)
+
+
+def test_predict_on_other_columns_names_the_fitted_widths():
+    X, y = side_by_side()
+    head = FusionHead("2A", input_widths=WIDTHS, **FAST).fit(X, y)
+    with pytest.raises(ValueError, match=r"X has 20 features, but FusionHead is expecting 28 features as input "
+                                         r"\(image 16 \+ text 12\)"):
+        head.predict(X[:, :20])
+
+
+def test_a_baseline_reads_every_column_or_its_one_width():
+    X, y = side_by_side()
+    for widths in (None, 28, (28,)):
+        head = FusionHead("image", input_widths=widths, **FAST).fit(X, y)
+        assert head.input_widths_ == (28,) and head.score(X, y) > 0.8
+
+
+def test_read_only_input_as_from_a_dataframe_trains_without_a_warning():
+    """pandas (copy-on-write) hands out read-only arrays; torch.from_numpy warned "The given NumPy array is not
+    writable" on every fit and predict."""
+    import warnings
+
+    X, y = side_by_side()
+    X.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        head = FusionHead("2A", input_widths=WIDTHS, **FAST).fit(X, y)
+        head.predict_proba(X)
+        FusionHead("image", **FAST).fit(X, y).predict(X)  # one modality: no column split copies it
+
+
+def test_save_and_load_keep_input_widths_and_take_the_matrix(tmp_path):
+    X, y = side_by_side()
+    head = FusionHead("2A", "gated", input_widths=WIDTHS, **FAST).fit(X[:250], y[:250])
+    head.save_pretrained(tmp_path / "h")
+    loaded = FusionHead.from_pretrained(tmp_path / "h")
+    assert loaded.get_params() == head.get_params() and loaded.input_widths == WIDTHS
+    np.testing.assert_array_equal(loaded.predict_proba(X[250:]), head.predict_proba(X[250:]))
+    refit = clone(loaded).fit(X[:250], y[:250])  # a loaded head's parameters fit again as they are
+    np.testing.assert_array_equal(refit.predict(X[250:]), head.predict(X[250:]))
+
+
+def test_feature_matrices_puts_a_stores_sets_side_by_side(tmp_path):
+    from embedstore.store import FeatureStore, write_store_from_arrays
+
+    from heads import feature_matrices, inputs_for
+
+    xi, xt, y = make_data(60)
+    labels = np.searchsorted(sorted(NAMES), y)
+    split = np.array(["train", "val", "test"] * 20)
+    write_store_from_arrays(tmp_path / "s.h5", ids=[str(i) for i in range(60)], labels=labels, splits=split,
+                            classes=sorted(NAMES), manifest_sha256="m",
+                            features={"image/a/pooled": (xi, {}), "text/b/pooled": (xt, {})})
+    with FeatureStore(tmp_path / "s.h5") as store:
+        data = feature_matrices(store, inputs_for(store, "2A"))
+    assert data.input_widths == (16, 12) and data.names == ("image/a/pooled", "text/b/pooled")
+    X_val, y_val = data.val
+    np.testing.assert_array_equal(X_val, np.hstack([xi[1::3], xt[1::3]]))
+    np.testing.assert_array_equal(y_val, y[1::3])
+    assert [len(part[0]) for part in (data.train, data.val, data.test)] == [20, 20, 20]

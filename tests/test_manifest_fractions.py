@@ -10,7 +10,8 @@ from click.testing import CliRunner
 from catalog_factory import make_fashion_catalog
 from cli.embed import main
 from embedstore.catalog import open_catalog
-from embedstore.manifest import FractionSettings, Manifest, SplitSettings, prepare_manifest, split_counts
+from embedstore.manifest import (FractionSettings, Manifest, SplitSettings, prepare_manifest, scaled_split,
+                                 split_counts)
 
 PER_CLASS = {"Tshirts": 23, "Watches": 9, "Casual Shoes": 4, "Belts": 2}   # imbalanced, like a real catalog
 FRACTIONS = FractionSettings(fractions=(0.7, 0.1, 0.2), min_items=3, seed=0)
@@ -141,3 +142,41 @@ def test_real_catalog_whole():
     assert manifest.split_counts() == {"train": 30_551, "val": 4_368, "test": 8_742}
     assert manifest.dropped == {"malformed row": 0, "no image": 374, "empty title": 0, "class too small": 411,
                                 "not sampled": 0}
+
+
+# ------------------------------------------------------------------ --items-per-class N alone: the 7:1:2 split of N
+@pytest.mark.parametrize("n, expected", [(250, (175, 25, 50)), (40, (28, 4, 8)), (10, (7, 1, 2)), (5, (3, 1, 1)),
+                                         (3, (1, 1, 1)), (251, (176, 25, 50))])
+def test_scaled_split_is_the_papers_ratio(n, expected):
+    assert scaled_split(n) == expected
+
+
+def test_scaled_split_needs_an_item_per_split():
+    with pytest.raises(ValueError, match="2 items per class cannot be split 7:1:2"):
+        scaled_split(2)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--items-per-class", "10"], (7, 1, 2)),                                         # scaled, no arithmetic
+    (["--items-per-class", "10", "--train", "5", "--val", "2", "--test", "3"], (5, 2, 3)),   # given counts win
+    (["--items-per-class", "10", "--val", "0", "--test", "3"], (7, 0, 3)),           # the rest from 7:1:2
+])
+def test_cli_items_per_class_alone_scales_the_split(fashion, tmp_path, args, expected):
+    out = tmp_path / "m.json"
+    result = CliRunner().invoke(main, ["prepare", str(fashion.path), "--out", str(out), "--min-items", "10"] + args)
+    assert result.exit_code == 0, result.output
+    train, val, test = expected
+    assert Manifest.load(out).settings == SplitSettings(min_items=10, items_per_class=10, train=train, val=val,
+                                                        test=test)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--items-per-class", "10", "--train", "5", "--val", "2", "--test", "2"],
+     "5 + 2 + 2 = 9 must equal items_per_class = 10"),
+    (["--items-per-class", "10", "--train", "8"], "8 + 1 + 2 = 11 must equal"),
+    (["--items-per-class", "2", "--min-items", "2"], "2 items per class cannot be split 7:1:2"),
+])
+def test_cli_given_counts_must_add_up(fashion, tmp_path, args, message):
+    result = CliRunner().invoke(main, ["prepare", str(fashion.path), "--out", str(tmp_path / "m.json"),
+                                       "--min-items", "10"] + args)
+    assert result.exit_code == 2 and message in result.output, result.output

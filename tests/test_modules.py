@@ -249,6 +249,9 @@ def test_cli_finetune_and_extract_modules(world, tmp_path):
         assert column in result.output
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["strategy"] == 2 and metrics["non_trainable_parameters"] > 0
+    # counts in words ("items train: 42, val: 12, test: 18"), not a Python dict
+    assert all(f"{split}: {n}" in result.output for split, n in metrics["items"].items())
+    assert "{" not in result.output
     assert not (out / "checkpoint.json").exists()  # S1/S2: seconds of training, nothing to resume
 
     result = runner.invoke(embed, ["finetune", *common, "--strategy", "1", "--out", str(tmp_path / "x")])
