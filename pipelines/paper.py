@@ -26,6 +26,7 @@ from typing import Callable
 
 from embedstore.fingerprint import fingerprint
 from embedstore.manifest import SplitSettings
+from embedstore.outputs import partial_file, write_text_atomic
 
 STAMP_SUFFIX = ".stamp.json"
 # FinetuneSettings fields added after stamps were first written, with their default: a stamp leaves a field out
@@ -146,12 +147,13 @@ def run_step(label: str, output: Path, inputs: dict, work: Callable[[], None], l
     elif old:
         reason = "resuming an unfinished run" if output.exists() else "output missing"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"inputs": inputs, "finished": False}, indent=1, sort_keys=True) + "\n")
+    write_text_atomic(path, json.dumps({"inputs": inputs, "finished": False}, indent=1, sort_keys=True) + "\n")
     start = time.perf_counter()
     work()
     seconds = time.perf_counter() - start
-    path.write_text(json.dumps({"inputs": inputs, "finished": True, "seconds": seconds,
-                                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1, sort_keys=True) + "\n")
+    write_text_atomic(path, json.dumps({"inputs": inputs, "finished": True, "seconds": seconds,
+                                        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1, sort_keys=True)
+                      + "\n")
     log(f"{label}: run ({reason}) in {seconds:.1f} s")
     return digest(inputs)
 
@@ -199,7 +201,7 @@ def run_paper(catalog: str | Path, out: str | Path, settings: PaperSettings = Pa
         job = _ManifestJob(catalog, out / f"manifest-seed-{m}", m, settings, identity, say)
         plan["manifests"].append(job.run())
     plan["catalog_images"] = _image_sizes(Path(plan["manifests"][0]["manifest"]))
-    (out / PLAN_FILE).write_text(json.dumps(plan, indent=1, sort_keys=True) + "\n")
+    write_text_atomic(out / PLAN_FILE, json.dumps(plan, indent=1, sort_keys=True) + "\n")
     report_dir = out / "report"
     run_step("report", report_dir, report_inputs(out), lambda: write_paper_report(out, report_dir), say)
     return report_dir / "report.md"
@@ -373,10 +375,8 @@ class _ManifestJob:
 
         def work():
             if not store.exists():  # a copy of the pooled features: frozen modules then need no backbone pass
-                store.parent.mkdir(parents=True, exist_ok=True)
-                partial = store.with_name(store.name + ".partial")
-                shutil.copyfile(self.store, partial)
-                partial.replace(store)
+                with partial_file(store) as partial:
+                    shutil.copyfile(self.store, partial)
             for report in extract(self.manifest, store, settings):
                 self.log(f"module features {report.name}: {report.computed} rows, {report.counts}")
 
