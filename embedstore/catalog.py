@@ -270,7 +270,7 @@ class CsvCatalog(Catalog):
 def _records(reader: csv.DictReader):
     """(line number, record, None) per row of a DictReader, or (line number, None, reason) for a row the csv
     module cannot parse: a counted malformed row, never a traceback. The line is the row's last (rows may span
-    lines inside quotes)."""
+    lines inside quotes), or for a row that cannot be parsed the line it starts on."""
     while True:
         try:
             record = next(reader)
