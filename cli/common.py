@@ -52,8 +52,10 @@ def one_line_errors(command):
         except UnicodeDecodeError as error:  # its args[0] is just the codec name ("utf-8")
             raise InputError(f"input is not valid {error.encoding} text (byte {error.start}: {error.reason}); "
                              "re-save it as UTF-8") from None
+        except BrokenPipeError:
+            raise  # `embed inspect S | head`: click ends quietly (stdout closed by the reader), no "Error: Broken pipe"
         except (ValueError, FileNotFoundError, NotADirectoryError, KeyError) as error:
-            if isinstance(error, OSError) and error.filename is not None and error.strerror:
+            if isinstance(error, OSError) and error.strerror:  # its args[0] is the errno ("Error: 2")
                 raise InputError(os_error_line(error)) from None
             message = error.args[0] if error.args else str(error)
             raise InputError(str(message).splitlines()[0] if message else type(error).__name__) from None

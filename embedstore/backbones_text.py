@@ -16,6 +16,7 @@ from embedstore.backbones import (
     register_backbone,
     weights_id_for,
 )
+from embedstore.outputs import write_text_atomic
 
 
 def _offline():
@@ -177,11 +178,8 @@ def _tiny_vocab_file() -> str:
     digest = hashlib.sha256(text.encode()).hexdigest()[:12]
     folder = Path(tempfile.gettempdir()) / f"embedstore-tiny-bert-{digest}"
     path = folder / "vocab.txt"
-    if not path.is_file():  # content-addressed: concurrent writers write the same bytes, then rename atomically
-        folder.mkdir(parents=True, exist_ok=True)
-        partial = folder / f"vocab.txt.{os.getpid()}"
-        partial.write_text(text)
-        os.replace(partial, path)
+    if not path.is_file():  # content-addressed: concurrent writers write the same bytes, each renamed whole
+        write_text_atomic(path, text)
     return str(path)
 
 

@@ -12,12 +12,15 @@ in each process, because DataLoader worker processes read images through it.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import os
 import zipfile
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 FASHION_STYLES = "styles.csv"
 FASHION_ID, FASHION_LABEL, FASHION_TITLE = "id", "articleType", "productDisplayName"
@@ -186,21 +189,27 @@ class FashionCatalog(Catalog):
         return {"format": self.format, "path": self.path, "root": self.root}
 
     def read_rows(self) -> CatalogRows:
-        lines = self._files.read(FASHION_STYLES).split(b"\n")
+        data = self._files.read(FASHION_STYLES)
+        lines = data.split(b"\n")
         header = [name.strip() for name in lines[0].decode("utf-8", "replace").lstrip("\ufeff").rstrip("\r").split(",")]
         columns = _fashion_columns(header, self.path)
         rows, seen = CatalogRows(), {}
-        for line_no, raw in enumerate(lines[1:], start=2):
-            raw = raw.rstrip(b"\r")
-            if not raw.strip():
-                continue  # blank line (the file's final newline): not a row
-            fields, reason = _split_fashion_line(raw, len(header))
-            if reason is None:
-                item = CatalogItem(id=fields[columns[0]], label=fields[columns[1]], title=fields[columns[2]],
-                                   image=f"images/{fields[columns[0]]}.jpg")
-                reason = _row_problem(item, seen, line_no)
-            _keep(rows, item if reason is None else None, line_no, reason)
+        with csv_fields_up_to(len(data)):
+            for line_no, raw in enumerate(lines[1:], start=2):
+                self._read_line(rows, seen, columns, len(header), line_no, raw)
         return rows
+
+    def _read_line(self, rows: CatalogRows, seen: dict, columns, n_fields: int, line_no: int, raw: bytes) -> None:
+        raw = raw.rstrip(b"\r")
+        if not raw.strip():
+            return  # blank line (the file's final newline): not a row
+        fields, reason = _split_fashion_line(raw, n_fields)
+        item = None
+        if reason is None:
+            item = CatalogItem(id=fields[columns[0]], label=fields[columns[1]], title=fields[columns[2]],
+                               image=f"images/{fields[columns[0]]}.jpg")
+            reason = _row_problem(item, seen, line_no)
+        _keep(rows, item if reason is None else None, line_no, reason)
 
 
 class CsvCatalog(Catalog):
@@ -231,22 +240,68 @@ class CsvCatalog(Catalog):
         for role, name in asdict(self.columns).items():
             if name not in header:
                 raise ValueError(f"column {name!r} (the {role} column) not in {self.path}; columns present: "
-                                 f"{', '.join(header) or '(none)'}; name the right one in CsvColumns({role}=...)")
+                                 f"{', '.join(header) or '(none)'}; name the right one with --{role}-column "
+                                 f"(CsvColumns({role}=...) from Python)")
+        refuse_duplicated_columns(header, asdict(self.columns).values(), self.path)
 
     def read_rows(self) -> CatalogRows:
-        reader = csv.DictReader(io.StringIO(self._text()))
-        self._check_columns(reader.fieldnames or [])
+        text = self._text()
         names = self.columns
         rows, seen = CatalogRows(), {}
-        for record in reader:
-            line_no = reader.line_num  # the row's last line; rows may span lines inside quotes
-            values = [record.get(name) for name in (names.id, names.label, names.title, names.image)]
-            if any(value is None for value in values):
-                rows.malformed.append((line_no, f"expected {len(reader.fieldnames)} fields, found fewer"))
-                continue
-            item = CatalogItem(*(value.strip() for value in values))
-            _keep(rows, item, line_no, _row_problem(item, seen, line_no))
+        with csv_fields_up_to(len(text)):
+            reader = csv.DictReader(io.StringIO(text))
+            try:
+                self._check_columns(reader.fieldnames or [])
+            except csv.Error as error:
+                raise ValueError(f"{self.path}: its header line is not valid CSV ({error})") from None
+            for line_no, record, reason in _records(reader):
+                if record is None:
+                    rows.malformed.append((line_no, reason))
+                    continue
+                values = [record.get(name) for name in (names.id, names.label, names.title, names.image)]
+                if any(value is None for value in values):
+                    rows.malformed.append((line_no, f"expected {len(reader.fieldnames)} fields, found fewer"))
+                    continue
+                item = CatalogItem(*(value.strip() for value in values))
+                _keep(rows, item, line_no, _row_problem(item, seen, line_no))
         return rows
+
+
+def _records(reader: csv.DictReader):
+    """(line number, record, None) per row of a DictReader, or (line number, None, reason) for a row the csv
+    module cannot parse: a counted malformed row, never a traceback. The line is the row's last (rows may span
+    lines inside quotes), or for a row that cannot be parsed the line it starts on."""
+    while True:
+        try:
+            record = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as error:  # line_num still counts the rows before: this one starts on the next line
+            yield reader.line_num + 1, None, f"not valid CSV ({error})"
+            continue
+        yield reader.line_num, record, None
+
+
+@contextlib.contextmanager
+def csv_fields_up_to(size: int):
+    """The csv module's field size limit raised to `size` (never below its default) for the block. Its default,
+    131072 characters, turns a long title into a csv.Error; a file's whole text, already in memory, bounds any
+    field it holds, so that is a safe bound."""
+    before = csv.field_size_limit()
+    csv.field_size_limit(max(before, min(size + 1, 2**31 - 1)))  # a C long on every platform
+    try:
+        yield
+    finally:
+        csv.field_size_limit(before)
+
+
+def refuse_duplicated_columns(header: list[str], read: Iterable[str], source) -> None:
+    """A header naming a column this tool reads twice is refused: csv.DictReader would silently keep the last."""
+    counts = Counter(header)
+    duplicated = sorted({name for name in read if name and counts[name] > 1})
+    if duplicated:
+        raise ValueError(f"{source}: the header names column(s) {', '.join(repr(n) for n in duplicated)} more "
+                         "than once, so which one to read is ambiguous; rename or remove the extra column(s)")
 
 
 # ------------------------------------------------------------------------------------------------- helpers
@@ -267,7 +322,10 @@ def _split_fashion_line(raw: bytes, n_fields: int) -> tuple[list[str], str | Non
         return [], f"not valid UTF-8 (byte {error.start})"
     fields = None
     if '"' in line:
-        parsed = next(csv.reader([line]))
+        try:
+            parsed = next(csv.reader([line]))
+        except csv.Error:  # not proper CSV after all: split it like any other line
+            parsed = []
         fields = parsed if len(parsed) == n_fields else None
     if fields is None:
         fields = line.split(",", n_fields - 1)
@@ -294,6 +352,7 @@ def _fashion_columns(header: list[str], path: str) -> tuple[int, int, int]:
     if missing:
         raise ValueError(f"{FASHION_STYLES} in {path} lacks column(s) {', '.join(missing)}; columns present: "
                          f"{', '.join(header)}; is this a Fashion Product Images catalog?")
+    refuse_duplicated_columns(header, (FASHION_ID, FASHION_LABEL, FASHION_TITLE), f"{FASHION_STYLES} in {path}")
     if header[-1] != FASHION_TITLE:
         raise ValueError(f"{FASHION_STYLES} in {path}: {FASHION_TITLE} must be the last column (found "
                          f"{header[-1]!r}), because titles may hold unquoted commas")

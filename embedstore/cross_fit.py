@@ -58,8 +58,12 @@ def assign_folds(manifest, k: int, seed: int) -> dict[str, int]:
     smallest = min(counts, key=lambda label: (counts[label], label)) if counts else None
     if smallest is None or counts[smallest] < k:
         have = f"class {smallest!r} has {counts[smallest]}" if smallest else "the manifest has none"
-        raise ValueError(f"--cross-fit {k} needs at least {k} training items in every class, but {have}; "
-                         f"choose a K of at most {counts[smallest] if smallest else 0}")
+        # the suggestion must itself be accepted: K is at least 2, so a class of one training item allows none
+        most = counts[smallest] if smallest else 0
+        fix = (f"choose a K of at least 2 and at most {most}" if most >= 2 else
+               "cross-fitting needs at least 2 training items in every class: train without --cross-fit, or "
+               "prepare a manifest with more training items per class")
+        raise ValueError(f"--cross-fit {k} needs at least {k} training items in every class, but {have}; {fix}")
     labels = np.array([item.label for item in train])
     folds = np.empty(len(train), dtype=np.int64)
     splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)

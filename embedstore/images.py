@@ -17,7 +17,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from embedstore.image_pipeline import BatchedImageTransform, decode_to_uint8, group_by_size
-from embedstore.preprocess import shorter_side
+from embedstore.preprocess import as_viewed_rgb, shorter_side
 from embedstore.store import STATUS_IMAGE_TOO_LARGE, STATUS_MISSING_IMAGE, STATUS_OK, STATUS_UNREADABLE_IMAGE
 
 
@@ -49,7 +49,7 @@ class ImageRows(Dataset):
                 with Image.open(io.BytesIO(data)) as image:
                     if self.resize and resized_pixels(image.size, self.resize) > Image.MAX_IMAGE_PIXELS:
                         return row, None, STATUS_IMAGE_TOO_LARGE
-                    pixels = self.transform(image.convert("RGB"))  # (3, H, W)
+                    pixels = self.transform(as_viewed_rgb(image))  # (3, H, W)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             return row, None, STATUS_IMAGE_TOO_LARGE
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError):

@@ -5,12 +5,12 @@ from collections import Counter
 from pathlib import Path
 
 from embedstore.image_pipeline import recorded_pipeline
-from embedstore.store import SPLITS, FeatureStore
+from embedstore.store import SPLITS, FeatureStore, label_problem
 
 
 def describe_store(path: str | Path) -> list[str]:
     """Items per split, classes, every feature set with shape, dtype, provenance and skipped items."""
-    with FeatureStore(path) as store:
+    with FeatureStore(path, check_labels=False) as store:  # damaged labels are described, not refused
         split_counts = Counter(store.split.tolist())
         lines = [
             f"store       {store.path}",
@@ -48,6 +48,8 @@ def describe_store(path: str | Path) -> list[str]:
         overall = "complete" if store.complete else "NOT complete"
         if damaged:
             overall = f"DAMAGED ({damaged} feature sets hold non-finite rows marked ok)"
+        if labels := label_problem(store.labels, store.classes):  # every reader refuses such a store
+            overall = f"DAMAGED ({labels}; readers refuse it: extract into a new --store)"
         lines.append(f"status      {overall}")
     return lines
 

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 
 from embedstore.catalog import Catalog, CatalogItem, open_catalog_from_spec
+from embedstore.outputs import write_bytes_atomic
 from embedstore.preprocess import clean_title
 
 MANIFEST_FORMAT = "embedstore-manifest"
@@ -199,8 +200,8 @@ class Manifest:
         return hashlib.sha256(self.to_bytes()).hexdigest()
 
     def save(self, path: str | os.PathLike) -> None:
-        with open(path, "wb") as handle:
-            handle.write(self.to_bytes())
+        """Write the canonical bytes to PATH, whole or not at all: a failure (a full disk) keeps the old file."""
+        write_bytes_atomic(path, self.to_bytes())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Manifest":
@@ -292,8 +293,24 @@ def prepare_manifest(catalog: Catalog, settings: SplitSettings | FractionSetting
         drawn = _draw_class(label, members, settings)
         dropped["not sampled"] += len(members) - len(drawn)
         items.extend(drawn)
+    if not items:  # a 0-class manifest would make a 0-row store that calls itself complete
+        raise ValueError(f"no usable items: {_why_none(catalog, rows.n_rows, dropped, small_classes, settings)}")
     return Manifest(catalog=catalog.spec(), settings=settings, classes=classes, items=items, dropped=dropped,
                     small_classes=small_classes, malformed=list(rows.malformed))
+
+
+def _why_none(catalog: Catalog, n_rows: int, dropped: dict, small_classes: dict, settings) -> str:
+    """Why a catalog gave no item, in one line that says what to change."""
+    if not n_rows:
+        return f"{catalog.path} has no data rows (a header only?); give a catalog with items"
+    counts = ", ".join(f"{reason} {n}" for reason, n in dropped.items() if n)
+    if small_classes:
+        largest = max(small_classes, key=lambda label: (small_classes[label], label))
+        fix = ("lower --min-items" if isinstance(settings, FractionSettings) else
+               "lower --min-items and --items-per-class (--train/--val/--test adding up to it), or use --fractions")
+        return (f"of {n_rows} rows ({counts}), no class has {settings.min_items} usable items (the largest, "
+                f"{largest!r}, has {small_classes[largest]}); {fix}")
+    return f"none of the {n_rows} rows of {catalog.path} is usable ({counts}); check its images and titles"
 
 
 def _unusable_reason(catalog: Catalog, item: CatalogItem) -> str | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import secrets
 from pathlib import Path
 
 
@@ -28,17 +29,83 @@ def check_writable(path: str | os.PathLike, *, folder: bool) -> None:
         raise PermissionError(errno.EACCES, "Permission denied (this folder is not writable)", existing)
 
 
+# errors of writing (not of reading an input): a file being written that fails with one of these names the output
+WRITE_ERRNOS = frozenset((errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS))
+
+
 @contextlib.contextmanager
 def partial_file(path: str | os.PathLike):
-    """Yields PATH.partial to write; renames it to PATH on success and removes it on any failure."""
+    """Yields a temporary path beside PATH (PATH.<random>.partial, in the same folder) to write; on success the
+    file is flushed to disk (fsync) and renamed over PATH (os.replace), so PATH holds the old file or the whole
+    new one, never a half (a full disk, a kill, a crash). On any failure the temporary file is removed and PATH is
+    untouched. A write error that names no file (a full disk: "No space left on device") is raised naming PATH.
+
+    The one way the tools write an output file; `write_bytes_atomic`, `write_text_atomic` and `open_atomic` are
+    its shorthands. Each writer gets its own temporary name, so two runs writing one PATH at once each leave a
+    whole file (the last rename wins) instead of interleaving into one shared temporary file."""
     path = Path(path)
-    partial = path.with_name(path.name + ".partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # O_EXCL: a name of this writer's own; 0o666 less the umask, as any file written
+        partial = path.with_name(f"{path.name}.{secrets.token_hex(4)}.partial")
+        os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666))
+    except OSError as error:
+        if error.filename is not None:
+            raise
+        raise _naming(error, path) from None
     try:
         yield partial
+        fsync_file(partial)
         os.replace(partial, path)
-    except BaseException:
+    except BaseException as error:
         partial.unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.filename is None and error.errno in WRITE_ERRNOS:
+            raise _naming(error, path) from None
         raise
+    try:
+        _fsync(path.parent, os.O_RDONLY | os.O_DIRECTORY)  # the rename itself survives a power cut
+    except OSError:
+        pass  # some file systems cannot fsync a folder; the file itself is whole either way
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write DATA to PATH whole or not at all (see partial_file)."""
+    with open_atomic(path, "wb") as handle:
+        handle.write(data)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> None:
+    """Write TEXT to PATH whole or not at all (see partial_file)."""
+    write_bytes_atomic(path, text.encode(encoding))
+
+
+@contextlib.contextmanager
+def open_atomic(path: str | os.PathLike, mode: str = "w", **kwargs):
+    """open(PATH, MODE) for writing, whose file appears at PATH whole when the block ends without an error, and
+    not at all (the old PATH intact) when it fails (see partial_file). MODE: "w" or "wb" (+ open's keywords)."""
+    if mode not in ("w", "wb", "wt"):
+        raise ValueError(f"open_atomic writes a whole new file: mode 'w' or 'wb', not {mode!r}")
+    with partial_file(path) as partial, open(partial, mode, **kwargs) as handle:
+        yield handle
+
+
+def _naming(error: OSError, path: Path) -> OSError:
+    """The same error, naming the output path (h5py's and a file object's write errors name no file)."""
+    what = error.strerror or (str(error).splitlines()[0] if str(error) else type(error).__name__)
+    return OSError(error.errno or errno.EIO, what, str(path))
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush a closed file's data to disk (before a rename or link makes it visible under its name)."""
+    _fsync(path, os.O_RDONLY)
+
+
+def _fsync(path: str | os.PathLike, flags: int) -> None:
+    descriptor = os.open(path, flags)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def relative_to_folder(path: str | os.PathLike, folder: str | os.PathLike) -> str:

@@ -124,4 +124,39 @@ def build_image_transform(image_size: int, mean, std, *, train: bool = False, re
 
 def _to_rgb(image):
     # A module-level function, not a lambda, so the transform pickles into DataLoader workers.
-    return image if image.mode == "RGB" else image.convert("RGB")
+    return image if image.mode == "RGB" else as_viewed_rgb(image)
+
+
+EXIF_ORIENTATION = 0x0112
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def as_viewed_rgb(image):
+    """A decoded PIL image as a photo viewer shows it, in RGB: the one decoding rule of every image path
+    (extraction in both image pipelines, S3 training, `heads predict`; embedstore/images.py).
+
+    - turned upright by its EXIF orientation (a phone photo's pixels are stored sideways);
+    - 16-bit grey ("I;16", and "I" as PIL opens some 16-bit files) scaled to 8 bits: PIL's convert clips at 255,
+      which turns a mid-grey 16-bit PNG (32768) white;
+    - transparency (an alpha channel, a palette's or a PNG's transparent colour) composited over white, where
+      convert would drop the alpha and show whatever colour the transparent pixels happen to hold.
+    """
+    from PIL import Image, ImageOps
+
+    try:
+        orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # a damaged EXIF block: a viewer ignores it and shows the pixels, and so do we
+        orientation = 1
+    if orientation in range(2, 9):
+        image = ImageOps.exif_transpose(image)
+    if image.mode in SIXTEEN_BIT_MODES:
+        import numpy as np
+
+        values = np.asarray(image, dtype=np.float32)  # (H, W) 0..65535
+        image = Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8), mode="L")
+    if image.mode in ("P", "PA", "LA", "La", "RGBa") or "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode == "RGBA":
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, image).convert("RGB")
+    return image.convert("RGB")

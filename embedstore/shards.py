@@ -8,6 +8,7 @@ small item tables, and the folder can move as a whole, but the shard files must 
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -19,6 +20,7 @@ import h5py
 import numpy as np
 
 from embedstore.manifest import Manifest
+from embedstore.outputs import partial_file
 from embedstore.store import (
     IDENTITY_KEYS,
     SHARD_KEYS,
@@ -140,6 +142,9 @@ class _ShardFile:
 def merge_shards(paths: Iterable[str | Path], out: str | Path) -> Path:
     """Check that the shards fit together and write `out`, a store reading their rows through virtual datasets."""
     paths, out = [Path(p) for p in paths], Path(out)
+    if not out.parent.is_dir():  # a merged store reads its shards by relative name: it belongs in an existing folder
+        raise FileNotFoundError(errno.ENOENT, "the folder of --out does not exist (create it, or merge beside the "
+                                "shards)", str(out.parent))
     if not paths:
         raise ValueError("no shard files given: pass every STORE.shard-k-of-n.h5 of one extraction")
     if len({p.resolve() for p in paths}) < len(paths):
@@ -150,9 +155,15 @@ def merge_shards(paths: Iterable[str | Path], out: str | Path) -> Path:
     _check_same_feature_sets(shards)
     _check_complete(shards)
     _refuse_overwriting(out, paths)
-    tmp = out.with_name(out.name + ".merging")  # same folder, so the relative source names hold for `out` too
-    _write_merged(shards, tmp)
-    tmp.replace(out)
+    # written beside `out` (same folder, so the relative source names hold for `out` too) and renamed whole
+    with partial_file(out) as partial:
+        try:
+            _write_merged(shards, partial, out)
+        except OSError as error:  # h5py's message (a full disk) names no file
+            if error.filename is not None:
+                raise
+            raise OSError(error.errno or errno.EIO, f"cannot write the merged store ({str(error).splitlines()[0]})",
+                          str(out)) from None
     return out
 
 
@@ -241,9 +252,10 @@ def _refuse_overwriting(out: Path, shards: list[Path]) -> None:
 # ----------------------------------------------------------------------------------------------- writing
 
 
-def _write_merged(shards: list[_ShardFile], out: Path) -> None:
+def _write_merged(shards: list[_ShardFile], partial: Path, out: Path) -> None:
+    """The merged store `out`, written to `partial` (a temporary file in its folder)."""
     names = [os.path.relpath(s.path.resolve(), out.resolve().parent) for s in shards]  # relative: the folder may move
-    with h5py.File(out, "w", locking=False) as f:
+    with h5py.File(partial, "w", locking=False) as f:
         _copy_tables(shards, f, names)
         with h5py.File(shards[0].path, "r", locking=False) as first:
             for modality, sources in first["features"].items():

@@ -139,6 +139,17 @@ def open_readonly(path: Path) -> h5py.File:
     return f
 
 
+def label_problem(labels: np.ndarray, classes: list) -> str | None:
+    """What is wrong with a store's item labels (indices into its classes), or None: '3 item labels lie outside
+    0..5 (its 6 classes), e.g. -1, 99'."""
+    bad = (labels < 0) | (labels >= len(classes))
+    if not bad.any():
+        return None
+    examples = ", ".join(str(v) for v in np.unique(labels[bad])[:3])
+    where = f"0..{len(classes) - 1} (its {len(classes)} classes)" if classes else "any class (it has no classes)"
+    return f"{int(bad.sum())} item labels lie outside {where}, e.g. {examples}"
+
+
 def refuse_missing_sources(file: h5py.File, path: Path) -> None:
     """A merged store's virtual datasets read from shard files; HDF5 silently fills the rows of a missing one
     (NaN features, status pending), so a moved or partial folder must fail loudly instead."""
@@ -185,7 +196,9 @@ class LoadedFeatures:
 class FeatureStore:
     """Read-only view of a store. `load()` aligns rows across feature sets and refuses incomplete sets."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, check_labels: bool = True):
+        """Open a store; a label outside its classes is a one-line ValueError (`check_labels=False`: opened
+        anyway, for `embed inspect` to describe the damage)."""
         self.path = Path(path)
         self._file = open_readonly(self.path)
         refuse_missing_sources(self._file, self.path)
@@ -195,6 +208,10 @@ class FeatureStore:
         self.ids = self._file["items/id"].asstr()[:]
         self.labels = self._file["items/label"][:].astype(np.int64)
         self.split = self._file["items/split"].asstr()[:]
+        if check_labels and (problem := label_problem(self.labels, self.classes)):
+            # checked once here: an out-of-range label would crash a sweep (IndexError) or, as -1, be scored
+            self.close()
+            raise ValueError(f"{self.path}: {problem}; the store is damaged: extract into a new --store")
 
     @property
     def feature_sets(self) -> dict[str, FeatureSetInfo]:

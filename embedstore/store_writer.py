@@ -7,6 +7,7 @@ the file); two processes creating one store each build a temporary file and `os.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -20,6 +21,7 @@ import h5py
 import numpy as np
 
 from embedstore.chunks import check_feature_dtype, chunk_rows_for
+from embedstore.outputs import fsync_file
 from embedstore.store import (
     FORMAT,
     FORMAT_VERSION,
@@ -76,7 +78,7 @@ def create_store(
     os.close(handle)
     tmp = Path(tmp_name)
     try:
-        with h5py.File(tmp, "w", locking=False) as f:
+        with _store_errors(path, "cannot create the store ({error})"), h5py.File(tmp, "w", locking=False) as f:
             f.attrs.update(
                 {
                     "format": FORMAT,
@@ -97,12 +99,27 @@ def create_store(
             f.create_dataset("classes", data=as_str_array(classes), dtype=STR_DTYPE)
             f.create_group("features")
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a store is as shareable as any file written
+        with _store_errors(path, "cannot create the store ({error})"):
+            fsync_file(tmp)  # on disk before its name appears
         try:
             os.link(tmp, path)  # the store appears whole or not at all, and never replaces another's
         except FileExistsError:
             _check_existing(path, manifest_sha256, manifest_json, shard)  # another process created it first
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _store_errors(path: Path, doing: str):
+    """An OSError of h5py (a full disk, a vanished mount) names no file: raise it naming the store, saying
+    `doing` ("... ({error}) ...": its first line in the parentheses)."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is not None:
+            raise
+        raise OSError(error.errno or errno.EIO, doing.format(error=str(error).splitlines()[0] if str(error) else
+                                                             type(error).__name__), str(path)) from None
 
 
 def _umask() -> int:
@@ -192,7 +209,9 @@ class FeatureSetWriter:
             # open one file twice in a process with different locking flags; our flock enforces the one writer.
             self._file = _open_for_writing(self.path)
             refuse_missing_sources(self._file, self.path)
-            self._group = self._open_or_create(modality, source, provenance, add)
+            with _store_errors(self.path, f"cannot add {modality}/{source} to the store ({{error}}); "
+                                            "a rerun resumes"):
+                self._group = self._open_or_create(modality, source, provenance, add)
         except BaseException:
             self.close()
             raise
@@ -206,17 +225,24 @@ class FeatureSetWriter:
         else:
             self._refuse_other_sources_unless_add(add)
             group = self._file.require_group(group_path)
-            itemsize = np.dtype(self.dtype).itemsize
-            for layer, dim in self.layers.items():
-                rows = chunk_rows_for(dim, itemsize, n_items)
-                dataset = _allocated_dataset(group, layer, (n_items, dim), self.dtype, np.nan,
-                                             chunks=(rows, dim) if n_items else None)
-                attrs = {**provenance[layer], "manifest_sha256": manifest_sha256, "layer": layer,
-                         "dtype": self.dtype, "feature_dim": dim, "chunk_rows": rows, "complete": False}
-                dataset.attrs.update({k: encode_attr(v) for k, v in attrs.items()})
-            _allocated_dataset(group, "status", (n_items,), np.int8, STATUS_PENDING)
-            group.attrs["complete"] = False
-            self._file.flush()
+            try:
+                itemsize = np.dtype(self.dtype).itemsize
+                for layer, dim in self.layers.items():
+                    rows = chunk_rows_for(dim, itemsize, n_items)
+                    dataset = _allocated_dataset(group, layer, (n_items, dim), self.dtype, np.nan,
+                                                 chunks=(rows, dim) if n_items else None)
+                    attrs = {**provenance[layer], "manifest_sha256": manifest_sha256, "layer": layer,
+                             "dtype": self.dtype, "feature_dim": dim, "chunk_rows": rows, "complete": False}
+                    dataset.attrs.update({k: encode_attr(v) for k, v in attrs.items()})
+                _allocated_dataset(group, "status", (n_items,), np.int8, STATUS_PENDING)
+                group.attrs["complete"] = False
+                self._file.flush()
+            except BaseException:
+                # a half-made set (a full disk mid-allocation) would make every rerun refuse it as "no layer"
+                with contextlib.suppress(Exception):
+                    del self._file[group_path]
+                    self._file.flush()
+                raise
         return self._file[group_path]
 
     def _check_same_provenance(self, group_path: str, provenance: Mapping[str, Mapping]) -> None:
@@ -289,11 +315,12 @@ class FeatureSetWriter:
         status = self.status
         complete = not bool((status == STATUS_PENDING).any())
         counts = {STATUS_NAMES[code]: int((status == code).sum()) for code in STATUS_NAMES}
-        for layer in self.layers:
-            self._group[layer].attrs["complete"] = complete
-        self._group.attrs["counts"] = encode_attr(counts)
-        self._group.attrs["complete"] = complete
-        self._file.flush()
+        with _store_errors(self.path, "cannot record the finished rows ({error}); a rerun resumes"):
+            for layer in self.layers:
+                self._group[layer].attrs["complete"] = complete
+            self._group.attrs["counts"] = encode_attr(counts)
+            self._group.attrs["complete"] = complete
+            self._file.flush()
         return complete
 
     def close(self) -> None:

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from embedstore.catalog import CsvColumns
+from embedstore.outputs import partial_file, write_bytes_atomic, write_text_atomic
 
 FASHION_ROOT = "fashion-product-images-small"
 FASHION_HEADER = ["id", "gender", "masterCategory", "subCategory", "articleType", "baseColour", "season", "year",
@@ -161,17 +162,22 @@ def make_fashion_catalog(root: str | Path, *, classes=("Tshirts", "Watches", "Ca
     if as_zip:
         path = root / f"{FASHION_ROOT}.zip"
         root.mkdir(parents=True, exist_ok=True)
-        with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        # whole or not at all: `embed demo` reuses a catalog zip that exists, so a half one must never be there
+        with partial_file(path) as partial, zipfile.ZipFile(partial, "w", zipfile.ZIP_STORED) as archive:
             archive.writestr(f"{FASHION_ROOT}/", b"")
             archive.writestr(f"{FASHION_ROOT}/images/", b"")
             for name in sorted(files):
                 archive.writestr(name, files[name])
     else:
         path = root / FASHION_ROOT
-        for name, data in files.items():
+        # images first, styles.csv last and whole: a folder catalog is complete once its table is there
+        for name, data in sorted(files.items(), key=lambda pair: pair[0].endswith("styles.csv")):
             target = root / name
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data)
+            if name.endswith("styles.csv"):
+                write_bytes_atomic(target, data)
+            else:
+                target.write_bytes(data)  # plain write: a new image in a new folder replaces nothing (no fsync each)
     n_items = sum(not row.malformed for row in rows)
     return CatalogInfo(path=path, classes=tuple(classes), n_rows=len(rows), n_items=n_items,
                        usable_per_class=_usable(rows, classes), malformed_lines=malformed_lines,
@@ -200,14 +206,14 @@ def make_csv_catalog(root: str | Path, *, classes=("Tshirts", "Watches", "Casual
     for number, row in enumerate(rows):
         image = f"photos/{row.id}.jpg"
         if row.image is not None:
-            (root / image).write_bytes(row.image)
+            (root / image).write_bytes(row.image)  # plain write: a new image in a new folder replaces nothing
         if number == 0:
             image = str((root / image).resolve())
         if row.malformed:
             malformed_lines.append(number + 2)
         writer.writerow([row.id, "9.99", "" if row.malformed else row.label, row.title, image])
     path = root / "catalog.csv"
-    path.write_text(buffer.getvalue(), encoding="utf-8")
+    write_text_atomic(path, buffer.getvalue())  # last and whole: the catalog is complete once its table is there
     n_items = sum(not row.malformed for row in rows)
     return CatalogInfo(path=path, classes=tuple(classes), n_rows=len(rows), n_items=n_items,
                        usable_per_class=_usable(rows, classes), malformed_lines=malformed_lines,

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from embedstore.defaults import autocast_for, resolve_device
 from embedstore.metrics import classification_metrics
+from embedstore.outputs import partial_file, write_text_atomic
 
 CHECKPOINT, CHECKPOINT_STATE, BEST = "checkpoint.safetensors", "checkpoint.json", "best.safetensors"
 
@@ -208,10 +209,9 @@ def predict(model: nn.Module, batches, device) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _save_tensors(path: Path, tensors: dict, epoch: int) -> None:
-    partial = path.with_name(path.name + ".partial")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(partial),
-              metadata={"epoch": str(epoch)})
-    os.replace(partial, path)
+    with partial_file(path) as partial:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(partial),
+                  metadata={"epoch": str(epoch)})
 
 
 def _save_checkpoint(folder: Path, model: nn.Module, optimizer, state: dict, settings) -> None:
@@ -229,9 +229,7 @@ def _save_checkpoint(folder: Path, model: nn.Module, optimizer, state: dict, set
     _save_tensors(folder / CHECKPOINT, tensors, state["epoch"])
     record = {"state": state, "settings": asdict(settings), "optimizer_param_groups": optimizer_state["param_groups"],
               "optimizer_scalars": scalars}
-    partial = folder / (CHECKPOINT_STATE + ".partial")
-    partial.write_text(json.dumps(record, indent=1, sort_keys=True))
-    os.replace(partial, folder / CHECKPOINT_STATE)
+    write_text_atomic(folder / CHECKPOINT_STATE, json.dumps(record, indent=1, sort_keys=True))
 
 
 def _load_checkpoint(folder: Path, model: nn.Module, optimizer, settings, device, resume_keys: tuple[str, ...]):

@@ -27,7 +27,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from embedstore.backbones import create_backbone
-from embedstore.catalog import Catalog, FolderFiles, is_fashion_header, open_catalog
+from embedstore.catalog import (Catalog, FolderFiles, csv_fields_up_to, is_fashion_header, open_catalog,
+                                refuse_duplicated_columns)
 from embedstore.defaults import autocast_for, resolve_device
 from embedstore.image_pipeline import backbone_preprocessing, recorded_pipeline
 from embedstore.images import ImageStages, image_stages
@@ -137,7 +138,14 @@ def _csv_inputs(path: Path, header: list[str], columns: InputColumns, modalities
             raise ValueError(f"column {name!r} not in {path} (columns present: {', '.join(header) or 'none'}); "
                              f"name the {role} column with {option}")
     id_column = columns.id or ("id" if "id" in header else None)
-    records = list(csv.DictReader(io.StringIO(_csv_text(path), newline="")))
+    refuse_duplicated_columns(header, [id_column] + [name for _, name in roles], path)
+    text = _csv_text(path)
+    with csv_fields_up_to(len(text)):  # a title longer than the csv module's default limit is still a title
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        try:
+            records = list(reader)
+        except csv.Error as error:
+            raise ValueError(f"{path}, line {reader.line_num + 1}: not valid CSV ({error})") from None
 
     def value(record, name):
         return (record.get(name) or "").strip()  # a short row's missing cells read as empty

@@ -211,7 +211,7 @@ TITLES = {"table5_strategies": "Table 5: multimodal fine-tuning strategies (test
 
 def write_report(results_dir: str | Path, out_dir: str | Path) -> list[Path]:
     """Write report.md, one CSV per table, accuracy.png and training_time.png; returns the paths written."""
-    from embedstore.outputs import check_writable, relative_to_folder
+    from embedstore.outputs import check_writable, open_atomic, relative_to_folder, write_text_atomic
 
     rows, repeats = unique_runs(read_runs(results_dir))
     if not rows:
@@ -233,12 +233,12 @@ def write_report(results_dir: str | Path, out_dir: str | Path) -> list[Path]:
         md.append(f"{repeats} repeated rows (a run_key already seen) were left out.")
     for name, (header, body) in tables.items():
         path = out_dir / f"{name}.csv"
-        with open(path, "w", newline="") as f:
+        with open_atomic(path, "w", newline="") as f:
             csv.writer(f).writerows([header] + body)
         written.append(path)
         md += ["", f"## {TITLES[name]}", "", markdown_table(header, body)]
     md += ensemble_section(results_dir)
-    (out_dir / "report.md").write_text("\n".join(md) + "\n")
+    write_text_atomic(out_dir / "report.md", "\n".join(md) + "\n")
     written.append(out_dir / "report.md")
     written += plot_bars(cells, out_dir)
     return written
@@ -250,6 +250,8 @@ def plot_bars(cells: list[dict], out_dir: Path, prefix: str = "") -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
+
+    from embedstore.outputs import partial_file
 
     names = [c["cell"] for c in cells]
     paths = []
@@ -265,7 +267,8 @@ def plot_bars(cells: list[dict], out_dir: Path, prefix: str = "") -> list[Path]:
         if key == "accuracy":
             ax.set_ylim(max(0, mean.min() - std.max() - 5), min(100, mean.max() + std.max() + 2))
         fig.tight_layout()
-        fig.savefig(out_dir / fname, dpi=120)
+        with partial_file(out_dir / fname) as partial:
+            fig.savefig(partial, dpi=120, format="png")
         plt.close(fig)
         paths.append(out_dir / fname)
     return paths

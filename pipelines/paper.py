@@ -26,6 +26,7 @@ from typing import Callable
 
 from embedstore.fingerprint import fingerprint
 from embedstore.manifest import SplitSettings
+from embedstore.outputs import partial_file, write_text_atomic
 from pipelines.paper_report import PLAN_FILE
 from pipelines.steps import as_json, run_step
 
@@ -146,7 +147,7 @@ def run_paper(catalog: str | Path, out: str | Path, settings: PaperSettings = Pa
         job = _ManifestJob(catalog, out / f"manifest-seed-{m}", m, settings, identity, say)
         plan["manifests"].append(job.run())
     plan["catalog_images"] = _image_sizes(Path(plan["manifests"][0]["manifest"]))
-    (out / PLAN_FILE).write_text(json.dumps(plan, indent=1, sort_keys=True) + "\n")
+    write_text_atomic(out / PLAN_FILE, json.dumps(plan, indent=1, sort_keys=True) + "\n")
     report_dir = out / "report"
     run_step("report", report_dir, report_inputs(out), lambda: write_paper_report(out, report_dir), say)
     return report_dir / "report.md"
@@ -324,10 +325,8 @@ class _ManifestJob:
 
         def work():
             if not store.exists():  # a copy of the pooled features: frozen modules then need no backbone pass
-                store.parent.mkdir(parents=True, exist_ok=True)
-                partial = store.with_name(store.name + ".partial")
-                shutil.copyfile(self.store, partial)
-                partial.replace(store)
+                with partial_file(store) as partial:
+                    shutil.copyfile(self.store, partial)
             for report in extract(self.manifest, store, settings):
                 self.log(f"module features {report.name}: {report.computed} rows, {format_counts(report.counts)}")
 

@@ -312,7 +312,7 @@ def confusion(heads_rows: list[dict], best: dict, report_dir: Path) -> tuple[lis
     relative to the report's folder: a report names no machine's folders)."""
     from sklearn.metrics import confusion_matrix
 
-    from embedstore.outputs import relative_to_folder
+    from embedstore.outputs import open_atomic, relative_to_folder
 
     from embedstore.store import FeatureStore
     from heads.estimator import FusionHead
@@ -332,7 +332,7 @@ def confusion(heads_rows: list[dict], best: dict, report_dir: Path) -> tuple[lis
     predicted = head.predict([data.features[n][test] for n in head.metadata_["inputs"]])
     matrix = confusion_matrix(np.asarray(classes)[data.labels[test]], predicted, labels=classes)  # class names
     csv_path, png_path = report_dir / "confusion_matrix.csv", report_dir / "confusion_matrix.png"
-    with open(csv_path, "w", newline="") as f:
+    with open_atomic(csv_path, "w", newline="") as f:
         csv.writer(f).writerows([["true \\ predicted"] + classes] + [[c] + list(r) for c, r in zip(classes, matrix)])
     where = f"{head_dir.parents[3].name}, {head_dir.parents[1].name}, seed {head.seed}"  # OUT/<m>/results/<r>/heads
     _plot_confusion(matrix, classes, png_path, f"{best['cell']} ({where}): test accuracy "
@@ -355,6 +355,8 @@ def _plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, title: s
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
+    from embedstore.outputs import partial_file
+
     size = max(5.0, 0.28 * len(classes) + 2)
     fig, ax = plt.subplots(figsize=(size, size))
     ax.imshow(matrix, cmap="Blues")
@@ -364,7 +366,8 @@ def _plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, title: s
     ax.set_ylabel("true")
     ax.set_title(title, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with partial_file(path) as partial:
+        fig.savefig(partial, dpi=120, format="png")
     plt.close(fig)
 
 
@@ -410,6 +413,8 @@ def differences(plan: dict, modules: dict) -> list[str]:
 
 def write_paper_report(out: str | Path, report_dir: str | Path) -> list[Path]:
     """Write report.md, one CSV per table, bar charts and the confusion matrix; returns the paths written."""
+    from embedstore.outputs import open_atomic, write_text_atomic
+
     out, report_dir = Path(out), Path(report_dir)
     plan = json.loads((out / PLAN_FILE).read_text())
     module_rows, head_rows = collect(plan)
@@ -425,7 +430,7 @@ def write_paper_report(out: str | Path, report_dir: str | Path) -> list[Path]:
           "seeds. Training time is per model (a head's share of its batched stack)."]
     for name, (title, header, rows) in build_tables(plan, modules, heads).items():
         path = report_dir / f"{name}.csv"
-        with open(path, "w", newline="") as f:
+        with open_atomic(path, "w", newline="") as f:
             csv.writer(f).writerows([header] + rows)
         written.append(path)
         md += ["", f"## {title}", "", markdown_table(header, rows)]
@@ -448,5 +453,5 @@ def write_paper_report(out: str | Path, report_dir: str | Path) -> list[Path]:
     written += plot_bars(list(modules.values()), report_dir, prefix="modules_")
     md += ["", "## Figures", ""] + [f"![{p.stem}]({p.name})" for p in written if p.suffix == ".png"
                                     and p.stem != "confusion_matrix"]
-    (report_dir / "report.md").write_text("\n".join(md) + "\n")
+    write_text_atomic(report_dir / "report.md", "\n".join(md) + "\n")
     return written + [report_dir / "report.md"]

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from embedstore.fingerprint import fingerprint
+from embedstore.outputs import write_text_atomic
 
 STAMP_SUFFIX = ".stamp.json"
 
@@ -58,11 +59,12 @@ def run_step(label: str, output: Path, inputs: dict, work: Callable[[], None], l
     elif old:
         reason = "resuming an unfinished run" if output.exists() else "output missing"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"inputs": inputs, "finished": False}, indent=1, sort_keys=True) + "\n")
+    write_text_atomic(path, json.dumps({"inputs": inputs, "finished": False}, indent=1, sort_keys=True) + "\n")
     start = time.perf_counter()
     work()
     seconds = time.perf_counter() - start
-    path.write_text(json.dumps({"inputs": inputs, "finished": True, "seconds": seconds,
-                                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1, sort_keys=True) + "\n")
+    write_text_atomic(path, json.dumps({"inputs": inputs, "finished": True, "seconds": seconds,
+                                        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1, sort_keys=True)
+                      + "\n")
     log(f"{label}: run ({reason}) in {seconds:.1f} s")
     return digest(inputs)
