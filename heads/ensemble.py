@@ -15,7 +15,10 @@ a rerun over the same members and stores finds its row and skips.
 
 Member kinds: MEMBER_LOADERS maps a model folder's kind (embedstore.model_folder.read_config) to a loader that
 returns a Member; another kind that offers predict_proba over feature arrays is one loader and one entry here.
-Folders of other kinds, unreadable folders and members whose store is gone are skipped and counted.
+Folders of other kinds, unreadable folders, members whose store is gone and members whose probabilities are not
+finite on a whole split are skipped and counted; items a member scores non-finite are left out like items another
+member does not score. A results folder named twice (by its resolved path) counts once, and results of different
+manifests (as their models record) are refused in one line: an ensemble is of one manifest's models.
 """
 from __future__ import annotations
 
