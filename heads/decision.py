@@ -27,8 +27,8 @@ import torch
 from scipy.special import log_softmax
 
 from embedstore.metrics import classification_metrics
-from embedstore.store import DataWarning
 from embedstore.model_folder import CONFIG_FILE, WEIGHTS_FILE, checked_tensor, load_pretrained, save_pretrained
+from embedstore.store import DataWarning
 from heads.results import saved_is_at_least_as_good
 
 # in the order a sweep fits them, cheapest first: LR-image / LR-text's fits are shared by LF and ST, and ST's
@@ -500,7 +500,7 @@ def cell_rows(fits: DecisionFits, strategy: str, seeds, keys: dict, common: dict
                      "trainable_parameters": model.n_parameters, "chosen": chosen,
                      "seed_note": ("folds drawn from the seed" if strategy == "ST" else
                                    "deterministic: every seed gives this row (fits shared with the cell's other seeds)"),
-                     **({"train_rows_left_out": fits.train_rows_left_out} if fits.train_rows_left_out else {}),
+                     **({"train_rows_left_out": n} if (n := fits.train_rows_left_out) else {}),
                      "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         models.append(model)
     return rows, models
