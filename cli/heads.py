@@ -1,6 +1,9 @@
 """`heads`: fusion heads over a feature store. Commands parse options and call one library function."""
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 from pathlib import Path
 
 import click
@@ -176,7 +179,43 @@ def predict(head_dir, inputs, out, top_labels, top_k_alias, batch_size, device, 
         image_weights=str(image_weights) if image_weights else None,
         text_weights=str(text_weights) if text_weights else None,
         columns=InputColumns(id=id_column, image=image_column, title=title_column))
-    click.echo(predict_products(head_dir, inputs, out, settings).format())
+    with _sigterm_stops_cleanly(f"{out} was not written (no partial file left behind)"):
+        summary = predict_products(head_dir, inputs, out, settings)
+    click.echo(summary.format())
+
+
+class _Terminated(BaseException):
+    """Raised in the main thread by SIGTERM: a BaseException, like KeyboardInterrupt, so that no library
+    `except Exception` takes it for an error of its own and carries on."""
+
+
+class TerminatedError(click.ClickException):
+    exit_code = 128 + signal.SIGTERM  # what a shell reports for a process ended by SIGTERM
+
+
+@contextlib.contextmanager
+def _sigterm_stops_cleanly(outcome: str):
+    """SIGTERM (`kill`, a scheduler stopping a job) ends the command like Ctrl-C does, through every cleanup on
+    the way out (an output's .partial file and lock removed), instead of killing the process mid-write. Then one
+    line, `outcome`, and exit status 143. Ctrl-C itself stays click's: "Aborted!", status 1."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    received = []
+
+    def stop(signum, frame):
+        received.append(signum)
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    except BaseException:
+        if received:  # whatever the signal interrupted (a DataLoader worker ended by it too, say), it was the signal
+            raise TerminatedError(f"stopped by SIGTERM; {outcome}") from None
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 main = heads

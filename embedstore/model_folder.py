@@ -31,6 +31,9 @@ from safetensors.torch import load, save_file
 FORMAT, FORMAT_VERSION = "embedstore-model", 1
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 KINDS = ("fusion-head", "module", "end-to-end", "linear")
+# a config.json holds settings and class names (kilobytes): anything near this is no config; and safetensors'
+# own limit on a header
+MAX_CONFIG_BYTES, MAX_HEADER_BYTES = 64 << 20, 100_000_000
 FORMAT_KEYS = ("format", "format_version", "kind")
 # the formats of folders written before this convention, and the kind each one is
 _LEGACY_FORMATS = {"embedstore-module": "module", "embedstore-end-to-end": "end-to-end"}
@@ -80,6 +83,29 @@ def load_pretrained(folder: str | os.PathLike, kind: str | None = None, *,
     return {k: v.to(device) for k, v in tensors.items()}, config
 
 
+def checked_tensor(tensors: dict[str, torch.Tensor], name: str, shape: tuple[int | None, ...],
+                   folder: str | os.PathLike, *, dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float64),
+                   finite: bool = True) -> torch.Tensor:
+    """tensors[name] (from load_pretrained) as a model kind expects it: present, of one of `dtypes`, of `shape`
+    (None: any size along that axis) and, with `finite`, without NaN or inf; otherwise a one-line ValueError
+    naming the weights file and the tensor. A kind checks its arrays with this when it loads, so a damaged folder
+    is refused there, not as a traceback (or a silent NaN) somewhere in its use."""
+    path = Path(folder) / WEIGHTS_FILE
+    if name not in tensors:
+        raise ValueError(f"{path} has no tensor {name!r}; save the model again")
+    tensor = tensors[name]
+    if tensor.dtype not in dtypes:
+        wanted = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise ValueError(f"{path}: {name} is {str(tensor.dtype).removeprefix('torch.')}, not {wanted}; save the model "
+                         "again")
+    if len(tensor.shape) != len(shape) or any(w is not None and g != w for g, w in zip(tensor.shape, shape)):
+        wanted = "(" + ", ".join("*" if w is None else str(w) for w in shape) + ("," if len(shape) == 1 else "") + ")"
+        raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, not {wanted}; save the model again")
+    if finite and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{path}: {name} holds NaN or inf values; train or save the model again")
+    return tensor
+
+
 def _read(folder, kind: str | None, *, weights: bool) -> tuple[dict[str, torch.Tensor], dict]:
     folder = Path(folder)
     for _ in range(10):
@@ -97,12 +123,12 @@ def _read_once(folder: Path, kind: str | None, *, weights: bool):
         raise FileNotFoundError(f"model folder not found: {folder}")
     directory = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        def opener(name, flags):
-            return os.open(name, flags, dir_fd=directory)
+        def opener(name, flags):  # O_NONBLOCK: opening a named pipe must not wait for a writer (regular files
+            return os.open(name, flags | os.O_NONBLOCK, dir_fd=directory)  # ignore the flag)
 
         try:
             with open(CONFIG_FILE, "rb", opener=opener) as handle:
-                config_text = handle.read()
+                config_text = handle.read(_regular_size(handle, folder / CONFIG_FILE, MAX_CONFIG_BYTES) + 1)
             weights_file = open(WEIGHTS_FILE, "rb", opener=opener)
         except FileNotFoundError:
             if _replaced(folder, directory):
@@ -113,7 +139,7 @@ def _read_once(folder: Path, kind: str | None, *, weights: bool):
             config = _check_config(config_text, folder, kind)
             if not weights:
                 return {}, config
-            data = weights_file.read()
+            data = _read_weights(weights_file, folder / WEIGHTS_FILE)
     finally:
         os.close(directory)
     try:
@@ -122,6 +148,61 @@ def _read_once(folder: Path, kind: str | None, *, weights: bool):
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ValueError(f"{folder / WEIGHTS_FILE} is truncated or corrupt ({reason}); save the model again") from None
     return tensors, config
+
+
+def _regular_size(handle, path: Path, limit: int | None = None) -> int:
+    """The size of an open file that must be a regular one: a device (a link to /dev/zero, say), a pipe or a
+    folder would be read until memory runs out or forever; a one-line ValueError instead."""
+    info = os.fstat(handle.fileno())
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError(f"{path} is not a regular file (a device, pipe, socket or folder); save the model again")
+    if limit is not None and info.st_size > limit:
+        raise ValueError(f"{path} is {info.st_size:,} bytes, more than any model config ({limit:,}); save the model "
+                         "again")
+    return info.st_size
+
+
+def _read_weights(handle, path: Path) -> bytes:
+    """The bytes of a safetensors file, read only once its header (8-byte length, JSON of dtype/shape/offsets
+    per tensor) agrees with the file's size: a file whose header describes other sizes is truncated, padded or
+    no safetensors file at all, and is refused before it is read into memory."""
+    size = _regular_size(handle, path)
+
+    def corrupt(reason: str) -> ValueError:
+        return ValueError(f"{path} is truncated or corrupt ({reason}); save the model again")
+
+    head = handle.read(8)
+    if len(head) < 8:
+        raise corrupt(f"{size} bytes, no safetensors header")
+    header_bytes = int.from_bytes(head, "little")
+    if header_bytes > min(size - 8, MAX_HEADER_BYTES):
+        raise corrupt(f"its header length {header_bytes:,} does not fit in its {size:,} bytes")
+    try:
+        header = json.loads(handle.read(header_bytes))
+        ends = [int(entry["data_offsets"][1]) for name, entry in header.items() if name != "__metadata__"]
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        raise corrupt("its header is not a safetensors header") from None
+    expected = 8 + header_bytes + max(ends, default=0)
+    if expected != size:
+        raise corrupt(f"its header describes {expected:,} bytes, the file has {size:,}")
+    available = _available_memory()
+    if available is not None and size > available:  # a sparse file can be any size: fail in one line, not OOM
+        raise ValueError(f"{path} is {size / 2**30:.1f} GiB, more than the {available / 2**30:.1f} GiB of memory "
+                         "available to load it")
+    handle.seek(0)
+    return handle.read(size)
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available now (Linux MemAvailable), None where unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _replaced(folder: Path, directory: int) -> bool:

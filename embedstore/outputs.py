@@ -112,3 +112,86 @@ def relative_to_folder(path: str | os.PathLike, folder: str | os.PathLike) -> st
     """PATH written relative to FOLDER (a results or report folder), so rows and reports name no machine's
     folders and survive moving the two together."""
     return os.path.relpath(os.path.abspath(path), os.path.abspath(folder))
+
+
+class ExclusiveLock:
+    """An exclusive flock on the file `path`, held while one process writes an output (a context manager).
+
+    The file records the holder's pid and command, so that a second writer is refused in one line naming who
+    holds it: "another `heads predict` (pid 12) is writing o.csv; ...". `wait_seconds` > 0 waits that long
+    for the holder first. `remove`: delete the lock file on release, for a lock beside a user's own file, which
+    should leave nothing behind. Deleting a lock file is safe only with the check in acquire: a process that
+    locked a file removed (or replaced) meanwhile lets go of it and locks the new one, so two processes never each
+    hold a different file of one name.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, command: str, target: str, advice: str,
+                 wait_seconds: float = 0.0, poll_seconds: float = 0.2, remove: bool = False):
+        self.path, self.command, self.target, self.advice = Path(path), command, target, advice
+        self.wait_seconds, self.poll_seconds, self.remove = wait_seconds, poll_seconds, remove
+        self._descriptor: int | None = None
+
+    def acquire(self) -> "ExclusiveLock":
+        import fcntl
+        import time
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + self.wait_seconds
+        while True:
+            descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    message = self._refusal(descriptor)
+                    os.close(descriptor)
+                    raise ValueError(message) from None
+                os.close(descriptor)
+                time.sleep(self.poll_seconds)
+                continue
+            if self._still_the_file(descriptor):
+                break
+            os.close(descriptor)  # its holder removed it on release: lock the file now under that name
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, f"{os.getpid()} {self.command}\n".encode(), 0)  # who holds it, for the refusal
+        self._descriptor = descriptor
+        return self
+
+    def release(self) -> None:
+        if self._descriptor is not None:
+            if self.remove:  # while still holding it: see acquire's check
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)
+            os.close(self._descriptor)  # closing the descriptor releases the flock
+            self._descriptor = None
+
+    def __enter__(self) -> "ExclusiveLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def _still_the_file(self, descriptor: int) -> bool:
+        try:
+            now = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        held = os.fstat(descriptor)
+        return (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
+
+    def _refusal(self, descriptor: int) -> str:
+        """One line: who holds the lock, what it writes, and what this command can do instead."""
+        text = os.pread(descriptor, 256, 0).decode("utf-8", "replace").strip()
+        pid_text, _, command = text.partition(" ")
+        command = command.strip() or self.command  # files written before the command was recorded: a pid only
+        holder = f"pid {pid_text}" if pid_text.isdigit() else "pid unknown"
+        if pid_text.isdigit():
+            try:
+                os.kill(int(pid_text), 0)
+            except ProcessLookupError:  # it died; a child it forked may still hold the lock for a moment
+                holder += ", which has exited: retry in a few seconds"
+            except PermissionError:
+                pass
+        who = f"another `{command}`" if command == self.command else f"`{command}`"
+        tail = "" if command == self.command else f", so this `{self.command}` cannot now"
+        return f"{who} ({holder}) is writing {self.target}{tail}; {self.advice}"

@@ -27,15 +27,21 @@ import torch
 from scipy.special import log_softmax
 
 from embedstore.metrics import classification_metrics
-from embedstore.model_folder import load_pretrained, save_pretrained
+from embedstore.model_folder import CONFIG_FILE, WEIGHTS_FILE, checked_tensor, load_pretrained, save_pretrained
+from embedstore.store import DataWarning
 from heads.results import saved_is_at_least_as_good
 from heads.selection import best_by_validation
-from heads.strategies import get_strategy
+from heads.strategies import get_strategy, list_strategies
 
 KIND = "linear"
 # stacking reads log-probabilities; a class a regression is sure against gives ~ -700 (float64 underflow of the
 # softmax): floor them so one such value cannot dominate the stacker's standardisation-free inputs
 LOG_FLOOR = -30.0
+# a train row farther from the others than this many times a typical row is (the largest |x - column median| of a
+# row) is no backbone's feature vector, and it would swamp the standardisation: one row at 3e38 (finite in a
+# float32 store) among 120 moves the float64 mean to 2.5e36, below whose precision every other row's variation
+# vanishes, and LR-image fell to chance without a word. The fits leave such rows out, counted and warned
+EXTREME_ROW_FACTOR = 1e3
 
 
 @dataclass(frozen=True)
@@ -96,11 +102,16 @@ def _fit_path(x, y, Cs, n_classes: int, max_iter: int, *, standardize: bool = Tr
 
     x = np.asarray(x, dtype=np.float64)
     if standardize:
-        mean, scale = x.mean(0), x.std(0)
+        with np.errstate(over="ignore", invalid="ignore"):   # said below, in one line
+            mean, scale = x.mean(0), x.std(0)
         scale = np.where(scale > 0, scale, 1.0)   # StandardScaler's rule for constant columns
     else:
         mean, scale = np.zeros(x.shape[1]), np.ones(x.shape[1])
-    z = (x - mean) / scale
+    with np.errstate(over="ignore", invalid="ignore"):
+        z = (x - mean) / scale
+    if not (np.isfinite(mean).all() and np.isfinite(scale).all() and np.isfinite(z).all()):
+        raise ValueError("features too large to standardise in float64 (their mean or variance overflows, or they "
+                         "are not finite); check the store's features (`embed inspect`)")
     lr, out = LogisticRegression(max_iter=max_iter, warm_start=True), []   # multinomial, lbfgs
     for C in sorted(Cs):
         with warnings.catch_warnings():   # recorded as Linear.converged (and in the row), not printed per fit
@@ -108,6 +119,22 @@ def _fit_path(x, y, Cs, n_classes: int, max_iter: int, *, standardize: bool = Tr
             lr.set_params(C=C).fit(z, y)
         out.append(_as_linear(lr, mean, scale, n_classes))
     return out
+
+
+def extreme_rows(x: np.ndarray) -> np.ndarray:
+    """(n,) True for the rows of x (n, D) that are not finite, or lie more than EXTREME_ROW_FACTOR times farther
+    from the column medians than the median row does (distance: a row's largest |x - median|)."""
+    x = np.asarray(x, dtype=np.float64)
+    finite = np.isfinite(x).all(axis=1)
+    if not finite.any():
+        return ~finite
+    with np.errstate(over="ignore"):
+        distance = np.abs(x[finite] - np.median(x[finite], axis=0)).max(axis=1)   # (n_finite,)
+    positive = distance[distance > 0]
+    extreme = np.zeros(len(x), dtype=bool)
+    if len(positive):   # rows all alike have no scale to be extreme against
+        extreme[finite] = ~(distance <= EXTREME_ROW_FACTOR * np.median(positive))
+    return extreme | ~finite
 
 
 def _fit_one(x, y, C: float, n_classes: int, max_iter: int) -> Linear:
@@ -249,11 +276,101 @@ class DecisionModel:
 
     @classmethod
     def from_pretrained(cls, folder) -> "DecisionModel":
+        """The saved model, its config and every array checked first (one-line ValueErrors naming the folder's
+        file and the field: a damaged folder fails here, not as a traceback in ensemble or predict)."""
         tensors, doc = load_pretrained(folder, kind=KIND)
-        parts = {name: Linear(*(tensors[f"{name}.{k}"].numpy() for k in ("mean", "scale", "coef", "intercept")),
-                              C=info["C"], converged=info["converged"]) for name, info in doc["parts"].items()}
+        strategy, classes, weight = _checked_config(Path(folder), doc)
+        parts = {name: _checked_linear(Path(folder), tensors, doc["parts"][name], name, len(classes))
+                 for name in _parts_of(strategy)}
         stacker = parts.pop("stacker", None)
-        return cls(doc["strategy"], doc["classes"], parts, doc.get("weight"), stacker, metadata=doc)
+        model = cls(strategy, classes, parts, weight, stacker, metadata=doc)
+        _check_recorded_inputs(Path(folder), model, doc)
+        return model
+
+
+def _parts_of(strategy: str) -> tuple[str, ...]:
+    """The fitted regressions a strategy saves (the parts predict_log_proba uses), by its `combine`."""
+    declared = get_strategy(strategy)
+    return {"late-logits": (), "single": declared.modalities, "concat": ("concat",), "late": ("image", "text"),
+            "stack": ("image", "text", "stacker")}[declared.combine]
+
+
+def _config_error(folder: Path, field: str, problem: str) -> ValueError:
+    return ValueError(f"{folder / CONFIG_FILE}: {field} {problem}; save the model again with `heads sweep`")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and bool(np.isfinite(value))
+
+
+def _checked_config(folder: Path, doc: dict) -> tuple[str, list, float | None]:
+    """(strategy, classes, weight) of a saved model's config.json, each of the type and range it must have."""
+    strategy = doc.get("strategy")
+    linear = list_strategies(trainer="linear")
+    if strategy not in linear:
+        raise _config_error(folder, "strategy", f"is {strategy!r}, not one of {', '.join(linear)}")
+    classes = doc.get("classes")
+    if (not isinstance(classes, list) or not classes or len({str(c) for c in classes}) != len(classes)
+            or not all(isinstance(c, (str, int)) and not isinstance(c, bool) for c in classes)):
+        raise _config_error(folder, "classes", f"is {str(classes)[:60]!s}, not a list of distinct class names")
+    weight = doc.get("weight")
+    if get_strategy(strategy).combine in ("late", "late-logits"):
+        if not _is_number(weight) or not 0 <= weight <= 1:
+            raise _config_error(folder, "weight", f"is {weight!r}, not the image weight w of late fusion (a number "
+                                                  "in [0, 1])")
+    elif weight is not None:
+        raise _config_error(folder, "weight", f"is {weight!r}, but {strategy} has no weight (null)")
+    parts = doc.get("parts")
+    if not isinstance(parts, dict) or set(parts) != set(_parts_of(strategy)):
+        names = sorted(parts) if isinstance(parts, dict) else repr(parts)[:40]
+        raise _config_error(folder, "parts", f"are {names}, not {strategy}'s fitted parts "
+                                             f"({', '.join(_parts_of(strategy)) or 'none'})")
+    for name, info in parts.items():
+        if (not isinstance(info, dict) or not _is_number(info.get("C")) or info["C"] <= 0
+                or not isinstance(info.get("converged"), bool)):
+            raise _config_error(folder, f"parts.{name}", f"is {str(info)[:60]}, not {{\"C\": a positive number, "
+                                                          "\"converged\": true or false}")
+    return strategy, classes, None if weight is None else float(weight)
+
+
+def _checked_linear(folder: Path, tensors: dict, info: dict, name: str, n_classes: int) -> Linear:
+    """A part's arrays: mean, scale (D,), scale > 0; coef (C, D); intercept (C,); float32/64, finite. The stacker
+    reads [log p_image, log p_text]: D = 2C."""
+    mean = checked_tensor(tensors, f"{name}.mean", (2 * n_classes if name == "stacker" else None,), folder)
+    width = mean.shape[0]
+    if width == 0:
+        raise ValueError(f"{folder / WEIGHTS_FILE}: {name}.mean is empty (a regression over no features); save the "
+                         "model again")
+    scale = checked_tensor(tensors, f"{name}.scale", (width,), folder)
+    if not bool((scale > 0).all()):
+        raise ValueError(f"{folder / WEIGHTS_FILE}: {name}.scale has values <= 0 (features are divided by it); save "
+                         "the model again")
+    coef = checked_tensor(tensors, f"{name}.coef", (n_classes, width), folder)
+    intercept = checked_tensor(tensors, f"{name}.intercept", (n_classes,), folder)
+    return Linear(*(t.numpy().astype(np.float64) for t in (mean, scale, coef, intercept)), C=float(info["C"]),
+                  converged=info["converged"])
+
+
+def _check_recorded_inputs(folder: Path, model: DecisionModel, doc: dict) -> None:
+    """What the folder records about its inputs (the feature sets it reads, their widths, the class count)
+    against its arrays, so ensemble and predict can trust both."""
+    modalities = get_strategy(model.strategy).modalities
+    inputs = doc.get("inputs")
+    if inputs is not None and (not isinstance(inputs, list) or len(inputs) != len(modalities)
+                               or not all(isinstance(n, str) for n in inputs)):
+        raise _config_error(folder, "inputs", f"is {str(inputs)[:80]}, not {len(modalities)} feature set name(s) "
+                                              f"({', '.join(modalities)})")
+    config = doc.get("config") if isinstance(doc.get("config"), dict) else {}
+    dims, widths = config.get("input_dims"), model._input_widths()
+    if dims is not None:
+        ok = isinstance(dims, list) and all(isinstance(d, int) and not isinstance(d, bool) for d in dims)
+        if not ok or len(dims) != len(modalities) or (
+                [sum(dims)] if get_strategy(model.strategy).combine == "concat" else dims) != widths:
+            raise _config_error(folder, "config.input_dims", f"is {str(dims)[:60]}, but the arrays take features of "
+                                                            f"widths {widths}")
+    if config.get("num_classes") not in (None, len(model.classes)):
+        raise _config_error(folder, "config.num_classes", f"is {config['num_classes']!r}, but classes names "
+                                                          f"{len(model.classes)}")
 
 
 # ------------------------------------------------------------------------------------- fits shared in a sweep
@@ -279,7 +396,24 @@ class DecisionFits:
         for name in ("train", "val", "test"):
             xs, y = split_arrays(getattr(data, name), order)
             self.splits[name] = ({m: xs[i] for i, m in enumerate(columns)}, y)
+        self.train_rows_left_out = self._leave_out_extreme_train_rows()
         self._cache: dict = {}
+
+    def _leave_out_extreme_train_rows(self) -> int:
+        """Leave the train rows that are extreme in any modality (extreme_rows) out of every fit, in one line.
+        Validation and test rows stay: an extreme one is one item predicted from huge standardised values, finite,
+        which cannot drag the others down."""
+        xs, y = self.splits["train"]
+        extreme = np.zeros(len(y), dtype=bool)
+        for x in xs.values():
+            extreme |= extreme_rows(x)
+        n = int(extreme.sum())
+        if n:
+            warnings.warn(f"{n} of {len(y)} train rows left out of the decision-level fits (LR-*, LF, ST): their "
+                          f"features are not finite or over {EXTREME_ROW_FACTOR:g} times farther from the other rows "
+                          "than a typical row, and would swamp the standardisation", DataWarning, stacklevel=3)
+            self.splits["train"] = ({m: x[~extreme] for m, x in xs.items()}, y[~extreme])
+        return n
 
     def _x(self, split: str, part: str) -> np.ndarray:
         xs = self.splits[split][0]
@@ -367,6 +501,7 @@ def cell_rows(fits: DecisionFits, strategy: str, seeds, keys: dict, common: dict
                      "trainable_parameters": model.n_parameters, "chosen": chosen,
                      "seed_note": ("folds drawn from the seed" if get_strategy(strategy).seed_dependent else
                                    "deterministic: every seed gives this row (fits shared with the cell's other seeds)"),
+                     **({"train_rows_left_out": n} if (n := fits.train_rows_left_out) else {}),
                      "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         models.append(model)
     return rows, models

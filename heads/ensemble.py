@@ -15,7 +15,10 @@ a rerun over the same members and stores finds its row and skips.
 
 Member kinds: MEMBER_LOADERS maps a model folder's kind (embedstore.model_folder.read_config) to a loader that
 returns a Member; another kind that offers predict_proba over feature arrays is one loader and one entry here.
-Folders of other kinds, unreadable folders and members whose store is gone are skipped and counted.
+Folders of other kinds, unreadable folders, members whose store is gone and members whose probabilities are not
+finite on a whole split are skipped and counted; items a member scores non-finite are left out like items another
+member does not score. A results folder named twice (by its resolved path) counts once, and results of different
+manifests (as their models record) are refused in one line: an ensemble is of one manifest's models.
 """
 from __future__ import annotations
 
@@ -52,6 +55,7 @@ class Member:
     multimodal: bool
     identity: str                    # changes when the folder is saved again (its run_key): part of the row's key
     predict_proba: Callable[[list[np.ndarray]], np.ndarray] = field(repr=False)  # [(n, D_m)] -> (n, C)
+    manifest_sha256: str | None = None  # the manifest of the store it was trained on, as recorded when saved
 
 
 def _member(folder: Path, config: dict, meta: dict, classes, multimodal: bool,
@@ -64,9 +68,11 @@ def _member(folder: Path, config: dict, meta: dict, classes, multimodal: bool,
     if not isinstance(meta.get("store"), dict) or "path" not in meta["store"]:
         raise ValueError("names no store (store.path); save it with `heads sweep`")
     inputs = meta.get("inputs") or list(meta["store"].get("feature_sets") or [])
+    manifest = meta["store"].get("manifest_sha256")
     return Member(folder, config["kind"], float(meta["best_val_accuracy"]), head_store_path(folder, meta),
                   tuple(inputs), tuple(str(c) for c in classes), multimodal,
-                  meta.get("run_key") or fingerprint(config), predict_proba)
+                  meta.get("run_key") or fingerprint(config), predict_proba,
+                  manifest if isinstance(manifest, str) else None)
 
 
 def _fusion_head(folder: Path, config: dict) -> Member:
@@ -122,9 +128,11 @@ def find_model_folders(results_dir: str | os.PathLike) -> list[Path]:
 def collect_members(results_dirs: list[Path], *, multimodal_only: bool = False,
                     base: Path | None = None) -> tuple[list[Member], list[str], int]:
     """(members ranked by recorded validation accuracy, notes on the folders skipped, how many unimodal
-    members --multimodal-only left out). Paths in notes are relative to `base`."""
+    members --multimodal-only left out). Paths in notes are relative to `base`. Members recorded as trained on
+    different manifests are refused in one line naming both (see _same_manifest)."""
     base = base or results_dirs[0]
     members, notes, unimodal = [], [], 0
+    first_of_manifest: tuple[str, Path, Path] | None = None   # (manifest, results folder, member folder)
     for results in results_dirs:
         for folder in find_model_folders(results):
             name = relative_to_folder(folder, base)
@@ -134,6 +142,9 @@ def collect_members(results_dirs: list[Path], *, multimodal_only: bool = False,
                 reason = str(error.args[0] if error.args else error).splitlines()[0] or type(error).__name__
                 notes.append(f"{name}: skipped ({reason.replace(str(folder), name)})")
                 continue
+            if member.manifest_sha256 is not None:
+                first_of_manifest = first_of_manifest or (member.manifest_sha256, results, folder)
+                _same_manifest(first_of_manifest, (member.manifest_sha256, results, folder), base)
             if not member.store_path.is_file():
                 notes.append(f"{name}: skipped (its store {relative_to_folder(member.store_path, base)} is gone)")
             elif multimodal_only and not member.multimodal:
@@ -145,6 +156,30 @@ def collect_members(results_dirs: list[Path], *, multimodal_only: bool = False,
     return members, notes, unimodal
 
 
+def _same_manifest(first: tuple[str, Path, Path], other: tuple[str, Path, Path], base: Path) -> None:
+    """Refuse a pool of models trained on different manifests' items: they cannot be aligned item by item, and
+    the row (written to the first folder) would describe one manifest's ensemble as if it were another's."""
+    if first[0] == other[0]:
+        return
+    where = (f"{first[1]} and {other[1]} hold models of different manifests" if first[1] != other[1] else
+             f"{first[1]} holds models of different manifests")
+    raise ValueError(f"{where} ({first[0][:12]} in {relative_to_folder(first[2], base)}, {other[0][:12]} in "
+                     f"{relative_to_folder(other[2], base)}); an ensemble averages models of one manifest: ensemble "
+                     "each manifest's results folders on their own")
+
+
+def distinct_folders(results_dirs: list[Path], log: Callable[[str], None]) -> list[Path]:
+    """The results folders less the ones named again (the same folder by its resolved path: `R R ./R`), so no
+    model counts twice in a pool; said in one line."""
+    named: dict[Path, list[Path]] = {}
+    for results in results_dirs:
+        named.setdefault(results.resolve(), []).append(results)
+    for names in named.values():
+        if len(names) > 1:
+            log(f"{names[0]} named {len(names)} times ({', '.join(map(str, names))}): its models count once")
+    return [names[0] for names in named.values()]
+
+
 @dataclass
 class _Scores:
     """A member's probabilities on one split, in its store's row order."""
@@ -153,20 +188,29 @@ class _Scores:
     proba: np.ndarray      # (n, C) in the member's class order
 
 
-def _score(member: Member, store, loaded: dict) -> dict[str, _Scores]:
-    """The member's probabilities per split; `loaded` keeps each (store, feature sets) read once, since most
-    members of a pool read the same pooled sets of the same store."""
+def _score(member: Member, store, loaded: dict) -> tuple[dict[str, _Scores], dict[str, int]]:
+    """(The member's probabilities per split, the items per split left out for non-finite probabilities);
+    `loaded` keeps each (store, feature sets) read once, since most members of a pool read the same pooled sets
+    of the same store. A member whose probabilities are not finite on any item of a split (NaN weights, say) is
+    a ValueError: left as they were, every argmax would be class 0 and the ensemble fall to chance silently.
+    Items it scores non-finite among finite ones (an overflowing feature row) are left out like items another
+    member does not score."""
     key = (store.path, member.inputs)
     if key not in loaded:
         loaded[key] = store.load(list(member.inputs))
     data = loaded[key]
     classes = np.asarray(store.classes)
-    scores = {}
+    scores, left_out = {}, {}
     for split in SPLITS:
         rows = data.split == split
-        proba = member.predict_proba([data.features[n][rows] for n in member.inputs])
-        scores[split] = _Scores(data.ids[rows], classes[data.labels[rows]], np.asarray(proba, dtype=np.float64))
-    return scores
+        proba = np.asarray(member.predict_proba([data.features[n][rows] for n in member.inputs]), dtype=np.float64)
+        finite = np.isfinite(proba).all(axis=1)  # (n,)
+        if len(finite) and not finite.any():
+            raise ValueError(f"its probabilities are not finite (NaN or inf) on all {len(finite)} {split} items; "
+                             "train or save it again")
+        left_out[split] = int((~finite).sum())
+        scores[split] = _Scores(data.ids[rows][finite], classes[data.labels[rows]][finite], proba[finite])
+    return scores, left_out
 
 
 def _align(chosen: list[tuple[Member, dict[str, _Scores]]], split: str,
@@ -217,12 +261,14 @@ def ensemble(results_dirs: str | os.PathLike | Iterable[str | os.PathLike], top_
     results_dirs = [Path(r) for r in results_dirs]
     if not results_dirs:
         raise ValueError("name at least one results folder")
+    results_dirs = distinct_folders(results_dirs, log)
     request = parse_top_k(top_k)
     for results in results_dirs:  # before the lock, which would create the folder
         find_model_folders(results)
     base = results_dirs[0]
     t_start = time.perf_counter()
-    with ResultsLock(base):
+    with ResultsLock(base, command="heads ensemble",
+                     advice="wait for it to finish (the ensemble's row goes to the first RESULTS folder named)"):
         members, notes, unimodal = collect_members(results_dirs, multimodal_only=multimodal_only, base=base)
         for note in notes:
             log(note)
@@ -249,6 +295,7 @@ def _evaluate(members: list[Member], notes: list[str], request: int | str, base:
         stores: dict[Path, FeatureStore] = {}
         loaded: dict = {}   # (store, feature sets) -> its data, read once for every member that reads it
         scored, manifest, reference = [], None, None
+        non_finite: dict[str, dict[str, int]] = {}  # member -> split -> items it scored non-finite (left out)
         for member in members:
             name = relative_to_folder(member.folder, base)
             path = member.store_path.resolve()
@@ -261,12 +308,16 @@ def _evaluate(members: list[Member], notes: list[str], request: int | str, base:
                                      f"{manifest[:12]} like the best member's")
                 if reference is not None and set(member.classes) != set(reference.classes):
                     raise ValueError("its classes differ from the best member's")
-                scores = _score(member, store, loaded)
+                scores, left_out = _score(member, store, loaded)
             except (ValueError, KeyError, OSError) as error:
                 reason = str(error.args[0] if error.args else error).splitlines()[0]
                 notes.append(f"{name}: skipped ({reason})")
                 log(notes[-1])
                 continue
+            if any(left_out.values()):
+                non_finite[name] = left_out
+                log(f"{name}: {left_out['val']} validation and {left_out['test']} test item(s) with non-finite "
+                    "probabilities left out of the ensemble")
             if reference is None:  # every manifest item of a split, ok or not: what "left out" counts from
                 manifest, reference = store.manifest_sha256, member
                 split_sizes = {s: int((store.split == s).sum()) for s in SPLITS}
@@ -303,7 +354,8 @@ def _evaluate(members: list[Member], notes: list[str], request: int | str, base:
                       for s in SPLITS},
             "manifest_sha256": manifest,
             "stores": sorted({relative_to_folder(m.store_path, base) for m, _ in chosen[:k]}),
-            "skipped_folders": len(notes), "notes": list(notes)}
+            "skipped_folders": len(notes), "notes": list(notes),
+            **({"non_finite_left_out": non_finite} if non_finite else {})}
 
 
 def format_summary(row: dict) -> str:

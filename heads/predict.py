@@ -35,7 +35,7 @@ from embedstore.images import ImageStages, image_stages
 from embedstore.model_folder import read_config
 from embedstore.modules import load_module, module_id
 from embedstore.preprocess import clean_title, resize_mode
-from embedstore.outputs import check_writable, partial_file
+from embedstore.outputs import ExclusiveLock, check_writable, partial_file
 from embedstore.store import STATUS_EMPTY_TITLE, STATUS_NAMES, STATUS_NON_FINITE, STATUS_OK
 from heads.end_to_end import load_end_to_end
 from heads.estimator import FusionHead
@@ -395,13 +395,26 @@ def end_to_end_predictor(model_dir: Path, device) -> Predictor:
 def predict_products(head_dir: str | os.PathLike, inputs: str | os.PathLike, out_csv: str | os.PathLike,
                      settings: PredictSettings = PredictSettings()) -> PredictSummary:
     """Classify every row of `inputs` with the head (or 3-A/3-B model) in `head_dir`; write `out_csv` (id,
-    label_k, probability_k for k = 1..top_k, reason) in input order and return what was predicted and skipped."""
+    label_k, probability_k for k = 1..top_k, reason) in input order and return what was predicted and skipped.
+
+    One run per output at a time: a second run into the same `out_csv` while one is writing it is refused in one
+    line (a lock file beside the output, .OUT.lock, removed when the run ends), since both would write one
+    OUT.partial and the message of one would be false about what the file holds."""
     start = time.perf_counter()
     head_dir, out_csv = Path(head_dir), Path(out_csv)
     if not head_dir.is_dir():
         raise FileNotFoundError(f"head folder not found: {head_dir}; give RESULTS/heads/<cell> from `heads sweep` "
                                 "or a 3-A/3-B model folder (RESULTS/end_to_end/<cell>/seed-<seed>)")
     check_writable(out_csv, folder=False)  # before loading anything: a bad --out fails now, not after the work
+    lock = ExclusiveLock(out_csv.with_name(f".{out_csv.name}.lock"), command="heads predict", target=str(out_csv),
+                         advice="wait for it to finish or give another --out", remove=True)
+    with lock:
+        summary = _predict_into(head_dir, inputs, out_csv, settings)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _predict_into(head_dir: Path, inputs, out_csv: Path, settings: PredictSettings) -> PredictSummary:
     kind = read_config(head_dir)["kind"]
     device = resolve_device(settings.device)
     if kind == "end-to-end":
@@ -418,7 +431,8 @@ def predict_products(head_dir: str | os.PathLike, inputs: str | os.PathLike, out
     top_k = min(settings.top_k, len(classes))
     summary = PredictSummary(out_csv, rows=len(items.ids), predicted=0, malformed=items.malformed)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
-    # a failed run (an error, a full disk, Ctrl-C) leaves neither a half-written CSV nor its .partial behind
+    # a failed run (an error, a full disk, Ctrl-C, SIGTERM through the CLI) leaves neither a half-written CSV nor
+    # its .partial behind
     with partial_file(out_csv) as partial, open(partial, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["id"] + [f"{c}_{k}" for k in range(1, top_k + 1) for c in ("label", "probability")]
@@ -427,7 +441,6 @@ def predict_products(head_dir: str | os.PathLike, inputs: str | os.PathLike, out
             status, probabilities = predictor.probabilities(rows, images, image_status, items)
             status, probabilities = _without_non_finite(status, probabilities)
             _write_rows(writer, [items.ids[r] for r in rows], status, probabilities, classes, top_k, summary)
-    summary.seconds = time.perf_counter() - start
     return summary
 
 

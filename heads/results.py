@@ -2,8 +2,8 @@
 
 - One writer at a time: a sweep holds an exclusive flock on RESULTS/.runs.lock for its whole run, so two sweeps
   into one folder cannot both train the same runs and append them twice (which inflated the report's
-  statistics over seeds). The second refuses in one line naming the folder and the holder's pid, or waits up
-  to `wait_seconds` for it.
+  statistics over seeds). The second refuses in one line naming the folder and the holder's command and pid
+  (`heads ensemble` takes the same lock to append its row), or waits up to `wait_seconds` for it.
 - Appends are whole lines in one write, then fsync. A kill (or a full disk) mid-write can still leave a torn
   final line: readers leave it out with a warning naming file:line, and the next append repairs it (drops the
   torn part, or ends a complete row with its newline) before writing. Any other bad line is an error naming
@@ -12,14 +12,13 @@
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import os
-import time
 import warnings
 from pathlib import Path
 from typing import Iterable
 
+from embedstore.outputs import ExclusiveLock
 from embedstore.store import DataWarning
 
 RUNS_FILE = "runs.jsonl"
@@ -34,59 +33,18 @@ def runs_path(out_dir: str | os.PathLike, name: str = RUNS_FILE) -> Path:
 # ----------------------------------------------------------------------------------------------- the lock
 
 
-class ResultsLock:
-    """An exclusive lock on a results folder (context manager). `wait_seconds` 0 refuses at once."""
+class ResultsLock(ExclusiveLock):
+    """An exclusive lock on a results folder (context manager). `wait_seconds` 0 refuses at once. `command` and
+    `advice` word the refusal for the command that asks (`heads sweep`, `heads ensemble`); the lock file records
+    the holder's command, so the refusal names what actually holds the folder."""
 
-    def __init__(self, out_dir: str | os.PathLike, *, wait_seconds: float = 0.0, poll_seconds: float = 0.2):
+    def __init__(self, out_dir: str | os.PathLike, *, command: str = "heads sweep", advice: str | None = None,
+                 wait_seconds: float = 0.0, poll_seconds: float = 0.2):
         self.out_dir = Path(out_dir)
-        self.path = self.out_dir / LOCK_FILE
-        self.wait_seconds, self.poll_seconds = wait_seconds, poll_seconds
-        self._descriptor: int | None = None
-
-    def acquire(self) -> "ResultsLock":
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-        deadline = time.monotonic() + self.wait_seconds
-        while True:
-            try:
-                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    holder = _holder(descriptor)
-                    os.close(descriptor)
-                    raise ValueError(f"another `heads sweep` ({holder}) is writing to {self.out_dir}; one sweep per "
-                                     "results folder at a time: wait for it to finish or use another --out") from None
-                time.sleep(self.poll_seconds)
-        os.ftruncate(descriptor, 0)
-        os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)  # who holds it, for the refusal message
-        self._descriptor = descriptor
-        return self
-
-    def release(self) -> None:
-        if self._descriptor is not None:
-            os.close(self._descriptor)  # closing the descriptor releases the flock
-            self._descriptor = None
-
-    def __enter__(self) -> "ResultsLock":
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
-def _holder(descriptor: int) -> str:
-    text = os.pread(descriptor, 32, 0).decode("ascii", "replace").strip()
-    if not text.isdigit():
-        return "pid unknown"
-    pid = int(text)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:  # it died; a child it forked may still hold the lock for a moment
-        return f"pid {pid}, which has exited: retry in a few seconds"
-    except PermissionError:
-        pass
-    return f"pid {pid}"
+        advice = advice or ("one sweep per results folder at a time: wait for it to finish or use another --out"
+                            if command == "heads sweep" else "wait for it to finish")
+        super().__init__(self.out_dir / LOCK_FILE, command=command, target=f"to {self.out_dir}", advice=advice,
+                         wait_seconds=wait_seconds, poll_seconds=poll_seconds)
 
 
 # ----------------------------------------------------------------------------------------------- reading
