@@ -36,7 +36,8 @@ WRITE_BLOCK = 16_384
 
 def write_store(path: Path, *, rows: int, classes: int, dtype: str, seed: int = 0) -> Path:
     """A synthetic store of `rows` items written in blocks of WRITE_BLOCK rows."""
-    from embedstore.store import STATUS_OK, FeatureSetWriter, create_store
+    from embedstore.store import STATUS_OK
+    from embedstore.store_writer import FeatureSetWriter, create_store
 
     per_class = np.full(classes, rows // classes)
     per_class[: rows % classes] += 1
@@ -71,7 +72,8 @@ def measure(store: Path, out: Path, *, budget: str, epochs: int) -> dict:
     """Runs in a fresh process: one sweep, then its own peak RSS."""
     import torch  # noqa: F401  (imported before the baseline is read, like any sweep)
 
-    from heads.sweep import SweepSettings, read_runs, run_sweep
+    from heads.results import read_runs
+    from heads.sweep import SweepSettings, run_sweep
     from heads.train import TrainSettings
     from embedstore.streaming import parse_memory_size
 

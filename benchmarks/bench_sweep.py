@@ -26,7 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from heads.sweep import SweepSettings, read_runs, run_sweep  # noqa: E402
+from heads.results import read_runs  # noqa: E402
+from heads.sweep import SweepSettings, run_sweep  # noqa: E402
 from heads.train import TrainSettings  # noqa: E402
 
 
@@ -35,7 +36,7 @@ def synthetic_store(path: Path, *, classes: int = 37, per_class=(175, 25, 50), d
     """The protocol's sizes (37 x 250 = 9,250 items, 6,475 / 925 / 1,850) with class-dependent Gaussian
     features: pooled backbone features, 500-d module 'dense' and C-d 'classifier' features. Noise is set so
     heads need several epochs, like real features, rather than separating everything at once."""
-    from embedstore.store import write_store_from_arrays
+    from embedstore.store_writer import write_store_from_arrays
 
     rng = np.random.default_rng(seed)
     labels, splits = [], []

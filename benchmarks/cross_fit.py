@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from embedstore.extract import ExtractSettings, extract  # noqa: E402
 from embedstore.finetune import FinetuneSettings, finetune  # noqa: E402
 from embedstore.model_folder import read_config  # noqa: E402
-from heads.sweep import SweepSettings, read_runs, run_sweep  # noqa: E402
+from heads.results import read_runs  # noqa: E402
+from heads.sweep import SweepSettings, run_sweep  # noqa: E402
 
 VARIANTS = {"plain": None, "cross-fit": "k"}
 

@@ -21,8 +21,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from embedstore.store import STATUS_OK, FeatureSetWriter, FeatureStore, create_store  # noqa: E402
-from heads.sweep import SweepSettings, read_runs, run_sweep  # noqa: E402
+from embedstore.store import STATUS_OK, FeatureStore  # noqa: E402
+from embedstore.store_writer import FeatureSetWriter, create_store  # noqa: E402
+from heads.results import read_runs  # noqa: E402
+from heads.sweep import SweepSettings, run_sweep  # noqa: E402
 from heads.train import TrainSettings  # noqa: E402
 
 COPY_BLOCK = 8192

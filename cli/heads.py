@@ -162,7 +162,8 @@ def predict(head_dir, inputs, out, top_labels, top_k_alias, batch_size, device, 
     """Classify the products in INPUT (a CSV of image paths and titles, or a catalog) with the saved head in
     HEAD_DIR (RESULTS/heads/<cell> from `heads sweep`), rebuilding and checking its backbones or modules, or with
     a trained 3-A/3-B model (HEAD_DIR = RESULTS/end_to_end/<cell>/seed-<seed>: images and titles through it)."""
-    from heads.predict import InputColumns, PredictSettings, predict_products
+    from pipelines.predict import predict_products
+    from pipelines.predict_sources import InputColumns, PredictSettings
 
     if not inputs.exists():  # before the head and its backbones load (tens of seconds)
         raise InputError(f"input not found: {inputs}; pass a CSV with image and title columns, or a catalog "

@@ -10,7 +10,7 @@ from collections import OrderedDict
 
 from torch import nn
 
-from embedstore.backbones import (
+from embedstore.backbone_base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ImageBackbone,

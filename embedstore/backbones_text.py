@@ -9,7 +9,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from embedstore.backbones import (
+from embedstore.backbone_base import (
     RANDOM_INIT,
     TextBackbone,
     missing_weights,

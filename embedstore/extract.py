@@ -31,16 +31,8 @@ from embedstore.manifest import Manifest
 from embedstore.modules import config_sha256, load_module, module_id, pooled_set_for, read_module_config
 from embedstore.preprocess import RESIZE_MODES, clean_title
 from embedstore.shards import Shard, shard_job
-from embedstore.store import (
-    STATUS_EMPTY_TITLE,
-    STATUS_NAMES,
-    STATUS_OK,
-    FeatureSetWriter,
-    FeatureStore,
-    create_store,
-    library_versions,
-    now_iso,
-)
+from embedstore.store import STATUS_EMPTY_TITLE, STATUS_NAMES, STATUS_OK, FeatureStore, library_versions, now_iso
+from embedstore.store_writer import FeatureSetWriter, create_store
 from embedstore.workers import die_with, worker_context
 
 

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from embedstore.backbones import RANDOM_INIT, Backbone, create_backbone
+from embedstore.backbone_base import RANDOM_INIT, Backbone
+from embedstore.backbones import create_backbone
 from embedstore.defaults import MIDDLE_DIM  # the paper's middle layer: module feature "A" / dense
 from embedstore.image_pipeline import backbone_preprocessing
 from embedstore.model_folder import CONFIG_FILE, WEIGHTS_FILE, load_pretrained, read_config, save_pretrained

@@ -21,16 +21,8 @@ import numpy as np
 
 from embedstore.manifest import Manifest
 from embedstore.outputs import partial_file
-from embedstore.store import (
-    IDENTITY_KEYS,
-    SHARD_KEYS,
-    STATUS_NAMES,
-    STATUS_PENDING,
-    FeatureSetInfo,
-    FeatureStore,
-    describe_rows,
-    now_iso,
-)
+from embedstore.store import IDENTITY_KEYS, SHARD_KEYS, STATUS_NAMES, STATUS_PENDING, FeatureSetInfo, FeatureStore, now_iso
+from embedstore.store_writer import describe_rows
 
 
 @dataclass(frozen=True)

@@ -330,17 +330,3 @@ class FeatureStore:
 
     def __exit__(self, *exc):
         self.close()
-
-
-# The writer's names (embedstore/store_writer.py) stay importable from here. Looked up on first use, because
-# store_writer imports this module's format constants and helpers.
-_WRITER_NAMES = frozenset(("create_store", "manifest_identity", "describe_rows", "FeatureSetWriter",
-                           "write_store_from_arrays"))
-
-
-def __getattr__(name: str):
-    if name in _WRITER_NAMES:
-        from embedstore import store_writer
-
-        return getattr(store_writer, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,5 +1,5 @@
-"""Fusion heads over the feature store: operators, strategies 1-A/1-B/2-A/2-B + unimodal baselines, batched
-training, sweeps and reports. See docs/ARCHITECTURE.md.
+"""Fusion heads over the feature store: operators, the strategy registry (heads/strategies.py: 1-A/1-B/2-A/2-B,
+unimodal baselines, decision-level models, 3-A/3-B), batched training, sweeps and reports. See docs/ARCHITECTURE.md.
 
 In a notebook: `inputs_for(store, strategy)` names the feature sets a strategy reads, and `FusionHead` is one
 head as a scikit-learn estimator (fit / predict / predict_proba / score / save_pretrained / from_pretrained) over
@@ -12,7 +12,9 @@ from heads.estimator import FeatureMatrices, FusionHead, feature_matrices
 from heads.fusion import Fusion, create_fusion, list_fusions, register_fusion
 from heads.inputs import inputs_for
 from heads.models import HeadConfig, StackedHead
+from heads.strategies import Strategy, get_strategy, list_strategies, register_strategy
 from heads.train import HeadData, HeadResult, TrainSettings, train_heads
 
-__all__ = ["Fusion", "create_fusion", "list_fusions", "register_fusion", "FusionHead", "feature_matrices", "FeatureMatrices", "HeadConfig", "StackedHead",
-           "HeadData", "HeadResult", "TrainSettings", "train_heads", "inputs_for"]
+__all__ = ["Fusion", "create_fusion", "list_fusions", "register_fusion", "FusionHead", "feature_matrices",
+           "FeatureMatrices", "HeadConfig", "StackedHead", "HeadData", "HeadResult", "TrainSettings", "train_heads",
+           "inputs_for", "Strategy", "get_strategy", "list_strategies", "register_strategy"]

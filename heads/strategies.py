@@ -3,7 +3,7 @@
 A strategy is a `Strategy` record in one registry (like the fusion operators' in heads/fusion.py). Everything
 else derives from it: the sweep's grid (heads/grid.py), the head architecture (heads/models.py), the
 decision-level models (heads/decision.py), the end-to-end models (heads/end_to_end.py), what a saved model
-reads when it predicts (heads/predict.py), which members are multimodal in an ensemble, and the reports' and
+reads when it predicts (pipelines/predict.py), which members are multimodal in an ensemble, and the reports' and
 paper targets' groupings and labels. Adding a strategy is one `register_strategy(Strategy(...))` call, from
 this file or from a user's own module; `tests/test_strategy_registry.py` registers one from outside and sweeps,
 saves, reports, ensembles and predicts it.

@@ -34,8 +34,7 @@ from heads.selection import best_by_validation
 from heads.strategies import get_strategy, list_strategies
 from heads.throughput import matmul_peak_gflops
 from heads.streamed import access_key, load_head_data, only_input, streams
-# read_runs: re-exported
-from heads.results import ResultsLock, append_rows, read_runs, saved_is_at_least_as_good  # noqa: F401
+from heads.results import ResultsLock, append_rows, read_runs, saved_is_at_least_as_good
 from heads.train import HeadData, HeadResult, TrainSettings
 
 # bf16 vs fp32 over the whole real-catalog grid (benchmarks/results/precision.md): see README "Precision" for

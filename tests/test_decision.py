@@ -7,11 +7,13 @@ import pytest
 from click.testing import CliRunner
 
 from cli.heads import main
-from embedstore.store import FeatureStore, write_store_from_arrays
+from embedstore.store import FeatureStore
+from embedstore.store_writer import write_store_from_arrays
 from heads.decision import DecisionFits, DecisionModel, LinearSettings, late_weight, out_of_fold
 from heads.grid import decision_cells
 from heads.report import _tables, summarize, write_report
-from heads.sweep import SweepSettings, read_runs, run_sweep
+from heads.results import read_runs
+from heads.sweep import SweepSettings, run_sweep
 from heads.train import HeadData, TrainSettings
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from cli.heads import main
 from embedstore.model_folder import save_pretrained
-from embedstore.store import write_store_from_arrays
+from embedstore.store_writer import write_store_from_arrays
 from heads import ensemble as ensemble_module
 from heads.ensemble import ENSEMBLES_FILE, Member, ensemble
 from heads.report import write_report

@@ -331,7 +331,8 @@ def test_save_and_load_keep_input_widths_and_take_the_matrix(tmp_path):
 
 
 def test_feature_matrices_puts_a_stores_sets_side_by_side(tmp_path):
-    from embedstore.store import FeatureStore, write_store_from_arrays
+    from embedstore.store import FeatureStore
+    from embedstore.store_writer import write_store_from_arrays
 
     from heads import feature_matrices, inputs_for
 

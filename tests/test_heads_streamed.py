@@ -10,10 +10,12 @@ from click.testing import CliRunner
 
 import embedstore.chunks as chunks
 from cli.heads import main
-from embedstore.store import FeatureStore, write_store_from_arrays
+from embedstore.store import FeatureStore
+from embedstore.store_writer import write_store_from_arrays
 from heads.models import HeadConfig
 from heads.streamed import StreamedSplit, load_head_data, streamed_head_data
-from heads.sweep import SweepSettings, read_runs, run_key, run_sweep
+from heads.results import read_runs
+from heads.sweep import SweepSettings, run_key, run_sweep
 from heads.train import TrainSettings, train_heads
 
 pytestmark = pytest.mark.usefixtures("one_thread")

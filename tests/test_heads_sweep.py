@@ -8,11 +8,13 @@ from click.testing import CliRunner
 
 import embedstore
 from cli.heads import main
-from embedstore.store import FeatureStore, write_store_from_arrays
+from embedstore.store import FeatureStore
+from embedstore.store_writer import write_store_from_arrays
 from heads.estimator import FusionHead
 from heads.decision import DecisionModel
 from embedstore.model_folder import read_config
-from heads.sweep import SweepSettings, read_runs, run_sweep
+from heads.results import read_runs
+from heads.sweep import SweepSettings, run_sweep
 from heads.train import TrainSettings
 
 

@@ -25,8 +25,8 @@ from cli.heads import heads
 from embedstore.catalog import open_catalog
 from embedstore.extract import ExtractSettings, extract
 from embedstore.manifest import SplitSettings, prepare_manifest
-from embedstore.store import (STATUS_NON_FINITE, STATUS_OK, DataWarning, FeatureSetWriter, FeatureStore,
-                              create_store, write_store_from_arrays)
+from embedstore.store import STATUS_NON_FINITE, STATUS_OK, DataWarning, FeatureStore
+from embedstore.store_writer import FeatureSetWriter, create_store, write_store_from_arrays
 from embedstore.synthetic_catalog import make_fashion_catalog
 from heads.results import ResultsLock, read_runs
 from heads.train import TrainSettings

@@ -32,8 +32,9 @@ from embedstore.cross_fit import assign_folds
 from embedstore.image_pipeline import decode_to_uint8
 from embedstore.images import ImageRows
 from embedstore.manifest import Manifest, SplitSettings, prepare_manifest
-from embedstore.store import STATUS_OK, FeatureSetWriter, FeatureStore, create_store
-from heads.predict import InputColumns, read_inputs
+from embedstore.store import STATUS_OK, FeatureStore
+from embedstore.store_writer import FeatureSetWriter, create_store
+from pipelines.predict_sources import InputColumns, read_inputs
 from tests.cli_helpers import invoke as run
 from tests.test_hostile import make_store
 from tests.test_hostile_outputs import one_line

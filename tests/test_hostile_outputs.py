@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import embedstore.outputs as outputs_module
 import embedstore.store_writer as store_module  # the writer: create_store, FeatureSetWriter
-import heads.predict as predict_module
+import pipelines.predict as predict_module
 from cli.embed import embed
 from cli.heads import heads
 from embedstore.manifest import Manifest

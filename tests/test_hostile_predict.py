@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from cli.heads import heads
 from embedstore.model_folder import save_pretrained
-from embedstore.store import write_store_from_arrays
+from embedstore.store_writer import write_store_from_arrays
 from heads import ensemble as ensemble_module
 from heads.decision import DecisionModel, LinearSettings, extreme_rows, fit_linear
 from heads.ensemble import ENSEMBLES_FILE, Member, ensemble
@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # condition the test controls, not on a timing guess
 PAUSED_PREDICT = """
 import os, signal, sys, time
-import heads.predict as predict
+import pipelines.predict as predict
 
 signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C raises even where the test runner ignores it
 original = predict._write_rows

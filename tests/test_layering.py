@@ -1,5 +1,6 @@
-"""The package layers (`embedstore` imports neither `heads` nor `pipelines`), no private helper imported across
-modules, split modules keeping their old import paths, and the installed import names being this checkout's."""
+"""The package layers (docs/ARCHITECTURE.md: `embedstore` imports no other package of ours, `heads` only
+`embedstore`, `pipelines` both), no import cycle between library modules, no private helper imported across
+modules, and the installed import names being this checkout's."""
 import ast
 import json
 import os
@@ -39,23 +40,76 @@ def test_no_private_name_is_imported_across_modules():
     assert found == []
 
 
-SPLIT_MODULES = {  # old module -> names that moved out of it and stay importable from it
-    "embedstore.store": ("embedstore.store_writer", ["create_store", "FeatureSetWriter", "write_store_from_arrays",
-                                                     "manifest_identity", "describe_rows"]),
-    "embedstore.backbones": ("embedstore.backbones_image", ["efficientnet_lite0_state", "mobilenet_v2"]),
-}
+LIBRARY = ("embedstore", "heads", "pipelines", "cli")
 
 
-def test_split_modules_import_in_any_order_and_keep_their_old_names():
-    # Each new module first, in a fresh interpreter: the split modules import each other lazily, never in a cycle.
-    for old, (new, names) in SPLIT_MODULES.items():
-        code = (f"import {new}, {old}\n"
-                f"assert all(getattr({old}, n) is getattr({new}, n) for n in {names!r})\n"
-                f"from {old} import {', '.join(names)}\n"
-                "from embedstore.backbones import list_backbones\n"
-                "assert 'tiny-resnet' in list_backbones('image') and 'tiny-bert' in list_backbones('text')\n")
-        done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-2000:]
+def import_graph() -> dict[str, set[str]]:
+    """Library module -> the library modules it imports, at the top or inside a function alike (a lazy import
+    still ties the two modules together)."""
+    modules = {}
+    for package in LIBRARY:
+        for path in sorted((ROOT / package).glob("*.py")):
+            name = package if path.stem == "__init__" else f"{package}.{path.stem}"
+            modules[name] = path
+    graph = {}
+    for name, path in modules.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module in modules:
+                deps.add(node.module)
+                deps |= {f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in modules}
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name in modules}
+        graph[name] = deps - {name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on, found, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycle_between_library_modules():
+    graph = import_graph()
+    assert "heads.strategies" in graph and "embedstore.store" in graph   # the walk found the modules
+    assert cycles({"a": {"b"}, "b": {"a"}, "c": {"a"}}) == [["a", "b"]]   # and the check finds a cycle
+    assert cycles(graph) == []
+
+
+def test_packages_keep_their_charter():
+    """embedstore imports no other package of ours; heads imports only embedstore; pipelines no cli."""
+    allowed = {"embedstore": {"embedstore"}, "heads": {"embedstore", "heads"},
+               "pipelines": {"embedstore", "heads", "pipelines"}, "cli": set(LIBRARY)}
+    wrong = [f"{m} -> {d}" for m, deps in import_graph().items() for d in deps
+             if d.split(".")[0] not in allowed[m.split(".")[0]]]
+    assert wrong == []
 
 
 def test_the_installed_import_names_are_this_checkouts(tmp_path):

@@ -4,7 +4,7 @@ import pytest
 
 import embedstore
 import heads
-from embedstore.store import write_store_from_arrays
+from embedstore.store_writer import write_store_from_arrays
 from heads.sweep import resolve_feature_sets
 
 C, N = 3, 60

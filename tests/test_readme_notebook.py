@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from embedstore.store import write_store_from_arrays
+from embedstore.store_writer import write_store_from_arrays
 from heads import FusionHead
 
 README = Path(__file__).resolve().parent.parent / "README.md"

@@ -3,15 +3,8 @@ import h5py
 import numpy as np
 import pytest
 
-from embedstore.store import (
-    STATUS_MISSING_IMAGE,
-    STATUS_OK,
-    STATUS_PENDING,
-    FeatureSetWriter,
-    FeatureStore,
-    create_store,
-    write_store_from_arrays,
-)
+from embedstore.store import STATUS_MISSING_IMAGE, STATUS_OK, STATUS_PENDING, FeatureStore
+from embedstore.store_writer import FeatureSetWriter, create_store, write_store_from_arrays
 
 N = 12
 IDS = [f"item{i}" for i in range(N)]

@@ -13,7 +13,8 @@ from embedstore.catalog import open_catalog
 from embedstore.inspect import describe_store
 from embedstore.chunks import block_rows, chunk_rows_for, read_rows
 from embedstore.manifest import SplitSettings, prepare_manifest
-from embedstore.store import FeatureSetWriter, FeatureStore, write_store_from_arrays
+from embedstore.store import FeatureStore
+from embedstore.store_writer import FeatureSetWriter, write_store_from_arrays
 from tests.catalog_factory import make_fashion_catalog
 
 N, CLASSES = 300, ["a", "b", "c"]

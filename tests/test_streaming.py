@@ -11,7 +11,8 @@ import torch
 
 import embedstore.chunks as chunks
 import embedstore.streaming as streaming
-from embedstore.store import FeatureStore, write_store_from_arrays
+from embedstore.store import FeatureStore
+from embedstore.store_writer import write_store_from_arrays
 from embedstore.streaming import RowStream, fits_in_memory, parse_memory_size, queue_blocks_for
 
 N = 500

@@ -13,11 +13,13 @@ import pytest
 import torch
 
 from heads.strategies import list_strategies
-from embedstore.store import FeatureStore, write_store_from_arrays
+from embedstore.store import FeatureStore
+from embedstore.store_writer import write_store_from_arrays
 from heads.fusion import Fusion, _FUSIONS, list_fusions, register_fusion
 from heads.grid import build_grid
 from heads.report import write_report
-from heads.sweep import SweepSettings, read_runs, run_sweep
+from heads.results import read_runs
+from heads.sweep import SweepSettings, run_sweep
 from heads.train import TrainSettings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
