@@ -140,7 +140,7 @@ def _already_complete(store_path: Path, modality: str, settings: ExtractSettings
     weights = settings.image_weights if modality == "image" else settings.text_weights
     if weights or name not in list_backbones(modality):
         return None
-    source = image_source_name(name, settings.image_size) if modality == "image" else name
+    source = image_source_name(name, settings.image_size, settings.image_resize) if modality == "image" else name
     with FeatureStore(store_path) as store:
         info = store.feature_sets.get(f"{modality}/{source}/pooled")
     if info is None or not info.complete or info.dtype != settings.dtype:

@@ -94,7 +94,12 @@ def test_resuming_an_unwritable_store_is_one_line(world, tmp_path, monkeypatch):
     real = os.access
     monkeypatch.setattr(store_module.os, "access",
                         lambda path, mode: real(path, mode) and not (mode & os.W_OK and str(path).endswith(".h5")))
-    line = one_line(run(embed, ["extract", world["manifest"], "--store", world["store"], *TINY]))
+    # a finished store needs no write: said at once, before any backbone loads
+    done = run(embed, ["extract", world["manifest"], "--store", world["store"], *TINY])
+    assert done.exit_code == 0 and "already complete" in done.output, done.output
+    # a feature set still to compute (another image size) needs one: refused in one line
+    line = one_line(run(embed, ["extract", world["manifest"], "--store", world["store"], *TINY, "--image-size", "48",
+                                "--add"]))
     assert "cannot write to the store" in line and str(world["store"]) in line
 
 
