@@ -38,9 +38,10 @@ class SyntheticStore:
 
 def make_features(*, classes: int | Sequence[str] = 4, per_split: Sequence[int] = (120, 60, 60),
                   per_class: Sequence[int] | None = None, splits: Sequence[str] | None = None,
-                  features: Mapping[str, int | np.ndarray] = None, separation: float | Mapping[str, float] = SEPARATION,
-                  noise: float = 1.0, signal_free: Mapping[str, Sequence[str]] = None,
-                  nan_rows: Mapping[str, Sequence[int]] = None, row_order: Sequence[int] | None = None,
+                  features: Mapping[str, int | np.ndarray] | None = None,
+                  separation: float | Mapping[str, float] = SEPARATION, noise: float = 1.0,
+                  signal_free: Mapping[str, Sequence[str]] | None = None,
+                  nan_rows: Mapping[str, Sequence[int]] | None = None, row_order: Sequence[int] | None = None,
                   seed: int | np.random.Generator = 0) -> SyntheticStore:
     """The rows and features of a synthetic store, without writing it.
 
@@ -58,9 +59,8 @@ def make_features(*, classes: int | Sequence[str] = 4, per_split: Sequence[int] 
     seed: an int, or a Generator, which goes on from where the draws leave it (np.random.default_rng(seed)).
     """
     names = [f"class{i}" for i in range(classes)] if isinstance(classes, int) else list(classes)
-    given = [per_class is not None, splits is not None]
-    if sum(given) > 1:
-        raise ValueError("give per_split, per_class or splits, not several")
+    if per_class is not None and splits is not None:
+        raise ValueError("give per_class or splits, not both (either replaces per_split)")
     if per_class is not None:
         labels = np.repeat(np.arange(len(names)), sum(per_class))
         split = np.tile(np.repeat(SPLITS, per_class), len(names))
@@ -78,8 +78,10 @@ def make_features(*, classes: int | Sequence[str] = 4, per_split: Sequence[int] 
                 raise ValueError(f"{name}: {matrices[name].shape[0]} rows given, the store has {n}")
             continue
         sep = separation.get(name, SEPARATION) if isinstance(separation, Mapping) else separation
-        x = rng.normal(size=(len(names), spec))[labels] * sep + rng.normal(size=(n, spec)) * noise if sep \
-            else rng.normal(size=(n, spec)) * noise
+        if sep:   # the class means first, then the noise: the order the tests' numbers were drawn in
+            x = rng.normal(size=(len(names), spec))[labels] * sep + rng.normal(size=(n, spec)) * noise
+        else:
+            x = rng.normal(size=(n, spec)) * noise
         for s in (signal_free or {}).get(name, ()):
             rows = split == s
             x[rows] = rng.normal(size=(rows.sum(), spec)) * sep
@@ -94,7 +96,7 @@ def make_features(*, classes: int | Sequence[str] = 4, per_split: Sequence[int] 
     return SyntheticStore(ids.tolist(), labels, split, names, matrices)
 
 
-def make_feature_store(path: str | Path, *, provenance: Mapping[str, Mapping] = None,
+def make_feature_store(path: str | Path, *, provenance: Mapping[str, Mapping] | None = None,
                        manifest_sha256: str = "test-manifest", dtype: str = "float32", **rows_and_features
                        ) -> SyntheticStore:
     """make_features(**rows_and_features) written as a complete store at `path` (folders made) with
