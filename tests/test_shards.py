@@ -15,7 +15,8 @@ from embedstore.catalog import open_catalog
 from embedstore.extract import ExtractSettings, extract
 from embedstore.manifest import SplitSettings, prepare_manifest
 from embedstore.shards import Shard, merge_shards, parse_shard
-from embedstore.store import STATUS_OK, FeatureSetWriter, FeatureStore, create_store
+from embedstore.store import STATUS_OK, FeatureStore
+from embedstore.store_writer import FeatureSetWriter, create_store
 from tests.catalog_factory import make_fashion_catalog
 
 TINY = dict(image_backbone="tiny-resnet", text_backbone="tiny-bert", image_size=64, progress=False,
