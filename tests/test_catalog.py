@@ -179,6 +179,7 @@ def test_zip_catalog_pickles_and_reads_in_child(tmp_path):
     ref = catalog.read_rows().items[0].image
     expected = len(catalog.read_image_bytes(ref))  # the parent's handle is open now
     copy = pickle.loads(pickle.dumps(catalog))
+    # private: nothing public says whether a zip handle is open (the unpickled copy must not hold the parent's)
     assert copy._files._zip is None and len(pickle.dumps(catalog)) < 1000
     assert len(copy.read_image_bytes(ref)) == expected
     for method in ("fork", "spawn"):  # fork inherits the open handle: it must be reopened in the child

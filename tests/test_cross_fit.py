@@ -179,6 +179,7 @@ class Killed(Exception):
 
 def test_a_killed_cross_fit_keeps_its_finished_folds(world, tmp_path, monkeypatch):
     out = tmp_path / "image-cf"
+    # private: the kill must land between folds, and _finetune (one fold's training) is where a fold starts
     real, calls, kill_at = finetune_module._finetune, [], [3]
 
     def dies_on_third(manifest, folder, *args, **kwargs):

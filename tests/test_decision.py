@@ -1,5 +1,6 @@
 """LF, ST and LR-* (heads/decision.py) in `heads sweep`: choices on validation, out-of-fold stacking, rows, the
 saved model, refusals, the grid and the report."""
+import csv
 import json
 
 import numpy as np
@@ -8,13 +9,13 @@ from click.testing import CliRunner
 
 from cli.heads import main
 from embedstore.store import FeatureStore
-from embedstore.store_writer import write_store_from_arrays
 from heads.decision import DecisionFits, DecisionModel, LinearSettings, late_weight, out_of_fold
 from heads.grid import decision_cells
-from heads.report import _tables, summarize, write_report
+from heads.report import write_report
 from heads.results import read_runs
 from heads.sweep import SweepSettings, run_sweep
 from heads.train import HeadData, TrainSettings
+from store_factory import make_feature_store
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -26,22 +27,16 @@ ALL = ("LF", "ST", "LR-image", "LR-text", "LR-concat")
 def make_store(path, *, image="signal", text="signal", n=240, seed=0, image_dim=24, text_dim=16, sources=None):
     """Features per modality: "signal" (class means + noise, separable), "noise" (no class information) or None
     (absent). `sources`: {"image": [names], "text": [names]} for several backbones."""
-    rng = np.random.default_rng(seed)
-    y = np.arange(n) % C
-    split = np.array(["train"] * (n // 2) + ["val"] * (n // 4) + ["test"] * (n // 4))
-
-    def feats(kind, dim):
-        return (rng.normal(size=(C, dim))[y] * 2 if kind == "signal" else 0) + rng.normal(size=(n, dim))
-
     sources = sources or {"image": ["img"], "text": ["txt"]}
-    features = {}
+    features, separation = {}, {}
     for modality, kind, dim in (("image", image, image_dim), ("text", text, text_dim)):
         if kind is not None:
             for source in sources[modality]:
-                features[f"{modality}/{source}/pooled"] = (feats(kind, dim), {"parameters": 100})
-    return write_store_from_arrays(path, ids=[f"item{i}" for i in range(n)], labels=y, splits=split,
-                                   classes=[f"class{i}" for i in range(C)], features=features,
-                                   manifest_sha256="test-manifest")
+                features[f"{modality}/{source}/pooled"] = dim
+                separation[f"{modality}/{source}/pooled"] = 2.0 if kind == "signal" else 0.0
+    return make_feature_store(path, classes=C, per_split=(n // 2, n // 4, n // 4), features=features,
+                              separation=separation, seed=seed,
+                              provenance={name: {"parameters": 100} for name in features}).path
 
 
 def settings(strategies=ALL, seeds=(0, 1), baselines=False):
@@ -181,13 +176,19 @@ def _row(cell, strategy, fusion, val, test, seed=0):
 
 
 def test_report_rows_and_best_multimodal_by_validation(swept, tmp_path):
-    cells = summarize([_row("2A-concat", "2A", "concat", 0.90, 0.95), _row("LF", "LF", None, 0.93, 0.92),
-                       _row("ST", "ST", None, 0.91, 0.91), _row("LR-text", "LR-text", None, 0.9, 0.9),
-                       _row("text", "text", None, 0.8, 0.8)])
-    tables = _tables(cells)
-    table5 = {r[0]: r for r in tables["table5_strategies"][1]}
+    rows = [_row("2A-concat", "2A", "concat", 0.90, 0.95), _row("LF", "LF", None, 0.93, 0.92),
+            _row("ST", "ST", None, 0.91, 0.91), _row("LR-text", "LR-text", None, 0.9, 0.9),
+            _row("text", "text", None, 0.8, 0.8)]
+    (tmp_path / "rows").mkdir()
+    (tmp_path / "rows" / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_report(tmp_path / "rows", tmp_path / "rows-report")
+
+    def table(name):   # the report's CSV of that table, less its header
+        return list(csv.reader((tmp_path / "rows-report" / f"{name}.csv").open()))[1:]
+
+    table5 = {r[0]: r for r in table("table5_strategies")}
     assert set(table5) == {"2A", "LF", "ST"} and "late" in table5["LF"][2]
-    table7 = [r[0] for r in tables["table7_unimodal_vs_multimodal"][1]]
+    table7 = [r[0] for r in table("table7_unimodal_vs_multimodal")]
     assert table7 == ["text only", "logistic regression on standardized pooled features (LR-text)",
                       "multimodal (best by validation: LF)"]
     _, results, _ = swept
@@ -200,16 +201,13 @@ def make_module_store(path, *, image_noise: bool, n=240, seed=3):
     """A store of two modules' classifier outputs (C logits each, 1-B's inputs): the text module's logits point at
     the class, the image module's at the class too or (image_noise) at nothing."""
     rng = np.random.default_rng(seed)
-    y = np.arange(n) % C
-    split = np.array(["train"] * (n // 2) + ["val"] * (n // 4) + ["test"] * (n // 4))
-    onehot = np.eye(C)[y] * 3
+    onehot = np.eye(C)[np.arange(n) % C] * 3   # the factory's labels: row i is class i % C
     image = rng.normal(size=(n, C)) * 3 if image_noise else onehot + rng.normal(size=(n, C)) * 1.5
     text = onehot + rng.normal(size=(n, C)) * 1.2
-    features = {"image/module-a/classifier": (image, {"parameters": 10}),
-                "text/module-b/classifier": (text, {"parameters": 10})}
-    return write_store_from_arrays(path, ids=[f"item{i}" for i in range(n)], labels=y, splits=split,
-                                   classes=[f"class{i}" for i in range(C)], features=features,
-                                   manifest_sha256="test-manifest")
+    return make_feature_store(path, classes=C, per_split=(n // 2, n // 4, n // 4),
+                              features={"image/module-a/classifier": image, "text/module-b/classifier": text},
+                              provenance={"image/module-a/classifier": {"parameters": 10},
+                                          "text/module-b/classifier": {"parameters": 10}}).path
 
 
 @pytest.mark.parametrize("image_noise", [True, False])

@@ -10,32 +10,23 @@ from click.testing import CliRunner
 
 from cli.heads import main
 from embedstore.model_folder import save_pretrained
-from embedstore.store_writer import write_store_from_arrays
 from heads import ensemble as ensemble_module
 from heads.ensemble import ENSEMBLES_FILE, Member, ensemble
 from heads.report import write_report
 from heads.results import read_runs
 from heads.sweep import SweepSettings, run_sweep
 from heads.train import TrainSettings
+from store_factory import IMAGE, TEXT, make_feature_store
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 C, N = 4, 240
+SPLITS = (N // 2, N // 4, N // 4)   # train, val, test rows
 FAST = TrainSettings(batch_size=32, max_epochs=6, patience=3, lr=3e-3)
-SPLIT = np.array(["train"] * (N // 2) + ["val"] * (N // 4) + ["test"] * (N // 4))
 
 
 def quiet(_):
     pass
-
-
-def features(rng, y, dim, *, noise_in=()):
-    """Class-dependent Gaussian features; pure noise (no class signal) in the splits named."""
-    x = rng.normal(size=(C, dim))[y] * 2 + rng.normal(size=(len(y), dim))
-    for split in noise_in:
-        rows = SPLIT == split
-        x[rows] = rng.normal(size=(rows.sum(), dim)) * 2
-    return x
 
 
 def sweep(store, results, strategies, fusions=("concat",)):
@@ -51,13 +42,9 @@ def disagree(tmp_path_factory):
     the text features in train + test only (noise in val). So the image head ranks first by validation and is
     near chance on test, while the text head ranks last by validation and is best on test."""
     root = tmp_path_factory.mktemp("disagree")
-    rng = np.random.default_rng(0)
-    y = np.arange(N) % C
-    store = write_store_from_arrays(
-        root / "store.h5", ids=[f"item{i}" for i in range(N)], labels=y, splits=SPLIT,
-        classes=[f"class{i}" for i in range(C)], manifest_sha256="test-manifest",
-        features={"image/tiny-img/pooled": (features(rng, y, 24, noise_in=("test",)), {"parameters": 10}),
-                  "text/tiny-txt/pooled": (features(rng, y, 16, noise_in=("val",)), {"parameters": 10})})
+    store = make_feature_store(root / "store.h5", classes=C, per_split=SPLITS, features={IMAGE: 24, TEXT: 16},
+                               signal_free={IMAGE: ("test",), TEXT: ("val",)},
+                               provenance={IMAGE: {"parameters": 10}, TEXT: {"parameters": 10}}).path
     return store, sweep(store, root / "results", ("2A", "image", "text"))
 
 
@@ -125,23 +112,14 @@ def test_rerun_skips_and_another_request_or_pool_adds_one_row(disagree, tmp_path
 def test_members_align_by_item_id_across_two_stores_and_count_the_items_left_out(tmp_path):
     """Two copies of one manifest: the second in another row order, each with other rows not ok (NaN)."""
     rng = np.random.default_rng(1)
-    y = np.arange(N) % C
-    ids = np.array([f"item{i}" for i in range(N)])
-    image, text = features(rng, y, 24), features(rng, y, 16)
     missing_a = [130, 131, 200]   # two val rows and one test row not ok in the first store
     missing_b = [131, 140, 210, 211]  # one val row shared with store a, one more val row, two test rows
-    image_a = image.copy()
-    image_a[missing_a] = np.nan
-    common = dict(classes=[f"class{i}" for i in range(C)], manifest_sha256="test-manifest")
-    store_a = write_store_from_arrays(tmp_path / "a" / "store.h5", ids=ids, labels=y, splits=SPLIT,
-                                      features={"image/tiny-img/pooled": (image_a, {}),
-                                                "text/tiny-txt/pooled": (text, {})}, **common)
-    text_b = text.copy()
-    text_b[missing_b] = np.nan
+    a = make_feature_store(tmp_path / "a" / "store.h5", classes=C, per_split=SPLITS, features={IMAGE: 24, TEXT: 16},
+                           nan_rows={IMAGE: missing_a}, seed=rng)
     order = rng.permutation(N)  # row i of store b is item order[i]
-    store_b = write_store_from_arrays(tmp_path / "b" / "store.h5", ids=ids[order], labels=y[order],
-                                      splits=SPLIT[order], features={"text/tiny-txt/pooled": (text_b[order], {})},
-                                      **common)
+    b = make_feature_store(tmp_path / "b" / "store.h5", classes=C, per_split=SPLITS, features={TEXT: a.features[TEXT]},
+                           nan_rows={TEXT: missing_b}, row_order=order)
+    store_a, store_b = a.path, b.path
     pooled = sweep(store_a, tmp_path / "a" / "results", ("2A",))
     modules = sweep(store_b, tmp_path / "b" / "results", ("text",))
 

@@ -70,4 +70,4 @@ def test_a_new_operator_is_one_small_class():
         assert create_fusion("test-max", D).forward({}, torch.zeros(1, 1, D), torch.ones(1, 1, D)).sum() == D
     finally:
         from heads import fusion
-        del fusion._FUSIONS["test-max"]
+        del fusion._FUSIONS["test-max"]   # private: the registry has no public way to unregister an operator

@@ -9,6 +9,7 @@ import heads.estimator
 from heads import FusionHead
 from heads.models import HeadConfig
 from heads.train import HeadData, Split, TrainSettings, train_heads
+from store_factory import IMAGE, TEXT, make_features
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -17,12 +18,10 @@ NAMES = np.array(["shirt", "bag", "watch", "shoe"])  # not sorted: classes_ must
 FAST = dict(batch_size=32, max_epochs=8, patience=3, lr=3e-3, middle_dim=20, fusion_dim=10, device="cpu")
 
 
-def make_data(n=300, seed=0):
-    rng = np.random.default_rng(seed)
-    y = np.arange(n) % 4
-    xi = (rng.normal(size=(4, 16))[y] + rng.normal(size=(n, 16)) * 0.7).astype(np.float32)
-    xt = (rng.normal(size=(4, 12))[y] + rng.normal(size=(n, 12)) * 0.7).astype(np.float32)
-    return xi, xt, NAMES[y]
+def make_data(seed=0):
+    data = make_features(classes=4, per_split=(200, 50, 50), features={IMAGE: 16, TEXT: 12}, separation=1.0,
+                         noise=0.7, seed=seed)
+    return data.features[IMAGE], data.features[TEXT], NAMES[data.labels]
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -11,12 +10,12 @@ from click.testing import CliRunner
 import embedstore.chunks as chunks
 from cli.heads import main
 from embedstore.store import FeatureStore
-from embedstore.store_writer import write_store_from_arrays
 from heads.models import HeadConfig
 from heads.streamed import StreamedSplit, load_head_data, streamed_head_data
 from heads.results import read_runs
 from heads.sweep import SweepSettings, run_key, run_sweep
 from heads.train import TrainSettings, train_heads
+from store_factory import make_feature_store
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -30,19 +29,8 @@ def store_path(tmp_path, monkeypatch):
     """Separable class-dependent features in manifest order (class by class, train/val/test), small chunks so
     that a split spans many blocks."""
     monkeypatch.setattr(chunks, "CHUNK_BYTES", 16 * 24 * 4)   # 16 rows of the 24-d set, 16-row blocks
-    rng = np.random.default_rng(0)
-    y = np.repeat(np.arange(C), N // C)
-    split = np.tile(["train"] * 60 + ["val"] * 15 + ["test"] * 25, C)
-
-    def feats(dim):
-        return rng.normal(size=(C, dim))[y] * 2 + rng.normal(size=(N, dim))
-
-    image = feats(24)
-    image[3] = np.nan   # a skipped row
-    write_store_from_arrays(tmp_path / "s.h5", ids=range(N), labels=y, splits=split,
-                            classes=[f"c{i}" for i in range(C)], manifest_sha256="m",
-                            features={NAMES[0]: (image, {}), NAMES[1]: (feats(16), {})})
-    return tmp_path / "s.h5"
+    return make_feature_store(tmp_path / "s.h5", classes=C, per_class=(60, 15, 25), manifest_sha256="m",
+                              features={NAMES[0]: 24, NAMES[1]: 16}, nan_rows={NAMES[0]: [3]}).path  # 3: skipped
 
 
 def _config(strategy="2A", fusion="concat"):
@@ -136,13 +124,8 @@ def test_cli_memory_budget(store_path, tmp_path):
 
 
 def test_float16_store_trains_in_memory_and_streamed(tmp_path):
-    rng = np.random.default_rng(1)
-    y = np.arange(200) % C
-    split = np.array(["train"] * 120 + ["val"] * 40 + ["test"] * 40)
-    features = {NAMES[0]: (rng.normal(size=(C, 24))[y] * 2 + rng.normal(size=(200, 24)), {}),
-                NAMES[1]: (rng.normal(size=(C, 16))[y] * 2 + rng.normal(size=(200, 16)), {})}
-    write_store_from_arrays(tmp_path / "h.h5", ids=range(200), labels=y, splits=split, classes=list("abcd"),
-                            features=features, dtype="float16")
+    make_feature_store(tmp_path / "h.h5", classes=C, per_split=(120, 40, 40), features={NAMES[0]: 24, NAMES[1]: 16},
+                       dtype="float16", seed=1)
     with FeatureStore(tmp_path / "h.h5") as store:
         memory, _ = load_head_data(store, NAMES, device="cpu", budget=10**9)
         assert memory.train.inputs[0].dtype == torch.float16                 # half the memory, upcast per batch
@@ -154,13 +137,8 @@ def test_float16_store_trains_in_memory_and_streamed(tmp_path):
 def test_warns_when_a_window_holds_few_classes(tmp_path, monkeypatch):
     """Class by class with many classes: a 16-block window holds a fraction of them, and says so."""
     monkeypatch.setattr(chunks, "CHUNK_BYTES", 4 * 24 * 4)   # 4-row blocks
-    classes, per_class = 100, 10
-    y = np.repeat(np.arange(classes), per_class)
-    split = np.tile(["train"] * 6 + ["val"] * 2 + ["test"] * 2, classes)
-    features = {NAMES[0]: (np.random.default_rng(0).normal(size=(len(y), 24)), {}),
-                NAMES[1]: (np.random.default_rng(1).normal(size=(len(y), 16)), {})}
-    write_store_from_arrays(tmp_path / "many.h5", ids=range(len(y)), labels=y, splits=split,
-                            classes=[f"c{i}" for i in range(classes)], features=features)
+    make_feature_store(tmp_path / "many.h5", classes=100, per_class=(6, 2, 2), separation=0.0,
+                       features={NAMES[0]: 24, NAMES[1]: 16})
     logged = []
     with FeatureStore(tmp_path / "many.h5") as store:
         _, counts = load_head_data(store, NAMES, device="cpu", budget=1, log=logged.append)

@@ -9,13 +9,13 @@ from click.testing import CliRunner
 import embedstore
 from cli.heads import main
 from embedstore.store import FeatureStore
-from embedstore.store_writer import write_store_from_arrays
 from heads.estimator import FusionHead
 from heads.decision import DecisionModel
 from embedstore.model_folder import read_config
 from heads.results import read_runs
 from heads.sweep import SweepSettings, run_sweep
 from heads.train import TrainSettings
+from store_factory import IMAGE, TEXT, make_feature_store
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -27,23 +27,15 @@ FAST = TrainSettings(batch_size=32, max_epochs=6, patience=3, lr=3e-3)
 
 def make_store(path, *, modules=True, classifier_dim=C, n=240, seed=0):
     """Class-dependent Gaussian features (separable), every class in every split."""
-    rng = np.random.default_rng(seed)
-    y = np.arange(n) % C
-    split = np.array(["train"] * (n // 2) + ["val"] * (n // 4) + ["test"] * (n // 4))
-
-    def feats(dim):
-        return rng.normal(size=(C, dim))[y] * 2 + rng.normal(size=(n, dim))
-
-    features = {"image/tiny-img/pooled": (feats(24), {"parameters": 1000}),
-                "text/tiny-txt/pooled": (feats(16), {"parameters": 500})}
+    features = {IMAGE: 24, TEXT: 16}
+    provenance = {IMAGE: {"parameters": 1000}, TEXT: {"parameters": 500}}
     if modules:
-        features.update({"image/img-module/dense": (feats(8), {"parameters": 1200}),
-                         "image/img-module/classifier": (feats(classifier_dim), {"parameters": 1200}),
-                         "text/txt-module/dense": (feats(8), {}),
-                         "text/txt-module/classifier": (feats(classifier_dim), {})})
-    return write_store_from_arrays(path, ids=[f"item{i}" for i in range(n)], labels=y, splits=split,
-                                   classes=[f"class{i}" for i in range(C)], features=features,
-                                   manifest_sha256="test-manifest")
+        features.update({"image/img-module/dense": 8, "image/img-module/classifier": classifier_dim,
+                         "text/txt-module/dense": 8, "text/txt-module/classifier": classifier_dim})
+        provenance.update({"image/img-module/dense": {"parameters": 1200},
+                           "image/img-module/classifier": {"parameters": 1200}})
+    return make_feature_store(path, classes=C, per_split=(n // 2, n // 4, n // 4), features=features,
+                              provenance=provenance, seed=seed).path
 
 
 @pytest.fixture(scope="module")
@@ -110,12 +102,8 @@ def test_store_without_module_features_is_refused(tmp_path):
 
 
 def test_a_store_of_one_modality_gets_its_baseline(tmp_path):
-    rng = np.random.default_rng(0)
-    y = np.arange(120) % C
-    store = write_store_from_arrays(
-        tmp_path / "s.h5", ids=[str(i) for i in range(120)], labels=y, splits=[("train", "train", "val", "test")[(i // C) % 4] for i in range(120)],
-        classes=[f"c{i}" for i in range(C)],
-        features={"image/tiny-img/pooled": (rng.normal(size=(C, 8))[y] * 2 + rng.normal(size=(120, 8)), {})})
+    store = make_feature_store(tmp_path / "s.h5", classes=C, features={IMAGE: 8},
+                               splits=[("train", "train", "val", "test")[(i // C) % 4] for i in range(120)]).path
     with pytest.raises(ValueError, match="2A needs text 'pooled'.*embed extract MANIFEST --store STORE"):
         run_sweep(store, tmp_path / "r", SweepSettings(strategies=("2A",), train=FAST), log=lambda _: None)
     train = TrainSettings(batch_size=16, max_epochs=15, lr=1e-2)

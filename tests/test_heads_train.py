@@ -6,6 +6,7 @@ import torch
 from heads.fusion import list_fusions
 from heads.models import HeadConfig
 from heads.train import HeadData, TrainSettings, train_heads
+from store_factory import IMAGE, TEXT, make_features
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -15,14 +16,11 @@ C = 4
 SETTINGS = TrainSettings(batch_size=32, max_epochs=8, patience=3, lr=3e-3)
 
 
-def make_data(n=300, d_img=16, d_txt=12, noise=1.0, seed=0):
-    """Class-dependent Gaussian features; 200 train / 50 val / 50 test."""
-    rng = np.random.default_rng(seed)
-    y = np.arange(n) % C
-    xi = rng.normal(size=(C, d_img))[y] + rng.normal(size=(n, d_img)) * noise
-    xt = rng.normal(size=(C, d_txt))[y] + rng.normal(size=(n, d_txt)) * noise
-    split = np.array(["train"] * 200 + ["val"] * 50 + ["test"] * 50)
-    return xi, xt, y, split
+def make_data(d_img=16, d_txt=12, noise=1.0, seed=0):
+    """Class-dependent Gaussian features (class means + noise * `noise`); 200 train / 50 val / 50 test."""
+    data = make_features(classes=C, per_split=(200, 50, 50), features={IMAGE: d_img, TEXT: d_txt},
+                         separation=1.0, noise=noise, seed=seed)
+    return data.features[IMAGE], data.features[TEXT], data.labels, data.splits
 
 
 def tiny(strategy, fusion, dims=(16, 12)):
@@ -107,7 +105,7 @@ def test_unknown_precision_is_refused():
 def test_balanced_class_weights_are_sklearns_and_change_training():
     from sklearn.utils.class_weight import compute_class_weight
 
-    from heads.train import _class_weights
+    from heads.train import _class_weights   # private: nothing public exposes the weights the loss uses
     xi, xt, y, split = make_data()
     keep = (split != "train") | (y != 0) | (np.arange(len(y)) < 20)   # class 0 rare in train: 5 of 155
     data = HeadData.from_arrays([xi[keep], xt[keep]], y[keep], split[keep])

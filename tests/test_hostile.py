@@ -26,33 +26,26 @@ from embedstore.catalog import open_catalog
 from embedstore.extract import ExtractSettings, extract
 from embedstore.manifest import SplitSettings, prepare_manifest
 from embedstore.store import STATUS_NON_FINITE, STATUS_OK, DataWarning, FeatureStore
-from embedstore.store_writer import FeatureSetWriter, create_store, write_store_from_arrays
+from embedstore.store_writer import FeatureSetWriter, create_store
 from embedstore.synthetic_catalog import make_fashion_catalog
+from heads.estimator import FusionHead
 from heads.results import ResultsLock, read_runs
 from heads.train import TrainSettings
+from store_factory import IMAGE, TEXT, make_feature_store
 from tests.cli_helpers import TINY, invoke as run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 C = 6  # the issue's store: six classes, so chance is 1/6
-IMAGE, TEXT = "image/tiny-img/pooled", "text/tiny-txt/pooled"
 SWEEP = ["--strategies", "2A", "--fusions", "concat", "--seeds", "0", "--max-epochs", "4", "--batch-size", "32",
          "--device", "cpu"]
 
 
-def make_store(path, *, n=240, seed=0, image=None):
+def make_store(path, *, image=None):
     """Separable class-dependent features in every split; `image` replaces the image matrix."""
-    rng = np.random.default_rng(seed)
-    y = np.arange(n) % C
-    split = np.array(["train"] * (n // 2) + ["val"] * (n // 4) + ["test"] * (n // 4))
-
-    def feats(dim):
-        return (rng.normal(size=(C, dim))[y] * 2 + rng.normal(size=(n, dim))).astype(np.float32)
-
-    features = {IMAGE: (feats(16) if image is None else image, {"parameters": 10}),
-                TEXT: (feats(12), {"parameters": 5})}
-    return write_store_from_arrays(path, ids=[f"item{i}" for i in range(n)], labels=y, splits=split,
-                                   classes=[f"class{i}" for i in range(C)], features=features, manifest_sha256="m")
+    return make_feature_store(path, classes=C, features={IMAGE: 16 if image is None else image, TEXT: 12},
+                              provenance={IMAGE: {"parameters": 10}, TEXT: {"parameters": 5}},
+                              manifest_sha256="m").path
 
 
 def prepared(root, *, as_zip=False):
@@ -237,7 +230,7 @@ def test_the_head_is_saved_before_its_rows_so_a_crash_between_them_loses_nothing
     def crash(*args, **kwargs):
         raise RuntimeError("killed while saving the best head")
 
-    monkeypatch.setattr(sweep_module, "_save_best", crash)
+    monkeypatch.setattr(FusionHead, "save_pretrained", crash)   # the sweep saves the cell's best head with it
     with pytest.raises(RuntimeError, match="killed"):
         sweep_module.run_sweep(store, tmp_path / "r", settings, log=lambda _: None)
     assert read_runs(tmp_path / "r") == []  # no row vouches for a head that was never written

@@ -107,7 +107,7 @@ def test_a_full_disk_during_predict_is_one_line_and_leaves_no_partial_file(world
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(predict_module, "_write_rows", full)
+    monkeypatch.setattr(predict_module, "_write_rows", full)   # private: the one place predict's rows reach the disk
     line = one_line(predict(world, tmp_path / "p.csv"))
     assert "No space left on device" in line
     assert list(tmp_path.iterdir()) == []
@@ -119,7 +119,7 @@ def test_prepare_into_a_folder_is_refused_before_reading_the_catalog(tmp_path):
 
 
 def test_a_full_disk_during_extraction_is_one_line_and_the_rerun_resumes(world, tmp_path, monkeypatch):
-    real, calls = store_module._write_rows, []
+    real, calls = store_module._write_rows, []   # private: the one place the writer's rows reach the disk
 
     def full_after_two_batches(*args):
         calls.append(1)

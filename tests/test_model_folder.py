@@ -98,7 +98,7 @@ def test_a_failed_write_leaves_the_old_folder_whole(tmp_path, monkeypatch):
     def crash(*args):
         raise OSError("disk full")
 
-    monkeypatch.setattr(model_folder, "_swap_in", crash)
+    monkeypatch.setattr(model_folder, "_swap_in", crash)   # private: the failure must hit the swap step itself
     with pytest.raises(OSError, match="disk full"):
         save_pretrained(tmp_path / "m", {"w": torch.zeros(1)}, {"v": 2}, kind="module")
     assert read_config(tmp_path / "m")["v"] == 1
@@ -108,7 +108,7 @@ def test_a_failed_write_leaves_the_old_folder_whole(tmp_path, monkeypatch):
 @pytest.mark.parametrize("atomic_swap", [True, False], ids=["exchange", "rename"])
 def test_concurrent_writers_and_a_reader_never_see_a_mixed_folder(tmp_path, monkeypatch, atomic_swap):
     if not atomic_swap:  # the fallback for systems without renameat2
-        monkeypatch.setattr(model_folder, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(model_folder, "_exchange", lambda a, b: False)   # private: renameat2 refused, as there
     folder = tmp_path / "m"
     save_pretrained(folder, {"w": torch.zeros(1000)}, {"v": 0}, kind="module")
     errors, seen = [], set()

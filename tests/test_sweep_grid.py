@@ -8,19 +8,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from heads.strategies import list_strategies
 from embedstore.store import FeatureStore
-from embedstore.store_writer import write_store_from_arrays
 from heads.fusion import Fusion, _FUSIONS, list_fusions, register_fusion
 from heads.grid import build_grid
 from heads.report import write_report
 from heads.results import read_runs
 from heads.sweep import SweepSettings, run_sweep
 from heads.train import TrainSettings
+from store_factory import make_feature_store
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -30,20 +29,14 @@ FAST = TrainSettings(batch_size=32, max_epochs=4, patience=2, lr=3e-3)
 
 
 def make_store(path, *, image_sources=("img-a",), text_sources=("txt-a",), modules=False, n=160, seed=0):
-    rng = np.random.default_rng(seed)
-    y = np.arange(n) % C
-    split = np.array(["train"] * (n // 2) + ["val"] * (n // 4) + ["test"] * (n // 4))
-
-    def feats(dim):
-        return rng.normal(size=(C, dim))[y] * 2 + rng.normal(size=(n, dim))
-
-    features = {f"image/{s}/pooled": (feats(12), {"backbone": s, "parameters": 10}) for s in image_sources}
-    features.update({f"text/{s}/pooled": (feats(8), {"backbone": s}) for s in text_sources})
+    features = {f"image/{s}/pooled": 12 for s in image_sources} | {f"text/{s}/pooled": 8 for s in text_sources}
+    provenance = {f"image/{s}/pooled": {"backbone": s, "parameters": 10} for s in image_sources}
     if modules:
-        features.update({"image/module-i/dense": (feats(6), {"backbone": image_sources[0]}),
-                         "text/module-t/dense": (feats(6), {"backbone": text_sources[0]})})
-    return write_store_from_arrays(path, ids=[f"i{k}" for k in range(n)], labels=y, splits=split,
-                                   classes=[f"c{k}" for k in range(C)], features=features, manifest_sha256="m")
+        features |= {"image/module-i/dense": 6, "text/module-t/dense": 6}
+        provenance |= {"image/module-i/dense": {"backbone": image_sources[0]},
+                       "text/module-t/dense": {"backbone": text_sources[0]}}
+    return make_feature_store(path, classes=C, per_split=(n // 2, n // 4, n // 4), features=features,
+                              provenance=provenance, manifest_sha256="m", seed=seed).path
 
 
 def metrics(rows):
@@ -79,7 +72,7 @@ def test_a_newly_registered_operator_is_swept_and_reported(tmp_path):
         write_report(tmp_path / "r", tmp_path / "rep")
         assert "maximum" in (tmp_path / "rep" / "report.md").read_text()
     finally:
-        del _FUSIONS["maximum"]
+        del _FUSIONS["maximum"]   # private: the registry has no public way to unregister an operator
 
 
 def test_every_backbone_pair_is_a_grid_dimension_and_sources_can_be_chosen(tmp_path):
@@ -199,10 +192,10 @@ def test_under_ranks_rank_0_records_each_round_before_the_next_and_joins_every_r
 
     ranks = FakeRanks()
     monkeypatch.setattr(sweep, "world", lambda: (0, 2))
+    monkeypatch.setattr(sweep, "RankGroup", lambda: ranks)   # without WORLD_SIZE, no process group is joined
     settings = SweepSettings(strategies=("2A",), fusions=("add", "product", "concat", "gated"), seeds=(0,),
-                             train=FAST, baselines=False, progress=False, group_cells=False, jobs=1)
-    summary = sweep._sweep_ranks(make_store(tmp_path / "s.h5"), out, settings, torch.device("cpu"), ranks,
-                                 lambda _: None)
+                             train=FAST, baselines=False, progress=False, group_cells=False, jobs=1, device="cpu")
+    summary = run_sweep(make_store(tmp_path / "s.h5"), out, settings, log=lambda _: None)
     # rank 0's deal: groups 0 and 2 of 4, one per round (--jobs 1), then rank 1's extra round
     assert ranks.at_gather == [(0, 1), (1, 1), (2, 0)]
     assert [r["cell"] for r in read_runs(out)] == ["2A-concat", "2A-add"]   # largest first (its concat layer)
