@@ -35,7 +35,7 @@ from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
 from embedstore.defaults import autocast_for, resolve_device
-from embedstore.metrics import classification_metrics
+from embedstore.metrics import accuracy
 
 CHECKPOINT, CHECKPOINT_STATE, BEST = "checkpoint.safetensors", "checkpoint.json", "best.safetensors"
 
@@ -159,7 +159,7 @@ def fit(model: nn.Module, data, settings, device, *, optimizer: torch.optim.Opti
             for buffer in model.buffers():  # batch-norm statistics moved per process in the last step: rank 0's
                 dist.broadcast(buffer, 0)
         labels, predictions = predict(model, data.batches("val"), device)
-        val_accuracy = classification_metrics(labels, predictions)["accuracy"]
+        val_accuracy = accuracy(labels, predictions)
         state["train_seconds"] += seconds
         state["history"].append({"epoch": epoch, "train_loss": loss_sum / max(steps, 1), "val_accuracy": val_accuracy,
                                  "train_seconds": seconds, "steps": steps})

@@ -1,0 +1,91 @@
+"""Issue #19, the sweep side of a hostile tester's findings: metrics that agree across row kinds, NaN rows in a
+streamed store, workers that die with their parent, stores a sweep cannot fully serve, a full disk, a feature
+set still being written, and the closing lines.
+
+Each test reproduces one finding and checks the guarantee that fixes it.
+"""
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from cli.heads import heads
+from embedstore.store import DataWarning, FeatureStore, write_store_from_arrays
+from heads.decision import DecisionFits, LinearSettings
+from heads.estimator import FusionHead
+from heads.models import HeadConfig
+from heads.sweep import SweepSettings, read_runs, run_sweep
+from heads.train import HeadData, TrainSettings, train_heads
+from tests.cli_helpers import invoke as run
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGE, TEXT = "image/img/pooled", "text/txt/pooled"
+FAST = TrainSettings(batch_size=16, max_epochs=3, patience=2, lr=3e-3)
+
+
+def features(y: np.ndarray, dim: int, rng, n_classes: int) -> np.ndarray:
+    """Class-dependent features: far apart class means plus unit noise, (n, dim) float32."""
+    return (rng.normal(size=(n_classes, dim))[y] * 3 + rng.normal(size=(len(y), dim))).astype(np.float32)
+
+
+def make_store(path, *, per_split=(6, 3, 3), n_classes=3, extra=None, seed=0):
+    """Items class by class (as a manifest stores them), each class dealt `per_split` (train, val, test) items, or
+    `extra[class]` in place of it for some classes; two pooled sets (IMAGE 10-d, TEXT 6-d)."""
+    rng = np.random.default_rng(seed)
+    y, split = [], []
+    for c in range(n_classes):
+        counts = (extra or {}).get(c, per_split)
+        for name, k in zip(("train", "val", "test"), counts):
+            y += [c] * k
+            split += [name] * k
+    y = np.array(y)
+    sets = {IMAGE: (features(y, 10, rng, n_classes), {"parameters": 10}),
+            TEXT: (features(y, 6, rng, n_classes), {"parameters": 5})}
+    return write_store_from_arrays(path, ids=[f"item{i}" for i in range(len(y))], labels=y, splits=split,
+                                   classes=[f"class{c}" for c in range(n_classes)], features=sets,
+                                   manifest_sha256="m")
+
+
+# ------------------------------------------------------------------------------------ metrics (item 5)
+
+
+class _HeadAsDecisionModel:
+    """A trained head behind the decision-level models' scoring (DecisionFits.test_metrics): same predictions."""
+    strategy = "LF"   # reads [image, text], as the head does
+
+    def __init__(self, head: FusionHead):
+        self.head = head
+
+    def predict_log_proba(self, parts):
+        return np.log(self.head.predict_proba(parts) + 1e-30)
+
+
+def test_a_split_missing_a_class_gives_one_macro_f1_on_the_head_and_the_decision_path():
+    """Test lacks class 2: the head's row and a decision-level row must score the same predictions alike (macro-F1
+    over all three classes), not one over the classes present and the other over all."""
+    rng = np.random.default_rng(0)
+    y = np.array([0, 1, 2] * 20 + [0, 1, 2] * 5 + [0, 1] * 10)   # train 60, val 15, test 20 (no class 2)
+    split = np.array(["train"] * 60 + ["val"] * 15 + ["test"] * 20)
+    xs = [features(y, 8, rng, 3), features(y, 5, rng, 3)]
+    data = HeadData.from_arrays(xs, y, split)
+    config = HeadConfig("2A", "concat", (8, 5), 3)
+    [result] = train_heads(config, [0], data, TrainSettings(batch_size=16, max_epochs=10, lr=1e-2))
+    head = FusionHead.from_trained(config, result.params, np.arange(3), seed=0)
+    test = split == "test"
+    predicted = head.predict([x[test] for x in xs])
+    assert 2 not in predicted.tolist()   # the case where the two averages differ: class 2 neither true nor predicted
+
+    fits = DecisionFits(data, {"image": 0, "text": 1}, 3, LinearSettings())
+    decision = fits.test_metrics(_HeadAsDecisionModel(head))
+    assert result.test_accuracy == decision["accuracy"]
+    assert result.test_macro_f1 == pytest.approx(decision["macro_f1"])
