@@ -89,3 +89,33 @@ def test_a_split_missing_a_class_gives_one_macro_f1_on_the_head_and_the_decision
     decision = fits.test_metrics(_HeadAsDecisionModel(head))
     assert result.test_accuracy == decision["accuracy"]
     assert result.test_macro_f1 == pytest.approx(decision["macro_f1"])
+
+
+# ------------------------------------------------------------------------------------ NaN rows streamed (item 9)
+
+
+def test_nan_rows_of_a_streamed_store_are_left_out_counted_and_said_as_in_memory(tmp_path):
+    """Rows marked ok that hold NaN/inf: the streamed path (a small --memory-budget) leaves them out, counts them and
+    says so in one line, like the in-memory path, instead of training on NaN and failing in scikit-learn."""
+    store = make_store(tmp_path / "s.h5", per_split=(12, 4, 4))
+    with h5py.File(store, "r+") as f:   # a hand edit: NaN into 3 ok image rows, inf into one text row
+        f[f"features/{IMAGE}"][2:5] = np.nan
+        f[f"features/{TEXT}"][30, 1] = np.inf
+    args = ["sweep", store, "--strategies", "2A,LF", "--fusions", "concat", "--seeds", "0", "--max-epochs", "3",
+            "--batch-size", "16", "--device", "cpu", "--no-progress", "--jobs", "1", "--no-baselines"]
+    counts = {}
+    for budget in ("2000", "1GB"):   # streamed, then in memory
+        out = tmp_path / f"r-{budget}"
+        result = run(heads, [*args, "--memory-budget", budget, "--out", out])
+        assert result.exit_code == 0, result.output
+        warned = [line for line in result.output.splitlines() if "NaN or inf" in line]
+        assert len(warned) == 1 and f"feature set {IMAGE} has 3 rows" in warned[0]   # one line for both sets
+        assert f"feature set {TEXT} has 1 row " in warned[0] and "4 rows left out" in warned[0]
+        rows = read_runs(out)
+        assert {r["strategy"] for r in rows} == {"2A", "LF"}
+        assert all(r["test_accuracy"] is not None and np.isfinite(r["test_accuracy"]) for r in rows)
+        stores = [r["store"] for r in rows]
+        counts[budget] = {k: stores[0][k] for k in ("rows", "skipped_rows", "non_finite_rows", "split_rows")}
+        assert stores[0]["data_access"] == ("streamed" if budget == "2000" else "in memory")
+    assert counts["2000"] == counts["1GB"]
+    assert counts["2000"]["non_finite_rows"] == {IMAGE: 3, TEXT: 1} and counts["2000"]["rows"] == 60 - 4
