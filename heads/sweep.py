@@ -165,6 +165,7 @@ def _run_sweep(store_path: Path, out_dir: Path, settings: SweepSettings, log) ->
     from embedstore.outputs import check_writable
 
     check_writable(out_dir, folder=True)  # before any work, and as one line naming the path
+    _refuse_one_class(store_path)
     with contextlib.ExitStack() as stack:
         device, group = resolve_device(settings.device), None
         if world()[1] > 1:  # under torchrun: join the ranks (gloo on CPU, nccl on CUDA), leave on the way out
@@ -174,6 +175,19 @@ def _run_sweep(store_path: Path, out_dir: Path, settings: SweepSettings, log) ->
         if world()[0] == 0:  # one sweep per results folder: a second refuses in one line; rank 0 is the writer
             stack.enter_context(ResultsLock(out_dir))
         return _sweep_ranks(store_path, out_dir, settings, device, group, log)
+
+
+def _refuse_one_class(store_path: Path) -> None:
+    """A store of one class has nothing to classify: say so in one line before any work, instead of training every
+    head and failing in scikit-learn (LR, ST) at the end of the sweep, on every rerun."""
+    from embedstore.store import FeatureStore
+
+    with FeatureStore(store_path) as store:
+        classes = list(store.classes)
+    if len(classes) < 2:
+        held = f"one class ({classes[0]!r})" if classes else "no classes"
+        raise ValueError(f"{store_path} holds {held}: nothing to classify; prepare a manifest from a catalog with at "
+                         "least two classes (`embed prepare`) and extract a store from it")
 
 
 def _sweep_ranks(store_path: Path, out_dir: Path, settings: SweepSettings, device, group, log) -> dict:
@@ -358,7 +372,7 @@ def _decision(store, store_path: Path, out_dir: Path, cells: list[Cell], setting
               summary: dict, log) -> None:
     """LF, ST, LR-*: scikit-learn models over pooled features (heads/decision.py), fit in this process; the
     per-modality regressions are fit once per row set and shared by the cells and seeds that use them."""
-    from heads.decision import DecisionFits, cell_rows, model_config, save_best
+    from heads.decision import DecisionFits, cell_rows, model_config, save_best, stacking_folds
     sets, classes, fits = store.feature_sets, list(store.classes), {}
     train = asdict(settings.linear)
     for cell in cells:
@@ -371,6 +385,14 @@ def _decision(store, store_path: Path, out_dir: Path, cells: list[Cell], setting
         if cell.row_sets not in fits:
             columns = {sets[n].modality: i for i, n in enumerate(cell.row_sets)}
             fits[cell.row_sets] = DecisionFits(data.rows(cell), columns, len(classes), settings.linear)
+        if cell.strategy == "ST":   # its stratified folds need train rows of every class (a 1/1/1 class has one)
+            folds, why = stacking_folds(fits[cell.row_sets].splits["train"][1], settings.linear.folds, classes)
+            if why:
+                note = f"{'skipped ' if folds < 2 else ''}{cell.name}: {why}"
+                summary["notes"].append(note)
+                log(note)
+            if folds < 2:   # recorded as a note, never as rows: a rerun says it again instead of failing
+                continue
         store_doc = _store_doc(store, store_path, out_dir, cell, data)
         non_trainable, note = _non_trainable(provenance)
         common = {"cell": cell.name, "cell_base": cell.base_name, "pair": cell.pair_name, "image_source": cell.pair[0],

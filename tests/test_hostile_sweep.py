@@ -119,3 +119,40 @@ def test_nan_rows_of_a_streamed_store_are_left_out_counted_and_said_as_in_memory
         assert stores[0]["data_access"] == ("streamed" if budget == "2000" else "in memory")
     assert counts["2000"] == counts["1GB"]
     assert counts["2000"]["non_finite_rows"] == {IMAGE: 3, TEXT: 1} and counts["2000"]["rows"] == 60 - 4
+
+
+# ------------------------------------------------------------------------- stores a sweep cannot fully serve (item 13)
+
+
+def test_a_one_class_store_is_refused_in_one_line_before_any_work(tmp_path):
+    store = make_store(tmp_path / "s.h5", n_classes=1)
+    result = run(heads, ["sweep", store, "--out", tmp_path / "r", "--device", "cpu", "--no-progress"])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "one class ('class0'): nothing to classify" in result.output
+    assert not (tmp_path / "r" / "runs.jsonl").exists()
+
+
+def test_a_default_sweep_over_a_class_dealt_1_1_1_ends_and_says_why_st_is_skipped(tmp_path):
+    """`embed prepare --fractions` deals a class of 3 items 1/1/1: stacking's folds cannot hold it. The default sweep
+    trains everything else and skips ST with a note, on the first run and on a rerun (no failure at the end)."""
+    store = make_store(tmp_path / "s.h5", extra={2: (1, 1, 1)})
+    args = ["sweep", store, "--out", tmp_path / "r", "--seeds", "0", "--fusions", "concat", "--max-epochs", "2",
+            "--batch-size", "16", "--device", "cpu", "--no-progress", "--jobs", "1"]
+    first = run(heads, args)
+    assert first.exit_code == 0, first.output
+    why = "skipped ST: stacking's out-of-fold predictions need at least 2 train rows of every class, and class " \
+          "'class2' has 1 train row"
+    assert why in first.output
+    strategies = {r["strategy"] for r in read_runs(tmp_path / "r")}
+    assert strategies == {"2A", "2B", "image", "text", "LF", "LR-image", "LR-text", "LR-concat"}
+    again = run(heads, args)
+    assert again.exit_code == 0 and why in again.output and "trained 0 heads" in again.output, again.output
+
+
+def test_stacking_takes_fewer_folds_when_a_class_has_fewer_train_rows_and_says_so():
+    from heads.decision import stacking_folds
+
+    assert stacking_folds(np.array([0] * 9 + [1] * 7), 5) == (5, None)
+    k, why = stacking_folds(np.array([0] * 9 + [1] * 3 + [2] * 6), 5, ["a", "b", "c"])
+    assert k == 3 and why == "3 out-of-fold folds instead of 5: class 'b' has 3 train rows"
+    assert stacking_folds(np.array([0] * 9 + [2] * 1), 5)[0] == 1   # an absent class (1) is not a fold's concern
