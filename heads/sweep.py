@@ -208,6 +208,8 @@ def _sweep_ranks(store_path: Path, out_dir: Path, settings: SweepSettings, devic
         decisions, more = decision_cells(store, strategies=settings.strategies, baselines=settings.baselines,
                                          image_sources=settings.image_sources, text_sources=settings.text_sources)
         notes += more
+        cells, decisions, more = _without_sets_being_written(store, cells, decisions, settings)
+        notes += more
         summary["notes"] = notes
         for note in notes:
             log(note)
@@ -261,6 +263,44 @@ def _sweep_ranks(store_path: Path, out_dir: Path, settings: SweepSettings, devic
         summary["gflops"] = summary["train_flops"] / seconds / 1e9
         summary["peak_gflops"] = matmul_peak_gflops(device, precision, threads=jobs if device.type == "cpu" else 1)
     return summary
+
+
+def _without_sets_being_written(store, cells: list[Cell], decisions: list[Cell], settings: SweepSettings
+                                ) -> tuple[list[Cell], list[Cell], list[str]]:
+    """Cells reading a feature set that is not complete yet (`embed extract --add` writing it beside this sweep, or
+    stopped before the end) are skipped, with a note per set naming it and how to sweep the others; the rest are
+    swept, and a rerun once the set is complete adds its cells. Refused (ValueError) when a source named with
+    --image-source/--text-source is the one being written, or when nothing else is left to sweep."""
+    sets = store.feature_sets
+    writing = sorted(n for n, info in sets.items() if not info.complete)
+    if not writing:
+        return cells, decisions, []
+
+    def reads(cell: Cell) -> set:
+        return set(cell.feature_sets) | set(cell.row_sets)
+
+    def why(name: str) -> str:
+        return (f"feature set {name} of {store.path} is still being written (`embed extract --add` is writing it, or "
+                f"was stopped before the end: rerun it, it resumes)")
+
+    chosen = {"image": settings.image_sources, "text": settings.text_sources}
+    for name in writing:
+        info = sets[name]
+        if {info.source, info.provenance.get("backbone")} & set(chosen.get(info.modality, ())):
+            raise ValueError(f"{why(name)}; sweep --{info.modality}-source {info.source} once it is complete")
+    keep = [c for c in cells if not reads(c) & set(writing)]
+    keep_decisions = [c for c in decisions if not reads(c) & set(writing)]
+    if (cells or decisions) and not (keep or keep_decisions):
+        raise ValueError(f"{why(writing[0])}, and every cell of this sweep reads it; sweep once it is complete")
+    notes = []
+    for name in writing:
+        skipped = [c for c in cells + decisions if name in reads(c)]
+        if skipped:
+            modality, strategies = sets[name].modality, sorted({c.strategy for c in skipped})
+            notes.append(f"skipped {len(skipped)} cell(s) of {', '.join(strategies)} reading {name}: {why(name)}; this "
+                         f"sweep trains the other feature sets (pick them with --{modality}-source NAME), a rerun "
+                         "once it is complete adds these cells")
+    return keep, keep_decisions, notes
 
 
 def _chain(*iterators):

@@ -38,9 +38,10 @@ def features(y: np.ndarray, dim: int, rng, n_classes: int) -> np.ndarray:
     return (rng.normal(size=(n_classes, dim))[y] * 3 + rng.normal(size=(len(y), dim))).astype(np.float32)
 
 
-def make_store(path, *, per_split=(6, 3, 3), n_classes=3, extra=None, seed=0):
+def make_store(path, *, per_split=(6, 3, 3), n_classes=3, extra=None, seed=0, more_sets=()):
     """Items class by class (as a manifest stores them), each class dealt `per_split` (train, val, test) items, or
-    `extra[class]` in place of it for some classes; two pooled sets (IMAGE 10-d, TEXT 6-d)."""
+    `extra[class]` in place of it for some classes; two pooled sets (IMAGE 10-d, TEXT 6-d) and `more_sets` (names,
+    8-d each)."""
     rng = np.random.default_rng(seed)
     y, split = [], []
     for c in range(n_classes):
@@ -50,7 +51,8 @@ def make_store(path, *, per_split=(6, 3, 3), n_classes=3, extra=None, seed=0):
             split += [name] * k
     y = np.array(y)
     sets = {IMAGE: (features(y, 10, rng, n_classes), {"parameters": 10}),
-            TEXT: (features(y, 6, rng, n_classes), {"parameters": 5})}
+            TEXT: (features(y, 6, rng, n_classes), {"parameters": 5}),
+            **{name: (features(y, 8, rng, n_classes), {"parameters": 7}) for name in more_sets}}
     return write_store_from_arrays(path, ids=[f"item{i}" for i in range(len(y))], labels=y, splits=split,
                                    classes=[f"class{c}" for c in range(n_classes)], features=sets,
                                    manifest_sha256="m")
@@ -156,3 +158,40 @@ def test_stacking_takes_fewer_folds_when_a_class_has_fewer_train_rows_and_says_s
     k, why = stacking_folds(np.array([0] * 9 + [1] * 3 + [2] * 6), 5, ["a", "b", "c"])
     assert k == 3 and why == "3 out-of-fold folds instead of 5: class 'b' has 3 train rows"
     assert stacking_folds(np.array([0] * 9 + [2] * 1), 5)[0] == 1   # an absent class (1) is not a fold's concern
+
+
+# ------------------------------------------------------------------ a feature set still being written (item 17)
+
+
+def being_written(store, name):
+    """Mark a set as `embed extract --add` leaves it while writing: not complete."""
+    modality, source, layer = name.split("/")
+    with h5py.File(store, "r+") as f:
+        f[f"features/{name}"].attrs["complete"] = False
+        f[f"features/{modality}/{source}"].attrs["complete"] = False
+
+
+def test_a_default_sweep_skips_a_feature_set_still_being_written_and_sweeps_the_rest(tmp_path):
+    store = make_store(tmp_path / "s.h5", more_sets=("image/new/pooled",))
+    being_written(store, "image/new/pooled")
+    args = ["sweep", store, "--out", tmp_path / "r", "--strategies", "2A,LF", "--fusions", "concat", "--seeds", "0",
+            "--max-epochs", "2", "--device", "cpu", "--no-progress", "--jobs", "1"]
+    result = run(heads, args)
+    assert result.exit_code == 0, result.output
+    [note] = [line for line in result.output.splitlines() if "image/new/pooled" in line]
+    assert "still being written" in note and "--image-source NAME" in note and note.startswith("skipped 3 cell(s)")
+    rows = read_runs(tmp_path / "r")
+    assert {r["image_source"] for r in rows if r["image_source"]} == {"img"} and len(rows) == 4   # 2A, LF, baselines
+
+    named = run(heads, [*args, "--image-source", "new"])   # asking for the set being written: refused, named
+    assert named.exit_code == 2 and len(named.output.strip().splitlines()) == 1, named.output
+    assert "image/new/pooled" in named.output and "still being written" in named.output
+
+
+def test_a_sweep_with_nothing_but_a_set_being_written_to_read_is_refused_naming_it(tmp_path):
+    store = make_store(tmp_path / "s.h5")
+    being_written(store, IMAGE)
+    result = run(heads, ["sweep", store, "--out", tmp_path / "r", "--strategies", "2A", "--no-baselines",
+                         "--device", "cpu", "--no-progress"])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert f"feature set {IMAGE}" in result.output and "still being written" in result.output
