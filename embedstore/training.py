@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from embedstore.defaults import autocast_for, resolve_device
 from embedstore.metrics import accuracy
+from embedstore.model_folder import saving
 
 CHECKPOINT, CHECKPOINT_STATE, BEST = "checkpoint.safetensors", "checkpoint.json", "best.safetensors"
 
@@ -209,9 +210,10 @@ def predict(model: nn.Module, batches, device) -> tuple[np.ndarray, np.ndarray]:
 
 def _save_tensors(path: Path, tensors: dict, epoch: int) -> None:
     partial = path.with_name(path.name + ".partial")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(partial),
-              metadata={"epoch": str(epoch)})
-    os.replace(partial, path)
+    with saving(path):   # a full disk: one line naming the checkpoint, not a SafetensorError traceback
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(partial),
+                  metadata={"epoch": str(epoch)})
+        os.replace(partial, path)
 
 
 def _save_checkpoint(folder: Path, model: nn.Module, optimizer, state: dict, settings) -> None:
@@ -230,8 +232,9 @@ def _save_checkpoint(folder: Path, model: nn.Module, optimizer, state: dict, set
     record = {"state": state, "settings": asdict(settings), "optimizer_param_groups": optimizer_state["param_groups"],
               "optimizer_scalars": scalars}
     partial = folder / (CHECKPOINT_STATE + ".partial")
-    partial.write_text(json.dumps(record, indent=1, sort_keys=True))
-    os.replace(partial, folder / CHECKPOINT_STATE)
+    with saving(folder / CHECKPOINT_STATE):
+        partial.write_text(json.dumps(record, indent=1, sort_keys=True))
+        os.replace(partial, folder / CHECKPOINT_STATE)
 
 
 def _load_checkpoint(folder: Path, model: nn.Module, optimizer, settings, device, resume_keys: tuple[str, ...]):

@@ -16,6 +16,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from cli.heads import heads
 from embedstore.store import DataWarning, FeatureStore, write_store_from_arrays
@@ -195,3 +196,52 @@ def test_a_sweep_with_nothing_but_a_set_being_written_to_read_is_refused_naming_
                          "--device", "cpu", "--no-progress"])
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
     assert f"feature set {IMAGE}" in result.output and "still being written" in result.output
+
+
+# ----------------------------------------------------------------------------------- a full disk (item 14)
+
+FULL_DISK = "Error while serializing: I/O error: No space left on device (os error 28)"   # safetensors' words
+
+
+def disk_fills_up(monkeypatch, module):
+    from safetensors import SafetensorError
+
+    def save_file(*args, **kwargs):
+        raise SafetensorError(FULL_DISK)
+
+    monkeypatch.setattr(module, "save_file", save_file)
+
+
+@pytest.mark.parametrize("strategy, folder", [("2A", "2A-concat"), ("LF", "LF")])
+def test_a_full_disk_while_saving_a_head_is_one_line_naming_its_folder(tmp_path, monkeypatch, strategy, folder):
+    import embedstore.model_folder as model_folder
+
+    store = make_store(tmp_path / "s.h5")
+    args = ["sweep", store, "--out", tmp_path / "r", "--strategies", strategy, "--fusions", "concat", "--seeds", "0",
+            "--no-baselines", "--max-epochs", "2", "--device", "cpu", "--no-progress", "--jobs", "1"]
+    with monkeypatch.context() as patch:
+        disk_fills_up(patch, model_folder)
+        result = run(heads, args)
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert result.output.strip().splitlines()[-1] == \
+        f"Error: No space left on device (while saving): {tmp_path / 'r' / 'heads' / folder}"
+    assert not list((tmp_path / "r" / "heads").glob(".*writing*"))   # no half-written folder left behind
+    assert read_runs(tmp_path / "r") == []   # the head is saved before its rows: no rows without their head
+    again = run(heads, args)   # with room again, the rerun trains and records it
+    assert again.exit_code == 0 and len(read_runs(tmp_path / "r")) == 1, again.output
+
+
+def test_a_full_disk_while_saving_a_module_or_a_checkpoint_names_the_path(tmp_path, monkeypatch):
+    import embedstore.model_folder as model_folder
+    import embedstore.training as training
+    from embedstore.modules import build_module
+
+    module = build_module("text", 2, 3, name="tiny-bert", pretrained=False)
+    disk_fills_up(monkeypatch, model_folder)
+    with pytest.raises(OSError) as caught:
+        module.save(tmp_path / "module", classes=["a", "b", "c"], manifest_sha256="m")
+    assert (caught.value.errno, caught.value.filename) == (28, str(tmp_path / "module"))
+    disk_fills_up(monkeypatch, training)
+    with pytest.raises(OSError) as caught:
+        training._save_tensors(tmp_path / "checkpoint.safetensors", {"w": torch.zeros(2)}, 1)
+    assert (caught.value.errno, caught.value.filename) == (28, str(tmp_path / "checkpoint.safetensors"))
