@@ -245,3 +245,87 @@ def test_a_full_disk_while_saving_a_module_or_a_checkpoint_names_the_path(tmp_pa
     with pytest.raises(OSError) as caught:
         training._save_tensors(tmp_path / "checkpoint.safetensors", {"w": torch.zeros(2)}, 1)
     assert (caught.value.errno, caught.value.filename) == (28, str(tmp_path / "checkpoint.safetensors"))
+
+
+# ------------------------------------------------------------------- workers end with the sweep (items 10, 18)
+
+
+def _session(sid: int) -> dict[int, bytes]:
+    """The live processes of session `sid` (Linux /proc): pid -> command line. Zombies count as gone."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()   # state, ppid, pgrp, session, ...
+            if int(fields[3]) == sid and fields[0] != "Z":
+                found[int(stat.parent.name)] = (stat.parent / "cmdline").read_bytes()
+    return found
+
+
+def _workers(sid: int) -> list[int]:
+    return [pid for pid, command in _session(sid).items() if b"spawn_main" in command]
+
+
+def _python_started(pid: int) -> bool:
+    """Whether the worker's Python has installed its SIGINT handler (so a Ctrl-C would raise KeyboardInterrupt
+    in it: the start-up window, while it imports its modules)."""
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        status = Path(f"/proc/{pid}/status").read_text().splitlines()
+        caught = int(next(line for line in status if line.startswith("SigCgt:")).split()[1], 16)
+        return bool(caught & (1 << (signal.SIGINT - 1)))
+    return False
+
+
+def _holds_features(pid: int) -> bool:
+    """Whether the worker has its task: the sweep's features, shared by torch, mapped into it."""
+    with contextlib.suppress(OSError):
+        return b"/dev/shm/torch_" in Path(f"/proc/{pid}/maps").read_bytes()
+    return False
+
+
+def _wait_for(condition, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {seconds} s waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM", "SIGINT during start-up"])
+def test_jobs_2_workers_end_with_the_sweep_however_it_is_stopped(tmp_path, how):
+    """kill -9 or SIGTERM of a `--jobs 2` sweep while its workers train leaves no orphan workers (each holding the
+    features: ~700 MB on the real catalog, training on for minutes); Ctrl-C (SIGINT to the process group, as a terminal sends it) while the
+    workers start ends them without a traceback."""
+    store = make_store(tmp_path / "s.h5", per_split=(40, 10, 10), n_classes=4)
+    # four cells of long training on two workers: the sweep is busy whenever it is stopped
+    args = [sys.executable, "-m", "cli.heads", "sweep", str(store), "--out", str(tmp_path / "r"), "--seeds", "0",
+            "--strategies", "2A", "--fusions", "add,product,concat,gated", "--no-group-cells", "--no-baselines",
+            "--max-epochs", "10000", "--patience", "10000", "--batch-size", "4", "--jobs", "2", "--device", "cpu",
+            "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    sweep = subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             start_new_session=True)   # its own session and process group: the sweep, its workers
+    try:
+        _wait_for(lambda: len(_workers(sweep.pid)) == 2 or sweep.poll() is not None, 240, "two workers")
+        assert sweep.poll() is None, sweep.communicate()[1].decode()[-2000:]
+        workers = _workers(sweep.pid)
+        if how == "SIGINT during start-up":
+            _wait_for(lambda: any(_python_started(pid) for pid in workers), 60, "a worker's Python to start")
+            os.killpg(sweep.pid, signal.SIGINT)
+        else:   # once both train (a worker killed while fetching its task would die anyway, of the failed fetch)
+            _wait_for(lambda: all(_holds_features(pid) for pid in workers), 240, "the workers to hold their tasks")
+            os.kill(sweep.pid, getattr(signal, how))
+        _wait_for(lambda: not set(workers) & set(_workers(sweep.pid)), 30, "the workers to end")
+        _, stderr = sweep.communicate(timeout=60)
+    finally:
+        for pid in _session(sweep.pid):   # whatever is left (before the fix: the orphaned workers)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if sweep.poll() is None:
+            sweep.kill()
+            sweep.wait()
+    if how == "SIGINT during start-up":
+        assert sweep.returncode == 1 and b"Traceback" not in stderr and b"KeyboardInterrupt" not in stderr, stderr
+        assert stderr.decode().strip().splitlines()[-1] == "Aborted!"
+    else:
+        assert sweep.returncode == -getattr(signal, how)
