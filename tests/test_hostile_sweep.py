@@ -329,3 +329,45 @@ def test_jobs_2_workers_end_with_the_sweep_however_it_is_stopped(tmp_path, how):
         assert stderr.decode().strip().splitlines()[-1] == "Aborted!"
     else:
         assert sweep.returncode == -getattr(signal, how)
+
+
+# ------------------------------------------------------------------------------ the closing lines (item 18)
+
+SUMMARY = {"trained": 7, "skipped": 0, "seconds": 3.0, "jobs": 2, "ranks": 1, "device": "cpu", "precision": "fp32",
+           "gflops": 12.1, "peak_gflops": 10.0}
+
+
+def test_a_sweep_faster_than_the_short_peak_says_so_instead_of_a_share_over_100_percent(tmp_path, monkeypatch):
+    import heads.sweep as sweep_module
+
+    monkeypatch.setattr(sweep_module, "run_sweep", lambda *args, **kwargs: dict(SUMMARY))
+    result = run(heads, ["sweep", tmp_path / "s.h5", "--out", tmp_path / "r"])
+    assert result.exit_code == 0, result.output
+    assert "121 %" not in result.output
+    assert "training matmuls: 12.1 GFLOP/s (fp32), above the short matmul peak measured now (10.0 GFLOP/s on the " \
+           "same 2 core(s))" in result.output
+
+
+def test_throughput_is_all_ranks_against_the_peak_times_the_ranks():
+    from heads.throughput import throughput_line
+
+    assert throughput_line({**SUMMARY, "gflops": 8.0}) == \
+        "training matmuls: 8.0 GFLOP/s (fp32) = 80 % of a 10.0 GFLOP/s matmul peak measured now on the same 2 core(s)"
+    assert throughput_line({**SUMMARY, "ranks": 2}) == ("training matmuls: 12.1 GFLOP/s (fp32) over 2 ranks = 60 % of "
+                                                       "a 10.0 GFLOP/s x 2 ranks matmul peak measured now on the same "
+                                                       "2 core(s)")
+    assert throughput_line({**SUMMARY, "gflops": None}) is None
+
+
+def test_only_rank_0_prints_the_closing_summary(tmp_path, monkeypatch):
+    """Under torchrun rank 0 records every rank's rows; another rank's summary ("trained 0 heads") is not the
+    sweep's."""
+    import heads.sweep as sweep_module
+
+    monkeypatch.setattr(sweep_module, "run_sweep", lambda *args, **kwargs: {**SUMMARY, "trained": 0, "gflops": None})
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = run(heads, ["sweep", tmp_path / "s.h5", "--out", tmp_path / "r"])
+    assert result.exit_code == 0 and result.output == "", result.output
+    monkeypatch.setenv("RANK", "0")
+    assert "trained 0 heads" in run(heads, ["sweep", tmp_path / "s.h5", "--out", tmp_path / "r"]).output
