@@ -150,8 +150,8 @@ def _kill_workers_on_sigterm(pool: ProcessPoolExecutor) -> Iterator[None]:
 def _submit(pool: Executor, fn, *args, **kwargs):
     """pool.submit with SIGINT blocked in this thread: a worker process it starts inherits the blocked signal (the
     mask survives exec), so a Ctrl-C during the worker's start-up (importing torch, seconds) is held until
-    embedstore.workers.start_worker discards it, instead of a KeyboardInterrupt traceback per worker. A Ctrl-C meant for this
-    process is delivered as soon as the mask is restored."""
+    embedstore.workers.start_worker discards it, instead of a KeyboardInterrupt traceback per worker. A Ctrl-C
+    meant for this process is delivered as soon as the mask is restored."""
     if not hasattr(signal, "pthread_sigmask"):
         return pool.submit(fn, *args, **kwargs)
     before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})

@@ -5,7 +5,6 @@ set still being written, and the closing lines.
 Each test reproduces one finding and checks the guarantee that fixes it.
 """
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -19,11 +18,11 @@ import pytest
 import torch
 
 from cli.heads import heads
-from embedstore.store import DataWarning, FeatureStore, write_store_from_arrays
+from embedstore.store import write_store_from_arrays
 from heads.decision import DecisionFits, LinearSettings
 from heads.estimator import FusionHead
 from heads.models import HeadConfig
-from heads.sweep import SweepSettings, read_runs, run_sweep
+from heads.sweep import read_runs
 from heads.train import HeadData, TrainSettings, train_heads
 from tests.cli_helpers import invoke as run
 
@@ -294,8 +293,8 @@ def _wait_for(condition, seconds: float, what: str) -> None:
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM", "SIGINT during start-up"])
 def test_jobs_2_workers_end_with_the_sweep_however_it_is_stopped(tmp_path, how):
     """kill -9 or SIGTERM of a `--jobs 2` sweep while its workers train leaves no orphan workers (each holding the
-    features: ~700 MB on the real catalog, training on for minutes); Ctrl-C (SIGINT to the process group, as a terminal sends it) while the
-    workers start ends them without a traceback."""
+    features: ~700 MB on the real catalog, training on for minutes); Ctrl-C (SIGINT to the process group, as a
+    terminal sends it) while the workers start ends them without a traceback."""
     store = make_store(tmp_path / "s.h5", per_split=(40, 10, 10), n_classes=4)
     # four cells of long training on two workers: the sweep is busy whenever it is stopped
     args = [sys.executable, "-m", "cli.heads", "sweep", str(store), "--out", str(tmp_path / "r"), "--seeds", "0",
