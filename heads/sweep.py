@@ -279,27 +279,27 @@ def _without_sets_being_written(store, cells: list[Cell], decisions: list[Cell],
     def reads(cell: Cell) -> set:
         return set(cell.feature_sets) | set(cell.row_sets)
 
-    def why(name: str) -> str:
-        return (f"feature set {name} of {store.path} is still being written (`embed extract --add` is writing it, or "
-                f"was stopped before the end: rerun it, it resumes)")
+    def why(names: list[str]) -> str:
+        return (f"feature set {', '.join(names)} of {store.path} {'is' if len(names) == 1 else 'are'} still being "
+                "written (`embed extract --add` is writing it, or was stopped before the end: rerun it, it resumes)")
 
     chosen = {"image": settings.image_sources, "text": settings.text_sources}
-    for name in writing:
+    for name in writing:   # a source asked for by name (not by backbone) that is being written: nothing to skip to
         info = sets[name]
-        if {info.source, info.provenance.get("backbone")} & set(chosen.get(info.modality, ())):
-            raise ValueError(f"{why(name)}; sweep --{info.modality}-source {info.source} once it is complete")
+        if info.source in chosen.get(info.modality, ()):
+            raise ValueError(f"{why([name])}; sweep --{info.modality}-source {info.source} once it is complete")
     keep = [c for c in cells if not reads(c) & set(writing)]
     keep_decisions = [c for c in decisions if not reads(c) & set(writing)]
     if (cells or decisions) and not (keep or keep_decisions):
-        raise ValueError(f"{why(writing[0])}, and every cell of this sweep reads it; sweep once it is complete")
+        raise ValueError(f"{why(writing)}, and every cell of this sweep reads it; sweep once it is complete")
     notes = []
     for name in writing:
         skipped = [c for c in cells + decisions if name in reads(c)]
         if skipped:
             modality, strategies = sets[name].modality, sorted({c.strategy for c in skipped})
-            notes.append(f"skipped {len(skipped)} cell(s) of {', '.join(strategies)} reading {name}: {why(name)}; this "
-                         f"sweep trains the other feature sets (pick them with --{modality}-source NAME), a rerun "
-                         "once it is complete adds these cells")
+            notes.append(f"skipped {len(skipped)} cell(s) of {', '.join(strategies)} reading {name}: {why([name])}; "
+                         f"this sweep trains the other feature sets (pick them with --{modality}-source NAME), a "
+                         "rerun once it is complete adds these cells")
     return keep, keep_decisions, notes
 
 
