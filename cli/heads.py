@@ -76,8 +76,10 @@ def sweep(store, out, strategies, fusions, image_sources, text_sources, seeds, b
     On several machines: `torchrun --nnodes M --nproc_per_node K -m cli.heads sweep ...` deals the cells to the
     ranks; rank 0 writes every row."""
     from embedstore.streaming import parse_memory_size
+    from heads.dispatch import world
     from heads.end_to_end import EndToEndSettings
     from heads.sweep import SweepSettings, run_sweep
+    from heads.throughput import throughput_line
     from heads.train import TrainSettings
 
     settings = SweepSettings(
@@ -92,16 +94,13 @@ def sweep(store, out, strategies, fusions, image_sources, text_sources, seeds, b
         manifest=str(manifest) if manifest else None,
         end_to_end=EndToEndSettings(max_epochs=end_to_end_epochs, max_steps_per_epoch=max_steps_per_epoch))
     summary = run_sweep(store, out, settings, log=click.echo)
+    if world()[0] != 0:   # under torchrun rank 0 records every rank's rows: its summary is the sweep's
+        return
     click.echo(f"trained {summary['trained']} heads, skipped {summary['skipped']} already in {out / 'runs.jsonl'}, "
                f"{summary['seconds']:.1f} s ({summary['jobs']} job(s), {summary['ranks']} rank(s), "
                f"{summary['device']})")
-    if summary.get("gflops"):
-        click.echo(f"training matmuls: {summary['gflops']:.1f} GFLOP/s ({summary['precision']}) = "
-                   f"{100 * summary['gflops'] / summary['peak_gflops']:.0f} % of a {summary['peak_gflops']:.1f} "
-                   f"GFLOP/s matmul peak measured now on the same {summary['jobs']} core(s)"
-                   if summary["device"] == "cpu" else
-                   f"training matmuls: {summary['gflops']:.1f} GFLOP/s ({summary['precision']}); a matmul peak "
-                   f"measured now: {summary['peak_gflops']:.1f} GFLOP/s")
+    if line := throughput_line(summary):
+        click.echo(line)
 
 
 @heads.command()

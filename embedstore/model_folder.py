@@ -15,10 +15,12 @@ Folders written before this convention (no "format" key, or the old "embedstore-
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import json
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -49,6 +51,12 @@ def save_pretrained(folder: str | os.PathLike, tensors: dict[str, torch.Tensor],
     if clash:
         raise ValueError(f"the model config may not set {', '.join(clash)}: save_pretrained writes them")
     folder = Path(folder)
+    with saving(folder):
+        return _save(folder, tensors, config, kind, extra_files)
+
+
+def _save(folder: Path, tensors: dict[str, torch.Tensor], config: dict, kind: str,
+          extra_files: dict[str, str] | None) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     temp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.writing-"))
     try:
@@ -68,6 +76,24 @@ def save_pretrained(folder: str | os.PathLike, tensors: dict[str, torch.Tensor],
     finally:
         shutil.rmtree(temp, ignore_errors=True)  # after a swap: the old folder
     return folder
+
+
+@contextlib.contextmanager
+def saving(path: str | os.PathLike):
+    """A write that fails while saving to `path` (a full disk, a folder made read-only) as one OSError naming
+    `path`, which the CLI prints as one line: safetensors reports its I/O errors as SafetensorError, naming no
+    file, and an OSError inside the temporary folder names a path the user never gave."""
+    try:
+        yield
+    except SafetensorError as error:
+        code = re.search(r"os error (\d+)", str(error))   # "I/O error: No space left on device (os error 28)"
+        if code is None:   # not an I/O error (a tensor safetensors cannot hold): a bug to show as it is
+            raise
+        number = int(code.group(1))
+        raise OSError(number, f"{os.strerror(number)} (while saving)", os.fspath(path)) from None
+    except OSError as error:
+        what = error.strerror or (str(error.args[0]) if error.args else type(error).__name__)
+        raise OSError(error.errno or errno.EIO, f"{what} (while saving)", os.fspath(path)) from None
 
 
 def read_config(folder: str | os.PathLike, kind: str | None = None) -> dict:

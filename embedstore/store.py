@@ -34,7 +34,7 @@ from typing import Iterable
 import h5py
 import numpy as np
 
-from embedstore.chunks import read_rows
+from embedstore.chunks import block_rows, read_rows
 
 FORMAT = "embedstore-feature-store"
 FORMAT_VERSION = 1
@@ -283,21 +283,23 @@ class FeatureStore:
         names = list(names)
         rows = self.ok_rows(names, allow_incomplete=allow_incomplete)
         features = {name: read_rows(self.dataset(name), rows, np.float32 if upcast else None) for name in names}
-        finite = np.ones(len(rows), dtype=bool)
-        non_finite = {}
-        for name, matrix in features.items():
-            row_finite = np.isfinite(matrix).all(axis=1)  # (n,)
-            if not row_finite.all():
-                non_finite[name] = int((~row_finite).sum())
-                warnings.warn(f"{self.path}: feature set {name} has {non_finite[name]} rows marked ok that hold "
-                              "NaN or inf; they are left out (extract into a new --store to recompute them)",
-                              DataWarning, stacklevel=2)
-            finite &= row_finite
-        if not finite.all():
-            rows = rows[finite]
-            features = {name: matrix[finite] for name, matrix in features.items()}
+        keep, non_finite = leave_out_non_finite(self.path, {name: np.isfinite(matrix).all(axis=1)  # (n,) each
+                                                            for name, matrix in features.items()}, len(rows))
+        if not keep.all():
+            rows = rows[keep]
+            features = {name: matrix[keep] for name, matrix in features.items()}
         return LoadedFeatures(features=features, labels=self.labels[rows], split=self.split[rows],
                               ids=self.ids[rows], skipped=len(self.ids) - len(rows), non_finite=non_finite)
+
+    def finite_ok_rows(self, names: Iterable[str], *, allow_incomplete: bool = False) -> tuple[np.ndarray, dict]:
+        """(rows, {set: rows left out}): the rows `load` keeps, found without holding the features (streamed
+        heads): ok in every named set, less those holding NaN or inf (`leave_out_non_finite`, the same rule and
+        warning). One pass over the named sets' ok rows, a row block at a time."""
+        names = list(names)
+        rows = self.ok_rows(names, allow_incomplete=allow_incomplete)
+        keep, non_finite = leave_out_non_finite(self.path, {name: _finite_rows(self.dataset(name), rows)
+                                                            for name in names}, len(rows))
+        return rows[keep], non_finite
 
     def arrays(self, split: str, names: Iterable[str]) -> tuple[list[np.ndarray], np.ndarray]:
         """(list of X, y) for one split: X (n, D) float32 per named set, in the order named, over the rows ok in
@@ -330,3 +332,31 @@ class FeatureStore:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def leave_out_non_finite(path, finite: dict[str, np.ndarray], n_rows: int) -> tuple[np.ndarray, dict[str, int]]:
+    """The one rule for rows marked ok whose features hold NaN or inf (an older writer, a hand edit), for heads
+    in memory and streamed alike: they are left out, counted per feature set, and said in one DataWarning line.
+    `finite`: per named set, (n_rows,) whether each of the same rows is finite. Returns ((n,) rows kept, {set: rows
+    left out} for the sets that hold any)."""
+    keep = np.ones(n_rows, dtype=bool)
+    for mask in finite.values():
+        keep &= mask
+    non_finite = {name: int((~mask).sum()) for name, mask in finite.items() if not mask.all()}
+    if non_finite:
+        sets = ", ".join(f"feature set {name} has {n} row{'s' if n != 1 else ''}" for name, n in non_finite.items())
+        warnings.warn(f"{path}: {sets} marked ok that hold NaN or inf; {int((~keep).sum())} rows left out (extract "
+                      "into a new --store to recompute them)", DataWarning, stacklevel=3)
+    return keep, non_finite
+
+
+def _finite_rows(dataset: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
+    """(n,) whether dataset[rows] (increasing rows) is finite, read one row block at a time."""
+    finite = np.ones(len(rows), dtype=bool)
+    block = block_rows(dataset)
+    starts = np.searchsorted(rows, np.arange(0, dataset.shape[0] + block, block))
+    for first, stop in zip(starts[:-1], starts[1:]):
+        if stop > first:
+            lo, hi = int(rows[first]), int(rows[stop - 1]) + 1
+            finite[first:stop] = np.isfinite(dataset[lo:hi][rows[first:stop] - lo]).all(axis=1)
+    return finite

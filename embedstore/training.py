@@ -35,7 +35,8 @@ from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
 from embedstore.defaults import autocast_for, resolve_device
-from embedstore.metrics import classification_metrics
+from embedstore.metrics import accuracy
+from embedstore.model_folder import saving
 from embedstore.outputs import partial_file, write_text_atomic
 
 CHECKPOINT, CHECKPOINT_STATE, BEST = "checkpoint.safetensors", "checkpoint.json", "best.safetensors"
@@ -160,7 +161,7 @@ def fit(model: nn.Module, data, settings, device, *, optimizer: torch.optim.Opti
             for buffer in model.buffers():  # batch-norm statistics moved per process in the last step: rank 0's
                 dist.broadcast(buffer, 0)
         labels, predictions = predict(model, data.batches("val"), device)
-        val_accuracy = classification_metrics(labels, predictions)["accuracy"]
+        val_accuracy = accuracy(labels, predictions)
         state["train_seconds"] += seconds
         state["history"].append({"epoch": epoch, "train_loss": loss_sum / max(steps, 1), "val_accuracy": val_accuracy,
                                  "train_seconds": seconds, "steps": steps})
@@ -209,7 +210,8 @@ def predict(model: nn.Module, batches, device) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _save_tensors(path: Path, tensors: dict, epoch: int) -> None:
-    with partial_file(path) as partial:
+    # a full disk: one line naming the checkpoint, not a SafetensorError traceback
+    with saving(path), partial_file(path) as partial:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(partial),
                   metadata={"epoch": str(epoch)})
 
@@ -229,7 +231,8 @@ def _save_checkpoint(folder: Path, model: nn.Module, optimizer, state: dict, set
     _save_tensors(folder / CHECKPOINT, tensors, state["epoch"])
     record = {"state": state, "settings": asdict(settings), "optimizer_param_groups": optimizer_state["param_groups"],
               "optimizer_scalars": scalars}
-    write_text_atomic(folder / CHECKPOINT_STATE, json.dumps(record, indent=1, sort_keys=True))
+    with saving(folder / CHECKPOINT_STATE):
+        write_text_atomic(folder / CHECKPOINT_STATE, json.dumps(record, indent=1, sort_keys=True))
 
 
 def _load_checkpoint(folder: Path, model: nn.Module, optimizer, settings, device, resume_keys: tuple[str, ...]):

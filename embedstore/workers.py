@@ -1,13 +1,23 @@
 """DataLoader workers that decode images while a store is open for writing: they never hold the store, and
-they end when the process that runs the DataLoader ends, killed or not (issue #10)."""
+they end when the process that runs the DataLoader ends, killed or not (issue #10). And the start of any pool
+worker that must end with the process that started it (`start_worker`: the sweep's `--jobs` workers).
+
+This module imports no torch: a spawned worker unpickles its initializer before anything else, so one from here
+runs within a second of the worker's start, not after the seconds that importing torch takes."""
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import multiprocessing
 import os
 import select
+import signal
 import sys
 import threading
 import time
+
+PR_SET_PDEATHSIG = 1          # linux/prctl.h
+PARENT_CHECK_SECONDS = 0.5
 
 
 def worker_context():
@@ -64,3 +74,38 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def start_worker(parent: int, threads: int | None = None) -> None:
+    """A spawned pool worker's initializer (ProcessPoolExecutor(initializer=start_worker, initargs=(os.getpid(),
+    threads))): end with `parent` however it dies, leave Ctrl-C to it, and use `threads` torch threads."""
+    die_with_parent(parent)
+    # Ctrl-C from a terminal reaches the whole process group; the parent handles it (and ends its pool). A parent
+    # that blocks SIGINT while starting workers (heads/dispatch.py) has it held since this process began, so a
+    # Ctrl-C during start-up is discarded here instead of printing a KeyboardInterrupt traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def die_with_parent(parent: int) -> None:
+    """End this process when its parent `parent` dies, kill -9 included (no orphans holding memory): on Linux,
+    prctl(PR_SET_PDEATHSIG, SIGKILL); everywhere, a daemon thread that watches os.getppid() (a dead parent's
+    children are handed to another process). A parent already gone is noticed at once. For a directly started
+    child only (a forkserver worker's parent is the server: see `die_with`)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent:   # it died before prctl took effect: nobody will signal us
+        os._exit(1)
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK_SECONDS)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()

@@ -168,17 +168,35 @@ def late_weight(lp_image: np.ndarray, lp_text: np.ndarray, y: np.ndarray, steps:
     return best, best_key[0]
 
 
+def stacking_folds(y: np.ndarray, folds: int, classes=None) -> tuple[int, str | None]:
+    """(K, why) for stacking's out-of-fold predictions over train labels `y` (n,): K = min(folds, the fewest train
+    rows of a class present), since a stratified fold needs a row of every class; `why` names that class when K
+    is below `folds`. K < 2 (a class with one train row, e.g. a --fractions class dealt 1/1/1): no stacking."""
+    counts = np.bincount(np.asarray(y, dtype=np.int64))
+    present = np.flatnonzero(counts)
+    if len(present) == 0:
+        return 0, "stacking needs train rows; there are none"
+    fewest = int(present[np.argmin(counts[present])])
+    k = min(int(folds), int(counts[fewest]))
+    if k >= folds:
+        return k, None
+    name = repr(str(classes[fewest])) if classes is not None else str(fewest)
+    rows = f"{counts[fewest]} train row{'s' if counts[fewest] != 1 else ''}"
+    if k < 2:
+        return k, (f"stacking's out-of-fold predictions need at least 2 train rows of every class, and class {name} "
+                   f"has {rows}; add train rows (or --min-items) for ST, or leave ST out of --strategies")
+    return k, f"{k} out-of-fold folds instead of {folds}: class {name} has {rows}"
+
+
 def out_of_fold(x: np.ndarray, y: np.ndarray, C: float, n_classes: int, folds: int, seed: int,
                 max_iter: int) -> np.ndarray:
     """(n, C) log-probabilities of each train row from a regression fit on the other folds (stratified folds,
-    drawn from `seed`)."""
+    drawn from `seed`; fewer than `folds` when a class has fewer train rows: `stacking_folds`)."""
     from sklearn.model_selection import StratifiedKFold
 
-    smallest = min(int(c) for c in np.bincount(y) if c > 0)
-    if smallest < 2:
-        raise ValueError(f"stacking needs at least 2 train rows of every class for its out-of-fold predictions; "
-                         f"a class has {smallest}: add train rows, or leave ST out of --strategies")
-    k = min(folds, smallest)
+    k, why = stacking_folds(y, folds)
+    if k < 2:
+        raise ValueError(why)
     out = np.empty((len(y), n_classes))
     with warnings.catch_warnings():   # a class with fewer than k rows: sklearn warns, folds stay valid
         warnings.simplefilter("ignore", UserWarning)
@@ -469,7 +487,8 @@ class DecisionFits:
                                       self.settings, standardize=False)
         model = DecisionModel(strategy, classes, {"image": image, "text": text}, stacker=stacker)
         seconds = s_image + s_text + o_image + o_text + time.perf_counter() - start
-        return model, val_acc, seconds, {**chosen, "C_stack": stacker.C, "folds": self.settings.folds,
+        folds = stacking_folds(self.splits["train"][1], self.settings.folds)[0]   # the folds out_of_fold used
+        return model, val_acc, seconds, {**chosen, "C_stack": stacker.C, "folds": folds,
                                          "converged": chosen["converged"] and stacker.converged}
 
     def test_metrics(self, model: DecisionModel) -> dict:

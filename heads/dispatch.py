@@ -10,6 +10,13 @@ round. The ranks agree on the number of rounds first (`RankGroup.agree_max`), so
 or more cores per process on its machine) sends empty rounds and none waits forever. A sweep killed mid-way keeps
 every round rank 0 recorded and loses only the groups in flight; a rerun trains the rest.
 
+Workers die with the sweep: each asks Linux to SIGKILL it when its parent dies (prctl PR_SET_PDEATHSIG) and
+watches its parent pid in a thread (the portable fallback), so a sweep killed with kill -9 leaves no orphans
+holding features in memory; a SIGTERM of the sweep kills its workers before the sweep dies of it. Ctrl-C reaches
+the whole process group from the terminal: workers ignore it (from their first instruction: SIGINT is blocked
+while they are started, and ignored once they run), and the sweep, which gets KeyboardInterrupt, kills them, so
+no worker prints a traceback.
+
 The unit of dispatch is a group of tasks (`group_tasks`): cells whose heads share one stacked step (same feature
 sets and rows, same StackedHead.shape_key; heads/groups.py) go to one worker or rank together, since splitting a
 group across workers would take away the stacking it exists for. A head's results do not depend on its group.
@@ -19,6 +26,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import signal
+import threading
 import time
 from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -28,6 +37,7 @@ from typing import Callable, Iterator
 import torch
 import torch.multiprocessing
 
+from embedstore.workers import start_worker
 from heads.grid import Cell
 from heads.models import HeadConfig, StackedHead
 from heads.train import HeadData, HeadResult, TrainSettings, train_group
@@ -70,10 +80,6 @@ def default_jobs(device: torch.device) -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _worker_start() -> None:
-    torch.set_num_threads(1)   # one thread per process: N processes use N cores with no OpenMP barriers
-
-
 def _heads(group: list[Task]) -> list[tuple[HeadConfig, int]]:
     return [(t.config, s) for t in group for s in t.seeds]
 
@@ -99,8 +105,67 @@ def worker_pool(jobs: int) -> Iterator[Executor | None]:
         yield None
         return
     context = torch.multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_worker_start) as pool:
-        yield pool
+    # one torch thread per worker: N processes use N cores with no OpenMP barriers; start_worker lives in a module
+    # that imports no torch, so it runs (and ties the worker to this process) before the worker's heavy imports
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=start_worker,
+                               initargs=(os.getpid(), 1))
+    try:
+        with _kill_workers_on_sigterm(pool):
+            yield pool
+    except BaseException:   # Ctrl-C, a worker that died, an error: end the workers now, not after their tasks
+        _kill_workers(pool)
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+
+
+def _kill_workers(pool: ProcessPoolExecutor) -> None:
+    processes = list((getattr(pool, "_processes", None) or {}).values())   # the executor's own table of workers
+    for process in processes:
+        with contextlib.suppress(OSError, ValueError):
+            process.kill()
+    for process in processes:
+        with contextlib.suppress(OSError, ValueError, AssertionError):
+            process.join(timeout=5)
+
+
+@contextlib.contextmanager
+def _kill_workers_on_sigterm(pool: ProcessPoolExecutor) -> Iterator[None]:
+    """While the pool lives, a SIGTERM of this process kills its workers first, then is handled as it would have
+    been (by default: this process dies of it). Signal handlers belong to the main thread only."""
+    previous = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or previous == signal.SIG_IGN:
+        yield
+        return
+
+    def on_sigterm(signum, frame):
+        _kill_workers(pool)
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        if callable(previous):
+            previous(signum, frame)
+        else:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        if signal.getsignal(signal.SIGTERM) is on_sigterm:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _submit(pool: Executor, fn, *args, **kwargs):
+    """pool.submit with SIGINT blocked in this thread: a worker process it starts inherits the blocked signal (the
+    mask survives exec), so a Ctrl-C during the worker's start-up (importing torch, seconds) is held until
+    embedstore.workers.start_worker discards it, instead of a KeyboardInterrupt traceback per worker. A Ctrl-C
+    meant for this process is delivered as soon as the mask is restored."""
+    if not hasattr(signal, "pthread_sigmask"):
+        return pool.submit(fn, *args, **kwargs)
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        return pool.submit(fn, *args, **kwargs)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def run_tasks(groups: list[list[Task]], data_for: Callable[[Task], HeadData], train: TrainSettings, *, jobs: int,
@@ -121,8 +186,8 @@ def run_tasks(groups: list[list[Task]], data_for: Callable[[Task], HeadData], tr
         # largest first: a long group started last would leave the other workers idle at the end
         order = sorted(groups, key=lambda g: -sum(t.cost for t in g))
         strategies = registered()   # strategies registered at run time reach the spawned workers too
-        futures = {pool.submit(_with_strategies, strategies, train_group, _heads(g), data_for(g[0]), train,
-                               batched=batched, cpu_auto_bf16=cpu_auto_bf16): i for i, g in enumerate(order)}
+        futures = {_submit(pool, _with_strategies, strategies, train_group, _heads(g), data_for(g[0]), train,
+                           batched=batched, cpu_auto_bf16=cpu_auto_bf16): i for i, g in enumerate(order)}
         try:
             for future in as_completed(futures):
                 yield from _per_task(order[futures[future]], future.result())

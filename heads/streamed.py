@@ -59,11 +59,12 @@ class StreamedSplit:
 
 
 def streamed_head_data(store, names: list[str], *, device: str | torch.device = "cpu", budget: int | None = None,
-                       require_test: bool = True, order_seed: int = 0):
-    """HeadData whose train/val/test splits stream the rows ok in every named set from the store."""
+                       require_test: bool = True, order_seed: int = 0, rows: np.ndarray | None = None):
+    """HeadData whose train/val/test splits stream from the store the rows ok in every named set, less those
+    holding NaN or inf (FeatureStore.finite_ok_rows: the in-memory path's rule); or `rows`, when given."""
     from heads.train import HeadData
 
-    ok = store.ok_rows(names)
+    ok = store.finite_ok_rows(names)[0] if rows is None else rows
     return HeadData.from_split_rows(
         ok, np.asarray(store.split)[ok],
         lambda rows: StreamedSplit(RowStream(store, names, rows, budget=budget), device, order_seed=order_seed),
@@ -78,11 +79,7 @@ def load_head_data(store, names: list[str], *, device: str | torch.device, budge
     from heads.train import HeadData
 
     budget = default_memory_budget() if budget is None else budget
-    ok = store.ok_rows(names)
-    split = np.asarray(store.split)[ok]
-    counts = {"rows": len(ok), "skipped_rows": len(store.ids) - len(ok),
-              "split_rows": {name: int((split == name).sum()) for name in SPLITS}}
-    need = in_memory_bytes(store, names, len(ok))
+    need = in_memory_bytes(store, names, len(store.ok_rows(names)))
     if need <= budget:   # the rule `streams` states
         data = store.load(names, upcast=False)   # float16 stays float16; batches are upcast
         head_data = HeadData.from_arrays([data.features.pop(n) for n in names], data.labels, data.split, device)
@@ -90,7 +87,12 @@ def load_head_data(store, names: list[str], *, device: str | torch.device, budge
         counts = {"rows": len(data.labels), "skipped_rows": data.skipped, "non_finite_rows": data.non_finite,
                   "split_rows": {name: int((data.split == name).sum()) for name in SPLITS}}
         return head_data, {**counts, "data_access": "in memory"}
-    head_data = streamed_head_data(store, names, device=device, budget=budget)
+    # rows marked ok that hold NaN/inf: left out, counted and warned about as in memory (one rule, one pass)
+    ok, non_finite = store.finite_ok_rows(names)
+    split = np.asarray(store.split)[ok]
+    counts = {"rows": len(ok), "skipped_rows": len(store.ids) - len(ok), "non_finite_rows": non_finite,
+              "split_rows": {name: int((split == name).sum()) for name in SPLITS}}
+    head_data = streamed_head_data(store, names, device=device, budget=budget, rows=ok)
     stream = head_data.train.stream
     log(f"{' + '.join(names)}: {format_size(need)} to hold in memory exceeds the memory budget of "
         f"{format_size(budget)}; streaming from the store in blocks of {stream.block} rows")

@@ -167,6 +167,7 @@ def _run_sweep(store_path: Path, out_dir: Path, settings: SweepSettings, log) ->
     from embedstore.outputs import check_writable
 
     check_writable(out_dir, folder=True)  # before any work, and as one line naming the path
+    _refuse_one_class(store_path)
     with contextlib.ExitStack() as stack:
         device, group = resolve_device(settings.device), None
         if world()[1] > 1:  # under torchrun: join the ranks (gloo on CPU, nccl on CUDA), leave on the way out
@@ -176,6 +177,19 @@ def _run_sweep(store_path: Path, out_dir: Path, settings: SweepSettings, log) ->
         if world()[0] == 0:  # one sweep per results folder: a second refuses in one line; rank 0 is the writer
             stack.enter_context(ResultsLock(out_dir))
         return _sweep_ranks(store_path, out_dir, settings, device, group, log)
+
+
+def _refuse_one_class(store_path: Path) -> None:
+    """A store of one class has nothing to classify: say so in one line before any work, instead of training every
+    head and failing in scikit-learn (LR, ST) at the end of the sweep, on every rerun."""
+    from embedstore.store import FeatureStore
+
+    with FeatureStore(store_path) as store:
+        classes = list(store.classes)
+    if len(classes) < 2:
+        held = f"one class ({classes[0]!r})" if classes else "no classes"
+        raise ValueError(f"{store_path} holds {held}: nothing to classify; prepare a manifest from a catalog with at "
+                         "least two classes (`embed prepare`) and extract a store from it")
 
 
 def _sweep_ranks(store_path: Path, out_dir: Path, settings: SweepSettings, device, group, log) -> dict:
@@ -195,6 +209,8 @@ def _sweep_ranks(store_path: Path, out_dir: Path, settings: SweepSettings, devic
                                   text_sources=settings.text_sources)
         decisions, more = decision_cells(store, strategies=settings.strategies, baselines=settings.baselines,
                                          image_sources=settings.image_sources, text_sources=settings.text_sources)
+        notes += more
+        cells, decisions, more = _without_sets_being_written(store, cells, decisions, settings)
         notes += more
         summary["notes"] = notes
         for note in notes:
@@ -249,6 +265,44 @@ def _sweep_ranks(store_path: Path, out_dir: Path, settings: SweepSettings, devic
         summary["gflops"] = summary["train_flops"] / seconds / 1e9
         summary["peak_gflops"] = matmul_peak_gflops(device, precision, threads=jobs if device.type == "cpu" else 1)
     return summary
+
+
+def _without_sets_being_written(store, cells: list[Cell], decisions: list[Cell], settings: SweepSettings
+                                ) -> tuple[list[Cell], list[Cell], list[str]]:
+    """Cells reading a feature set that is not complete yet (`embed extract --add` writing it beside this sweep, or
+    stopped before the end) are skipped, with a note per set naming it and how to sweep the others; the rest are
+    swept, and a rerun once the set is complete adds its cells. Refused (ValueError) when a source named with
+    --image-source/--text-source is the one being written, or when nothing else is left to sweep."""
+    sets = store.feature_sets
+    writing = sorted(n for n, info in sets.items() if not info.complete)
+    if not writing:
+        return cells, decisions, []
+
+    def reads(cell: Cell) -> set:
+        return set(cell.feature_sets) | set(cell.row_sets)
+
+    def why(names: list[str]) -> str:
+        return (f"feature set {', '.join(names)} of {store.path} {'is' if len(names) == 1 else 'are'} still being "
+                "written (`embed extract --add` is writing it, or was stopped before the end: rerun it, it resumes)")
+
+    chosen = {"image": settings.image_sources, "text": settings.text_sources}
+    for name in writing:   # a source asked for by name (not by backbone) that is being written: nothing to skip to
+        info = sets[name]
+        if info.source in chosen.get(info.modality, ()):
+            raise ValueError(f"{why([name])}; sweep --{info.modality}-source {info.source} once it is complete")
+    keep = [c for c in cells if not reads(c) & set(writing)]
+    keep_decisions = [c for c in decisions if not reads(c) & set(writing)]
+    if (cells or decisions) and not (keep or keep_decisions):
+        raise ValueError(f"{why(writing)}, and every cell of this sweep reads it; sweep once it is complete")
+    notes = []
+    for name in writing:
+        skipped = [c for c in cells + decisions if name in reads(c)]
+        if skipped:
+            modality, strategies = sets[name].modality, sorted({c.strategy for c in skipped})
+            notes.append(f"skipped {len(skipped)} cell(s) of {', '.join(strategies)} reading {name}: {why([name])}; "
+                         f"this sweep trains the other feature sets (pick them with --{modality}-source NAME), a "
+                         "rerun once it is complete adds these cells")
+    return keep, keep_decisions, notes
 
 
 def _chain(*iterators):
@@ -364,7 +418,7 @@ def _decision(store, store_path: Path, out_dir: Path, cells: list[Cell], setting
               summary: dict, log) -> None:
     """LF, ST, LR-*: scikit-learn models over pooled features (heads/decision.py), fit in this process; the
     per-modality regressions are fit once per row set and shared by the cells and seeds that use them."""
-    from heads.decision import DecisionFits, cell_rows, model_config, save_best
+    from heads.decision import DecisionFits, cell_rows, model_config, save_best, stacking_folds
     sets, classes, fits = store.feature_sets, list(store.classes), {}
     train = asdict(settings.linear)
     for cell in cells:
@@ -377,6 +431,14 @@ def _decision(store, store_path: Path, out_dir: Path, cells: list[Cell], setting
         if cell.row_sets not in fits:
             columns = {sets[n].modality: i for i, n in enumerate(cell.row_sets)}
             fits[cell.row_sets] = DecisionFits(data.rows(cell), columns, len(classes), settings.linear)
+        if cell.strategy == "ST":   # its stratified folds need train rows of every class (a 1/1/1 class has one)
+            folds, why = stacking_folds(fits[cell.row_sets].splits["train"][1], settings.linear.folds, classes)
+            if why:
+                note = f"{'skipped ' if folds < 2 else ''}{cell.name}: {why}"
+                summary["notes"].append(note)
+                log(note)
+            if folds < 2:   # recorded as a note, never as rows: a rerun says it again instead of failing
+                continue
         store_doc = _store_doc(store, store_path, out_dir, cell, data)
         non_trainable, note = _non_trainable(provenance)
         common = {"cell": cell.name, "cell_base": cell.base_name, "pair": cell.pair_name, "image_source": cell.pair[0],

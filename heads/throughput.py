@@ -41,3 +41,29 @@ def matmul_peak_gflops(device: torch.device, precision: str, *, threads: int = 1
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def throughput_line(summary: dict) -> str | None:
+    """The sweep's closing line on its training matmuls (None when it trained nothing), from run_sweep's summary:
+    "gflops" (every rank's recorded FLOPs over rank 0's wall time), "peak_gflops" (measured on rank 0, on its
+    `jobs` cores), "precision", "device", "jobs", "ranks".
+
+    The peak is a short measurement: the sweep can run above it (turbo clocks, other load while it was measured,
+    ranks on other machines), so a share is given only up to it; above it the line says so, and never a share
+    over 100 %. Under torchrun the sweep's rate is that of all ranks together, so it is set against the peak times
+    the ranks (each rank assumed to have rank 0's cores)."""
+    gflops, peak = summary.get("gflops"), summary.get("peak_gflops")
+    if not gflops or not peak:
+        return None
+    ranks = int(summary.get("ranks") or 1)
+    peak_all = peak * ranks
+    rate = f"training matmuls: {gflops:.1f} GFLOP/s ({summary['precision']})"
+    if ranks > 1:
+        rate += f" over {ranks} ranks"
+    where = (f"on the same {summary['jobs']} core(s)" if summary["device"] == "cpu" else f"on {summary['device']}")
+    measured = f"{peak:.1f} GFLOP/s" + (f" x {ranks} ranks" if ranks > 1 else "")
+    if gflops > peak_all:
+        return f"{rate}, above the short matmul peak measured now ({measured} {where}), which understates this machine"
+    if summary["device"] != "cpu":
+        return f"{rate}; a matmul peak measured now: {measured} {where}"
+    return f"{rate} = {100 * gflops / peak_all:.0f} % of a {measured} matmul peak measured now {where}"

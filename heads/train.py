@@ -384,7 +384,8 @@ def _train_stack(heads: list[tuple[HeadConfig, int]], data: HeadData, s: TrainSe
         with autocast(device, precision):
             test_pred, y_test = _predictions(all_heads, best, data.test, s.eval_chunk)
         test_pred, y_test = test_pred.cpu().numpy(), y_test.cpu().numpy()
-        metrics = [classification_metrics(y_test, test_pred[i]) for i in range(G)]
+        # over every class of the store (as the decision-level rows): a class missing from test counts the same
+        metrics = [classification_metrics(y_test, test_pred[i], n_classes=config.num_classes) for i in range(G)]
     return [HeadResult(
         seed=int(sd),
         test_accuracy=None if metrics[i] is None else metrics[i]["accuracy"],

@@ -25,12 +25,14 @@ def test_device_and_autocast_come_from_defaults():
         assert not torch.is_autocast_enabled("cpu")  # fp32 on a CPU, as before
 
 
-def test_macro_f1_over_every_class_when_told_how_many():
+def test_macro_f1_over_every_class_it_is_told_of():
     labels, predictions = np.array([0, 0, 1, 1]), np.array([0, 0, 1, 0])
-    present = classification_metrics(labels, predictions)
+    present = classification_metrics(labels, predictions, n_classes=2)
     every = classification_metrics(labels, predictions, n_classes=3)  # class 2: absent from both, F1 0
     assert present["accuracy"] == every["accuracy"] == 0.75
     assert every["macro_f1"] == pytest.approx(present["macro_f1"] * 2 / 3)
+    with pytest.raises(TypeError):   # the class count is required: no caller can fall back to "classes present"
+        classification_metrics(labels, predictions)
 
 
 class _Separable:
