@@ -22,7 +22,7 @@ from embedstore.store_writer import write_store_from_arrays
 from heads.decision import DecisionFits, LinearSettings
 from heads.estimator import FusionHead
 from heads.models import HeadConfig
-from heads.sweep import read_runs
+from heads.results import read_runs
 from heads.train import HeadData, TrainSettings, train_heads
 from tests.cli_helpers import invoke as run
 
