@@ -108,11 +108,13 @@ def _to(inputs, device):
 
 
 def fit(model: nn.Module, data, settings, device, *, optimizer: torch.optim.Optimizer, clip: float | None,
-        checkpoint_dir: Path | None, resume_keys: tuple[str, ...], ranks: Ranks = Ranks()) -> dict:
+        checkpoint_dir: Path | None, resume_keys: tuple[str, ...], ranks: Ranks = Ranks(),
+        precision: str | None = None) -> dict:
     """Train `model` (inputs -> logits (B, C)) with cross-entropy and early stopping on validation accuracy.
 
     `data`: train_size(), train_batches(batch_size, sampler, generator), batches(split) of (inputs, labels).
     `settings`: a dataclass with seed, batch_size, max_epochs, patience, max_steps_per_epoch, progress.
+    `precision`: "bf16" | "fp32" autocast; None: the device's default (bf16 on CUDA, fp32 on a CPU).
     Returns the training summary with "best_state" (the best epoch's weights)."""
     model = model.to(device)
     net = model
@@ -141,7 +143,7 @@ def fit(model: nn.Module, data, settings, device, *, optimizer: torch.optim.Opti
                                           generator),
                        total=limit, leave=False, desc=f"epoch {epoch}", disable=not settings.progress or ranks.rank)
         for inputs, labels in batches:
-            with autocast_for(device):
+            with autocast_for(device, precision):
                 logits = net(_to(inputs, device))  # (B, C)
             loss = loss_fn(logits.float(), labels.to(device, non_blocking=True))
             optimizer.zero_grad(set_to_none=True)
@@ -160,7 +162,7 @@ def fit(model: nn.Module, data, settings, device, *, optimizer: torch.optim.Opti
             loss_sum = float(total) / ranks.world
             for buffer in model.buffers():  # batch-norm statistics moved per process in the last step: rank 0's
                 dist.broadcast(buffer, 0)
-        labels, predictions = predict(model, data.batches("val"), device)
+        labels, predictions = predict(model, data.batches("val"), device, precision=precision)
         val_accuracy = accuracy(labels, predictions)
         state["train_seconds"] += seconds
         state["history"].append({"epoch": epoch, "train_loss": loss_sum / max(steps, 1), "val_accuracy": val_accuracy,
@@ -192,12 +194,12 @@ def fit(model: nn.Module, data, settings, device, *, optimizer: torch.optim.Opti
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, batches, device) -> tuple[np.ndarray, np.ndarray]:
-    """(labels (n,), predicted classes (n,)) over `batches` of (inputs, labels)."""
+def predict(model: nn.Module, batches, device, *, precision: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(labels (n,), predicted classes (n,)) over `batches` of (inputs, labels); `precision` as in `fit`."""
     model.eval()
     labels, predictions = [], []
     for inputs, batch_labels in batches:
-        with autocast_for(device):
+        with autocast_for(device, precision):
             logits = model(_to(inputs, device))  # (B, C)
         predictions.append(logits.float().argmax(dim=1).cpu().numpy())
         labels.append(batch_labels.numpy())

@@ -169,15 +169,14 @@ def _submit(pool: Executor, fn, *args, **kwargs):
 
 
 def run_tasks(groups: list[list[Task]], data_for: Callable[[Task], HeadData], train: TrainSettings, *, jobs: int,
-              batched: bool, cpu_auto_bf16: bool,
+              batched: bool, precision: str | None = None,
               pool: Executor | None = None) -> Iterator[tuple[Task, list[HeadResult]]]:
     """Trains each group (`group_tasks`) in one stack; yields (task, results) per task as groups finish: in
     order in this process (jobs = 1), else as workers finish (in `pool` when given, else in a pool of its own).
     Every task of a group reads data_for(group[0])."""
     if jobs <= 1 or len(groups) <= 1:
         for group in groups:
-            results = train_group(_heads(group), data_for(group[0]), train, batched=batched,
-                                  cpu_auto_bf16=cpu_auto_bf16)
+            results = train_group(_heads(group), data_for(group[0]), train, batched=batched, precision=precision)
             yield from _per_task(group, results)
         return
     with contextlib.ExitStack() as stack:
@@ -187,7 +186,7 @@ def run_tasks(groups: list[list[Task]], data_for: Callable[[Task], HeadData], tr
         order = sorted(groups, key=lambda g: -sum(t.cost for t in g))
         strategies = registered()   # strategies registered at run time reach the spawned workers too
         futures = {_submit(pool, _with_strategies, strategies, train_group, _heads(g), data_for(g[0]), train,
-                           batched=batched, cpu_auto_bf16=cpu_auto_bf16): i for i, g in enumerate(order)}
+                           batched=batched, precision=precision): i for i, g in enumerate(order)}
         try:
             for future in as_completed(futures):
                 yield from _per_task(order[futures[future]], future.result())

@@ -28,7 +28,8 @@ from embedstore.finetune import ImageItems
 from embedstore.manifest import Manifest
 from embedstore.metrics import classification_metrics
 from embedstore.model_folder import load_pretrained, save_pretrained
-from embedstore.defaults import DEFAULT_IMAGE_BACKBONE, DEFAULT_TEXT_BACKBONE, FUSION_DIM, MIDDLE_DIM
+from embedstore.defaults import (DEFAULT_IMAGE_BACKBONE, DEFAULT_TEXT_BACKBONE, FUSION_DIM, MIDDLE_DIM, PRECISIONS,
+                                 resolve_precision)
 from embedstore.modules import build_module
 from embedstore.training import check_training_numbers, fit, predict, training_processes
 from heads.fusion import create_fusion, list_fusions
@@ -56,11 +57,14 @@ class EndToEndSettings:
     freeze_batchnorm: bool = False       # keep the backbones' batch-norm statistics (small per-process batches)
     seed: int = 0
     device: str | None = None            # default: CUDA when present, else CPU
+    precision: str = "auto"              # autocast: "auto" is bf16 on CUDA, fp32 on a CPU (embedstore/defaults.py)
     max_steps_per_epoch: int | None = None  # measured partial epochs; the full epoch is extrapolated
     workers: int = 2                     # DataLoader processes decoding JPEGs
     progress: bool = True
 
     def check(self) -> "EndToEndSettings":
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; use one of {', '.join(PRECISIONS)}")
         known = list_strategies(trainer="end-to-end")
         if self.strategy not in known:
             raise ValueError(f"unknown end-to-end strategy {self.strategy!r}; use one of {', '.join(known)}")
@@ -71,7 +75,7 @@ class EndToEndSettings:
 
 # What may change between a run and its resumption: how long it goes on, and where and how verbosely it runs.
 RESUME_KEYS = tuple(k for k in EndToEndSettings.__dataclass_fields__
-                    if k not in ("max_epochs", "patience", "device", "workers", "progress"))
+                    if k not in ("max_epochs", "patience", "device", "precision", "workers", "progress"))
 
 
 class EndToEndModel(nn.Module):
@@ -166,17 +170,18 @@ def train_end_to_end(manifest_path: str | Path, out_dir: str | Path, settings: E
         data = PairItems(manifest, image, text, settings, device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
         out_dir.mkdir(parents=True, exist_ok=True)
+        precision = resolve_precision(settings.precision, device)
         summary = fit(model, data, settings, device, optimizer=optimizer, clip=1.0, checkpoint_dir=out_dir,
-                      resume_keys=RESUME_KEYS, ranks=ranks)
+                      resume_keys=RESUME_KEYS, ranks=ranks, precision=precision)
         best = summary.pop("best_state")
         model.load_state_dict(best)
-        labels, predictions = predict(model, data.batches("test"), device)
+        labels, predictions = predict(model, data.batches("test"), device, precision=precision)
         counts = model.parameter_counts()
         scores = classification_metrics(labels, predictions, n_classes=len(manifest.classes))
         metrics = {
             "strategy": settings.strategy, "fusion": settings.fusion, "manifest_sha256": manifest.sha256,
             "backbones": {m.modality: {"name": m.name, "weights_id": m.weights_id} for m in (image, text)},
-            "device": str(device), "processes": ranks.world,
+            "device": str(device), "processes": ranks.world, "precision": precision,
             "test_accuracy": scores["accuracy"], "test_macro_f1": scores["macro_f1"],
             "trainable_parameters": counts["trainable"], "non_trainable_parameters": counts["non_trainable"],
             "items": data.counts(), **summary,
@@ -254,6 +259,8 @@ def sweep_cell(store, store_path, manifest_path, out_dir: Path, strategy: str, f
     for seed in seeds:
         run = EndToEndSettings(**{**asdict(settings), "strategy": strategy, "fusion": fusion, "seed": seed})
         identity = {k: v for k, v in asdict(run).items() if k in RESUME_KEYS + ("max_epochs", "patience")}
+        if run.precision != "auto":   # "auto" is what every run did before --precision reached 3-A/3-B: same keys
+            identity["precision"] = run.precision
         key = fingerprint({"settings": identity, "manifest_sha256": manifest.sha256, "backbones": {
             m: provenance[m]["weights_id"] for m in provenance}})
         if key in done:
@@ -269,7 +276,7 @@ def sweep_cell(store, store_path, manifest_path, out_dir: Path, strategy: str, f
             "run_key": key, "cell": cell, "cell_base": cell, "strategy": strategy, "fusion": fusion, "seed": seed,
             "pair": f"{run.image_backbone}+{run.text_backbone}", "image_source": run.image_backbone,
             "text_source": run.text_backbone, "diverged": False, "train_flops": None,
-            "precision": "bf16" if m["device"].startswith("cuda") else "fp32",
+            "precision": m["precision"],
             "config": {"strategy": strategy, "fusion": fusion, "num_classes": len(manifest.classes),
                        "middle_dim": MIDDLE_DIM, "fusion_dim": FUSION_DIM, "dropout": run.dropout,
                        "image_backbone": run.image_backbone, "text_backbone": run.text_backbone},

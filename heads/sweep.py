@@ -18,10 +18,10 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from embedstore.defaults import resolve_device, resolve_precision
+from embedstore.defaults import resolve_device
 from embedstore.fingerprint import fingerprint
 from embedstore.streaming import default_memory_budget
-from heads.dispatch import (RankGroup, Task, default_jobs, group_tasks, my_tasks, rounds, run_tasks, worker_pool,
+from heads.dispatch import (RankGroup, Task, group_tasks, my_tasks, rounds, run_tasks, worker_pool,
                             world)
 from heads.end_to_end import EndToEndSettings
 from heads.estimator import FusionHead
@@ -30,17 +30,13 @@ from heads.decision import LinearSettings
 from heads.grid import Cell, build_grid, decision_cells
 from heads.inputs import inputs_with_shared_rows
 from heads.models import HeadConfig, StackedHead
+from heads.context import RunContext
 from heads.selection import best_by_validation
 from heads.strategies import get_strategy, list_strategies
 from heads.throughput import matmul_peak_gflops
 from heads.streamed import access_key, load_head_data, only_input, streams
 from heads.results import ResultsLock, append_rows, read_runs, saved_is_at_least_as_good
 from heads.train import HeadData, HeadResult, TrainSettings
-
-# bf16 vs fp32 over the whole real-catalog grid (benchmarks/results/precision.md): see README "Precision" for
-# whether "auto" may pick bf16 on a CPU with native bf16.
-CPU_AUTO_BF16 = False
-
 
 @dataclass(frozen=True)
 class SweepSettings:
@@ -176,7 +172,13 @@ def _run_sweep(store_path: Path, out_dir: Path, settings: SweepSettings, log) ->
             group = RankGroup()
         if world()[0] == 0:  # one sweep per results folder: a second refuses in one line; rank 0 is the writer
             stack.enter_context(ResultsLock(out_dir))
-        return _sweep_ranks(store_path, out_dir, settings, device, group, log)
+        # every rank decides in memory / streamed (and so the run keys) with rank 0's budget, so all deal alike
+        budget = settings.memory_budget
+        if group is not None:
+            budget = group.broadcast(default_memory_budget() if budget is None else budget)
+        context = RunContext.resolve(device, precision=settings.train.precision, jobs=settings.jobs,
+                                     memory_budget=budget)
+        return _sweep_ranks(store_path, out_dir, settings, context, group, log)
 
 
 def _refuse_one_class(store_path: Path) -> None:
@@ -192,11 +194,11 @@ def _refuse_one_class(store_path: Path) -> None:
                          "least two classes (`embed prepare`) and extract a store from it")
 
 
-def _sweep_ranks(store_path: Path, out_dir: Path, settings: SweepSettings, device, group, log) -> dict:
+def _sweep_ranks(store_path: Path, out_dir: Path, settings: SweepSettings, context: RunContext, group, log) -> dict:
     from embedstore.store import FeatureStore
 
     rank, size = world()
-    jobs = settings.jobs or default_jobs(device)
+    device, jobs = context.device, context.jobs
     out_dir.mkdir(parents=True, exist_ok=True)
     done = {row["run_key"] for row in read_runs(out_dir)} if rank == 0 else None
     done = group.broadcast(done) if group else done
@@ -215,10 +217,7 @@ def _sweep_ranks(store_path: Path, out_dir: Path, settings: SweepSettings, devic
         summary["notes"] = notes
         for note in notes:
             log(note)
-        budget = settings.memory_budget if settings.memory_budget is not None else default_memory_budget()
-        # every rank decides in memory / streamed (and so the run keys) with rank 0's budget, so all deal alike
-        budget = group.broadcast(budget) if group else budget
-        data = _DataCache(store, device, budget, log)
+        data = _DataCache(store, device, context.memory_budget, log)
         tasks = _tasks(store, cells, settings, done, summary, log, out_dir, data)
         # a group of cells (heads/groups.py) is the unit of dispatch: one stack, one worker or rank
         mine = my_tasks(group_tasks(tasks, enabled=settings.group_cells and settings.batched), rank, size)
@@ -229,7 +228,7 @@ def _sweep_ranks(store_path: Path, out_dir: Path, settings: SweepSettings, devic
         streamed = [g for g in mine if data.streamed(g[0])]
         in_memory = [g for g in mine if not data.streamed(g[0])]
         common = dict(data_for=data.for_task, train=settings.train, batched=settings.batched,
-                      cpu_auto_bf16=CPU_AUTO_BF16)
+                      precision=context.precision)
         if group is None:  # write as each cell finishes, so a killed sweep resumes from here
             for task, results in _chain(run_tasks(in_memory, jobs=jobs, **common),
                                         run_tasks(streamed, jobs=1, **common)):
@@ -256,11 +255,11 @@ def _sweep_ranks(store_path: Path, out_dir: Path, settings: SweepSettings, devic
         if rank == 0:   # scikit-learn fits in this process; under torchrun rank 0 alone
             _decision(store, store_path, out_dir, decisions, settings, done, data, summary, log)
         if _of_trainer(settings.strategies, "end-to-end"):
-            _end_to_end(store, store_path, out_dir, settings, device, done, summary, log)
+            _end_to_end(store, store_path, out_dir, settings, context, done, summary, log)
     seconds = time.perf_counter() - t_start
     summary["seconds"] = seconds
     if summary["trained"]:
-        precision = resolve_precision(settings.train.precision, device, cpu_auto_bf16=CPU_AUTO_BF16)
+        precision = context.precision
         summary["precision"] = precision
         summary["gflops"] = summary["train_flops"] / seconds / 1e9
         summary["peak_gflops"] = matmul_peak_gflops(device, precision, threads=jobs if device.type == "cpu" else 1)
@@ -455,10 +454,13 @@ def _decision(store, store_path: Path, out_dir: Path, cells: list[Cell], setting
         log(f"{cell.name}: {len(rows)} models in {sum(r['train_seconds'] for r in rows):.1f} s (test accuracy {accs})")
 
 
-def _end_to_end(store, store_path, out_dir, settings: SweepSettings, device, done, summary, log) -> None:
-    """3A/3B: the whole model on the raw catalog, one run per seed (slow; heads/end_to_end.py)."""
+def _end_to_end(store, store_path, out_dir, settings: SweepSettings, context: RunContext, done, summary,
+                log) -> None:
+    """3A/3B: the whole model on the raw catalog, one run per seed (slow; heads/end_to_end.py), on the sweep's
+    device and with its --precision (the user's word: "auto" stays out of their run keys, as before it existed)."""
     from heads.end_to_end import is_rank_zero, sweep_cell
-    end_to_end = EndToEndSettings(**{**asdict(settings.end_to_end), "device": str(device)})
+    end_to_end = EndToEndSettings(**{**asdict(settings.end_to_end), "device": str(context.device),
+                                     "precision": settings.train.precision})
     for strategy in _of_trainer(settings.strategies, "end-to-end"):
         for fusion in settings.fusions or list_fusions():
             rows, n_skipped = sweep_cell(store, store_path, settings.manifest, out_dir, strategy, fusion,

@@ -37,11 +37,6 @@ from heads.models import HeadConfig
 CLASS_WEIGHTS = (None, "balanced")
 
 
-def uses_bf16(precision: str, device: torch.device) -> bool:
-    """Whether heads train under bf16 autocast: see embedstore.defaults.resolve_precision."""
-    return resolve_precision(precision, device) == "bf16"
-
-
 @dataclass(frozen=True)
 class TrainSettings:
     batch_size: int = 128
@@ -189,21 +184,22 @@ def head_seed(config: HeadConfig, seed: int) -> int:
 
 
 def train_heads(config: HeadConfig, seeds: list[int], data: HeadData, settings: TrainSettings = TrainSettings(),
-                *, batched: bool = True, cpu_auto_bf16: bool = False) -> list[HeadResult]:
+                *, batched: bool = True, precision: str | None = None) -> list[HeadResult]:
     """Train one head per seed; all in one stack (batched) or one after another. Same results either way.
-    `cpu_auto_bf16`: precision "auto" may pick bf16 on a CPU with native bf16 (the sweep decides)."""
-    return train_group([(config, s) for s in seeds], data, settings, batched=batched, cpu_auto_bf16=cpu_auto_bf16)
+    `precision`: "bf16" | "fp32" as the caller resolved it (a sweep: once, in its RunContext); None resolves
+    `settings.precision` on the data's device."""
+    return train_group([(config, s) for s in seeds], data, settings, batched=batched, precision=precision)
 
 
 def train_group(heads: list[tuple[HeadConfig, int]], data: HeadData, settings: TrainSettings = TrainSettings(),
-                *, batched: bool = True, cpu_auto_bf16: bool = False) -> list[HeadResult]:
+                *, batched: bool = True, precision: str | None = None) -> list[HeadResult]:
     """Train heads of several cells, one per (config, seed), in one stack when their configs share
     StackedHead.shape_key (heads/groups.py), else (`batched=False`) one after another. Results in `heads` order;
     each is bit-identical to the same head trained alone on the same device."""
     if batched:
-        return _train_stack(list(heads), data, settings, reference=False, cpu_auto_bf16=cpu_auto_bf16)
+        return _train_stack(list(heads), data, settings, reference=False, precision=precision)
     return [r for head in heads
-            for r in _train_stack([head], data, settings, reference=True, cpu_auto_bf16=cpu_auto_bf16)]
+            for r in _train_stack([head], data, settings, reference=True, precision=precision)]
 
 
 def _generators(heads: list[tuple[HeadConfig, int]], device: torch.device):
@@ -302,13 +298,13 @@ def _class_weights(split: DataSplit, num_classes: int, how: str | None) -> torch
 
 
 def _train_stack(heads: list[tuple[HeadConfig, int]], data: HeadData, s: TrainSettings,
-                 *, reference: bool, cpu_auto_bf16: bool = False) -> list[HeadResult]:
+                 *, reference: bool, precision: str | None = None) -> list[HeadResult]:
     t0 = time.perf_counter()
     device = data.train.device
     model = all_heads = GroupHead([config for config, _ in heads])   # refuses configs of different shapes
     config, seeds = heads[0][0], [sd for _, sd in heads]   # configs share every shape, dropout and class count
     G, n, p_drop = len(seeds), len(data.train), config.dropout
-    precision = resolve_precision(s.precision, device, cpu_auto_bf16=cpu_auto_bf16)
+    precision = precision or resolve_precision(s.precision, device)
     init_gens, gens = _generators(heads, device)
     params = {k: v.to(device).requires_grad_() for k, v in model.init_params(init_gens).items()}
     class_weight = _class_weights(data.train, config.num_classes, s.class_weight)

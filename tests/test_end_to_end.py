@@ -21,7 +21,8 @@ from embedstore.training import predict
 from embedstore.manifest import SplitSettings, prepare_manifest
 from embedstore.synthetic_catalog import make_fashion_catalog
 from heads.strategies import list_strategies
-from heads.end_to_end import (EndToEndModel, EndToEndSettings, PairItems, load_end_to_end,
+from embedstore.fingerprint import fingerprint
+from heads.end_to_end import (RESUME_KEYS, EndToEndModel, EndToEndSettings, PairItems, load_end_to_end,
                               train_end_to_end)
 from heads.fusion import list_fusions
 
@@ -180,3 +181,26 @@ def test_heads_sweep_writes_end_to_end_rows_like_the_cached_ones(world, tmp_path
     assert e2e["train_settings"]["image_backbone"] == "tiny-resnet" and e2e["train_settings"]["image_size"] == SIZE
     result = runner.invoke(heads, [*args, "--strategies", "3A", "--manifest", str(world["manifest_path"])])
     assert result.exit_code == 0 and "skipped 1" in result.output, result.output
+
+
+def test_end_to_end_runs_honour_the_sweeps_precision_and_auto_keeps_the_old_run_keys(world, tmp_path):
+    """--precision reaches 3-A/3-B (it used to be ignored: autocast followed the device alone). "auto" stays out of
+    the run key, so rows made before the setting existed still count as done; "bf16" is another run."""
+    store = tmp_path / "store.h5"
+    extract(world["manifest_path"], store, ExtractSettings(image_backbone="tiny-resnet", text_backbone="tiny-bert",
+                                                           image_size=SIZE, workers=0, progress=False))
+    out = tmp_path / "results"
+    args = ["sweep", str(store), "--out", str(out), "--fusions", "concat", "--seeds", "0", "--no-baselines",
+            "--strategies", "3A", "--manifest", str(world["manifest_path"]), "--end-to-end-epochs", "1",
+            "--max-steps-per-epoch", "1", "--device", "cpu"]
+    for precision in ("auto", "bf16"):
+        result = CliRunner().invoke(heads, [*args, "--precision", precision])
+        assert result.exit_code == 0, result.output
+    auto, bf16 = map(json.loads, (out / "runs.jsonl").read_text().splitlines())
+    assert (auto["precision"], bf16["precision"]) == ("fp32", "bf16") and auto["run_key"] != bf16["run_key"]
+    # the key of an "auto" run is the recipe's from before: no precision among the settings it fingerprints
+    old_fields = [k for k in RESUME_KEYS + ("max_epochs", "patience") if k != "precision"]
+    identity = {k: v for k, v in auto["train_settings"].items() if k in old_fields}
+    assert auto["run_key"] == fingerprint({"settings": identity, "manifest_sha256": auto["store"]["manifest_sha256"],
+                                           "backbones": {m: p["weights_id"] for m, p in
+                                                         auto["store"]["backbones"].items()}})
