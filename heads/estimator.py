@@ -21,14 +21,11 @@ from __future__ import annotations
 import contextlib
 import numbers
 import os
-import warnings
 from typing import NamedTuple
 
 import numpy as np
 import torch
-from scipy import sparse
 from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.exceptions import DataConversionWarning
 from sklearn.exceptions import NotFittedError  # a ValueError (and an AttributeError), as sklearn raises it
 from sklearn.model_selection import train_test_split
 from sklearn.utils.multiclass import check_classification_targets
@@ -37,6 +34,7 @@ from embedstore.model_folder import load_pretrained, save_pretrained
 from heads.models import HeadConfig, StackedHead, predict_logits
 from heads.strategies import get_strategy, list_strategies
 from embedstore.defaults import resolve_device
+from heads.estimator_inputs import check_labels, modality_inputs, widths_param
 from heads.train import HeadData, Split, TrainSettings, train_heads
 
 KIND = "fusion-head"
@@ -77,11 +75,11 @@ class FusionHead(ClassifierMixin, BaseEstimator):
 
     def _fit(self, X, y, eval_set) -> "FusionHead":
         modalities = self._modalities()
-        widths = _widths_param(self.input_widths, self.strategy, modalities)
-        inputs = _modality_inputs(X, modalities, widths, name="X", strategy=self.strategy)
+        widths = widths_param(self.input_widths, self.strategy, modalities)
+        inputs = modality_inputs(X, modalities, widths, name="X", strategy=self.strategy)
         if not len(inputs[0]):
             raise ValueError("X has 0 rows; fit needs training rows of at least two classes")
-        labels = _check_labels(y, len(inputs[0]), name="y")
+        labels = check_labels(y, len(inputs[0]), name="y")
         try:
             classes = np.unique(labels)
         except TypeError:
@@ -98,8 +96,8 @@ class FusionHead(ClassifierMixin, BaseEstimator):
         else:
             if not isinstance(eval_set, (tuple, list)) or len(eval_set) != 2:
                 raise ValueError("eval_set must be a pair (X_val, y_val)")
-            val_inputs = _modality_inputs(eval_set[0], modalities, dims, name="eval_set X", fitted=True)
-            val_labels = _check_labels(eval_set[1], len(val_inputs[0]), name="eval_set y")
+            val_inputs = modality_inputs(eval_set[0], modalities, dims, name="eval_set X", fitted=True)
+            val_labels = check_labels(eval_set[1], len(val_inputs[0]), name="eval_set y")
             unseen = sorted(set(val_labels.tolist()) - set(classes.tolist()), key=str)
             if unseen:
                 raise ValueError(f"eval_set y holds labels not in y: {', '.join(map(repr, unseen[:5]))}; "
@@ -184,7 +182,7 @@ class FusionHead(ClassifierMixin, BaseEstimator):
     def predict_proba(self, X) -> np.ndarray:
         """(n, C) class probabilities, columns in classes_ order."""
         self._check_fitted()
-        inputs = _modality_inputs(X, get_strategy(self.config_.strategy).modalities, self.input_widths_, name="X",
+        inputs = modality_inputs(X, get_strategy(self.config_.strategy).modalities, self.input_widths_, name="X",
                                   fitted=True)
         if not len(inputs[0]):
             return np.zeros((0, len(self.classes_)), dtype=np.float32)
@@ -284,153 +282,3 @@ def feature_matrices(store, names) -> FeatureMatrices:
                          class_names[loaded.labels[rows]])
     return FeatureMatrices(**splits, input_widths=tuple(loaded.features[n].shape[1] for n in names),
                            names=tuple(names))
-
-
-def _widths_param(widths, strategy: str, modalities: tuple[str, ...]) -> tuple[int, ...] | None:
-    """The input_widths parameter as a tuple of positive ints, one per modality (None stays None)."""
-    if widths is None:
-        return None
-    values = (widths,) if isinstance(widths, numbers.Integral) else widths
-    try:
-        values = tuple(values)
-    except TypeError:
-        values = None
-    if values is None or not all(isinstance(w, numbers.Integral) and not isinstance(w, bool) and w > 0
-                                 for w in values):
-        raise ValueError(f"input_widths must be positive integers, one per modality, got {widths!r}; e.g. "
-                         f"input_widths=({', '.join(_EXAMPLE_WIDTHS[m] for m in modalities)})")
-    if len(values) != len(modalities):
-        raise ValueError(f"input_widths={widths!r} gives {len(values)} width(s), but strategy {strategy} reads "
-                         f"{len(modalities)} ({', '.join(modalities)}); e.g. "
-                         f"input_widths=({', '.join(_EXAMPLE_WIDTHS[m] for m in modalities)}"
-                         f"{',' if len(modalities) == 1 else ''})")
-    return tuple(int(w) for w in values)
-
-
-_EXAMPLE_WIDTHS = {"image": "1280", "text": "384"}  # efficientnet_lite0, all-MiniLM-L6-v2
-
-
-def _is_modality_list(X) -> bool:
-    """The older input: a list of per-modality (n, D_m) arrays (a list of rows is a matrix instead)."""
-    return isinstance(X, (list, tuple)) and len(X) > 0 and all(getattr(x, "ndim", None) == 2 for x in X)
-
-
-def _modality_inputs(X, modalities: tuple[str, ...], widths: tuple[int, ...] | None, *, name: str,
-                     fitted: bool = False, strategy: str | None = None) -> list[np.ndarray]:
-    """X as float32 (n, D_m) arrays, one per modality, C-contiguous and writable (torch.from_numpy warns on a
-    read-only array, e.g. from a pandas DataFrame), or a one-line ValueError saying what is wrong. `widths`: the
-    columns of each modality (None: a multimodal X cannot be split; a baseline reads every column); `fitted`:
-    they are the widths the head was fitted on (the messages say so)."""
-    if _is_modality_list(X):
-        return [np.require(x, requirements=["C", "W"])
-                for x in _check_inputs(X, modalities, name=name, dims=widths, fitted=fitted)]
-    matrix = _as_matrix(X, name)
-    columns = matrix.shape[1]
-    if not columns:
-        raise ValueError(f"{name} has 0 feature(s) (shape={matrix.shape}) while a minimum of 1 is required.")
-    if widths is None:
-        if len(modalities) > 1:
-            raise ValueError(f"{name} is one array of {columns} columns, but strategy {strategy} reads "
-                             f"{' and '.join(modalities)} columns side by side: say where they split with "
-                             f"input_widths, e.g. FusionHead({strategy!r}, input_widths=(1280, 384)) for "
-                             "[1280 image columns | 384 text columns]")
-        widths = (columns,)
-    if sum(widths) != columns:
-        parts = " + ".join(f"{m} {w}" for m, w in zip(modalities, widths))
-        if fitted:  # scikit-learn's wording (its check_estimator matches it)
-            raise ValueError(f"{name} has {columns} features, but FusionHead is expecting {sum(widths)} features "
-                             f"as input ({parts}); pass the same feature columns it was trained on, image first")
-        raise ValueError(f"{name} has {columns} columns, but input_widths={widths} add up to {sum(widths)} "
-                         f"({parts}); pass the modalities' columns side by side, image first, or fix input_widths")
-    bad = ~np.isfinite(matrix).all(axis=1)
-    if bad.any():
-        raise ValueError(f"{name} holds NaN or infinite values in {int(bad.sum())} row(s) (first: row "
-                         f"{int(np.flatnonzero(bad)[0])}); drop or impute those rows")
-    edges = np.cumsum((0,) + tuple(widths))
-    return [np.ascontiguousarray(matrix[:, a:b]) if len(widths) > 1 else np.require(matrix, requirements=["C", "W"])
-            for a, b in zip(edges[:-1], edges[1:])]
-
-
-class NotNumericError(TypeError, ValueError):
-    """Features that are not numbers: a ValueError like every bad input here, and the TypeError that
-    scikit-learn's estimators raise for it."""
-
-
-def _as_matrix(X, name: str) -> np.ndarray:
-    if sparse.issparse(X):
-        raise ValueError(f"{name} is a sparse matrix; FusionHead takes dense arrays: pass X.toarray()")
-    if isinstance(X, torch.Tensor):
-        X = X.detach().cpu().float().numpy()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", np.exceptions.ComplexWarning)  # numpy would drop imaginary parts
-            array = np.asarray(X, dtype=np.float32)
-    except np.exceptions.ComplexWarning:
-        raise ValueError(f"Complex data not supported: {name} holds complex numbers; pass real-valued features") \
-            from None
-    except TypeError as error:  # e.g. "float() argument must be a string or a real number, not 'dict'"
-        raise NotNumericError(f"{name} is not numeric ({str(error).splitlines()[0]}); pass feature arrays (e.g. "
-                              "from heads.feature_matrices)") from None
-    except ValueError:
-        raise ValueError(f"{name} is not a numeric 2-D array (rows of equal length); pass feature arrays (e.g. "
-                         "from heads.feature_matrices)") from None
-    if array.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (rows, features), got shape {array.shape}; Reshape your data: "
-                         "X.reshape(1, -1) for one row, X.reshape(-1, 1) for one feature")
-    return array
-
-
-def _check_inputs(X, modalities: tuple[str, ...], *, name: str, dims: tuple[int, ...] | None = None,
-                  fitted: bool = True) -> list:
-    """A list of float32 (n, D_m) arrays, one per modality, or a one-line ValueError saying what is wrong."""
-    if len(X) != len(modalities):
-        wanted = ", ".join(f"X_{m}" for m in modalities)
-        raise ValueError(f"{name}: this head takes {len(modalities)} input(s) ({', '.join(modalities)}), got "
-                         f"{len(X)}; pass [{wanted}], or one array of their columns side by side")
-    arrays = []
-    for i, (x, modality) in enumerate(zip(X, modalities)):
-        label = f"{name}[{i}] ({modality})"
-        if isinstance(x, torch.Tensor):
-            x = x.detach().cpu().float().numpy()
-        try:
-            array = np.asarray(x, dtype=np.float32)
-        except (TypeError, ValueError):
-            raise ValueError(f"{label} is not numeric; pass feature arrays (e.g. from store.arrays)") from None
-        if array.ndim != 2:
-            raise ValueError(f"{label} must be 2-D (rows, features), got shape {array.shape}")
-        if dims is not None and array.shape[1] != dims[i]:
-            raise ValueError(f"{label} has {array.shape[1]} features per row, but "
-                             + (f"the head was fitted on {dims[i]}; pass the same feature set it was trained on"
-                                if fitted else f"input_widths gives {dims[i]}; fix input_widths or the input"))
-        bad = ~np.isfinite(array).all(axis=1)
-        if bad.any():
-            raise ValueError(f"{label} holds NaN or infinite values in {int(bad.sum())} row(s) (first: row "
-                             f"{int(np.flatnonzero(bad)[0])}); drop or impute those rows")
-        arrays.append(array)
-    rows = [len(a) for a in arrays]
-    if len(set(rows)) > 1:
-        raise ValueError(f"{name}: the inputs have {' vs '.join(map(str, rows))} rows; row i must be the same "
-                         "product in every input")
-    return arrays
-
-
-def _check_labels(y, n_rows: int, *, name: str) -> np.ndarray:
-    if y is None:
-        raise ValueError(f"FusionHead requires {name} to be passed, but the target {name} is None")
-    labels = np.asarray(y.detach().cpu() if isinstance(y, torch.Tensor) else y)
-    if labels.ndim == 2 and labels.shape[1] == 1:  # a column vector, as scikit-learn takes it (with a warning)
-        warnings.warn(f"A column-vector {name} was passed when a 1d array was expected. Please change the shape "
-                      f"of {name} to (n_samples, ), for example using ravel().", DataConversionWarning, stacklevel=3)
-        labels = labels.ravel()
-    if labels.ndim != 1:
-        raise ValueError(f"{name} must be 1-D (one label per row), got shape {labels.shape}")
-    if len(labels) != n_rows:
-        raise ValueError(f"{name} has {len(labels)} labels for {n_rows} rows of features")
-    if labels.dtype.kind == "f" and not np.isfinite(labels).all():
-        raise ValueError(f"Input {name} contains NaN or infinity; drop those rows")
-    if labels.dtype == object:
-        try:
-            labels = labels.astype(str) if all(isinstance(v, str) for v in labels) else labels.astype(np.int64)
-        except (TypeError, ValueError):
-            raise ValueError(f"{name} mixes label types (e.g. numbers and strings); use one type") from None
-    return labels

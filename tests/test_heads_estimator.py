@@ -178,8 +178,8 @@ WIDTHS = (16, 12)
 
 
 def side_by_side(n=300, seed=0):
-    xi, xt, y = make_data(n, seed)
-    return np.hstack([xi, xt]), y  # (n, 28): image columns, then text columns
+    xi, xt, y = make_data(seed)   # 300 rows
+    return np.hstack([xi, xt])[:n], y[:n]  # (n, 28): image columns, then text columns
 
 
 def test_one_matrix_with_input_widths_gives_the_list_inputs_head():
@@ -335,7 +335,7 @@ def test_feature_matrices_puts_a_stores_sets_side_by_side(tmp_path):
 
     from heads import feature_matrices, inputs_for
 
-    xi, xt, y = make_data(60)
+    xi, xt, y = (a[:60] for a in make_data())
     labels = np.searchsorted(sorted(NAMES), y)
     split = np.array(["train", "val", "test"] * 20)
     write_store_from_arrays(tmp_path / "s.h5", ids=[str(i) for i in range(60)], labels=labels, splits=split,
