@@ -114,8 +114,11 @@ def _plot_accuracy(plt, cells: list[dict], path: Path, title: str, spread: str) 
     y = np.arange(len(cells))
     full = axes[0]
     full.barh(y, mean, xerr=std, color=colours, capsize=2, error_kw={"elinewidth": 0.8, "ecolor": "#333333"})
-    for i, m in enumerate(mean):
-        full.text(m - 1, i, f"{m:.1f}", va="center", ha="right", fontsize=6.5, color="white")
+    for i, m in enumerate(mean):   # the value inside its bar; beside a bar too short to hold it
+        if m >= 12:
+            full.text(m - 1, i, f"{m:.1f}", va="center", ha="right", fontsize=6.5, color="white")
+        else:
+            full.text(m + std[i] + 1, i, f"{m:.1f}", va="center", ha="left", fontsize=6.5)
     full.set_yticks(y, labels, fontsize=7.5)
     full.set_ylim(-0.6, len(cells) - 0.4)
     full.set_xlim(0, 100)

