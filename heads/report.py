@@ -12,6 +12,7 @@ import numpy as np
 from heads.fusion import list_fusions
 from embedstore.fingerprint import fingerprint
 from heads.results import read_runs, runs_path
+from heads.figures import figure_lines, plot_bars
 from heads.selection import TIE_RULE, best_summary
 from heads.strategies import get_strategy, is_multimodal, list_strategies, report_order
 
@@ -210,7 +211,8 @@ TITLES = {"table5_strategies": "Table 5: multimodal fine-tuning strategies (test
 
 
 def write_report(results_dir: str | Path, out_dir: str | Path) -> list[Path]:
-    """Write report.md, one CSV per table, accuracy.png and training_time.png; returns the paths written."""
+    """Write report.md (linking the figures), one CSV per table, accuracy.png and training_time.png; returns the
+    paths written."""
     from embedstore.outputs import check_writable, open_atomic, relative_to_folder, write_text_atomic
 
     rows, repeats = unique_runs(read_runs(results_dir))
@@ -238,40 +240,11 @@ def write_report(results_dir: str | Path, out_dir: str | Path) -> list[Path]:
         written.append(path)
         md += ["", f"## {TITLES[name]}", "", markdown_table(header, body)]
     md += ensemble_section(results_dir)
+    figures = plot_bars(cells, out_dir)
+    md += ["", "## Figures", ""] + figure_lines(figures)
     write_text_atomic(out_dir / "report.md", "\n".join(md) + "\n")
     written.append(out_dir / "report.md")
-    written += plot_bars(cells, out_dir)
-    return written
-
-
-def plot_bars(cells: list[dict], out_dir: Path, prefix: str = "") -> list[Path]:
-    """Bar charts of accuracy and training time, one bar per summary (keys: cell, accuracy_mean/_std,
-    train_seconds_mean/_std), as PREFIXaccuracy.png and PREFIXtraining_time.png."""
-    import matplotlib
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    from embedstore.outputs import partial_file
-
-    names = [c["cell"] for c in cells]
-    paths = []
-    for key, label, fname, scale in [("accuracy", "test accuracy %", "accuracy.png", 100.0),
-                                     ("train_seconds", "training time per head (s)", "training_time.png", 1.0)]:
-        fname = prefix + fname
-        mean = np.array([c[f"{key}_mean"] for c in cells]) * scale
-        std = np.array([c[f"{key}_std"] for c in cells]) * scale
-        fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(names)), 4))
-        ax.bar(range(len(names)), mean, yerr=std, capsize=2, color="tab:blue")
-        ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
-        ax.set_ylabel(label)
-        if key == "accuracy":
-            ax.set_ylim(max(0, mean.min() - std.max() - 5), min(100, mean.max() + std.max() + 2))
-        fig.tight_layout()
-        with partial_file(out_dir / fname) as partial:
-            fig.savefig(partial, dpi=120, format="png")
-        plt.close(fig)
-        paths.append(out_dir / fname)
-    return paths
+    return written + figures
 
 
 def ensemble_section(results_dir: str | Path) -> list[str]:

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.paper_targets import ENSEMBLE, choose_multimodal, operator_free, targets, unimodal_heads
-from heads.report import markdown_table, plot_bars
+from heads.figures import figure_lines, plot_bars
+from heads.report import markdown_table
 from heads.results import read_runs
 from heads.selection import best_summary
 from heads.strategies import get_strategy, list_strategies
@@ -354,17 +355,24 @@ def _plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, title: s
     import matplotlib
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
+    from matplotlib.colors import PowerNorm
 
     from embedstore.outputs import partial_file
 
     size = max(5.0, 0.28 * len(classes) + 2)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(matrix, cmap="Blues")
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    # a power scale, so that the few errors of a good model are visible beside the full diagonal
+    image = ax.imshow(matrix, cmap="Blues", norm=PowerNorm(0.4, vmin=0, vmax=max(1, matrix.max())))
+    fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02, label="test items (power scale)")
+    for i, j in zip(*np.nonzero(matrix)):   # every count written, errors in red
+        ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=5.5,
+                color="white" if i == j and matrix[i, j] > 0.5 * matrix.max() else "#b00000" if i != j else "black")
     ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=6)
     ax.set_yticks(range(len(classes)), classes, fontsize=6)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title, fontsize=8)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(f"Confusion matrix: {title}\n(counts in the cells; off-diagonal counts in red are errors)",
+                 fontsize=8)
     fig.tight_layout()
     with partial_file(path) as partial:
         fig.savefig(partial, dpi=120, format="png")
@@ -446,12 +454,15 @@ def write_paper_report(out: str | Path, report_dir: str | Path) -> list[Path]:
     md += ["", "## Confusion matrix of the best model", ""]
     best = best_multimodal(heads, cached_only=True, choice_manifest=choice)
     lines, paths = confusion(head_rows, best, report_dir) if best else (["No multimodal heads."], [])
-    md += lines + ["", "![confusion matrix](confusion_matrix.png)"] * bool(paths)
+    md += lines + ["", "![confusion matrix of the best fusion head](confusion_matrix.png)"] * bool(paths)
     written += paths
     md += ["", "## Differences from the paper", ""] + differences(plan, modules)
-    written += plot_bars(list(heads.values()), report_dir, prefix="heads_")
-    written += plot_bars(list(modules.values()), report_dir, prefix="modules_")
-    md += ["", "## Figures", ""] + [f"![{p.stem}]({p.name})" for p in written if p.suffix == ".png"
-                                    and p.stem != "confusion_matrix"]
+    spread = "± 1 sample std over all (manifest seed, seed) runs"
+    figures = plot_bars(list(heads.values()), report_dir, prefix="heads_",
+                        title="Fusion heads, decision-level models, baselines", spread=spread)
+    figures += plot_bars(list(modules.values()), report_dir, prefix="modules_", title="Unimodal modules (S1-S3)",
+                         spread=spread)
+    written += figures
+    md += ["", "## Figures", ""] + figure_lines(figures, spread)
     write_text_atomic(report_dir / "report.md", "\n".join(md) + "\n")
     return written + [report_dir / "report.md"]

@@ -1,5 +1,6 @@
 """Sweeps over generated stores: separation, skip-existing, saved heads, refusals, the CLI and the report."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -132,6 +133,8 @@ def test_cli_sweep_then_report(tmp_path):
         assert (tmp_path / "rep" / name).stat().st_size > 0, name
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "Table 5" in md and "| 2A |" in md and "text only" in md
+    # every figure written is linked, relative to the report
+    assert sorted(re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)) == sorted(p.name for p in (tmp_path / "rep").glob("*.png"))
 
 
 @pytest.mark.parametrize("flag,sizes", [([], {2}), (["--no-group-cells"], {1})])
