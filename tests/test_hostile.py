@@ -1,7 +1,7 @@
 """Issue #10, "Nothing silent, nothing lost": non-finite features, unchecked numbers, lost or duplicated work.
 
 Each test reproduces one finding of a hostile-but-fair run of the tools and checks the guarantee that fixes it
-(README: "When things go wrong"). Output and message tests live in test_hostile_outputs.py.
+(docs/guarantees.md). Output and message tests live in test_hostile_outputs.py.
 """
 import json
 import os

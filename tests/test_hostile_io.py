@@ -2,7 +2,7 @@
 and fields, images decoded as a viewer shows them, full disks named, and the smaller messages.
 
 Each test reproduces one finding of the second hostile run (the item number of issue #19 in brackets) and
-checks the guarantee that fixes it (README: "When things go wrong")."""
+checks the guarantee that fixes it (docs/guarantees.md)."""
 import csv
 import errno
 import io
