@@ -43,9 +43,10 @@ KIND = "linear"
 # softmax): floor them so one such value cannot dominate the stacker's standardisation-free inputs
 LOG_FLOOR = -30.0
 SOLVERS = ("torch", "sklearn")
-# the torch solver's float type: float64 reached sklearn's optimum within its tolerance where float32 at
-# gtol 1e-4 did not always (benchmarks/results/decision_speed.md)
-TORCH_DTYPE = torch.float64
+# the torch solver's float type: on the real catalog's LR-image path float32 reached gtol 1e-4 in as many
+# iterations as float64, as close to sklearn's coefficients and predictions, in a fraction of the time
+# (benchmarks/results/decision_speed.md); results are returned as float64 either way
+TORCH_DTYPE = torch.float32
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,8 @@ def _fit_path(x, y, Cs, n_classes: int, max_iter: int, *, standardize: bool = Tr
     """One regression per C in `Cs`, in increasing C, on features standardised once, on these rows. "sklearn":
     each warm-started from the previous solution (a regularisation path, as LogisticRegressionCV walks it: the
     problem is strictly convex, so the start changes the iterations needed, not the optimum); "torch": likewise,
-    one torch L-BFGS per C (heads/logistic.py; one stack of all Cs shares one line search, which measured slower)."""
+    one torch L-BFGS per C (heads/logistic.py). Not one stack of all Cs: its problems share one line search and
+    L-BFGS memory, and the stack took ~2x the iterations of the hardest C alone (decision_speed.md)."""
     if solver == "torch":
         out, start = [], None
         for C in sorted(Cs):
