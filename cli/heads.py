@@ -66,11 +66,13 @@ def heads():
               help="Memory the features may take, e.g. 1GB or 512MiB; larger feature sets are streamed from the "
                    "store in row blocks.")
 @click.option("--progress/--no-progress", default=True, help="Progress bars on stderr.")
+@click.option("--verbose", is_flag=True, help="Also print where it ran (jobs, ranks, device) and the GFLOP/s its "
+                                              "training matmuls reached beside a matmul peak measured now.")
 @one_line_errors
 def sweep(store, out, strategies, fusions, image_sources, text_sources, seeds, baselines, sequential, group_cells,
           device, jobs,
           threads, batch_size, lr, max_epochs, patience, class_weight, precision, manifest, end_to_end_epochs,
-          max_steps_per_epoch, memory_budget, progress):
+          max_steps_per_epoch, memory_budget, progress, verbose):
     """Train the grid over STORE; one JSON row per run in OUT/runs.jsonl, best head per cell in OUT/heads/.
 
     On several machines: `torchrun --nnodes M --nproc_per_node K -m cli.heads sweep ...` deals the cells to the
@@ -96,11 +98,41 @@ def sweep(store, out, strategies, fusions, image_sources, text_sources, seeds, b
     summary = run_sweep(store, out, settings, log=click.echo)
     if world()[0] != 0:   # under torchrun rank 0 records every rank's rows: its summary is the sweep's
         return
-    click.echo(f"trained {summary['trained']} heads, skipped {summary['skipped']} already in {out / 'runs.jsonl'}, "
-               f"{summary['seconds']:.1f} s ({summary['jobs']} job(s), {summary['ranks']} rank(s), "
-               f"{summary['device']})")
+    for line in sweep_summary_lines(summary, out):
+        click.echo(line)
+    if not verbose:
+        return
+    click.echo(f"ran on {summary['device']}: {summary['jobs']} job(s), {summary['ranks']} rank(s)")
     if line := throughput_line(summary):
         click.echo(line)
+
+
+# what a sweep's summary calls each trainer's models (heads/strategies.py TRAINERS); always plural, as the
+# line has always read "trained N heads, skipped M ..." and scripts look for it
+KIND_NAMES = {"head": "heads", "linear": "decision-level models", "end-to-end": "end-to-end models"}
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes} min {secs:02d} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def sweep_summary_lines(summary: dict, out: Path) -> list[str]:
+    """The closing lines of `heads sweep`: models trained by kind, skipped, wall time; the sweep's best model by
+    validation (its validation and test accuracy, and where it is saved)."""
+    by_kind = summary.get("trained_by_kind") or {}
+    kinds = [f"{by_kind[k]} {KIND_NAMES.get(k, k)}" for k in KIND_NAMES if by_kind.get(k)]
+    trained = " and ".join([", ".join(kinds[:-1]), kinds[-1]] if len(kinds) > 1 else kinds) or "0 models"
+    lines = [f"trained {trained}, skipped {summary['skipped']} already in {out / 'runs.jsonl'}, in "
+             f"{_duration(summary['seconds'])}"]
+    best = summary.get("best")
+    if best:
+        lines.append(f"best by validation: {best['cell']} (seed {best['seed']}): validation "
+                     f"{100 * best['val_accuracy']:.2f} %, test {100 * best['test_accuracy']:.2f} %; its cell's best "
+                     f"seed is saved in {out / 'heads'}")
+    return lines
 
 
 @heads.command()

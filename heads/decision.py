@@ -1,8 +1,13 @@
-"""Decision-level models over a store's pooled features, trained with scikit-learn in the sweep's process
-(issue #11, items 1 and 4): fusion has to beat the best *simple* model, not only the weakest head.
+"""Decision-level models over a store's pooled features, fit in the sweep's process (issue #11, items 1 and 4):
+fusion has to beat the best *simple* model, not only the weakest head.
 
-- `LR-image`, `LR-text`, `LR-concat`: StandardScaler + multinomial LogisticRegression (lbfgs) on one modality's
-  pooled features, or both concatenated; C from `c_grid`, chosen by validation accuracy.
+- `LR-image`, `LR-text`, `LR-concat`: StandardScaler + multinomial logistic regression on one modality's
+  pooled features, or both concatenated; C from `c_grid`, chosen by validation accuracy. The regressions minimise
+  scikit-learn's LogisticRegression objective (lbfgs, multinomial, L2, intercept unpenalised, gradient tolerance
+  1e-4); `LinearSettings.solver` says who minimises it: "torch" (heads/logistic.py: the C grid, or ST's folds, as
+  one stack of problems, full batch, L-BFGS; issue #18: as fast as the heads) or "sklearn" (LogisticRegression,
+  the C grid walked as a warm-started path), kept for comparison. Both reach the same optimum within the
+  tolerance (tests/test_logistic.py; benchmarks/results/decision_speed.md).
 - `LF` (late fusion): log p = w * log p_image + (1 - w) * log p_text (renormalised) from the two per-modality
   regressions; w on an even grid over [0, 1], chosen by validation accuracy (ties: lower validation log-loss,
   then the smaller w).
@@ -19,7 +24,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +34,7 @@ from scipy.special import log_softmax
 from embedstore.metrics import classification_metrics
 from embedstore.model_folder import CONFIG_FILE, WEIGHTS_FILE, checked_tensor, load_pretrained, save_pretrained
 from embedstore.store import DataWarning
+from heads.logistic import Fit, fit_multinomial
 from heads.results import saved_is_at_least_as_good
 from heads.selection import best_by_validation
 from heads.strategies import get_strategy, list_strategies
@@ -42,6 +48,12 @@ LOG_FLOOR = -30.0
 # float32 store) among 120 moves the float64 mean to 2.5e36, below whose precision every other row's variation
 # vanishes, and LR-image fell to chance without a word. The fits leave such rows out, counted and warned
 EXTREME_ROW_FACTOR = 1e3
+SOLVERS = ("torch", "sklearn")
+# the torch solver's float type: on the real catalog's LR-image path float32 reached gtol 1e-4 in as many
+# iterations as float64, as close to sklearn's coefficients at the chosen C, in half the time; at C = 10 the
+# objective is flat and both stop anywhere in the region the tolerance allows (benchmarks/results/decision_speed.md).
+# Results are returned as float64 either way
+TORCH_DTYPE = torch.float32
 
 
 @dataclass(frozen=True)
@@ -50,6 +62,7 @@ class LinearSettings:
     w_steps: int = 21          # late-fusion weights 0, 0.05, ..., 1
     folds: int = 5             # stacking's out-of-fold predictions
     max_iter: int = 500        # lbfgs iterations per fit
+    solver: str = "torch"      # "torch" (heads/logistic.py) or "sklearn" (LogisticRegression; the old rows' solver)
 
     def __post_init__(self):
         object.__setattr__(self, "c_grid", tuple(float(c) for c in self.c_grid))
@@ -61,6 +74,14 @@ class LinearSettings:
             raise ValueError(f"folds must be at least 2, got {self.folds}")
         if self.max_iter < 1:
             raise ValueError(f"max_iter must be at least 1, got {self.max_iter}")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
+
+    def to_dict(self) -> dict:
+        """The rows' `train_settings` and run-key part. Rows made before the solver was a setting were made by
+        scikit-learn: "sklearn" is left out, so they keep their keys; "torch" rows get keys of their own."""
+        doc = asdict(self)
+        return {k: v for k, v in doc.items() if not (k == "solver" and v == "sklearn")}
 
 
 @dataclass
@@ -93,10 +114,21 @@ def _as_linear(lr, mean, scale, n_classes: int) -> Linear:
     return Linear(mean, scale, full_coef, full_intercept, float(lr.C), bool(np.all(lr.n_iter_ < lr.max_iter)))
 
 
-def _fit_path(x, y, Cs, n_classes: int, max_iter: int, *, standardize: bool = True) -> list[Linear]:
-    """One regression per C in `Cs`, in increasing C, each warm-started from the previous solution (a
-    regularisation path, as LogisticRegressionCV walks it: the problem is strictly convex, so the start changes the
-    iterations needed, not the optimum). The features are standardised once, on these rows."""
+def _fit_path(x, y, Cs, n_classes: int, max_iter: int, *, standardize: bool = True, solver: str = "torch",
+              device="cpu") -> list[Linear]:
+    """One regression per C in `Cs`, in increasing C, on features standardised once, on these rows. "sklearn":
+    each warm-started from the previous solution (a regularisation path, as LogisticRegressionCV walks it: the
+    problem is strictly convex, so the start changes the iterations needed, not the optimum); "torch": likewise,
+    one torch L-BFGS per C (heads/logistic.py). Not one stack of all Cs: its problems share one line search and
+    L-BFGS memory, and the stack took ~2x the iterations of the hardest C alone (decision_speed.md)."""
+    if solver == "torch":
+        out, start = [], None
+        for C in sorted(Cs):
+            (fit,) = fit_multinomial(x, y, n_classes, [C], standardize=standardize, init=[start], max_iter=max_iter,
+                                     dtype=TORCH_DTYPE, device=device)
+            out.append(_from_fit(fit))
+            start = fit
+        return out
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
@@ -137,8 +169,8 @@ def extreme_rows(x: np.ndarray) -> np.ndarray:
     return extreme | ~finite
 
 
-def _fit_one(x, y, C: float, n_classes: int, max_iter: int) -> Linear:
-    return _fit_path(x, y, [C], n_classes, max_iter)[0]
+def _from_fit(fit: Fit) -> Linear:
+    return Linear(fit.mean, fit.scale, fit.coef, fit.intercept, fit.C, fit.converged)
 
 
 def _score(log_p: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -147,11 +179,12 @@ def _score(log_p: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 
 
 def fit_linear(train: tuple, val: tuple, n_classes: int, settings: LinearSettings, *,
-               standardize: bool = True) -> tuple[Linear, float]:
+               standardize: bool = True, device="cpu") -> tuple[Linear, float]:
     """The regression of the C in settings.c_grid with the best validation accuracy (ties: lower validation
     log-loss, then the smaller C): (model, its validation accuracy). Fit on `train` only."""
     best, best_key = None, None
-    for model in _fit_path(*train, settings.c_grid, n_classes, settings.max_iter, standardize=standardize):
+    for model in _fit_path(*train, settings.c_grid, n_classes, settings.max_iter, standardize=standardize,
+                           solver=settings.solver, device=device):
         acc, loss = _score(model.log_proba(val[0]), val[1])
         if best_key is None or (acc, -loss) > best_key:
             best, best_key = model, (acc, -loss)
@@ -189,9 +222,18 @@ def stacking_folds(y: np.ndarray, folds: int, classes=None) -> tuple[int, str | 
 
 
 def out_of_fold(x: np.ndarray, y: np.ndarray, C: float, n_classes: int, folds: int, seed: int,
-                max_iter: int) -> np.ndarray:
+                max_iter: int, *, solver: str = "torch", start: Linear | None = None, device="cpu") -> np.ndarray:
+    """(n, C) log-probabilities of each train row from a regression fit on the other folds (`_out_of_fold`)."""
+    return _out_of_fold(x, y, C, n_classes, folds, seed, max_iter, solver=solver, start=start, device=device)[0]
+
+
+def _out_of_fold(x: np.ndarray, y: np.ndarray, C: float, n_classes: int, folds: int, seed: int, max_iter: int, *,
+                 solver: str, start: Linear | None, device) -> tuple[np.ndarray, bool]:
     """(n, C) log-probabilities of each train row from a regression fit on the other folds (stratified folds,
-    drawn from `seed`; fewer than `folds` when a class has fewer train rows: `stacking_folds`)."""
+    drawn from `seed`; fewer than `folds` when a class has fewer train rows: `stacking_folds`; each fold's
+    regression standardised on its own rows). "torch": the folds' regressions as one stack (one matmul over all rows
+    per step), each started from `start` (the regression of all train rows, when given: near every fold's optimum,
+    which the start does not change)."""
     from sklearn.model_selection import StratifiedKFold
 
     k, why = stacking_folds(y, folds)
@@ -201,9 +243,15 @@ def out_of_fold(x: np.ndarray, y: np.ndarray, C: float, n_classes: int, folds: i
     with warnings.catch_warnings():   # a class with fewer than k rows: sklearn warns, folds stay valid
         warnings.simplefilter("ignore", UserWarning)
         splits = list(StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(x, y))
-    for fit_rows, held_out in splits:
-        out[held_out] = _fit_one(x[fit_rows], y[fit_rows], C, n_classes, max_iter).log_proba(x[held_out])
-    return out
+    if solver == "torch":
+        models = [_from_fit(f) for f in fit_multinomial(
+            x, y, n_classes, [C] * k, row_sets=[rows for rows, _ in splits], init=[start] * k, max_iter=max_iter,
+            dtype=TORCH_DTYPE, device=device)]
+    else:
+        models = [_fit_path(x[rows], y[rows], [C], n_classes, max_iter, solver="sklearn")[0] for rows, _ in splits]
+    for model, (_, held_out) in zip(models, splits):
+        out[held_out] = model.log_proba(x[held_out])
+    return out, all(m.converged for m in models)
 
 
 def _stack_input(lp_image: np.ndarray, lp_text: np.ndarray) -> np.ndarray:
@@ -407,8 +455,10 @@ def split_arrays(split, columns: tuple[int, ...]) -> tuple[list[np.ndarray], np.
 class DecisionFits:
     """The fits of one row set (a HeadData with image and/or text columns), each made once and timed."""
 
-    def __init__(self, data, columns: dict[str, int], n_classes: int, settings: LinearSettings):
+    def __init__(self, data, columns: dict[str, int], n_classes: int, settings: LinearSettings, *, device="cpu"):
         self.settings, self.n_classes, self.columns = settings, n_classes, columns
+        # the torch solver's device (the sweep's); scikit-learn fits on the CPU
+        self.device = torch.device(device) if settings.solver == "torch" else torch.device("cpu")
         order = tuple(columns.values())
         self.splits = {}
         for name in ("train", "val", "test"):
@@ -449,13 +499,18 @@ class DecisionFits:
         y = {s: self.splits[s][1] for s in self.splits}
         return self._timed(("linear", part), lambda: fit_linear((self._x("train", part), y["train"]),
                                                                 (self._x("val", part), y["val"]),
-                                                                self.n_classes, self.settings))
+                                                                self.n_classes, self.settings, device=self.device))
 
-    def oof(self, part: str, seed: int) -> tuple[np.ndarray, float]:
+    def oof(self, part: str, seed: int) -> tuple[tuple[np.ndarray, bool], float]:
+        """(((n, C) out-of-fold log-probabilities, whether every fold's fit converged), seconds)."""
         (model, _), _ = self.linear(part)
-        return self._timed(("oof", part, seed), lambda: out_of_fold(
+        return self._timed(("oof", part, seed), lambda: _out_of_fold(
             self._x("train", part), self.splits["train"][1], model.C, self.n_classes, self.settings.folds, seed,
-            self.settings.max_iter))
+            self.settings.max_iter, solver=self.settings.solver, start=model, device=self.device))
+
+    @property
+    def precision(self) -> str:
+        return "fp64" if self.settings.solver == "sklearn" or TORCH_DTYPE == torch.float64 else "fp32"
 
     def model(self, strategy: str, seed: int, classes: list) -> tuple[DecisionModel, float, float, dict]:
         """(model, validation accuracy, seconds its fits took in all, chosen settings)."""
@@ -474,22 +529,27 @@ class DecisionFits:
         (image, _), s_image = self.linear("image")
         (text, _), s_text = self.linear("text")
         lp_val = {p: m.log_proba(self._x("val", p)) for p, m in (("image", image), ("text", text))}
-        chosen = {"C_image": image.C, "C_text": text.C, "converged": image.converged and text.converged}
+        # every fit a model rests on, and whether it converged (the row's "converged" is all of them)
+        fits = {"image": image.converged, "text": text.converged}
+        chosen = {"C_image": image.C, "C_text": text.C}
         if combine == "late":
             start = time.perf_counter()
             w, val_acc = late_weight(lp_val["image"], lp_val["text"], y_val, self.settings.w_steps)
             model = DecisionModel(strategy, classes, {"image": image, "text": text}, weight=w)
-            return model, val_acc, s_image + s_text + time.perf_counter() - start, {**chosen, "w": w}
-        (oof_image, o_image), (oof_text, o_text) = self.oof("image", seed), self.oof("text", seed)
+            return model, val_acc, s_image + s_text + time.perf_counter() - start, {
+                **chosen, "w": w, "converged": all(fits.values()), "fits_converged": fits}
+        ((oof_image, fits["image folds"]), o_image), ((oof_text, fits["text folds"]), o_text) = \
+            self.oof("image", seed), self.oof("text", seed)
         start = time.perf_counter()
         stacker, val_acc = fit_linear((_stack_input(oof_image, oof_text), self.splits["train"][1]),
                                       (_stack_input(lp_val["image"], lp_val["text"]), y_val), self.n_classes,
-                                      self.settings, standardize=False)
+                                      self.settings, standardize=False, device=self.device)
+        fits["stacker"] = stacker.converged
         model = DecisionModel(strategy, classes, {"image": image, "text": text}, stacker=stacker)
         seconds = s_image + s_text + o_image + o_text + time.perf_counter() - start
         folds = stacking_folds(self.splits["train"][1], self.settings.folds)[0]   # the folds out_of_fold used
         return model, val_acc, seconds, {**chosen, "C_stack": stacker.C, "folds": folds,
-                                         "converged": chosen["converged"] and stacker.converged}
+                                         "converged": all(fits.values()), "fits_converged": fits}
 
     def test_metrics(self, model: DecisionModel) -> dict:
         xs, y = self.splits["test"]
@@ -504,10 +564,11 @@ def model_config(strategy: str, input_dims: tuple[int, ...], n_classes: int) -> 
             "seed_dependent": get_strategy(strategy).seed_dependent}
 
 
-def cell_rows(fits: DecisionFits, strategy: str, seeds, keys: dict, common: dict,
-              classes: list) -> tuple[list[dict], list[DecisionModel]]:
-    """One result row per seed (the sweep's row schema; `common` holds the cell's shared fields) and its model.
-    LR-* and LF do not depend on the seed: their seeds repeat the same numbers, and the rows say so."""
+def cell_rows(fits: DecisionFits, strategy: str, seeds, keys: dict, common: dict, classes: list, *,
+              on_row=None) -> tuple[list[dict], list[DecisionModel]]:
+    """One result row per seed (the sweep's row schema; `common` holds the cell's shared fields) and its model;
+    `on_row(row)` after each (the sweep's progress bar). LR-* and LF do not depend on the seed: their seeds
+    repeat the same numbers, and the rows say so."""
     rows, models = [], []
     for seed in seeds:
         model, val_acc, seconds, chosen = fits.model(strategy, seed, classes)
@@ -516,13 +577,15 @@ def cell_rows(fits: DecisionFits, strategy: str, seeds, keys: dict, common: dict
                      "test_accuracy": metrics["accuracy"], "test_macro_f1": metrics["macro_f1"],
                      "best_val_accuracy": val_acc, "best_epoch": None, "epochs_run": None, "diverged": False,
                      "train_seconds": seconds, "group_seconds": seconds, "group_size": 1, "batched": False,
-                     "device": "cpu", "precision": "fp64", "train_flops": 0.0,
+                     "device": str(fits.device), "precision": fits.precision, "train_flops": 0.0,
                      "trainable_parameters": model.n_parameters, "chosen": chosen,
                      "seed_note": ("folds drawn from the seed" if get_strategy(strategy).seed_dependent else
                                    "deterministic: every seed gives this row (fits shared with the cell's other seeds)"),
                      **({"train_rows_left_out": n} if (n := fits.train_rows_left_out) else {}),
                      "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         models.append(model)
+        if on_row is not None:
+            on_row(rows[-1])
     return rows, models
 
 

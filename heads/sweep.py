@@ -38,6 +38,9 @@ from heads.streamed import access_key, load_head_data, only_input, streams
 from heads.results import ResultsLock, append_rows, read_runs, saved_is_at_least_as_good
 from heads.train import HeadData, HeadResult, TrainSettings
 
+_KEYS = "_run_keys"   # the summary's private set of the sweep's run keys, popped before it is returned
+
+
 @dataclass(frozen=True)
 class SweepSettings:
     strategies: tuple[str, ...] | None = None   # None: every strategy the store's features allow
@@ -119,7 +122,8 @@ def _run_key(config: dict, train: dict, seed: int, manifest_sha256: str, provena
 
 def _seeds_to_run(cell: Cell, keys: dict[int, str], done: set, summary: dict, log, out_dir: Path) -> list[int]:
     """The seeds of `cell` whose run key is not in runs.jsonl yet; the others are counted (and, when none is
-    left, logged) as skipped."""
+    left, logged) as skipped. Every key is kept: the closing summary's best model is chosen among them."""
+    summary[_KEYS].update(keys.values())
     todo = [s for s in keys if keys[s] not in done]
     summary["skipped"] += len(keys) - len(todo)
     if not todo:
@@ -148,8 +152,10 @@ def _non_trainable(sets: dict) -> tuple[int, str | None]:
 
 def run_sweep(store_path: str | Path, out_dir: str | Path, settings: SweepSettings = SweepSettings(),
               *, log: Callable[[str], None] = print) -> dict:
-    """Train every cell's missing seeds; returns {"trained", "skipped", "seconds", "cells", "notes", "gflops",
-    "peak_gflops", ...}."""
+    """Train every cell's missing seeds; returns {"trained", "trained_by_kind", "skipped", "seconds", "best",
+    "cells", "notes", "gflops", "peak_gflops", ...}. `trained_by_kind`: models trained per trainer ("head",
+    "linear", "end-to-end"); `best`: the sweep's best model by validation (`best_of_sweep`), None when it has
+    none."""
     threads_before = torch.get_num_threads()
     if settings.threads:
         torch.set_num_threads(settings.threads)
@@ -203,8 +209,8 @@ def _sweep_ranks(store_path: Path, out_dir: Path, settings: SweepSettings, conte
     done = {row["run_key"] for row in read_runs(out_dir)} if rank == 0 else None
     done = group.broadcast(done) if group else done
     t_start = time.perf_counter()
-    summary = {"trained": 0, "skipped": 0, "cells": [], "notes": [], "jobs": jobs, "ranks": size,
-               "device": str(device), "train_flops": 0.0}
+    summary = {"trained": 0, "trained_by_kind": {}, "skipped": 0, "cells": [], "notes": [], "jobs": jobs,
+               "ranks": size, "device": str(device), "train_flops": 0.0, _KEYS: set()}
     with FeatureStore(store_path) as store:
         cells, notes = build_grid(store, strategies=_cached(settings.strategies), fusions=settings.fusions,
                                   baselines=settings.baselines, image_sources=settings.image_sources,
@@ -221,8 +227,14 @@ def _sweep_ranks(store_path: Path, out_dir: Path, settings: SweepSettings, conte
         tasks = _tasks(store, cells, settings, done, summary, log, out_dir, data)
         # a group of cells (heads/groups.py) is the unit of dispatch: one stack, one worker or rank
         mine = my_tasks(group_tasks(tasks, enabled=settings.group_cells and settings.batched), rank, size)
-        bar = tqdm(total=sum(len(t.seeds) for g in mine for t in g), unit="head", desc="heads sweep",
-                   disable=not settings.progress or rank != 0, leave=False)
+        # decision-level models: planned now (their skips counted) so that one bar counts every model of the sweep
+        planned = _decision_plan(store, decisions, settings, done, summary, log, out_dir) if rank == 0 else []
+        end_to_end = _of_trainer(settings.strategies, "end-to-end")
+        # end to end: at most this many (their skips are known only per cell; the total shrinks by them)
+        n_end_to_end = len(end_to_end) * len(settings.fusions or list_fusions()) * len(settings.seeds)
+        bar = tqdm(total=sum(len(t.seeds) for g in mine for t in g) + sum(len(p[3]) for p in planned) + n_end_to_end,
+                   unit="model", desc="heads sweep", disable=not settings.progress or rank != 0, leave=False,
+                   dynamic_ncols=True)
         # streamed cells read the store in this process (an open HDF5 file does not travel to workers); a
         # group's cells share their rows, so its first decides
         streamed = [g for g in mine if data.streamed(g[0])]
@@ -251,13 +263,15 @@ def _sweep_ranks(store_path: Path, out_dir: Path, settings: SweepSettings, conte
                         _record(out_dir, store, store_path, by_name[name], results, settings, device, data,
                                 summary, log)
             summary["rounds"], summary["gather_seconds"] = n_rounds, group.waited
+        if rank == 0:   # decision-level models fit in this process; under torchrun rank 0 alone
+            _decision(store, store_path, out_dir, planned, settings, data, device, summary, log, bar)
+        if end_to_end:
+            _end_to_end(store, store_path, out_dir, settings, context, done, summary, log, bar)
         bar.close()
-        if rank == 0:   # scikit-learn fits in this process; under torchrun rank 0 alone
-            _decision(store, store_path, out_dir, decisions, settings, done, data, summary, log)
-        if _of_trainer(settings.strategies, "end-to-end"):
-            _end_to_end(store, store_path, out_dir, settings, context, done, summary, log)
     seconds = time.perf_counter() - t_start
     summary["seconds"] = seconds
+    keys = summary.pop(_KEYS)
+    summary["best"] = best_of_sweep(out_dir, keys) if rank == 0 else None
     if summary["trained"]:
         precision = context.precision
         summary["precision"] = precision
@@ -405,7 +419,7 @@ def _record(out_dir: Path, store, store_path: Path, task: Task, results: list[He
         })
     _save_best(out_dir, cell, config, results, rows, list(store.classes))
     append_rows(out_dir, rows)
-    summary["trained"] += len(results)
+    _count(summary, "head", len(results))
     summary["train_flops"] += sum(r.train_flops for r in results)
     summary["cells"].append(cell.name)
     accs = ", ".join("diverged" if r.diverged else f"{r.test_accuracy:.4f}" for r in results)
@@ -413,30 +427,44 @@ def _record(out_dir: Path, store, store_path: Path, task: Task, results: list[He
         f"(test accuracy {accs})")
 
 
-def _decision(store, store_path: Path, out_dir: Path, cells: list[Cell], settings: SweepSettings, done, data,
-              summary: dict, log) -> None:
-    """LF, ST, LR-*: scikit-learn models over pooled features (heads/decision.py), fit in this process; the
-    per-modality regressions are fit once per row set and shared by the cells and seeds that use them."""
-    from heads.decision import DecisionFits, cell_rows, model_config, save_best, stacking_folds
-    sets, classes, fits = store.feature_sets, list(store.classes), {}
-    train = asdict(settings.linear)
+def _decision_plan(store, cells: list[Cell], settings: SweepSettings, done, summary: dict, log,
+                   out_dir: Path) -> list[tuple]:
+    """(cell, config, run keys, seeds to fit) of each decision-level cell with seeds left; the rest skipped."""
+    from heads.decision import model_config
+    sets, classes, train = store.feature_sets, list(store.classes), settings.linear.to_dict()
+    planned = []
     for cell in cells:
         provenance = {n: _provenance(sets[n]) for n in cell.feature_sets}
         config = model_config(cell.strategy, tuple(sets[n].dim for n in cell.feature_sets), len(classes))
         keys = {s: _run_key(config, train, s, store.manifest_sha256, provenance) for s in settings.seeds}
         todo = _seeds_to_run(cell, keys, done, summary, log, out_dir)
-        if not todo:
-            continue
+        if todo:
+            planned.append((cell, config, keys, todo))
+    return planned
+
+
+def _decision(store, store_path: Path, out_dir: Path, planned: list[tuple], settings: SweepSettings, data, device,
+              summary: dict, log, bar) -> None:
+    """LF, ST, LR-*: logistic regressions over pooled features (heads/decision.py), fit in this process on the
+    sweep's device; the per-modality regressions are fit once per row set and shared by the cells and seeds
+    that use them."""
+    from heads.decision import DecisionFits, cell_rows, save_best, stacking_folds
+    sets, classes, fits = store.feature_sets, list(store.classes), {}
+    train = settings.linear.to_dict()
+    for cell, config, keys, todo in planned:
+        provenance = {n: _provenance(sets[n]) for n in cell.feature_sets}
+        bar.set_postfix_str(f"fitting {cell.name}", refresh=True)
         if cell.row_sets not in fits:
             columns = {sets[n].modality: i for i, n in enumerate(cell.row_sets)}
-            fits[cell.row_sets] = DecisionFits(data.rows(cell), columns, len(classes), settings.linear)
-        if cell.strategy == "ST":   # its stratified folds need train rows of every class (a 1/1/1 class has one)
+            fits[cell.row_sets] = DecisionFits(data.rows(cell), columns, len(classes), settings.linear, device=device)
+        if get_strategy(cell.strategy).combine == "stack":   # stratified folds need train rows of every class
             folds, why = stacking_folds(fits[cell.row_sets].splits["train"][1], settings.linear.folds, classes)
             if why:
                 note = f"{'skipped ' if folds < 2 else ''}{cell.name}: {why}"
                 summary["notes"].append(note)
                 log(note)
             if folds < 2:   # recorded as a note, never as rows: a rerun says it again instead of failing
+                bar.total -= len(todo)
                 continue
         store_doc = _store_doc(store, store_path, out_dir, cell, data)
         non_trainable, note = _non_trainable(provenance)
@@ -444,18 +472,38 @@ def _decision(store, store_path: Path, out_dir: Path, cells: list[Cell], setting
                   "text_source": cell.pair[1], "strategy": cell.strategy, "fusion": None, "config": config,
                   "train_settings": train, "store": store_doc, "non_trainable_parameters": non_trainable,
                   "non_trainable_note": note}
-        rows, models = cell_rows(fits[cell.row_sets], cell.strategy, todo, keys, common, classes)
+        rows, models = cell_rows(fits[cell.row_sets], cell.strategy, todo, keys, common, classes,
+                                 on_row=lambda _: bar.update(1))
         directory = head_folder(out_dir, cell)
         save_best(directory, rows, models, {**store_doc, "path": os.path.relpath(store_path, directory)})
         append_rows(out_dir, rows)
-        summary["trained"] += len(rows)
+        _count(summary, "linear", len(rows))
         summary["cells"].append(cell.name)
         accs = ", ".join(f"{r['test_accuracy']:.4f}" for r in rows)
         log(f"{cell.name}: {len(rows)} models in {sum(r['train_seconds'] for r in rows):.1f} s (test accuracy {accs})")
+    bar.set_postfix_str("", refresh=False)
 
 
-def _end_to_end(store, store_path, out_dir, settings: SweepSettings, context: RunContext, done, summary,
-                log) -> None:
+def _count(summary: dict, kind: str, n: int) -> None:
+    summary["trained"] += n
+    summary["trained_by_kind"][kind] = summary["trained_by_kind"].get(kind, 0) + n
+
+
+def best_of_sweep(out_dir: Path, keys) -> dict | None:
+    """The best model of a sweep's rows (`keys`: its run keys, trained now or already there) by validation
+    (heads/selection.py; ties: the cell name, then the seed, that sort first): {"cell", "seed", "strategy",
+    "val_accuracy", "test_accuracy"}; diverged heads are not candidates. None when there is no row."""
+    rows = [r for r in read_runs(out_dir) if r["run_key"] in keys and not r.get("diverged")
+            and r.get("best_val_accuracy") is not None]
+    best = best_by_validation(rows, val=lambda r: r["best_val_accuracy"], name=lambda r: (r["cell"], r["seed"]))
+    if best is None:
+        return None
+    return {"cell": best["cell"], "seed": best["seed"], "strategy": best["strategy"],
+            "val_accuracy": best["best_val_accuracy"], "test_accuracy": best["test_accuracy"]}
+
+
+def _end_to_end(store, store_path, out_dir, settings: SweepSettings, context: RunContext, done, summary, log,
+                bar) -> None:
     """3A/3B: the whole model on the raw catalog, one run per seed (slow; heads/end_to_end.py), on the sweep's
     device and with its --precision (the user's word: "auto" stays out of their run keys, as before it existed)."""
     from heads.end_to_end import is_rank_zero, sweep_cell
@@ -467,8 +515,11 @@ def _end_to_end(store, store_path, out_dir, settings: SweepSettings, context: Ru
                                          settings.seeds, end_to_end, done, log=log)
             if rows and is_rank_zero():  # under torchrun only rank 0 writes
                 append_rows(out_dir, rows)
-            summary["trained"] += len(rows)
+            _count(summary, "end-to-end", len(rows))
+            summary[_KEYS].update(r["run_key"] for r in rows)   # its skipped keys are sweep_cell's own
             summary["skipped"] += n_skipped
+            bar.total -= n_skipped   # the bar counted every seed of the cell
+            bar.update(len(rows))
             summary["cells"] += [f"{strategy}-{fusion}"] if rows else []
 
 
