@@ -114,6 +114,27 @@ def _as_linear(lr, mean, scale, n_classes: int) -> Linear:
     return Linear(mean, scale, full_coef, full_intercept, float(lr.C), bool(np.all(lr.n_iter_ < lr.max_iter)))
 
 
+def _standardised(x: np.ndarray, standardize: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean, scale, (x - mean) / scale) in float64, StandardScaler's rule (constant columns: scale 1), or a one-line
+    ValueError when they overflow: a solver would otherwise fail deep inside (torch: a float conversion error)."""
+    if standardize:
+        with np.errstate(over="ignore", invalid="ignore"):   # said below, in one line
+            mean, scale = x.mean(0), x.std(0)
+        scale = np.where(scale > 0, scale, 1.0)
+    else:
+        mean, scale = np.zeros(x.shape[1]), np.ones(x.shape[1])
+    with np.errstate(over="ignore", invalid="ignore"):
+        z = (x - mean) / scale
+    if not (np.isfinite(mean).all() and np.isfinite(scale).all() and np.isfinite(z).all()):
+        raise ValueError("features too large to standardise in float64 (their mean or variance overflows, or they "
+                         "are not finite); check the store's features (`embed inspect`)")
+    return mean, scale, z
+
+
+def _check_standardisable(x, standardize: bool) -> None:
+    _standardised(np.asarray(x, dtype=np.float64), standardize)
+
+
 def _fit_path(x, y, Cs, n_classes: int, max_iter: int, *, standardize: bool = True, solver: str = "torch",
               device="cpu") -> list[Linear]:
     """One regression per C in `Cs`, in increasing C, on features standardised once, on these rows. "sklearn":
@@ -121,6 +142,7 @@ def _fit_path(x, y, Cs, n_classes: int, max_iter: int, *, standardize: bool = Tr
     problem is strictly convex, so the start changes the iterations needed, not the optimum); "torch": likewise,
     one torch L-BFGS per C (heads/logistic.py). Not one stack of all Cs: its problems share one line search and
     L-BFGS memory, and the stack took ~2x the iterations of the hardest C alone (decision_speed.md)."""
+    _check_standardisable(x, standardize)
     if solver == "torch":
         out, start = [], None
         for C in sorted(Cs):
@@ -133,17 +155,7 @@ def _fit_path(x, y, Cs, n_classes: int, max_iter: int, *, standardize: bool = Tr
     from sklearn.linear_model import LogisticRegression
 
     x = np.asarray(x, dtype=np.float64)
-    if standardize:
-        with np.errstate(over="ignore", invalid="ignore"):   # said below, in one line
-            mean, scale = x.mean(0), x.std(0)
-        scale = np.where(scale > 0, scale, 1.0)   # StandardScaler's rule for constant columns
-    else:
-        mean, scale = np.zeros(x.shape[1]), np.ones(x.shape[1])
-    with np.errstate(over="ignore", invalid="ignore"):
-        z = (x - mean) / scale
-    if not (np.isfinite(mean).all() and np.isfinite(scale).all() and np.isfinite(z).all()):
-        raise ValueError("features too large to standardise in float64 (their mean or variance overflows, or they "
-                         "are not finite); check the store's features (`embed inspect`)")
+    mean, scale, z = _standardised(x, standardize)
     lr, out = LogisticRegression(max_iter=max_iter, warm_start=True), []   # multinomial, lbfgs
     for C in sorted(Cs):
         with warnings.catch_warnings():   # recorded as Linear.converged (and in the row), not printed per fit

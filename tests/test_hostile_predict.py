@@ -26,7 +26,8 @@ from heads.decision import DecisionModel, LinearSettings, extreme_rows, fit_line
 from heads.ensemble import ENSEMBLES_FILE, Member, ensemble
 from heads.results import ResultsLock, read_runs
 from tests.cli_helpers import invoke as run
-from tests.test_ensemble import C, N, SPLIT, copy_of, disagree, features, quiet, sweep  # noqa: F401 (disagree)
+from store_factory import IMAGE, TEXT, make_features
+from tests.test_ensemble import C, copy_of, disagree, quiet, sweep  # noqa: F401 (disagree)
 from tests.test_hostile_outputs import one_line, world, write_csv  # noqa: F401 (world: the fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -147,23 +148,21 @@ def test_a_predict_stopped_mid_write_leaves_no_partial_file(world, tmp_path, sto
 
 
 def separable_store(path, *, manifest="test-manifest", huge_row=False):
-    """Separable features of 4 classes, 120 train / 60 val / 60 test rows. `huge_row`: train row 0's image
-    features are all 3e38, finite in a float32 store, so the store keeps the row."""
-    rng = np.random.default_rng(0)
-    y = np.arange(N) % C
-    image, text = features(rng, y, 24), features(rng, y, 16)
+    """Separable features of 4 classes, 120 train / 60 val / 60 test rows (tests/store_factory.py). `huge_row`:
+    train row 0's image features are all 3e38, finite in a float32 store, so the store keeps the row."""
+    data = make_features(classes=C)
     if huge_row:
-        image[0] = 3e38
-    return write_store_from_arrays(path, ids=[f"item{i}" for i in range(N)], labels=y, splits=SPLIT,
-                                   classes=[f"class{i}" for i in range(C)], manifest_sha256=manifest,
-                                   features={"image/tiny-img/pooled": (image.astype(np.float32), {}),
-                                             "text/tiny-txt/pooled": (text.astype(np.float32), {})})
+        data.features[IMAGE][0] = 3e38
+    return write_store_from_arrays(path, ids=data.ids, labels=data.labels, splits=data.splits, classes=data.classes,
+                                   manifest_sha256=manifest,
+                                   features={name: (data.features[name].astype(np.float32), {})
+                                             for name in (IMAGE, TEXT)})
 
 
 def test_one_huge_train_row_is_left_out_of_the_decision_fits_in_one_warning(tmp_path):
     store = separable_store(tmp_path / "store.h5", huge_row=True)
     result = run(heads, ["sweep", store, "--out", tmp_path / "r", "--strategies", "LR-image,LF", "--seeds", 0,
-                         "--no-baselines", "--device", "cpu"])
+                         "--no-baselines", "--device", "cpu", "--no-progress"])
     assert result.exit_code == 0, result.output
     warned = [line for line in result.output.splitlines() if line.startswith("Warning:")]
     assert len(warned) == 1 and "1 of 120 train rows left out" in warned[0], result.output
