@@ -148,7 +148,7 @@ def test_a_default_sweep_over_a_class_dealt_1_1_1_ends_and_says_why_st_is_skippe
     strategies = {r["strategy"] for r in read_runs(tmp_path / "r")}
     assert strategies == {"2A", "2B", "image", "text", "LF", "LR-image", "LR-text", "LR-concat"}
     again = run(heads, args)
-    assert again.exit_code == 0 and why in again.output and "trained 0 heads" in again.output, again.output
+    assert again.exit_code == 0 and why in again.output and "trained 0 models" in again.output, again.output
 
 
 def test_stacking_takes_fewer_folds_when_a_class_has_fewer_train_rows_and_says_so():
@@ -340,7 +340,7 @@ def test_a_sweep_faster_than_the_short_peak_says_so_instead_of_a_share_over_100_
     import heads.sweep as sweep_module
 
     monkeypatch.setattr(sweep_module, "run_sweep", lambda *args, **kwargs: dict(SUMMARY))
-    result = run(heads, ["sweep", tmp_path / "s.h5", "--out", tmp_path / "r"])
+    result = run(heads, ["sweep", tmp_path / "s.h5", "--out", tmp_path / "r", "--verbose"])   # throughput: --verbose
     assert result.exit_code == 0, result.output
     assert "121 %" not in result.output
     assert "training matmuls: 12.1 GFLOP/s (fp32), above the short matmul peak measured now (10.0 GFLOP/s on the " \
@@ -359,7 +359,7 @@ def test_throughput_is_all_ranks_against_the_peak_times_the_ranks():
 
 
 def test_only_rank_0_prints_the_closing_summary(tmp_path, monkeypatch):
-    """Under torchrun rank 0 records every rank's rows; another rank's summary ("trained 0 heads") is not the
+    """Under torchrun rank 0 records every rank's rows; another rank's summary ("trained 0 models") is not the
     sweep's."""
     import heads.sweep as sweep_module
 
@@ -369,4 +369,4 @@ def test_only_rank_0_prints_the_closing_summary(tmp_path, monkeypatch):
     result = run(heads, ["sweep", tmp_path / "s.h5", "--out", tmp_path / "r"])
     assert result.exit_code == 0 and result.output == "", result.output
     monkeypatch.setenv("RANK", "0")
-    assert "trained 0 heads" in run(heads, ["sweep", tmp_path / "s.h5", "--out", tmp_path / "r"]).output
+    assert "trained 0 models" in run(heads, ["sweep", tmp_path / "s.h5", "--out", tmp_path / "r"]).output

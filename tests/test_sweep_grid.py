@@ -132,7 +132,8 @@ def test_cells_of_one_shape_share_a_step_and_give_the_rows_and_heads_of_one_step
 def test_torchrun_two_ranks_give_the_rows_of_one_process(tmp_path):
     store = make_store(tmp_path / "s.h5", modules=True)
     args = ["sweep", str(store), "--fusions", "add,average,gated", "--seeds", "0,1", "--max-epochs", "4",
-            "--patience", "2", "--batch-size", "32", "--lr", "0.003", "--jobs", "1", "--no-progress", "--device", "cpu"]
+            "--patience", "2", "--batch-size", "32", "--lr", "0.003", "--jobs", "1", "--no-progress", "--device", "cpu",
+            "--verbose"]   # --verbose: where it ran (ranks) is said
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, "-m", "cli.heads"] + args + ["--out", str(tmp_path / "one")], env=env,
                          cwd=REPO, capture_output=True, text=True, timeout=300)
