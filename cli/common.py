@@ -88,6 +88,18 @@ POSITIVE = click.IntRange(min=1)
 NON_NEGATIVE = click.IntRange(min=0)
 
 
+def split_count_options(command):
+    """--train / --val / --test per class, shared by `embed prepare` and `embed paper` (unset: the 7:1:2 split of
+    --items-per-class)."""
+    for name, share, of_250, what in (("test", "2/10", 50, "Test"), ("val", "1/10", 25, "Validation"),
+                                      ("train", "7/10", 175, "Training")):
+        command = click.option(f"--{name}", default=None, type=NON_NEGATIVE,
+                               show_default=f"{share} of --items-per-class, {of_250} of 250",
+                               help=f"{what} items per class" + ("; given counts must add up to --items-per-class."
+                                                                  if name == "train" else "."))(command)
+    return command
+
+
 class FiniteFloat(click.FloatRange):
     """A float option that must be finite (click's FloatRange lets nan and inf through) and in range."""
 

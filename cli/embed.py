@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from cli.common import (DEVICE_DEFAULT, GROUP_SETTINGS, NON_NEGATIVE, POSITIVE, one_line_errors, optional_name,
+from cli.common import (split_count_options, DEVICE_DEFAULT, GROUP_SETTINGS, NON_NEGATIVE, POSITIVE, one_line_errors, optional_name,
                         package_version, split_counts)
 
 
@@ -24,12 +24,7 @@ def embed():
               help="Items drawn from each kept class, split 7:1:2 into train/val/test like the paper's 175/25/50 "
                    "(rounded as --fractions rounds: 40 -> 28/4/8, 10 -> 7/1/2, 5 -> 3/1/1) unless --train/--val/"
                    "--test say otherwise.")
-@click.option("--train", default=None, type=NON_NEGATIVE, show_default="7/10 of --items-per-class, 175 of 250",
-              help="Training items per class; given counts must add up to --items-per-class.")
-@click.option("--val", default=None, type=NON_NEGATIVE, show_default="1/10 of --items-per-class, 25 of 250",
-              help="Validation items per class.")
-@click.option("--test", default=None, type=NON_NEGATIVE, show_default="2/10 of --items-per-class, 50 of 250",
-              help="Test items per class.")
+@split_count_options
 @click.option("--fractions", default=None, metavar="TRAIN,VAL,TEST",
               help="Keep every usable item of each kept class and split each class by these fractions, e.g. "
                    "0.7,0.1,0.2 (instead of the fixed counts above).")

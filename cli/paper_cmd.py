@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from cli.common import (BF16_MEASURED, DEVICE_DEFAULT, NON_NEGATIVE, POSITIVE, comma_list, int_list, one_line_errors,
+from cli.common import (split_count_options, BF16_MEASURED, DEVICE_DEFAULT, NON_NEGATIVE, POSITIVE, comma_list, int_list, one_line_errors,
                         split_counts)
 
 
@@ -24,12 +24,7 @@ from cli.common import (BF16_MEASURED, DEVICE_DEFAULT, NON_NEGATIVE, POSITIVE, c
 @click.option("--items-per-class", default=250, type=POSITIVE,
               help="Items drawn from each kept class, split 7:1:2 as `embed prepare` does unless --train/--val/--test "
                    "say otherwise.")
-@click.option("--train", default=None, type=NON_NEGATIVE, show_default="7/10 of --items-per-class, 175 of 250",
-              help="Training items per class; given counts must add up to --items-per-class.")
-@click.option("--val", default=None, type=NON_NEGATIVE, show_default="1/10 of --items-per-class, 25 of 250",
-              help="Validation items per class.")
-@click.option("--test", default=None, type=NON_NEGATIVE, show_default="2/10 of --items-per-class, 50 of 250",
-              help="Test items per class.")
+@split_count_options
 @click.option("--fusions", default=None, show_default="every registered operator",
               help="Comma-separated fusion operators.")
 @click.option("--pair", default="2,3",
