@@ -55,7 +55,7 @@ def heads():
 @click.option("--class-weight", type=click.Choice(["none", "balanced"]), default="none",
               help="balanced: weigh each class n / (C * n_class) in the loss, for imbalanced catalogs.")
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto",
-              help=f"auto: bf16 autocast on CUDA, float32 on CPU (see README, Precision). {BF16_MEASURED}.")
+              help=f"auto: bf16 autocast on CUDA, float32 on CPU (see docs/sweeps.md, Precision). {BF16_MEASURED}.")
 @click.option("--manifest", type=click.Path(path_type=Path), default=None,
               help="3A/3B: the manifest the store was extracted from (they train end to end on the raw catalog, "
                    "with the backbones named in the store's provenance).")

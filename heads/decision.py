@@ -34,7 +34,7 @@ from scipy.special import log_softmax
 from embedstore.metrics import classification_metrics
 from embedstore.model_folder import CONFIG_FILE, WEIGHTS_FILE, checked_tensor, load_pretrained, save_pretrained
 from embedstore.store import DataWarning
-from heads.logistic import Fit, fit_multinomial
+from heads.logistic import Fit, fit_multinomial, standardization, standardized
 from heads.results import saved_is_at_least_as_good
 from heads.selection import best_by_validation
 from heads.strategies import get_strategy, list_strategies
@@ -114,27 +114,6 @@ def _as_linear(lr, mean, scale, n_classes: int) -> Linear:
     return Linear(mean, scale, full_coef, full_intercept, float(lr.C), bool(np.all(lr.n_iter_ < lr.max_iter)))
 
 
-def _standardised(x: np.ndarray, standardize: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(mean, scale, (x - mean) / scale) in float64, StandardScaler's rule (constant columns: scale 1), or a one-line
-    ValueError when they overflow: a solver would otherwise fail deep inside (torch: a float conversion error)."""
-    if standardize:
-        with np.errstate(over="ignore", invalid="ignore"):   # said below, in one line
-            mean, scale = x.mean(0), x.std(0)
-        scale = np.where(scale > 0, scale, 1.0)
-    else:
-        mean, scale = np.zeros(x.shape[1]), np.ones(x.shape[1])
-    with np.errstate(over="ignore", invalid="ignore"):
-        z = (x - mean) / scale
-    if not (np.isfinite(mean).all() and np.isfinite(scale).all() and np.isfinite(z).all()):
-        raise ValueError("features too large to standardise in float64 (their mean or variance overflows, or they "
-                         "are not finite); check the store's features (`embed inspect`)")
-    return mean, scale, z
-
-
-def _check_standardisable(x, standardize: bool) -> None:
-    _standardised(np.asarray(x, dtype=np.float64), standardize)
-
-
 def _fit_path(x, y, Cs, n_classes: int, max_iter: int, *, standardize: bool = True, solver: str = "torch",
               device="cpu") -> list[Linear]:
     """One regression per C in `Cs`, in increasing C, on features standardised once, on these rows. "sklearn":
@@ -142,8 +121,7 @@ def _fit_path(x, y, Cs, n_classes: int, max_iter: int, *, standardize: bool = Tr
     problem is strictly convex, so the start changes the iterations needed, not the optimum); "torch": likewise,
     one torch L-BFGS per C (heads/logistic.py). Not one stack of all Cs: its problems share one line search and
     L-BFGS memory, and the stack took ~2x the iterations of the hardest C alone (decision_speed.md)."""
-    _check_standardisable(x, standardize)
-    if solver == "torch":
+    if solver == "torch":   # standardised, and an overflow refused, inside fit_multinomial
         out, start = [], None
         for C in sorted(Cs):
             (fit,) = fit_multinomial(x, y, n_classes, [C], standardize=standardize, init=[start], max_iter=max_iter,
@@ -155,7 +133,8 @@ def _fit_path(x, y, Cs, n_classes: int, max_iter: int, *, standardize: bool = Tr
     from sklearn.linear_model import LogisticRegression
 
     x = np.asarray(x, dtype=np.float64)
-    mean, scale, z = _standardised(x, standardize)
+    mean, scale = standardization(x) if standardize else (np.zeros(x.shape[1]), np.ones(x.shape[1]))
+    z = standardized(x, mean, scale)
     lr, out = LogisticRegression(max_iter=max_iter, warm_start=True), []   # multinomial, lbfgs
     for C in sorted(Cs):
         with warnings.catch_warnings():   # recorded as Linear.converged (and in the row), not printed per fit

@@ -43,10 +43,26 @@ class Fit:
     gradient: float         # max |gradient| of its (1 / C n_g scaled) objective at the solution
 
 
+TOO_LARGE = ("features too large to standardise in float64 (their mean or variance overflows, or they are not "
+             "finite); check the store's features (`embed inspect`)")
+
+
 def standardization(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """StandardScaler's mean and scale (constant columns: scale 1)."""
-    mean, scale = x.mean(0), x.std(0)
+    """StandardScaler's mean and scale (constant columns: scale 1); one-line ValueError when they overflow."""
+    with np.errstate(over="ignore", invalid="ignore"):   # said below, in one line
+        mean, scale = x.mean(0), x.std(0)
+    if not (np.isfinite(mean).all() and np.isfinite(scale).all()):
+        raise ValueError(TOO_LARGE)
     return mean, np.where(scale > 0, scale, 1.0)
+
+
+def standardized(x: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """(x - mean) / scale, or the one-line ValueError when it overflows (a solver would fail deep inside)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        z = (x - mean) / scale
+    if not np.isfinite(z).all():
+        raise ValueError(TOO_LARGE)
+    return z
 
 
 def fit_multinomial(x: np.ndarray, y: np.ndarray, n_classes: int, Cs, *, row_sets=None, standardize: bool = True,
@@ -80,7 +96,7 @@ def fit_multinomial(x: np.ndarray, y: np.ndarray, n_classes: int, Cs, *, row_set
     def t(a):
         return torch.as_tensor(np.ascontiguousarray(a), dtype=dtype, device=device)
 
-    xs = t((x - m0) / s0)                                                           # (n, D)
+    xs = t(standardized(x, m0, s0))                                                 # (n, D)
     a = t(np.stack([s0 / s for _, s in stats]))                                     # (G, D)
     c = t(np.stack([(m - m0) / s for m, s in stats]))                               # (G, D)
     w_rows, lam = t(weights), t(penalty)
