@@ -17,32 +17,25 @@ fusion has to beat the best *simple* model, not only the weakest head.
 
 Nothing is chosen by test. The full-train per-modality regressions are fit once per row set (`DecisionFits`) and
 shared by LR-image, LR-text, LF and ST; only ST depends on the seed (its folds), so the others repeat over seeds.
-A fitted model is a `DecisionModel`: arrays only (scaler mean/scale, coefficients, intercepts, w), saved in the
-model-folder convention (kind "linear") and reloaded with identical probabilities.
+A fitted model is a `DecisionModel` (heads/decision_model.py): arrays only, saved as a model folder of kind "linear".
 """
 from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from scipy.special import log_softmax
 
 from embedstore.metrics import classification_metrics
-from embedstore.model_folder import CONFIG_FILE, WEIGHTS_FILE, checked_tensor, load_pretrained, save_pretrained
 from embedstore.store import DataWarning
+from heads.decision_model import KIND, DecisionModel, Linear, stack_input
 from heads.logistic import Fit, fit_multinomial, standardization, standardized
-from heads.results import saved_is_at_least_as_good
-from heads.selection import best_by_validation
-from heads.strategies import get_strategy, list_strategies
+from heads.rows import result_row
+from heads.strategies import get_strategy
 
-KIND = "linear"
-# stacking reads log-probabilities; a class a regression is sure against gives ~ -700 (float64 underflow of the
-# softmax): floor them so one such value cannot dominate the stacker's standardisation-free inputs
-LOG_FLOOR = -30.0
 # a train row farther from the others than this many times a typical row is (the largest |x - column median| of a
 # row) is no backbone's feature vector, and it would swamp the standardisation: one row at 3e38 (finite in a
 # float32 store) among 120 moves the float64 mean to 2.5e36, below whose precision every other row's variation
@@ -82,25 +75,6 @@ class LinearSettings:
         scikit-learn: "sklearn" is left out, so they keep their keys; "torch" rows get keys of their own."""
         doc = asdict(self)
         return {k: v for k, v in doc.items() if not (k == "solver" and v == "sklearn")}
-
-
-@dataclass
-class Linear:
-    """One fitted (scaler +) multinomial logistic regression as arrays: logits = ((x - mean) / scale) @ coef.T + b."""
-    mean: np.ndarray        # (D,)
-    scale: np.ndarray       # (D,)
-    coef: np.ndarray        # (C, D)
-    intercept: np.ndarray   # (C,)
-    C: float
-    converged: bool = True
-
-    def log_proba(self, x: np.ndarray) -> np.ndarray:   # (n, D) -> (n, C)
-        z = ((np.asarray(x, dtype=np.float64) - self.mean) / self.scale) @ self.coef.T + self.intercept
-        return log_softmax(z, axis=1)
-
-    @property
-    def n_parameters(self) -> int:   # coefficients + intercepts (the scaler's statistics are not trained)
-        return int(self.coef.size + self.intercept.size)
 
 
 def _as_linear(lr, mean, scale, n_classes: int) -> Linear:
@@ -245,191 +219,6 @@ def _out_of_fold(x: np.ndarray, y: np.ndarray, C: float, n_classes: int, folds: 
     return out, all(m.converged for m in models)
 
 
-def _stack_input(lp_image: np.ndarray, lp_text: np.ndarray) -> np.ndarray:
-    return np.maximum(np.concatenate([lp_image, lp_text], axis=1), LOG_FLOOR)   # (n, 2C)
-
-
-# ------------------------------------------------------------------------------------------------ the model
-
-
-@dataclass
-class DecisionModel:
-    """A fitted linear strategy's model (LR-*, LF, ST, LFM, or any registered with trainer "linear"; how its parts
-    combine is the strategy's `combine`). `predict_proba(features)`: one (n, D_m) array per modality the strategy
-    reads (image first), the same order as `metadata["inputs"]` of a saved model."""
-    strategy: str
-    classes: list
-    linears: dict[str, Linear]          # "image" / "text" / "concat"
-    weight: float | None = None         # LF: the image weight w
-    stacker: Linear | None = None       # ST: over [log p_image, log p_text], no scaling
-    metadata: dict = field(default_factory=dict)
-
-    @property
-    def n_parameters(self) -> int:      # coefficients + intercepts (w is a chosen hyper-parameter, not trained)
-        return sum(m.n_parameters for m in self.linears.values()) + (self.stacker.n_parameters if self.stacker else 0)
-
-    @property
-    def declared(self):
-        return get_strategy(self.strategy)
-
-    def predict_log_proba(self, features: list) -> np.ndarray:
-        xs = self._check(features)
-        combine = self.declared.combine
-        if combine == "late-logits":   # the modules' logits: nothing fitted but w
-            lp_image, lp_text = (log_softmax(x, axis=1) for x in xs)
-            return log_softmax(self.weight * lp_image + (1 - self.weight) * lp_text, axis=1)
-        if combine == "concat":
-            return self.linears["concat"].log_proba(np.concatenate(xs, axis=1))
-        if combine == "single":
-            return self.linears[self.declared.modalities[0]].log_proba(xs[0])
-        lp_image, lp_text = self.linears["image"].log_proba(xs[0]), self.linears["text"].log_proba(xs[1])
-        if combine == "late":
-            return log_softmax(self.weight * lp_image + (1 - self.weight) * lp_text, axis=1)
-        return self.stacker.log_proba(_stack_input(lp_image, lp_text))   # "stack"
-
-    def predict_proba(self, features: list) -> np.ndarray:   # (n, C)
-        return np.exp(self.predict_log_proba(features))
-
-    def predict(self, features: list) -> np.ndarray:         # (n,) class names
-        return np.asarray(self.classes)[self.predict_log_proba(features).argmax(1)]
-
-    def _input_widths(self) -> list[int]:
-        """The widths predict takes: a concat's one concatenated width, the others one per modality."""
-        combine = self.declared.combine
-        if combine == "late-logits":   # the modules' logits
-            return [len(self.classes)] * 2
-        if combine in ("late", "stack"):
-            return [self.linears[m].mean.shape[0] for m in ("image", "text")]
-        part = "concat" if combine == "concat" else self.declared.modalities[0]
-        return [self.linears[part].mean.shape[0]]
-
-    def _check(self, features) -> list[np.ndarray]:
-        modalities = self.declared.modalities
-        if isinstance(features, np.ndarray):
-            features = [features]
-        if len(features) != len(modalities):
-            raise ValueError(f"{self.strategy} reads {len(modalities)} feature array(s) ({', '.join(modalities)}), "
-                             f"got {len(features)}")
-        dims = self._input_widths()
-        xs = [np.asarray(x, dtype=np.float64) for x in features]
-        width = [sum(x.shape[1] for x in xs)] if self.declared.combine == "concat" else [x.shape[1] for x in xs]
-        if any(x.ndim != 2 for x in xs) or width != dims:
-            raise ValueError(f"{self.strategy} expects features of widths {dims}, got shapes "
-                             f"{[x.shape for x in xs]}")
-        return xs
-
-    def save_pretrained(self, folder, *, metadata: dict | None = None):
-        """model.safetensors (scaler mean/scale, coefficients, intercepts per part) + config.json."""
-        tensors = {"weight": torch.tensor([np.nan if self.weight is None else self.weight])}  # never an empty file
-        parts = {**self.linears, **({"stacker": self.stacker} if self.stacker else {})}
-        for name, m in parts.items():
-            for key in ("mean", "scale", "coef", "intercept"):
-                tensors[f"{name}.{key}"] = torch.from_numpy(np.ascontiguousarray(getattr(m, key)))
-        doc = {"strategy": self.strategy, "classes": list(self.classes), "weight": self.weight,
-               "parts": {name: {"C": m.C, "converged": m.converged} for name, m in parts.items()},
-               "formula": "log_softmax(((x - mean) / scale) @ coef.T + intercept) per part; LF: log_softmax(w * "
-                          "image + (1 - w) * text); ST: stacker over max([image, text], %g)" % LOG_FLOOR}
-        return save_pretrained(folder, tensors, {**(metadata or {}), **doc}, kind=KIND)
-
-    @classmethod
-    def from_pretrained(cls, folder) -> "DecisionModel":
-        """The saved model, its config and every array checked first (one-line ValueErrors naming the folder's
-        file and the field: a damaged folder fails here, not as a traceback in ensemble or predict)."""
-        tensors, doc = load_pretrained(folder, kind=KIND)
-        strategy, classes, weight = _checked_config(Path(folder), doc)
-        parts = {name: _checked_linear(Path(folder), tensors, doc["parts"][name], name, len(classes))
-                 for name in _parts_of(strategy)}
-        stacker = parts.pop("stacker", None)
-        model = cls(strategy, classes, parts, weight, stacker, metadata=doc)
-        _check_recorded_inputs(Path(folder), model, doc)
-        return model
-
-
-def _parts_of(strategy: str) -> tuple[str, ...]:
-    """The fitted regressions a strategy saves (the parts predict_log_proba uses), by its `combine`."""
-    declared = get_strategy(strategy)
-    return {"late-logits": (), "single": declared.modalities, "concat": ("concat",), "late": ("image", "text"),
-            "stack": ("image", "text", "stacker")}[declared.combine]
-
-
-def _config_error(folder: Path, field: str, problem: str) -> ValueError:
-    return ValueError(f"{folder / CONFIG_FILE}: {field} {problem}; save the model again with `heads sweep`")
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and bool(np.isfinite(value))
-
-
-def _checked_config(folder: Path, doc: dict) -> tuple[str, list, float | None]:
-    """(strategy, classes, weight) of a saved model's config.json, each of the type and range it must have."""
-    strategy = doc.get("strategy")
-    linear = list_strategies(trainer="linear")
-    if strategy not in linear:
-        raise _config_error(folder, "strategy", f"is {strategy!r}, not one of {', '.join(linear)}")
-    classes = doc.get("classes")
-    if (not isinstance(classes, list) or not classes or len({str(c) for c in classes}) != len(classes)
-            or not all(isinstance(c, (str, int)) and not isinstance(c, bool) for c in classes)):
-        raise _config_error(folder, "classes", f"is {str(classes)[:60]!s}, not a list of distinct class names")
-    weight = doc.get("weight")
-    if get_strategy(strategy).combine in ("late", "late-logits"):
-        if not _is_number(weight) or not 0 <= weight <= 1:
-            raise _config_error(folder, "weight", f"is {weight!r}, not the image weight w of late fusion (a number "
-                                                  "in [0, 1])")
-    elif weight is not None:
-        raise _config_error(folder, "weight", f"is {weight!r}, but {strategy} has no weight (null)")
-    parts = doc.get("parts")
-    if not isinstance(parts, dict) or set(parts) != set(_parts_of(strategy)):
-        names = sorted(parts) if isinstance(parts, dict) else repr(parts)[:40]
-        raise _config_error(folder, "parts", f"are {names}, not {strategy}'s fitted parts "
-                                             f"({', '.join(_parts_of(strategy)) or 'none'})")
-    for name, info in parts.items():
-        if (not isinstance(info, dict) or not _is_number(info.get("C")) or info["C"] <= 0
-                or not isinstance(info.get("converged"), bool)):
-            raise _config_error(folder, f"parts.{name}", f"is {str(info)[:60]}, not {{\"C\": a positive number, "
-                                                          "\"converged\": true or false}")
-    return strategy, classes, None if weight is None else float(weight)
-
-
-def _checked_linear(folder: Path, tensors: dict, info: dict, name: str, n_classes: int) -> Linear:
-    """A part's arrays: mean, scale (D,), scale > 0; coef (C, D); intercept (C,); float32/64, finite. The stacker
-    reads [log p_image, log p_text]: D = 2C."""
-    mean = checked_tensor(tensors, f"{name}.mean", (2 * n_classes if name == "stacker" else None,), folder)
-    width = mean.shape[0]
-    if width == 0:
-        raise ValueError(f"{folder / WEIGHTS_FILE}: {name}.mean is empty (a regression over no features); save the "
-                         "model again")
-    scale = checked_tensor(tensors, f"{name}.scale", (width,), folder)
-    if not bool((scale > 0).all()):
-        raise ValueError(f"{folder / WEIGHTS_FILE}: {name}.scale has values <= 0 (features are divided by it); save "
-                         "the model again")
-    coef = checked_tensor(tensors, f"{name}.coef", (n_classes, width), folder)
-    intercept = checked_tensor(tensors, f"{name}.intercept", (n_classes,), folder)
-    return Linear(*(t.numpy().astype(np.float64) for t in (mean, scale, coef, intercept)), C=float(info["C"]),
-                  converged=info["converged"])
-
-
-def _check_recorded_inputs(folder: Path, model: DecisionModel, doc: dict) -> None:
-    """What the folder records about its inputs (the feature sets it reads, their widths, the class count)
-    against its arrays, so ensemble and predict can trust both."""
-    modalities = get_strategy(model.strategy).modalities
-    inputs = doc.get("inputs")
-    if inputs is not None and (not isinstance(inputs, list) or len(inputs) != len(modalities)
-                               or not all(isinstance(n, str) for n in inputs)):
-        raise _config_error(folder, "inputs", f"is {str(inputs)[:80]}, not {len(modalities)} feature set name(s) "
-                                              f"({', '.join(modalities)})")
-    config = doc.get("config") if isinstance(doc.get("config"), dict) else {}
-    dims, widths = config.get("input_dims"), model._input_widths()
-    if dims is not None:
-        ok = isinstance(dims, list) and all(isinstance(d, int) and not isinstance(d, bool) for d in dims)
-        if not ok or len(dims) != len(modalities) or (
-                [sum(dims)] if get_strategy(model.strategy).combine == "concat" else dims) != widths:
-            raise _config_error(folder, "config.input_dims", f"is {str(dims)[:60]}, but the arrays take features of "
-                                                            f"widths {widths}")
-    if config.get("num_classes") not in (None, len(model.classes)):
-        raise _config_error(folder, "config.num_classes", f"is {config['num_classes']!r}, but classes names "
-                                                          f"{len(model.classes)}")
-
-
 # ------------------------------------------------------------------------------------- fits shared in a sweep
 
 
@@ -532,8 +321,8 @@ class DecisionFits:
         ((oof_image, fits["image folds"]), o_image), ((oof_text, fits["text folds"]), o_text) = \
             self.oof("image", seed), self.oof("text", seed)
         start = time.perf_counter()
-        stacker, val_acc = fit_linear((_stack_input(oof_image, oof_text), self.splits["train"][1]),
-                                      (_stack_input(lp_val["image"], lp_val["text"]), y_val), self.n_classes,
+        stacker, val_acc = fit_linear((stack_input(oof_image, oof_text), self.splits["train"][1]),
+                                      (stack_input(lp_val["image"], lp_val["text"]), y_val), self.n_classes,
                                       self.settings, standardize=False, device=self.device)
         fits["stacker"] = stacker.converged
         model = DecisionModel(strategy, classes, {"image": image, "text": text}, stacker=stacker)
@@ -557,40 +346,24 @@ def model_config(strategy: str, input_dims: tuple[int, ...], n_classes: int) -> 
 
 def cell_rows(fits: DecisionFits, strategy: str, seeds, keys: dict, common: dict, classes: list, *,
               on_row=None) -> tuple[list[dict], list[DecisionModel]]:
-    """One result row per seed (the sweep's row schema; `common` holds the cell's shared fields) and its model;
-    `on_row(row)` after each (the sweep's progress bar). LR-* and LF do not depend on the seed: their seeds
-    repeat the same numbers, and the rows say so."""
+    """One result row per seed (heads/rows.py; `common` holds the cell's shared arguments: names, config, settings,
+    store, parameters behind the features) and its model; `on_row(row)` after each (the sweep's progress bar).
+    LR-* and LF do not depend on the seed: their seeds repeat the same numbers, and the rows say so."""
     rows, models = [], []
     for seed in seeds:
         model, val_acc, seconds, chosen = fits.model(strategy, seed, classes)
         metrics = fits.test_metrics(model)
-        rows.append({**common, "run_key": keys[seed], "seed": seed,
-                     "test_accuracy": metrics["accuracy"], "test_macro_f1": metrics["macro_f1"],
-                     "best_val_accuracy": val_acc, "best_epoch": None, "epochs_run": None, "diverged": False,
-                     "train_seconds": seconds, "group_seconds": seconds, "group_size": 1, "batched": False,
-                     "device": str(fits.device), "precision": fits.precision, "train_flops": 0.0,
-                     "trainable_parameters": model.n_parameters, "chosen": chosen,
-                     "seed_note": ("folds drawn from the seed" if get_strategy(strategy).seed_dependent else
-                                   "deterministic: every seed gives this row (fits shared with the cell's other seeds)"),
-                     **({"train_rows_left_out": n} if (n := fits.train_rows_left_out) else {}),
-                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        left_out = {"train_rows_left_out": n} if (n := fits.train_rows_left_out) else {}
+        rows.append(result_row(
+            **common, run_key=keys[seed], seed=seed,
+            test_accuracy=metrics["accuracy"], test_macro_f1=metrics["macro_f1"], best_val_accuracy=val_acc,
+            best_epoch=None, epochs_run=None, diverged=False, train_seconds=seconds, group_seconds=seconds,
+            group_size=1, batched=False, device=str(fits.device), precision=fits.precision, train_flops=0.0,
+            trainable_parameters=model.n_parameters, chosen=chosen,
+            seed_note=("folds drawn from the seed" if get_strategy(strategy).seed_dependent else
+                       "deterministic: every seed gives this row (fits shared with the cell's other seeds)"),
+            **left_out))
         models.append(model)
         if on_row is not None:
             on_row(rows[-1])
     return rows, models
-
-
-def save_best(directory, rows: list[dict], models: list[DecisionModel], store: dict) -> bool:
-    """Save the model of the best seed by validation accuracy (ties: the lower seed) unless the folder already
-    holds one of the same store and settings that is at least as good on validation; True if it saved."""
-    i = best_by_validation(range(len(rows)), val=lambda j: rows[j]["best_val_accuracy"], name=lambda j: rows[j]["seed"])
-    row, directory = rows[i], Path(directory)
-    meta = {"store": store, "run_key": row["run_key"], "seed": row["seed"], "config": row["config"],
-            "train_settings": row["train_settings"], "best_val_accuracy": row["best_val_accuracy"],
-            "test_accuracy": row["test_accuracy"], "test_macro_f1": row["test_macro_f1"], "chosen": row["chosen"],
-            "inputs": list(row["store"]["feature_sets"])}
-    identity = {k: meta[k] for k in ("store", "config", "train_settings")}
-    if saved_is_at_least_as_good(directory, identity, row["best_val_accuracy"]):
-        return False
-    models[i].save_pretrained(directory, metadata=meta)
-    return True

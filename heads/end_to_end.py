@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from embedstore.fingerprint import fingerprint
 from embedstore.backbones import create_backbone
 from embedstore.finetune import ImageItems
 from embedstore.manifest import Manifest
@@ -33,6 +32,7 @@ from embedstore.defaults import (DEFAULT_IMAGE_BACKBONE, DEFAULT_TEXT_BACKBONE, 
 from embedstore.modules import build_module
 from embedstore.training import check_training_numbers, fit, predict, training_processes
 from heads.fusion import create_fusion, list_fusions
+from heads.rows import result_row, run_key
 from heads.strategies import get_strategy, list_strategies
 
 KIND = "end-to-end"
@@ -261,8 +261,8 @@ def sweep_cell(store, store_path, manifest_path, out_dir: Path, strategy: str, f
         identity = {k: v for k, v in asdict(run).items() if k in RESUME_KEYS + ("max_epochs", "patience")}
         if run.precision != "auto":   # "auto" is what every run did before --precision reached 3-A/3-B: same keys
             identity["precision"] = run.precision
-        key = fingerprint({"settings": identity, "manifest_sha256": manifest.sha256, "backbones": {
-            m: provenance[m]["weights_id"] for m in provenance}})
+        key = run_key(train=identity, manifest_sha256=manifest.sha256,
+                      backbones={m: provenance[m]["weights_id"] for m in provenance})
         if key in done:
             skipped += 1
             continue
@@ -272,26 +272,24 @@ def sweep_cell(store, store_path, manifest_path, out_dir: Path, strategy: str, f
                              backbones=backbones if seed == seeds[0] else None).metrics
         log(f"{cell} seed {seed}: test accuracy {m['test_accuracy']:.4f} (best epoch {m['best_epoch']}, "
             f"{m['training_seconds']:.1f} s of training)")
-        rows.append({
-            "run_key": key, "cell": cell, "cell_base": cell, "strategy": strategy, "fusion": fusion, "seed": seed,
-            "pair": f"{run.image_backbone}+{run.text_backbone}", "image_source": run.image_backbone,
-            "text_source": run.text_backbone, "diverged": False, "train_flops": None,
-            "precision": m["precision"],
-            "config": {"strategy": strategy, "fusion": fusion, "num_classes": len(manifest.classes),
-                       "middle_dim": MIDDLE_DIM, "fusion_dim": FUSION_DIM, "dropout": run.dropout,
-                       "image_backbone": run.image_backbone, "text_backbone": run.text_backbone},
-            "train_settings": asdict(run),
-            "store": {"path": os.path.relpath(store_path, out_dir), "manifest_sha256": manifest.sha256,
-                      "manifest": os.path.relpath(manifest_path, out_dir),
-                      "feature_sets": {}, "backbones": provenance, "split_rows": m["items"]},
-            "test_accuracy": m["test_accuracy"], "test_macro_f1": m["test_macro_f1"],
-            "best_val_accuracy": m["best_val_accuracy"], "best_epoch": m["best_epoch"], "epochs_run": m["epochs"],
-            "train_seconds": m["training_seconds"], "group_seconds": time.perf_counter() - start, "group_size": 1,
-            "batched": False, "device": m["device"], "processes": m["processes"],
-            "trainable_parameters": m["trainable_parameters"], "non_trainable_parameters": 0,
-            "non_trainable_note": None, "estimated_full_epoch_seconds": m.get("estimated_full_epoch_seconds"),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        })
+        names = {"cell": cell, "cell_base": cell, "pair": f"{run.image_backbone}+{run.text_backbone}",
+                 "image_source": run.image_backbone, "text_source": run.text_backbone, "strategy": strategy,
+                 "fusion": fusion}
+        rows.append(result_row(
+            run_key=key, names=names, seed=seed,
+            config={"strategy": strategy, "fusion": fusion, "num_classes": len(manifest.classes),
+                    "middle_dim": MIDDLE_DIM, "fusion_dim": FUSION_DIM, "dropout": run.dropout,
+                    "image_backbone": run.image_backbone, "text_backbone": run.text_backbone},
+            train_settings=asdict(run),
+            store={"path": os.path.relpath(store_path, out_dir), "manifest_sha256": manifest.sha256,
+                   "manifest": os.path.relpath(manifest_path, out_dir),
+                   "feature_sets": {}, "backbones": provenance, "split_rows": m["items"]},
+            test_accuracy=m["test_accuracy"], test_macro_f1=m["test_macro_f1"],
+            best_val_accuracy=m["best_val_accuracy"], best_epoch=m["best_epoch"], epochs_run=m["epochs"],
+            diverged=False, train_seconds=m["training_seconds"], group_seconds=time.perf_counter() - start,
+            group_size=1, batched=False, device=m["device"], precision=m["precision"], train_flops=None,
+            trainable_parameters=m["trainable_parameters"], non_trainable_parameters=0,
+            processes=m["processes"], estimated_full_epoch_seconds=m.get("estimated_full_epoch_seconds")))
     return rows, skipped
 
 

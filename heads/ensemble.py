@@ -61,7 +61,7 @@ class Member:
 def _member(folder: Path, config: dict, meta: dict, classes, multimodal: bool,
             predict_proba: Callable[[list[np.ndarray]], np.ndarray]) -> Member:
     """What every kind's folder must record to be a member (its validation accuracy, its store), checked once."""
-    from heads.sweep import head_store_path
+    from heads.saved import head_store_path
 
     if not isinstance(meta.get("best_val_accuracy"), (int, float)):
         raise ValueError("no recorded validation accuracy (best_val_accuracy); save it with `heads sweep`")
@@ -85,7 +85,7 @@ def _fusion_head(folder: Path, config: dict) -> Member:
 
 def _decision_model(folder: Path, config: dict) -> Member:
     """LR-*, LF, ST, LFM (heads/decision.py): scikit-learn fits saved as arrays."""
-    from heads.decision import DecisionModel
+    from heads.decision_model import DecisionModel
 
     model = DecisionModel.from_pretrained(folder)
     return _member(folder, config, model.metadata, model.classes, is_multimodal(model.strategy),

@@ -169,3 +169,41 @@ def decision_cells(store, *, strategies: tuple[str, ...] | None, baselines: bool
             for source in (image if modalities == ("image",) else text):
                 cells.append(_baseline_cell(store, strategy, source, named))
     return cells, notes
+
+
+def without_sets_being_written(store, cells: list[Cell], decisions: list[Cell], image_sources=(), text_sources=()
+                               ) -> tuple[list[Cell], list[Cell], list[str]]:
+    """Cells reading a feature set that is not complete yet (`embed extract --add` writing it beside this sweep, or
+    stopped before the end) are skipped, with a note per set naming it and how to sweep the others; the rest are
+    swept, and a rerun once the set is complete adds its cells. Refused (ValueError) when a source named with
+    --image-source/--text-source is the one being written, or when nothing else is left to sweep."""
+    sets = store.feature_sets
+    writing = sorted(n for n, info in sets.items() if not info.complete)
+    if not writing:
+        return cells, decisions, []
+
+    def reads(cell: Cell) -> set:
+        return set(cell.feature_sets) | set(cell.row_sets)
+
+    def why(names: list[str]) -> str:
+        return (f"feature set {', '.join(names)} of {store.path} {'is' if len(names) == 1 else 'are'} still being "
+                "written (`embed extract --add` is writing it, or was stopped before the end: rerun it, it resumes)")
+
+    chosen = {"image": tuple(image_sources), "text": tuple(text_sources)}
+    for name in writing:   # a source asked for by name (not by backbone) that is being written: nothing to skip to
+        info = sets[name]
+        if info.source in chosen.get(info.modality, ()):
+            raise ValueError(f"{why([name])}; sweep --{info.modality}-source {info.source} once it is complete")
+    keep = [c for c in cells if not reads(c) & set(writing)]
+    keep_decisions = [c for c in decisions if not reads(c) & set(writing)]
+    if (cells or decisions) and not (keep or keep_decisions):
+        raise ValueError(f"{why(writing)}, and every cell of this sweep reads it; sweep once it is complete")
+    notes = []
+    for name in writing:
+        skipped = [c for c in cells + decisions if name in reads(c)]
+        if skipped:
+            modality, strategies = sets[name].modality, sorted({c.strategy for c in skipped})
+            notes.append(f"skipped {len(skipped)} cell(s) of {', '.join(strategies)} reading {name}: {why([name])}; "
+                         f"this sweep trains the other feature sets (pick them with --{modality}-source NAME), a "
+                         "rerun once it is complete adds these cells")
+    return keep, keep_decisions, notes

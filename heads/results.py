@@ -20,6 +20,7 @@ from typing import Iterable
 
 from embedstore.outputs import ExclusiveLock
 from embedstore.store import DataWarning
+from heads.selection import best_by_validation
 
 RUNS_FILE = "runs.jsonl"
 LOCK_FILE = ".runs.lock"
@@ -134,13 +135,14 @@ def resolve_store_path(recorded: str, out_dir: str | os.PathLike) -> Path:
     return path if path.is_absolute() else Path(out_dir) / path
 
 
-def saved_is_at_least_as_good(directory: str | os.PathLike, identity: dict, val_accuracy: float) -> bool:
-    """True when `directory` already holds a model saved with this `identity` (store, config, training settings:
-    the keys compared) whose recorded validation accuracy is at least `val_accuracy`: then a sweep keeps it
-    rather than saving a new seed's model over it."""
-    path = Path(directory) / "config.json"
-    if not path.exists():
-        return False
-    saved = json.loads(path.read_text())
-    now = json.loads(json.dumps(identity))  # tuples -> lists, as saved
-    return all(saved.get(k) == v for k, v in now.items()) and saved.get("best_val_accuracy", -1) >= val_accuracy
+def best_of_sweep(out_dir: Path, keys) -> dict | None:
+    """The best model of a sweep's rows (`keys`: its run keys, trained now or already there) by validation
+    (heads/selection.py; ties: the cell name, then the seed, that sort first): {"cell", "seed", "strategy",
+    "val_accuracy", "test_accuracy"}; diverged heads are not candidates. None when there is no row."""
+    rows = [r for r in read_runs(out_dir) if r["run_key"] in keys and not r.get("diverged")
+            and r.get("best_val_accuracy") is not None]
+    best = best_by_validation(rows, val=lambda r: r["best_val_accuracy"], name=lambda r: (r["cell"], r["seed"]))
+    if best is None:
+        return None
+    return {"cell": best["cell"], "seed": best["seed"], "strategy": best["strategy"],
+            "val_accuracy": best["best_val_accuracy"], "test_accuracy": best["test_accuracy"]}

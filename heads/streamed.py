@@ -145,3 +145,51 @@ def only_input(split, index: int):
     if isinstance(split, StreamedSplit):
         return StreamedSplit(split.stream.only(index), split.device, order_seed=split.order_seed)
     return type(split)([split.inputs[index]], split.labels)
+
+
+class SweepData:
+    """A sweep's features on the training device, loaded once per set of row-defining feature sets (a cell's
+    `row_sets`): in memory when they fit the memory budget, else streamed from the store."""
+
+    def __init__(self, store, device: torch.device, budget: int | None, log):
+        self.store, self.device, self.budget, self.log = store, device, budget, log
+        self.loaded: dict[tuple[str, ...], tuple] = {}   # row sets -> (HeadData, counts)
+        self.decided: dict[tuple[str, ...], bool] = {}   # row sets -> streamed, before loading anything
+
+    def counts(self, cell) -> dict:
+        return self._load(cell.row_sets)[1]
+
+    def rows(self, cell):
+        """Every feature set of the cell's rows (a baseline's too), as loaded for its heads."""
+        return self._load(cell.row_sets)[0]
+
+    def streamed(self, task) -> bool:
+        return self.counts(task.cell)["data_access"] == "streamed"
+
+    def access(self, cell) -> dict:
+        """The run-key part of the cell's data access (heads/streamed.py access_key), without loading features
+        that would be held in memory (a resumed sweep with nothing left to train loads nothing)."""
+        if cell.row_sets not in self.decided:   # many cells share row sets: read their status columns once
+            self.decided[cell.row_sets] = streams(self.store, list(cell.row_sets), self.budget)
+        return access_key(self.counts(cell)) if self.decided[cell.row_sets] else {}
+
+    def _load(self, row_sets: tuple[str, ...]):
+        if row_sets not in self.loaded:
+            data, counts = load_head_data(self.store, list(row_sets), device=self.device, budget=self.budget,
+                                          log=self.log)
+            if counts["data_access"] == "in memory" and self.device.type == "cpu":
+                for split in (data.train, data.val, data.test):   # worker processes then map these pages
+                    for x in split.inputs + [split.labels]:        # instead of receiving copies
+                        x.share_memory_()
+            self.loaded[row_sets] = (data, counts)
+        return self.loaded[row_sets]
+
+    def for_task(self, task):
+        from heads.train import HeadData
+
+        cell = task.cell
+        data, _ = self._load(cell.row_sets)
+        if cell.feature_sets == cell.row_sets:
+            return data
+        column = cell.row_sets.index(cell.feature_sets[0])   # a baseline: one modality of its rows
+        return HeadData(*(only_input(sp, column) for sp in (data.train, data.val, data.test)))

@@ -9,7 +9,6 @@ where they train (this process, `--jobs` workers, torchrun ranks) is heads/dispa
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,7 +18,6 @@ import torch
 from tqdm.auto import tqdm
 
 from embedstore.defaults import resolve_device
-from embedstore.fingerprint import fingerprint
 from embedstore.streaming import default_memory_budget
 from heads.dispatch import (RankGroup, Task, group_tasks, my_tasks, rounds, run_tasks, worker_pool,
                             world)
@@ -27,16 +25,17 @@ from heads.end_to_end import EndToEndSettings
 from heads.estimator import FusionHead
 from heads.fusion import list_fusions
 from heads.decision import LinearSettings
-from heads.grid import Cell, build_grid, decision_cells
+from heads.grid import Cell, build_grid, decision_cells, without_sets_being_written
 from heads.inputs import inputs_with_shared_rows
 from heads.models import HeadConfig, StackedHead
 from heads.context import RunContext
-from heads.selection import best_by_validation
 from heads.strategies import get_strategy, list_strategies
 from heads.throughput import matmul_peak_gflops
-from heads.streamed import access_key, load_head_data, only_input, streams
-from heads.results import ResultsLock, append_rows, read_runs, saved_is_at_least_as_good
-from heads.train import HeadData, HeadResult, TrainSettings
+from heads.streamed import SweepData
+from heads.results import ResultsLock, append_rows, best_of_sweep, read_runs
+from heads.rows import cell_fields, non_trainable, provenance, result_row, run_key, store_doc
+from heads.saved import head_folder, save_best
+from heads.train import HeadResult, TrainSettings
 
 _KEYS = "_run_keys"   # the summary's private set of the sweep's run keys, popped before it is returned
 
@@ -103,23 +102,6 @@ def resolve_feature_sets(store, strategy: str, image_source: str | None = None,
     return inputs_with_shared_rows(store, strategy, image_source, text_source)
 
 
-def run_key(config: HeadConfig, train: TrainSettings, seed: int, manifest_sha256: str, provenance: dict,
-            access: dict | None = None) -> str:
-    return _run_key(config.to_dict(), asdict(train), seed, manifest_sha256, provenance, access)
-
-
-def _run_key(config: dict, train: dict, seed: int, manifest_sha256: str, provenance: dict,
-             access: dict | None = None) -> str:
-    """A run's identity, for heads and decision-level models alike: what it is, how it was fit, its seed, its data,
-    and (`access`, heads/streamed.py access_key) how a streamed split was read; in-memory runs leave it out, so
-    their keys are those of sweeps made before it was recorded."""
-    doc = {"config": config, "train": train, "seed": seed, "manifest_sha256": manifest_sha256,
-           "feature_sets": provenance}
-    if access:
-        doc["data_access"] = access
-    return fingerprint(doc)
-
-
 def _seeds_to_run(cell: Cell, keys: dict[int, str], done: set, summary: dict, log, out_dir: Path) -> list[int]:
     """The seeds of `cell` whose run key is not in runs.jsonl yet; the others are counted (and, when none is
     left, logged) as skipped. Every key is kept: the closing summary's best model is chosen among them."""
@@ -129,25 +111,6 @@ def _seeds_to_run(cell: Cell, keys: dict[int, str], done: set, summary: dict, lo
     if not todo:
         log(f"{cell.name}: all {len(keys)} seeds already in {out_dir / 'runs.jsonl'}; skipped")
     return todo
-
-
-def _store_doc(store, store_path: Path, out_dir: Path, cell: Cell, data: "_DataCache") -> dict:
-    """The `store` field of a cell's rows: its path relative to the results folder, the manifest, the feature
-    sets' provenance and the row counts."""
-    provenance = {n: _provenance(store.feature_sets[n]) for n in cell.feature_sets}
-    return {"path": os.path.relpath(store_path, out_dir), "manifest_sha256": store.manifest_sha256,
-            "feature_sets": provenance, **data.counts(cell)}
-
-
-def _provenance(info) -> dict:
-    return {k: v for k, v in info.provenance.items() if k != "complete"}
-
-
-def _non_trainable(sets: dict) -> tuple[int, str | None]:
-    missing = [n for n, p in sets.items() if "parameters" not in p]
-    total = sum(int(p.get("parameters", 0)) for p in sets.values())
-    note = f"no 'parameters' in the provenance of {', '.join(missing)}; counted as 0" if missing else None
-    return total, note
 
 
 def run_sweep(store_path: str | Path, out_dir: str | Path, settings: SweepSettings = SweepSettings(),
@@ -218,12 +181,13 @@ def _sweep_ranks(store_path: Path, out_dir: Path, settings: SweepSettings, conte
         decisions, more = decision_cells(store, strategies=settings.strategies, baselines=settings.baselines,
                                          image_sources=settings.image_sources, text_sources=settings.text_sources)
         notes += more
-        cells, decisions, more = _without_sets_being_written(store, cells, decisions, settings)
+        cells, decisions, more = without_sets_being_written(store, cells, decisions, settings.image_sources,
+                                                            settings.text_sources)
         notes += more
         summary["notes"] = notes
         for note in notes:
             log(note)
-        data = _DataCache(store, device, context.memory_budget, log)
+        data = SweepData(store, device, context.memory_budget, log)
         tasks = _tasks(store, cells, settings, done, summary, log, out_dir, data)
         # a group of cells (heads/groups.py) is the unit of dispatch: one stack, one worker or rank
         mine = my_tasks(group_tasks(tasks, enabled=settings.group_cells and settings.batched), rank, size)
@@ -280,44 +244,6 @@ def _sweep_ranks(store_path: Path, out_dir: Path, settings: SweepSettings, conte
     return summary
 
 
-def _without_sets_being_written(store, cells: list[Cell], decisions: list[Cell], settings: SweepSettings
-                                ) -> tuple[list[Cell], list[Cell], list[str]]:
-    """Cells reading a feature set that is not complete yet (`embed extract --add` writing it beside this sweep, or
-    stopped before the end) are skipped, with a note per set naming it and how to sweep the others; the rest are
-    swept, and a rerun once the set is complete adds its cells. Refused (ValueError) when a source named with
-    --image-source/--text-source is the one being written, or when nothing else is left to sweep."""
-    sets = store.feature_sets
-    writing = sorted(n for n, info in sets.items() if not info.complete)
-    if not writing:
-        return cells, decisions, []
-
-    def reads(cell: Cell) -> set:
-        return set(cell.feature_sets) | set(cell.row_sets)
-
-    def why(names: list[str]) -> str:
-        return (f"feature set {', '.join(names)} of {store.path} {'is' if len(names) == 1 else 'are'} still being "
-                "written (`embed extract --add` is writing it, or was stopped before the end: rerun it, it resumes)")
-
-    chosen = {"image": settings.image_sources, "text": settings.text_sources}
-    for name in writing:   # a source asked for by name (not by backbone) that is being written: nothing to skip to
-        info = sets[name]
-        if info.source in chosen.get(info.modality, ()):
-            raise ValueError(f"{why([name])}; sweep --{info.modality}-source {info.source} once it is complete")
-    keep = [c for c in cells if not reads(c) & set(writing)]
-    keep_decisions = [c for c in decisions if not reads(c) & set(writing)]
-    if (cells or decisions) and not (keep or keep_decisions):
-        raise ValueError(f"{why(writing)}, and every cell of this sweep reads it; sweep once it is complete")
-    notes = []
-    for name in writing:
-        skipped = [c for c in cells + decisions if name in reads(c)]
-        if skipped:
-            modality, strategies = sets[name].modality, sorted({c.strategy for c in skipped})
-            notes.append(f"skipped {len(skipped)} cell(s) of {', '.join(strategies)} reading {name}: {why([name])}; "
-                         f"this sweep trains the other feature sets (pick them with --{modality}-source NAME), a "
-                         "rerun once it is complete adds these cells")
-    return keep, keep_decisions, notes
-
-
 def _chain(*iterators):
     for iterator in iterators:
         yield from iterator
@@ -332,92 +258,47 @@ def _cached(strategies):
 
 
 def _tasks(store, cells: list[Cell], settings: SweepSettings, done: set, summary: dict, log, out_dir,
-           data: "_DataCache") -> list[Task]:
+           data: SweepData) -> list[Task]:
     """The cells' missing seeds, in grid order; cells with nothing left are logged and counted as skipped."""
     sets, classes, manifest = store.feature_sets, store.classes, store.manifest_sha256
     tasks = []
     for cell in cells:
-        provenance = {n: _provenance(sets[n]) for n in cell.feature_sets}
+        feature_sets = {n: provenance(sets[n]) for n in cell.feature_sets}
         config = HeadConfig(cell.strategy, cell.fusion, tuple(sets[n].dim for n in cell.feature_sets), len(classes),
                             dropout=settings.dropout)
         access = data.access(cell)
-        keys = {s: run_key(config, settings.train, s, manifest, provenance, access) for s in settings.seeds}
+        keys = {s: run_key(config=config.to_dict(), train=asdict(settings.train), seed=s, manifest_sha256=manifest,
+                           feature_sets=feature_sets, access=access) for s in settings.seeds}
         todo = _seeds_to_run(cell, keys, done, summary, log, out_dir)
         if todo:
             tasks.append(Task(cell, config, todo, keys))
     return tasks
 
 
-class _DataCache:
-    """Features on the training device, loaded once per set of row-defining feature sets: in memory when they fit
-    the memory budget, else streamed from the store (heads/streamed.py)."""
-
-    def __init__(self, store, device: torch.device, budget: int | None, log):
-        self.store, self.device, self.budget, self.log = store, device, budget, log
-        self.loaded: dict[tuple[str, ...], tuple[HeadData, dict]] = {}
-        self.decided: dict[tuple[str, ...], bool] = {}   # row sets -> streamed, before loading anything
-
-    def counts(self, cell: Cell) -> dict:
-        return self._load(cell.row_sets)[1]
-
-    def rows(self, cell: Cell) -> HeadData:
-        """Every feature set of the cell's rows (a baseline's too), as loaded for its heads."""
-        return self._load(cell.row_sets)[0]
-
-    def streamed(self, task: Task) -> bool:
-        return self.counts(task.cell)["data_access"] == "streamed"
-
-    def access(self, cell: Cell) -> dict:
-        """The run-key part of the cell's data access (heads/streamed.py access_key), without loading features
-        that would be held in memory (a resumed sweep with nothing left to train loads nothing)."""
-        if cell.row_sets not in self.decided:   # many cells share row sets: read their status columns once
-            self.decided[cell.row_sets] = streams(self.store, list(cell.row_sets), self.budget)
-        return access_key(self.counts(cell)) if self.decided[cell.row_sets] else {}
-
-    def _load(self, row_sets: tuple[str, ...]):
-        if row_sets not in self.loaded:
-            data, counts = load_head_data(self.store, list(row_sets), device=self.device, budget=self.budget,
-                                          log=self.log)
-            if counts["data_access"] == "in memory" and self.device.type == "cpu":
-                for split in (data.train, data.val, data.test):   # worker processes then map these pages
-                    for x in split.inputs + [split.labels]:        # instead of receiving copies
-                        x.share_memory_()
-            self.loaded[row_sets] = (data, counts)
-        return self.loaded[row_sets]
-
-    def for_task(self, task: Task) -> HeadData:
-        cell = task.cell
-        data, _ = self._load(cell.row_sets)
-        if cell.feature_sets == cell.row_sets:
-            return data
-        column = cell.row_sets.index(cell.feature_sets[0])   # a baseline: one modality of its rows
-        return HeadData(*(only_input(sp, column) for sp in (data.train, data.val, data.test)))
-
-
 def _record(out_dir: Path, store, store_path: Path, task: Task, results: list[HeadResult], settings: SweepSettings,
-            device, data: _DataCache, summary: dict, log) -> None:
+            device, data: SweepData, summary: dict, log) -> None:
     """The cell's best head first, then its rows: a crash between the two leaves a head and no rows (the runs
     train again), never rows without their head."""
     cell, config = task.cell, task.config
-    store_doc = _store_doc(store, store_path, out_dir, cell, data)
-    non_trainable, note = _non_trainable(store_doc["feature_sets"])
-    rows = []
-    for r in results:
-        rows.append({
-            "run_key": task.keys[r.seed], "cell": cell.name, "cell_base": cell.base_name, "pair": cell.pair_name,
-            "image_source": cell.pair[0], "text_source": cell.pair[1], "strategy": cell.strategy,
-            "fusion": cell.fusion, "seed": r.seed, "config": config.to_dict(),
-            "train_settings": asdict(settings.train), "store": store_doc,
-            "test_accuracy": r.test_accuracy, "test_macro_f1": r.test_macro_f1,
-            "best_val_accuracy": r.best_val_accuracy, "best_epoch": r.best_epoch, "diverged": r.diverged,
-            "epochs_run": r.epochs_run, "train_seconds": r.train_seconds, "group_seconds": r.group_seconds,
-            "group_size": r.group_size, "batched": settings.batched, "device": str(device),
-            "precision": r.precision, "train_flops": r.train_flops,
-            "trainable_parameters": StackedHead(config).num_parameters(),
-            "non_trainable_parameters": non_trainable, "non_trainable_note": note,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        })
-    _save_best(out_dir, cell, config, results, rows, list(store.classes))
+    store_info = store_doc(store, store_path, out_dir, cell.feature_sets, data.counts(cell))
+    non_trainable_parameters, note = non_trainable(store_info["feature_sets"])
+    rows = [result_row(
+        run_key=task.keys[r.seed], names=cell_fields(cell), seed=r.seed, config=config.to_dict(),
+        train_settings=asdict(settings.train), store=store_info,
+        test_accuracy=r.test_accuracy, test_macro_f1=r.test_macro_f1, best_val_accuracy=r.best_val_accuracy,
+        best_epoch=r.best_epoch, epochs_run=r.epochs_run, diverged=r.diverged,
+        train_seconds=r.train_seconds, group_seconds=r.group_seconds, group_size=r.group_size,
+        batched=settings.batched, device=str(device), precision=r.precision, train_flops=r.train_flops,
+        trainable_parameters=StackedHead(config).num_parameters(),
+        non_trainable_parameters=non_trainable_parameters, non_trainable_note=note) for r in results]
+    classes = list(store.classes)
+
+    def save(i: int, metadata: dict) -> None:
+        best = results[i]
+        FusionHead.from_trained(config, best.params, classes, seed=best.seed).save_pretrained(
+            head_folder(out_dir, cell), metadata=metadata)
+
+    save_best(out_dir, head_folder(out_dir, cell), rows, save, recorded=("best_epoch", "precision"))
     append_rows(out_dir, rows)
     _count(summary, "head", len(results))
     summary["train_flops"] += sum(r.train_flops for r in results)
@@ -434,9 +315,10 @@ def _decision_plan(store, cells: list[Cell], settings: SweepSettings, done, summ
     sets, classes, train = store.feature_sets, list(store.classes), settings.linear.to_dict()
     planned = []
     for cell in cells:
-        provenance = {n: _provenance(sets[n]) for n in cell.feature_sets}
+        feature_sets = {n: provenance(sets[n]) for n in cell.feature_sets}
         config = model_config(cell.strategy, tuple(sets[n].dim for n in cell.feature_sets), len(classes))
-        keys = {s: _run_key(config, train, s, store.manifest_sha256, provenance) for s in settings.seeds}
+        keys = {s: run_key(config=config, train=train, seed=s, manifest_sha256=store.manifest_sha256,
+                           feature_sets=feature_sets) for s in settings.seeds}
         todo = _seeds_to_run(cell, keys, done, summary, log, out_dir)
         if todo:
             planned.append((cell, config, keys, todo))
@@ -448,11 +330,10 @@ def _decision(store, store_path: Path, out_dir: Path, planned: list[tuple], sett
     """LF, ST, LR-*: logistic regressions over pooled features (heads/decision.py), fit in this process on the
     sweep's device; the per-modality regressions are fit once per row set and shared by the cells and seeds
     that use them."""
-    from heads.decision import DecisionFits, cell_rows, save_best, stacking_folds
+    from heads.decision import DecisionFits, cell_rows, stacking_folds
     sets, classes, fits = store.feature_sets, list(store.classes), {}
     train = settings.linear.to_dict()
     for cell, config, keys, todo in planned:
-        provenance = {n: _provenance(sets[n]) for n in cell.feature_sets}
         bar.set_postfix_str(f"fitting {cell.name}", refresh=True)
         if cell.row_sets not in fits:
             columns = {sets[n].modality: i for i, n in enumerate(cell.row_sets)}
@@ -466,16 +347,15 @@ def _decision(store, store_path: Path, out_dir: Path, planned: list[tuple], sett
             if folds < 2:   # recorded as a note, never as rows: a rerun says it again instead of failing
                 bar.total -= len(todo)
                 continue
-        store_doc = _store_doc(store, store_path, out_dir, cell, data)
-        non_trainable, note = _non_trainable(provenance)
-        common = {"cell": cell.name, "cell_base": cell.base_name, "pair": cell.pair_name, "image_source": cell.pair[0],
-                  "text_source": cell.pair[1], "strategy": cell.strategy, "fusion": None, "config": config,
-                  "train_settings": train, "store": store_doc, "non_trainable_parameters": non_trainable,
-                  "non_trainable_note": note}
+        store_info = store_doc(store, store_path, out_dir, cell.feature_sets, data.counts(cell))
+        non_trainable_parameters, note = non_trainable(store_info["feature_sets"])
+        common = {"names": cell_fields(cell), "config": config, "train_settings": train, "store": store_info,
+                  "non_trainable_parameters": non_trainable_parameters, "non_trainable_note": note}
         rows, models = cell_rows(fits[cell.row_sets], cell.strategy, todo, keys, common, classes,
                                  on_row=lambda _: bar.update(1))
         directory = head_folder(out_dir, cell)
-        save_best(directory, rows, models, {**store_doc, "path": os.path.relpath(store_path, directory)})
+        save_best(out_dir, directory, rows, lambda i, metadata: models[i].save_pretrained(directory, metadata=metadata),
+                  recorded=("seed", "config", "chosen"))
         append_rows(out_dir, rows)
         _count(summary, "linear", len(rows))
         summary["cells"].append(cell.name)
@@ -487,19 +367,6 @@ def _decision(store, store_path: Path, out_dir: Path, planned: list[tuple], sett
 def _count(summary: dict, kind: str, n: int) -> None:
     summary["trained"] += n
     summary["trained_by_kind"][kind] = summary["trained_by_kind"].get(kind, 0) + n
-
-
-def best_of_sweep(out_dir: Path, keys) -> dict | None:
-    """The best model of a sweep's rows (`keys`: its run keys, trained now or already there) by validation
-    (heads/selection.py; ties: the cell name, then the seed, that sort first): {"cell", "seed", "strategy",
-    "val_accuracy", "test_accuracy"}; diverged heads are not candidates. None when there is no row."""
-    rows = [r for r in read_runs(out_dir) if r["run_key"] in keys and not r.get("diverged")
-            and r.get("best_val_accuracy") is not None]
-    best = best_by_validation(rows, val=lambda r: r["best_val_accuracy"], name=lambda r: (r["cell"], r["seed"]))
-    if best is None:
-        return None
-    return {"cell": best["cell"], "seed": best["seed"], "strategy": best["strategy"],
-            "val_accuracy": best["best_val_accuracy"], "test_accuracy": best["test_accuracy"]}
 
 
 def _end_to_end(store, store_path, out_dir, settings: SweepSettings, context: RunContext, done, summary, log,
@@ -521,37 +388,3 @@ def _end_to_end(store, store_path, out_dir, settings: SweepSettings, context: Ru
             bar.total -= n_skipped   # the bar counted every seed of the cell
             bar.update(len(rows))
             summary["cells"] += [f"{strategy}-{fusion}"] if rows else []
-
-
-def head_folder(out_dir: Path, cell: Cell) -> Path:
-    """RESULTS/heads/<cell>, or RESULTS/heads/<pair>/<cell> in a sweep of several backbone pairs."""
-    return out_dir / "heads" / (f"{cell.pair_name}/{cell.base_name}" if cell.named_pair else cell.base_name)
-
-
-def head_store_path(head_dir: str | Path, metadata: dict) -> Path:
-    """The store a saved head was trained on: its recorded path, relative to the head's folder (or absolute,
-    in heads saved before paths became relative)."""
-    return Path(head_dir) / metadata["store"]["path"]
-
-
-def _save_best(out_dir: Path, cell: Cell, config: HeadConfig, results, rows, classes) -> None:
-    """Keep the cell's saved head unless a new seed beats it on validation accuracy (same store features).
-    A diverged head is never saved."""
-    candidates = [j for j in range(len(results)) if not results[j].diverged]
-    if not candidates:
-        return
-    i = best_by_validation(candidates, val=lambda j: results[j].best_val_accuracy, name=lambda j: results[j].seed)
-    best, row = results[i], rows[i]
-    directory = head_folder(out_dir, cell)
-    # the head names its store relative to its own folder, so a results folder moved with its store still works
-    store = {**row["store"], "path": os.path.relpath(out_dir / row["store"]["path"], directory)}
-    identity = {"store": store, "config": config.to_dict(), "train_settings": row["train_settings"]}
-    if saved_is_at_least_as_good(directory, identity, best.best_val_accuracy):
-        return
-    head = FusionHead.from_trained(config, best.params, classes, seed=best.seed)
-    head.save_pretrained(directory, metadata={
-        "store": store, "run_key": row["run_key"], "train_settings": row["train_settings"],
-        "best_val_accuracy": best.best_val_accuracy, "test_accuracy": best.test_accuracy,
-        "test_macro_f1": best.test_macro_f1, "best_epoch": best.best_epoch, "precision": best.precision,
-        "inputs": list(row["store"]["feature_sets"]),
-    })

@@ -325,7 +325,7 @@ def confusion(heads_rows: list[dict], best: dict, report_dir: Path) -> tuple[lis
         return [f"No saved head of {best['cell']}; no confusion matrix."], []
     head_dir = max(saved, key=lambda d: json.loads((d / "config.json").read_text())["best_val_accuracy"])
     head = FusionHead.from_pretrained(head_dir)
-    from heads.sweep import head_store_path
+    from heads.saved import head_store_path
     with FeatureStore(head_store_path(head_dir, head.metadata_)) as store:
         data = store.load(head.metadata_["inputs"])
         classes = list(store.classes)

@@ -119,7 +119,7 @@ def head_predictor(head_dir: Path, settings: PredictSettings, device) -> Predict
 def decision_predictor(model_dir: Path, settings: PredictSettings, device) -> Predictor:
     """A decision-level model (LR-*, LF, ST, LFM: heads/decision.py) over the features its recorded backbones or
     modules compute from the raw products."""
-    from heads.decision import DecisionModel
+    from heads.decision_model import DecisionModel
 
     model = DecisionModel.from_pretrained(model_dir)
     declared = get_strategy(model.strategy)

@@ -9,7 +9,8 @@ from click.testing import CliRunner
 
 from cli.heads import main
 from embedstore.store import FeatureStore
-from heads.decision import DecisionFits, DecisionModel, LinearSettings, late_weight, out_of_fold
+from heads.decision import DecisionFits, LinearSettings, late_weight, out_of_fold
+from heads.decision_model import DecisionModel
 from heads.grid import decision_cells
 from heads.report import write_report
 from heads.results import read_runs

@@ -209,7 +209,7 @@ def test_decision_level_models_join_as_members_with_their_own_probabilities(disa
     """An LF and an LR-text folder (kind "linear", heads/decision.py) are members like heads: ranked by their
     recorded validation accuracy, scored with their own predict_proba, counted as multimodal or not."""
     from embedstore.store import FeatureStore
-    from heads.decision import DecisionModel
+    from heads.decision_model import DecisionModel
 
     results = copy_of(disagree, tmp_path)
     sweep(tmp_path / "store.h5", results, ("LF", "LR-text"))

@@ -256,7 +256,7 @@ def test_every_feature_set_records_its_compute_precision_and_predict_follows_it(
 def test_a_decision_level_model_predicts_from_raw_products_like_from_the_store(world, tmp_path, strategy):
     """LF / LR-* folders (kind "linear", heads/decision.py) run their recorded backbones on raw products and give
     the probabilities they give over the store's features."""
-    from heads.decision import DecisionModel
+    from heads.decision_model import DecisionModel
 
     results = tmp_path / "results"
     ok(heads, ["sweep", world["store"], "--out", results, "--strategies", strategy, "--seeds", 0, "--no-baselines",

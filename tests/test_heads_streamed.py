@@ -13,7 +13,8 @@ from embedstore.store import FeatureStore
 from heads.models import HeadConfig
 from heads.streamed import StreamedSplit, load_head_data, streamed_head_data
 from heads.results import read_runs
-from heads.sweep import SweepSettings, run_key, run_sweep
+from heads.rows import run_key
+from heads.sweep import SweepSettings, run_sweep
 from heads.train import TrainSettings, train_heads
 from store_factory import make_feature_store
 
@@ -106,7 +107,8 @@ def test_streamed_and_in_memory_runs_of_a_cell_have_their_own_run_keys(store_pat
         provenance = {n: {k: v for k, v in store.feature_sets[n].provenance.items() if k != "complete"}
                       for n in NAMES}
     config = HeadConfig.from_dict(rows[1]["config"])
-    assert rows[1]["run_key"] == run_key(config, FAST, 0, "m", provenance)
+    assert rows[1]["run_key"] == run_key(config=config.to_dict(), train=dataclasses.asdict(FAST), seed=0,
+                                         manifest_sha256="m", feature_sets=provenance)
 
 
 def test_cli_memory_budget(store_path, tmp_path):

@@ -11,7 +11,7 @@ import embedstore
 from cli.heads import main
 from embedstore.store import FeatureStore
 from heads.estimator import FusionHead
-from heads.decision import DecisionModel
+from heads.decision_model import DecisionModel
 from embedstore.model_folder import read_config
 from heads.results import read_runs
 from heads.sweep import SweepSettings, run_sweep

@@ -22,7 +22,8 @@ from cli.heads import heads
 from embedstore.model_folder import save_pretrained
 from embedstore.store_writer import write_store_from_arrays
 from heads import ensemble as ensemble_module
-from heads.decision import DecisionModel, LinearSettings, extreme_rows, fit_linear
+from heads.decision import LinearSettings, extreme_rows, fit_linear
+from heads.decision_model import DecisionModel
 from heads.ensemble import ENSEMBLES_FILE, Member, ensemble
 from heads.results import ResultsLock, read_runs
 from tests.cli_helpers import invoke as run
