@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import importlib.metadata
 import math
@@ -86,6 +87,45 @@ def _data_warnings_as_lines():
 
 POSITIVE = click.IntRange(min=1)
 NON_NEGATIVE = click.IntRange(min=0)
+
+
+def setting_default(path: str):
+    """The default of a settings dataclass field, "package.module:Class.field" (its default or default_factory)."""
+    module, _, attribute = path.partition(":")
+    class_name, _, field_name = attribute.partition(".")
+    cls = getattr(importlib.import_module(module), class_name)
+    field = cls.__dataclass_fields__[field_name]
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    return field.default_factory()
+
+
+def as_cli_text(value):
+    """A setting's value as its option would be typed: tuples comma-separated, None as "none"."""
+    if isinstance(value, (tuple, list)):
+        return ",".join(str(v) for v in value)
+    return "none" if value is None else value
+
+
+class SettingOption(click.Option):
+    """An option whose default is a settings dataclass field (`setting="heads.train:TrainSettings.lr"`): one source
+    of defaults, the library's. Read when click needs it (parsing a command line without the option, or the
+    command's --help), so `heads --help` does not import torch. `to_cli` turns the field's value into the option's
+    (default: as_cli_text)."""
+
+    def __init__(self, *args, setting: str, to_cli=as_cli_text, **kwargs):
+        if "default" in kwargs:
+            raise TypeError(f"{args[0]}: give `setting` or `default`, not both")
+        super().__init__(*args, **kwargs)
+        self.setting, self.to_cli = setting, to_cli
+
+    def get_default(self, ctx, call: bool = True):
+        return self.to_cli(setting_default(self.setting))
+
+
+def setting_option(*names: str, setting: str, **kwargs):
+    """click.option with its default read from `setting` (SettingOption)."""
+    return click.option(*names, cls=SettingOption, setting=setting, **kwargs)
 
 
 def split_count_options(command):

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import click
 
-from cli.common import (split_count_options, DEVICE_DEFAULT, GROUP_SETTINGS, NON_NEGATIVE, POSITIVE, one_line_errors, optional_name,
-                        package_version, split_counts)
+from cli.common import (DEVICE_DEFAULT, GROUP_SETTINGS, NON_NEGATIVE, POSITIVE, one_line_errors, optional_name,
+                        package_version, setting_option, split_count_options, split_counts)
 
 
 @click.group(context_settings=GROUP_SETTINGS)
@@ -20,7 +20,7 @@ def embed():
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Manifest file to write (JSON).")
 @click.option("--min-items", type=POSITIVE, default=None, show_default="250; with --fractions 20",
               help="Keep classes with at least this many usable items.")
-@click.option("--items-per-class", default=250, type=POSITIVE,
+@setting_option("--items-per-class", setting="embedstore.manifest:SplitSettings.items_per_class", type=POSITIVE,
               help="Items drawn from each kept class, split 7:1:2 into train/val/test like the paper's 175/25/50 "
                    "(rounded as --fractions rounds: 40 -> 28/4/8, 10 -> 7/1/2, 5 -> 3/1/1) unless --train/--val/"
                    "--test say otherwise.")
@@ -30,13 +30,13 @@ def embed():
                    "0.7,0.1,0.2 (instead of the fixed counts above).")
 @click.option("--max-per-class", type=POSITIVE, default=None, show_default="no cap",
               help="With --fractions: at most this many items of a class (a seeded draw; the rest 'not sampled').")
-@click.option("--seed", default=0, type=NON_NEGATIVE, help="Seed of the draw and the split.")
+@setting_option("--seed", setting="embedstore.manifest:SplitSettings.seed", type=NON_NEGATIVE, help="Seed of the draw and the split.")
 @click.option("--format", "fmt", type=click.Choice(["auto", "fashion", "csv"]), default="auto",
               help="fashion = styles.csv + images/ (folder or zip); csv = a generic catalog with named columns.")
-@click.option("--id-column", default="id", help="Generic CSV: the id column.")
-@click.option("--image-column", default="image", help="Generic CSV: image path column.")
-@click.option("--title-column", default="title", help="Generic CSV: title column.")
-@click.option("--label-column", default="label", help="Generic CSV: label column.")
+@setting_option("--id-column", setting="embedstore.catalog:CsvColumns.id", help="Generic CSV: the id column.")
+@setting_option("--image-column", setting="embedstore.catalog:CsvColumns.image", help="Generic CSV: image path column.")
+@setting_option("--title-column", setting="embedstore.catalog:CsvColumns.title", help="Generic CSV: title column.")
+@setting_option("--label-column", setting="embedstore.catalog:CsvColumns.label", help="Generic CSV: label column.")
 @one_line_errors
 def prepare(catalog, out, min_items, items_per_class, train, val, test, fractions, max_per_class, seed, fmt,
             id_column, image_column, title_column, label_column):
@@ -85,21 +85,21 @@ def _fractions(text: str) -> list[float]:
 @embed.command()
 @click.argument("manifest", type=click.Path(path_type=Path))
 @click.option("--store", required=True, type=click.Path(path_type=Path), help="HDF5 feature store to create or resume.")
-@click.option("--image-backbone", default="efficientnet_lite0",
+@setting_option("--image-backbone", setting="embedstore.extract:ExtractSettings.image_backbone",
               help="Image backbone name ('none' to skip images).")
-@click.option("--text-backbone", default="all-MiniLM-L6-v2",
+@setting_option("--text-backbone", setting="embedstore.extract:ExtractSettings.text_backbone",
               help="Text backbone name or local Hugging Face folder ('none' to skip texts).")
 @click.option("--image-weights", type=click.Path(path_type=Path), show_default="the backbone's standard places",
               help="Local image weights file.")
 @click.option("--text-weights", type=click.Path(path_type=Path), show_default="the backbone's standard places",
               help="Local Hugging Face folder of the text backbone.")
-@click.option("--image-size", default=224, type=POSITIVE, help="Center-crop size (resize keeps the 256/224 ratio).")
-@click.option("--batch-size", default=64, type=POSITIVE, help="Images per forward pass.")
-@click.option("--text-batch-size", default=256, type=POSITIVE, help="Titles per forward pass.")
-@click.option("--workers", default=2, type=NON_NEGATIVE, help="DataLoader processes decoding images.")
+@setting_option("--image-size", setting="embedstore.extract:ExtractSettings.image_size", type=POSITIVE, help="Center-crop size (resize keeps the 256/224 ratio).")
+@setting_option("--batch-size", setting="embedstore.extract:ExtractSettings.batch_size", type=POSITIVE, help="Images per forward pass.")
+@setting_option("--text-batch-size", setting="embedstore.extract:ExtractSettings.text_batch_size", type=POSITIVE, help="Titles per forward pass.")
+@setting_option("--workers", setting="embedstore.extract:ExtractSettings.workers", type=NON_NEGATIVE, help="DataLoader processes decoding images.")
 @click.option("--device", default=None, show_default=DEVICE_DEFAULT, help="cpu, cuda or cuda:N.")
 @click.option("--add", is_flag=True, help="Store these backbones' features beside other backbones' already in STORE.")
-@click.option("--progress/--no-progress", default=True, help="Progress bars on stderr.")
+@setting_option("--progress/--no-progress", setting="embedstore.extract:ExtractSettings.progress", help="Progress bars on stderr.")
 @click.option("--image-module", type=click.Path(path_type=Path),
               help="Saved image module (`embed finetune`): store its dense and classifier outputs too.")
 @click.option("--text-module", type=click.Path(path_type=Path),
@@ -107,12 +107,12 @@ def _fractions(text: str) -> list[float]:
 @click.option("--shard", default=None, metavar="k/n|auto|none", show_default="auto under torchrun, else none",
               help="Extract only shard k (0-based) of n contiguous item ranges into STORE.shard-k-of-n.h5 "
                    "(join them with `embed merge`); auto = RANK/WORLD_SIZE of torchrun.")
-@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32",
+@setting_option("--dtype", type=click.Choice(["float32", "float16"]), setting="embedstore.extract:ExtractSettings.dtype",
               help="Stored feature values: float16 halves disk and memory (heads upcast each batch to float32).")
-@click.option("--image-pipeline", type=click.Choice(["auto", "pil", "tensor"]), default="auto",
+@setting_option("--image-pipeline", type=click.Choice(["auto", "pil", "tensor"]), setting="embedstore.extract:ExtractSettings.image_pipeline",
               help="Where images are resized, cropped and normalized: pil = in the DataLoader workers; tensor = "
                    "workers only decode, the device does the rest batched; auto = tensor on CUDA, pil on a CPU.")
-@click.option("--image-resize", type=click.Choice(["crop", "pad"]), default="crop", show_default=True,
+@setting_option("--image-resize", type=click.Choice(["crop", "pad"]), setting="embedstore.extract:ExtractSettings.image_resize", show_default=True,
               help="crop = the protocol's resize and center crop; pad = the whole photo, aspect kept, centred on a "
                    "white square (its own feature set, source name ending in -pad).")
 @one_line_errors
@@ -192,9 +192,9 @@ def inspect(store):
 @embed.command()
 @click.option("--out", "out", default="runs/demo", type=click.Path(path_type=Path),
               help="Folder for the generated catalog, manifest, store, results and report.")
-@click.option("--image-backbone", default="efficientnet_lite0", help="Image backbone name.")
-@click.option("--text-backbone", default="all-MiniLM-L6-v2", help="Text backbone name or local Hugging Face folder.")
-@click.option("--seeds", default="0,1,2", help="Comma-separated seeds of the heads.")
+@setting_option("--image-backbone", setting="pipelines.demo:DemoSettings.image_backbone", help="Image backbone name.")
+@setting_option("--text-backbone", setting="pipelines.demo:DemoSettings.text_backbone", help="Text backbone name or local Hugging Face folder.")
+@setting_option("--seeds", setting="pipelines.demo:DemoSettings.seeds", help="Comma-separated seeds of the heads.")
 @click.option("--device", default=None, show_default=DEVICE_DEFAULT, help="cpu, cuda or cuda:N.")
 @one_line_errors
 def demo(out, image_backbone, text_backbone, seeds, device):

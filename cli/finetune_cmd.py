@@ -5,7 +5,8 @@ from pathlib import Path
 
 import click
 
-from cli.common import DEVICE_DEFAULT, NON_NEGATIVE, POSITIVE, FiniteFloat, InputError, one_line_errors
+from cli.common import (DEVICE_DEFAULT, NON_NEGATIVE, POSITIVE, FiniteFloat, InputError, one_line_errors,
+                        setting_option)
 
 # The columns of the paper's Tables 3/4, in order.
 TABLE_COLUMNS = (("test accuracy", "test_accuracy", "{:.4f}"), ("macro-F1", "test_macro_f1", "{:.4f}"),
@@ -28,7 +29,7 @@ TABLE_COLUMNS = (("test accuracy", "test_accuracy", "{:.4f}"), ("macro-F1", "tes
 @click.option("--backbone", default=None, show_default="efficientnet_lite0 for images, all-MiniLM-L6-v2 for texts",
               help="Backbone name.")
 @click.option("--weights", type=click.Path(path_type=Path), help="Local backbone weights file / Hugging Face folder.")
-@click.option("--image-size", default=224, type=POSITIVE, help="Center-crop size of images.")
+@setting_option("--image-size", setting="embedstore.finetune:FinetuneSettings.image_size", type=POSITIVE, help="Center-crop size of images.")
 @click.option("--epochs", type=POSITIVE, default=None, show_default="100 for S1/S2, 10 for S3", help="Most epochs.")
 @click.option("--batch-size", type=POSITIVE, default=None, show_default="128 for S1/S2, 32 for S3",
               help="Items per training step.")
@@ -36,20 +37,20 @@ TABLE_COLUMNS = (("test accuracy", "test_accuracy", "{:.4f}"), ("macro-F1", "tes
               show_default="1e-3 for S1/S2; S3: 1e-4 images, 5e-5 texts", help="AdamW learning rate.")
 @click.option("--patience", type=POSITIVE, default=None, show_default="5 for S1/S2, 3 for S3",
               help="Epochs without a better validation accuracy.")
-@click.option("--dropout", type=FiniteFloat(min=0, max=1, max_open=True), default=0.3,
+@setting_option("--dropout", type=FiniteFloat(min=0, max=1, max_open=True), setting="embedstore.finetune:FinetuneSettings.dropout",
               help="Dropout between the module's middle layer and its classifier.")
-@click.option("--seed", type=NON_NEGATIVE, default=0, help="Seed of the initial weights and the batch order.")
+@setting_option("--seed", type=NON_NEGATIVE, setting="embedstore.finetune:FinetuneSettings.seed", help="Seed of the initial weights and the batch order.")
 @click.option("--device", default=None, show_default=DEVICE_DEFAULT, help="cpu, cuda or cuda:N.")
 @click.option("--max-steps-per-epoch", type=POSITIVE, default=None,
               help="Stop each epoch after this many steps (measures time per step; the full epoch is extrapolated).")
-@click.option("--workers", default=2, type=NON_NEGATIVE, help="DataLoader processes decoding images (S3).")
+@setting_option("--workers", setting="embedstore.finetune:FinetuneSettings.workers", type=NON_NEGATIVE, help="DataLoader processes decoding images (S3).")
 @click.option("--cross-fit", "cross_fit", type=int, default=None, metavar="K",
               help="Also train K fold modules (K >= 2; stratified folds drawn from --seed), fold k without the "
                    "training items of fold k, in OUT/folds/: `embed extract --image-module/--text-module` then "
                    "gives each training row the features of the fold module that never saw it (out-of-fold "
                    "features for 1-A/1-B heads), validation and test rows those of the usual module. K+1 trainings: "
                    "seconds for S1/S2, K+1 full fine-tunings for S3. Rerun to resume: finished folds are kept.")
-@click.option("--progress/--no-progress", default=True, help="Progress bars on stderr.")
+@setting_option("--progress/--no-progress", setting="embedstore.finetune:FinetuneSettings.progress", help="Progress bars on stderr.")
 @one_line_errors
 def finetune(manifest, modality, strategy, out, store, backbone, weights, image_size, epochs, batch_size, lr,
              patience, dropout, seed, device, max_steps_per_epoch, workers, cross_fit, progress):

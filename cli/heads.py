@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from cli.common import (BF16_MEASURED, DEVICE_DEFAULT, GROUP_SETTINGS, NON_NEGATIVE, POSITIVE, FiniteFloat,
-                        InputError, comma_list, int_list, one_line_errors, package_version)
+                        InputError, comma_list, int_list, one_line_errors, package_version, setting_option)
 
 
 @click.group(context_settings=GROUP_SETTINGS)
@@ -34,38 +34,38 @@ def heads():
                    "text) source pair is swept.")
 @click.option("--text-source", "text_sources", multiple=True, show_default="every text source in the store",
               help="Only this text source; repeatable.")
-@click.option("--seeds", default="0,1,2", help="Comma-separated seeds; one head per seed.")
-@click.option("--baselines/--no-baselines", default=True,
+@setting_option("--seeds", setting="heads.sweep:SweepSettings.seeds", help="Comma-separated seeds; one head per seed.")
+@setting_option("--baselines/--no-baselines", setting="heads.sweep:SweepSettings.baselines",
               help="Also train the unimodal image-only and text-only heads (Table 7).")
 @click.option("--sequential", is_flag=True, help="Train one head at a time instead of all seeds of a cell at once.")
-@click.option("--group-cells/--no-group-cells", default=True,
+@setting_option("--group-cells/--no-group-cells", setting="heads.sweep:SweepSettings.group_cells",
               help="Stack cells of the same shape (e.g. a strategy's add, average and product) into one training "
                    "step; --no-group-cells: one step per cell, for comparison. Same rows either way.")
 @click.option("--device", default=None, show_default=DEVICE_DEFAULT, help="cpu, cuda, cuda:1 ...")
 @click.option("--jobs", type=POSITIVE, default=None, show_default="the cores this process may use on a CPU, 1 on CUDA",
               help="Worker processes training cells at once, one thread each. Same rows as --jobs 1.")
-@click.option("--threads", type=POSITIVE, default=1,
+@setting_option("--threads", type=POSITIVE, setting="heads.sweep:SweepSettings.threads",
               help="CPU threads while training in this process (--jobs 1); 1 measured fastest for small heads.")
-@click.option("--batch-size", type=POSITIVE, default=128, help="Training rows per step of each head.")
-@click.option("--lr", default=1e-3, type=FiniteFloat(min=0, min_open=True), help="AdamW learning rate.")
-@click.option("--max-epochs", type=POSITIVE, default=40,
+@setting_option("--batch-size", type=POSITIVE, setting="heads.train:TrainSettings.batch_size", help="Training rows per step of each head.")
+@setting_option("--lr", setting="heads.train:TrainSettings.lr", type=FiniteFloat(min=0, min_open=True), help="AdamW learning rate.")
+@setting_option("--max-epochs", type=POSITIVE, setting="heads.train:TrainSettings.max_epochs",
               help="Most epochs of a head (early stopping may end it sooner).")
-@click.option("--patience", type=POSITIVE, default=5,
+@setting_option("--patience", type=POSITIVE, setting="heads.train:TrainSettings.patience",
               help="Epochs without a better validation accuracy.")
-@click.option("--class-weight", type=click.Choice(["none", "balanced"]), default="none",
+@setting_option("--class-weight", type=click.Choice(["none", "balanced"]), setting="heads.train:TrainSettings.class_weight",
               help="balanced: weigh each class n / (C * n_class) in the loss, for imbalanced catalogs.")
-@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto",
+@setting_option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), setting="heads.train:TrainSettings.precision",
               help=f"auto: bf16 autocast on CUDA, float32 on CPU (see docs/sweeps.md, Precision). {BF16_MEASURED}.")
 @click.option("--manifest", type=click.Path(path_type=Path), default=None,
               help="3A/3B: the manifest the store was extracted from (they train end to end on the raw catalog, "
                    "with the backbones named in the store's provenance).")
-@click.option("--end-to-end-epochs", type=POSITIVE, default=10, help="3A/3B: most epochs.")
+@setting_option("--end-to-end-epochs", type=POSITIVE, setting="heads.end_to_end:EndToEndSettings.max_epochs", help="3A/3B: most epochs.")
 @click.option("--max-steps-per-epoch", type=POSITIVE, default=None, show_default="whole epochs",
               help="3A/3B: stop each epoch after this many steps (the full epoch's time is extrapolated).")
 @click.option("--memory-budget", default=None, metavar="SIZE", show_default="half the available memory",
               help="Memory the features may take, e.g. 1GB or 512MiB; larger feature sets are streamed from the "
                    "store in row blocks.")
-@click.option("--progress/--no-progress", default=True, help="Progress bars on stderr.")
+@setting_option("--progress/--no-progress", setting="heads.sweep:SweepSettings.progress", help="Progress bars on stderr.")
 @click.option("--verbose", is_flag=True, help="Also print where it ran (jobs, ranks, device) and the GFLOP/s its "
                                               "training matmuls reached beside a matmul peak measured now.")
 @one_line_errors
@@ -172,10 +172,10 @@ def ensemble(results, top_k, multimodal_only):
 @click.argument("inputs", metavar="INPUT", type=click.Path(path_type=Path))
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path),
               help="CSV to write: id, label_k, probability_k for k = 1..--top-labels, reason (empty when predicted).")
-@click.option("--top-labels", default=3, type=POSITIVE, help="Most probable categories per row.")
+@setting_option("--top-labels", setting="pipelines.predict_sources:PredictSettings.top_k", type=POSITIVE, help="Most probable categories per row.")
 @click.option("--top-k", "top_k_alias", default=None, type=POSITIVE, hidden=True,
               help="Deprecated name of --top-labels (--top-k means models in `heads ensemble`).")
-@click.option("--batch-size", default=64, type=POSITIVE, help="Rows per forward pass.")
+@setting_option("--batch-size", setting="pipelines.predict_sources:PredictSettings.batch_size", type=POSITIVE, help="Rows per forward pass.")
 @click.option("--device", default=None, show_default=DEVICE_DEFAULT, help="cpu, cuda, cuda:1 ...")
 @click.option("--image-weights", type=click.Path(path_type=Path),
               help="The image backbone's weights file, when it is not in its standard places (pooled heads).")
@@ -183,10 +183,10 @@ def ensemble(results, top_k, multimodal_only):
               help="The text backbone's Hugging Face folder, likewise.")
 @click.option("--id-column", default=None, show_default="id when present, else the row number",
               help="Input CSV: the id column.")
-@click.option("--image-column", default="image",
+@setting_option("--image-column", setting="pipelines.predict_sources:InputColumns.image",
               help="Input CSV: image path column (relative to the CSV's folder, or absolute).")
-@click.option("--title-column", default="title", help="Input CSV: title column.")
-@click.option("--workers", default=2, type=NON_NEGATIVE, help="DataLoader processes decoding images.")
+@setting_option("--title-column", setting="pipelines.predict_sources:InputColumns.title", help="Input CSV: title column.")
+@setting_option("--workers", setting="pipelines.predict_sources:PredictSettings.workers", type=NON_NEGATIVE, help="DataLoader processes decoding images.")
 @one_line_errors
 def predict(head_dir, inputs, out, top_labels, top_k_alias, batch_size, device, image_weights, text_weights,
             id_column, image_column, title_column, workers):

@@ -5,47 +5,47 @@ from pathlib import Path
 
 import click
 
-from cli.common import (split_count_options, BF16_MEASURED, DEVICE_DEFAULT, NON_NEGATIVE, POSITIVE, comma_list, int_list, one_line_errors,
-                        split_counts)
+from cli.common import (BF16_MEASURED, DEVICE_DEFAULT, NON_NEGATIVE, POSITIVE, comma_list, int_list, one_line_errors,
+                        setting_option, split_count_options, split_counts)
 
 
 @click.command()
 @click.argument("catalog", type=click.Path(path_type=Path))
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path),
               help="Folder for every step's output and OUT/report/; rerun to resume (finished steps are skipped).")
-@click.option("--image-backbone", default="efficientnet_lite0", help="The paper's: resnet50.")
-@click.option("--text-backbone", default="all-MiniLM-L6-v2", help="The paper's: bert-base-uncased.")
+@setting_option("--image-backbone", setting="pipelines.paper:PaperSettings.image_backbone", help="The paper's: resnet50.")
+@setting_option("--text-backbone", setting="pipelines.paper:PaperSettings.text_backbone", help="The paper's: bert-base-uncased.")
 @click.option("--image-weights", type=click.Path(path_type=Path), help="Local image weights file.")
 @click.option("--text-weights", type=click.Path(path_type=Path), help="Local Hugging Face folder of the text backbone.")
-@click.option("--image-size", default=224, type=POSITIVE, help="Center-crop size of images.")
-@click.option("--seeds", default="0,1,2", help="Seeds of the heads and of the S1/S2 modules.")
-@click.option("--manifest-seeds", default="0,1", help="Seeds of the draws (at least two).")
-@click.option("--min-items", default=250, type=POSITIVE, help="Keep classes with at least this many usable items.")
-@click.option("--items-per-class", default=250, type=POSITIVE,
+@setting_option("--image-size", setting="pipelines.paper:PaperSettings.image_size", type=POSITIVE, help="Center-crop size of images.")
+@setting_option("--seeds", setting="pipelines.paper:PaperSettings.seeds", help="Seeds of the heads and of the S1/S2 modules.")
+@setting_option("--manifest-seeds", setting="pipelines.paper:PaperSettings.manifest_seeds", help="Seeds of the draws (at least two).")
+@setting_option("--min-items", setting="embedstore.manifest:SplitSettings.min_items", type=POSITIVE, help="Keep classes with at least this many usable items.")
+@setting_option("--items-per-class", setting="embedstore.manifest:SplitSettings.items_per_class", type=POSITIVE,
               help="Items drawn from each kept class, split 7:1:2 as `embed prepare` does unless --train/--val/--test "
                    "say otherwise.")
 @split_count_options
 @click.option("--fusions", default=None, show_default="every registered operator",
               help="Comma-separated fusion operators.")
-@click.option("--pair", default="2,3",
+@setting_option("--pair", setting="pipelines.paper:PaperSettings.pair",
               help="Image and text module strategies whose features 1-A/1-B fuse (the paper's best: 2,3).")
-@click.option("--text-s3-epochs", default=3, type=POSITIVE, help="Most epochs of text S3 (the slow step).")
-@click.option("--text-s3-seeds", default="0", help="Comma-separated seeds of the text S3 fine-tunings.")
+@setting_option("--text-s3-epochs", setting="pipelines.paper:PaperSettings.text_s3_epochs", type=POSITIVE, help="Most epochs of text S3 (the slow step).")
+@setting_option("--text-s3-seeds", setting="pipelines.paper:PaperSettings.text_s3_seeds", help="Comma-separated seeds of the text S3 fine-tunings.")
 @click.option("--image-s3/--no-image-s3", default=None, show_default="on with CUDA, off on a CPU",
               help="Fine-tune the image backbone (S3); on a CPU ~6-8 min per epoch, tens of epochs.")
-@click.option("--image-s3-epochs", default=3, type=POSITIVE, help="Most epochs of image S3.")
-@click.option("--image-s3-seeds", default="0", help="Comma-separated seeds of the image S3 fine-tunings.")
-@click.option("--end-to-end/--no-end-to-end", default=False,
+@setting_option("--image-s3-epochs", setting="pipelines.paper:PaperSettings.image_s3_epochs", type=POSITIVE, help="Most epochs of image S3.")
+@setting_option("--image-s3-seeds", setting="pipelines.paper:PaperSettings.image_s3_seeds", help="Comma-separated seeds of the image S3 fine-tunings.")
+@setting_option("--end-to-end/--no-end-to-end", setting="pipelines.paper:PaperSettings.end_to_end",
               help="Also train strategies 3-A/3-B end to end on the raw catalog (slow).")
-@click.option("--end-to-end-fusions", default="concat", help="Comma-separated fusion operators of 3-A/3-B.")
-@click.option("--end-to-end-epochs", default=10, type=POSITIVE, help="Most epochs of a 3-A/3-B model.")
-@click.option("--head-epochs", default=40, type=POSITIVE, help="Most epochs of a fusion head.")
+@setting_option("--end-to-end-fusions", setting="pipelines.paper:PaperSettings.end_to_end_fusions", help="Comma-separated fusion operators of 3-A/3-B.")
+@setting_option("--end-to-end-epochs", setting="pipelines.paper:PaperSettings.end_to_end_epochs", type=POSITIVE, help="Most epochs of a 3-A/3-B model.")
+@setting_option("--head-epochs", setting="pipelines.paper:PaperSettings.head_epochs", type=POSITIVE, help="Most epochs of a fusion head.")
 @click.option("--module-epochs", type=POSITIVE, default=None, show_default="100", help="Most epochs of S1/S2 modules.")
 @click.option("--device", default=None, show_default=DEVICE_DEFAULT, help="cpu, cuda or cuda:N.")
-@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto",
+@setting_option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), setting="pipelines.paper:PaperSettings.precision",
               help=f"The heads' precision (auto: bf16 autocast on CUDA, float32 on CPU). {BF16_MEASURED}.")
-@click.option("--workers", default=2, type=NON_NEGATIVE, help="DataLoader processes decoding images.")
-@click.option("--progress/--no-progress", default=True, help="Progress bars on stderr.")
+@setting_option("--workers", setting="pipelines.paper:PaperSettings.workers", type=NON_NEGATIVE, help="DataLoader processes decoding images.")
+@setting_option("--progress/--no-progress", setting="pipelines.paper:PaperSettings.progress", help="Progress bars on stderr.")
 @one_line_errors
 def paper(catalog, out, image_backbone, text_backbone, image_weights, text_weights, image_size, seeds,
           manifest_seeds, min_items, items_per_class, train, val, test, fusions, pair, text_s3_epochs, text_s3_seeds,

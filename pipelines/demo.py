@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from embedstore.defaults import DEFAULT_IMAGE_BACKBONE, DEFAULT_TEXT_BACKBONE
+
 # in pairs (0-1, 2-3, 4-5) that share their titles' vocabulary: clothing, accessories, leather goods
 DEMO_CLASSES = ("Tshirts", "Jeans", "Watches", "Sunglasses", "Casual Shoes", "Handbags")
 CATALOG_NAME = "generated-catalog"   # never the real catalog's file name: nobody should take it for real data
@@ -27,8 +29,8 @@ class DemoSettings:
     # generated items per class, all drawn but 1-2 (50 / 10 / 20: 120 test items, so that the demo's accuracies
     # are not within a few items of each other), so the corrupt JPEG is drawn and extraction shows its skip
     per_class: int = 80
-    image_backbone: str = "efficientnet_lite0"
-    text_backbone: str = "all-MiniLM-L6-v2"
+    image_backbone: str = DEFAULT_IMAGE_BACKBONE
+    text_backbone: str = DEFAULT_TEXT_BACKBONE
     image_size: int = 224
     seeds: tuple[int, ...] = (0, 1, 2)
     catalog_seed: int = 0  # the generated catalog's draw (when OUT holds no catalog yet)
@@ -43,6 +45,7 @@ def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), log: Call
     from embedstore.manifest import SplitSettings, format_summary, prepare_manifest
     from embedstore.synthetic_catalog import make_fashion_catalog
     from heads.report import write_report
+    from heads.strategies import strategies_reading
     from heads.sweep import SweepSettings, run_sweep
 
     out = Path(out)
@@ -68,8 +71,10 @@ def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), log: Call
             f"{format_counts(report.counts)}")
 
     results = out / "results"
+    # the fused heads over the backbones' pooled features (2-A, 2-B): the store holds nothing else
+    fused_over_pooled = strategies_reading("pooled", trainer="head", fused=True)
     summary = run_sweep(store_path, results,
-                        SweepSettings(strategies=("2A", "2B"), seeds=tuple(settings.seeds), device=settings.device),
+                        SweepSettings(strategies=fused_over_pooled, seeds=tuple(settings.seeds), device=settings.device),
                         log=lambda line: None)
     log(f"4/4 sweep    {summary['trained']} heads trained, {summary['skipped']} already done, "
         f"{summary['seconds']:.1f} s")

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from embedstore.fingerprint import fingerprint
+from embedstore.defaults import DEFAULT_IMAGE_BACKBONE, DEFAULT_TEXT_BACKBONE
 from embedstore.manifest import SplitSettings
 from embedstore.outputs import partial_file, write_text_atomic
 from pipelines.paper_report import PLAN_FILE
@@ -38,8 +39,8 @@ LOG_FILE = "paper.log"
 
 @dataclass(frozen=True)
 class PaperSettings:
-    image_backbone: str = "efficientnet_lite0"
-    text_backbone: str = "all-MiniLM-L6-v2"
+    image_backbone: str = DEFAULT_IMAGE_BACKBONE
+    text_backbone: str = DEFAULT_TEXT_BACKBONE
     image_weights: str | None = None      # local weights file / Hugging Face folder; default: the standard places
     text_weights: str | None = None
     image_size: int = 224

@@ -5,12 +5,13 @@ from __future__ import annotations
 import re
 
 import click
+from click.core import UNSET   # click's "no default given"
 import pytest
 from click.testing import CliRunner
 
 import pipelines.predict
 import pipelines.paper
-from cli.common import package_version
+from cli.common import SettingOption, as_cli_text, package_version, setting_default
 from cli.embed import embed
 from cli.heads import heads as heads_group
 
@@ -52,8 +53,9 @@ def test_every_option_has_help_and_no_hand_written_default(path, command):
 def test_every_help_page_shows_defaults(path, command):
     result = CliRunner().invoke(GROUPS[path[0]], path[1:] + ["--help"])
     assert result.exit_code == 0, result.output
+    ctx = click.Context(command)
     valued = [o for o in command.params if isinstance(o, click.Option) and not o.hidden and not o.is_flag
-              and isinstance(o.default, (int, float, str)) and not isinstance(o.default, bool)]
+              and isinstance(o.get_default(ctx, call=False), (int, float, str))]
     if valued:  # the groups' show_default setting reaches every command
         assert "[default: " in result.output
 
@@ -134,3 +136,35 @@ def test_predict_on_a_missing_input_says_so_before_loading_anything(predict_sett
                                               str(tmp_path / "o.csv")])
     assert result.exit_code == 2 and f"input not found: {tmp_path / 'nowhere.csv'}" in result.output
     assert predict_settings == []  # the library (which loads the head and its backbones) was never called
+
+
+# the options whose default is no settings field's: what the command line alone decides
+OWN_DEFAULTS = {"embed prepare --format", "embed demo --out", "heads ensemble --top-k"}
+
+
+@pytest.mark.parametrize("path, command", ALL, ids=[" ".join(p) for p, _ in ALL])
+def test_defaults_come_from_the_settings_objects(path, command):
+    """One source of defaults: an option with a default reads it from the settings dataclass its value goes to
+    (cli.common.SettingOption), apart from OWN_DEFAULTS; flags and "unset" (None) options have none to keep."""
+    ctx = click.Context(command)
+    for option in (p for p in command.params if isinstance(p, click.Option) and not p.hidden):
+        name = f"{' '.join(path)} {option.opts[0]}"
+        if isinstance(option, SettingOption):
+            assert option.get_default(ctx) == as_cli_text(setting_default(option.setting)), name
+            continue
+        default = option.get_default(ctx, call=False)
+        unset = default in (None, UNSET) or option.required or option.multiple or (option.is_flag and not option.secondary_opts and default is False)
+        assert unset or name in OWN_DEFAULTS, f"{name}: default {default!r} typed in the CLI, not read from settings"
+
+
+def test_a_settings_default_is_what_the_cli_uses(monkeypatch):
+    """Changing a default in the library changes the command line's: nothing else spells it."""
+    from heads.train import TrainSettings
+
+    monkeypatch.setattr(TrainSettings.__dataclass_fields__["max_epochs"], "default", 17)
+    result = CliRunner().invoke(heads_group, ["sweep", "--help"], terminal_width=200)
+    assert result.exit_code == 0 and re.search(r"--max-epochs.*\[default: 17;", result.output), result.output
+    from embedstore.defaults import DEFAULT_IMAGE_BACKBONE
+    from embedstore.extract import ExtractSettings
+    assert setting_default("embedstore.extract:ExtractSettings.image_backbone") == DEFAULT_IMAGE_BACKBONE
+    assert ExtractSettings().image_backbone == DEFAULT_IMAGE_BACKBONE

@@ -112,6 +112,30 @@ def test_packages_keep_their_charter():
     assert wrong == []
 
 
+def library_string_literals() -> dict[str, set[str]]:
+    """{module file: the string constants it holds exactly} over the library packages (docstrings included)."""
+    found = {}
+    for package in LIBRARY:
+        for path in sorted((ROOT / package).glob("*.py")):
+            tree = ast.parse(path.read_text())
+            found[f"{package}/{path.name}"] = {n.value for n in ast.walk(tree)
+                                               if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+    return found
+
+
+def test_each_strategy_name_is_written_in_at_most_two_modules():
+    """A strategy is declared once (heads/strategies.py); other modules ask the registry instead of spelling its
+    name (one more is allowed: a default, or the paper's claim about 1-A/1-B). The unimodal baselines are named
+    after their modality ("image", "text"), a word every layer uses, so they are left out."""
+    from heads.strategies import registered
+
+    literals = library_string_literals()
+    assert "2A" in literals["heads/strategies.py"]   # the walk reads the registry's own module
+    spread = {s.name: sorted(m for m, values in literals.items() if s.name in values) for s in registered()
+              if s.name not in s.modalities}
+    assert {name: modules for name, modules in spread.items() if len(modules) > 2} == {}
+
+
 def test_the_installed_import_names_are_this_checkouts(tmp_path):
     check = [sys.executable, str(ROOT / "scripts" / "check_import_names.py")]
     done = subprocess.run(check, cwd=tmp_path, capture_output=True, text=True, timeout=300)
