@@ -31,9 +31,10 @@ def heads():
               help="Comma-separated fusion operators.")
 @click.option("--image-source", "image_sources", multiple=True, show_default="every image source in the store",
               help="Only this image source (a feature set's source or backbone name); repeatable. Each (image, "
-                   "text) source pair is swept.")
+                   "text) source pair is swept. Sources joined by commas (efficientnet_lite0,efficientnet_lite2) "
+                   "are one source: their features side by side.")
 @click.option("--text-source", "text_sources", multiple=True, show_default="every text source in the store",
-              help="Only this text source; repeatable.")
+              help="Only this text source; repeatable; commas join sources as for --image-source.")
 @click.option("--seeds", default="0,1,2", help="Comma-separated seeds; one head per seed.")
 @click.option("--baselines/--no-baselines", default=True,
               help="Also train the unimodal image-only and text-only heads (Table 7).")

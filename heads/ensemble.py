@@ -33,6 +33,7 @@ import numpy as np
 
 from embedstore.fingerprint import fingerprint
 from embedstore.metrics import classification_metrics
+from heads.joined import joins_in, open_store
 from heads.selection import best_by_validation, rank_by_validation
 from heads.strategies import is_multimodal
 from embedstore.model_folder import CONFIG_FILE, read_config
@@ -290,9 +291,7 @@ def ensemble(results_dirs: str | os.PathLike | Iterable[str | os.PathLike], top_
 
 def _evaluate(members: list[Member], notes: list[str], request: int | str, base: Path, log) -> dict:
     with contextlib.ExitStack() as stack:
-        from embedstore.store import FeatureStore
-
-        stores: dict[Path, FeatureStore] = {}
+        stores: dict[Path, object] = {}
         loaded: dict = {}   # (store, feature sets) -> its data, read once for every member that reads it
         scored, manifest, reference = [], None, None
         non_finite: dict[str, dict[str, int]] = {}  # member -> split -> items it scored non-finite (left out)
@@ -300,8 +299,8 @@ def _evaluate(members: list[Member], notes: list[str], request: int | str, base:
             name = relative_to_folder(member.folder, base)
             path = member.store_path.resolve()
             try:
-                if path not in stores:
-                    stores[path] = stack.enter_context(FeatureStore(path))
+                if path not in stores:   # with the joined sources (heads/joined.py) its pool reads there
+                    stores[path] = stack.enter_context(open_store(path, _joins(members, path)))
                 store = stores[path]
                 if manifest is not None and store.manifest_sha256 != manifest:
                     raise ValueError(f"its store is of manifest {store.manifest_sha256[:12]}, not "
@@ -356,6 +355,11 @@ def _evaluate(members: list[Member], notes: list[str], request: int | str, base:
             "stores": sorted({relative_to_folder(m.store_path, base) for m, _ in chosen[:k]}),
             "skipped_folders": len(notes), "notes": list(notes),
             **({"non_finite_left_out": non_finite} if non_finite else {})}
+
+
+def _joins(members: list[Member], path: Path) -> dict[str, tuple[str, ...]]:
+    """{modality: joined sources} that the members trained on the store at `path` read."""
+    return joins_in(name for m in members if m.store_path.resolve() == path for name in m.inputs)
 
 
 def format_summary(row: dict) -> str:
