@@ -155,17 +155,36 @@ def report(results, out):
               help="How many saved models, best recorded validation accuracy first; auto: the k in 1..N with the "
                    "best ensemble validation accuracy (ties: the smaller k).")
 @click.option("--multimodal-only", is_flag=True, help="Leave the unimodal baselines out of the pool.")
+@click.option("--select", "select", default="validation", show_default=True,
+              help="Rank members and choose k by: validation (recorded validation accuracy), or cv:K (K-fold "
+                   "cross-validation on train + validation, each member refit K times; docs/sweeps.md).")
 @one_line_errors
-def ensemble(results, top_k, multimodal_only):
+def ensemble(results, top_k, multimodal_only, select):
     """Average the class probabilities of the top-k saved heads of RESULTS (one or more `heads sweep` folders,
     aligned by item id), score them on validation and test, and append a row to the first RESULTS'
     ensembles.jsonl (a rerun over the same members and stores skips)."""
     from heads.ensemble import ensemble as run_ensemble, format_summary
 
-    row = run_ensemble(list(results), top_k, multimodal_only=multimodal_only, log=click.echo)
+    row = run_ensemble(list(results), top_k, multimodal_only=multimodal_only, select=select, log=click.echo)
     click.echo(format_summary(row))
     if not row["already_recorded"]:
         click.echo(f"row appended to {results[0] / 'ensembles.jsonl'}")
+
+
+@heads.command()
+@click.argument("results", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--select", "select", default="cv:5", show_default=True,
+              help="cv:K: K-fold cross-validation on train + validation (each saved model refit K times).")
+@click.option("--multimodal-only", is_flag=True, help="Leave the unimodal baselines out.")
+@click.option("--device", default="cpu", show_default=True, help="Where the refits train: cpu, cuda, cuda:N.")
+@one_line_errors
+def select(results, select, multimodal_only, device):
+    """The best saved model of RESULTS chosen by validation and by cross-validation, each with its validation,
+    CV and test accuracy (test never chooses)."""
+    from heads.select import format_selection_table, select_model
+
+    doc = select_model(list(results), select, multimodal_only=multimodal_only, device=device, log=click.echo)
+    click.echo(format_selection_table(doc))
 
 
 @heads.command()
