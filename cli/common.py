@@ -5,6 +5,7 @@ import contextlib
 import dataclasses
 import functools
 import importlib.metadata
+import inspect
 import math
 import warnings
 
@@ -90,14 +91,20 @@ NON_NEGATIVE = click.IntRange(min=0)
 
 
 def setting_default(path: str):
-    """The default of a settings dataclass field, "package.module:Class.field" (its default or default_factory)."""
+    """The library's default named by "package.module:Owner.name": a settings dataclass field's default (or
+    default_factory), or a library function's keyword default."""
     module, _, attribute = path.partition(":")
-    class_name, _, field_name = attribute.partition(".")
-    cls = getattr(importlib.import_module(module), class_name)
-    field = cls.__dataclass_fields__[field_name]
-    if field.default is not dataclasses.MISSING:
-        return field.default
-    return field.default_factory()
+    owner_name, _, name = attribute.partition(".")
+    owner = getattr(importlib.import_module(module), owner_name)
+    if dataclasses.is_dataclass(owner):
+        field = owner.__dataclass_fields__[name]
+        if field.default is not dataclasses.MISSING:
+            return field.default
+        return field.default_factory()
+    default = inspect.signature(owner).parameters[name].default
+    if default is inspect.Parameter.empty:
+        raise TypeError(f"{path}: {owner_name} has no default for {name}")
+    return default
 
 
 def as_cli_text(value):
@@ -108,8 +115,8 @@ def as_cli_text(value):
 
 
 class SettingOption(click.Option):
-    """An option whose default is a settings dataclass field (`setting="heads.train:TrainSettings.lr"`): one source
-    of defaults, the library's. Read when click needs it (parsing a command line without the option, or the
+    """An option whose default is the library's (`setting="heads.train:TrainSettings.lr"`, setting_default): one
+    source of defaults. Read when click needs it (parsing a command line without the option, or the
     command's --help), so `heads --help` does not import torch. `to_cli` turns the field's value into the option's
     (default: as_cli_text)."""
 

@@ -31,9 +31,10 @@ def heads():
               help="Comma-separated fusion operators.")
 @click.option("--image-source", "image_sources", multiple=True, show_default="every image source in the store",
               help="Only this image source (a feature set's source or backbone name); repeatable. Each (image, "
-                   "text) source pair is swept.")
+                   "text) source pair is swept. Sources joined by commas (efficientnet_lite0,efficientnet_lite2) "
+                   "are one source: their features side by side.")
 @click.option("--text-source", "text_sources", multiple=True, show_default="every text source in the store",
-              help="Only this text source; repeatable.")
+              help="Only this text source; repeatable; commas join sources as for --image-source.")
 @setting_option("--seeds", setting="heads.sweep:SweepSettings.seeds", help="Comma-separated seeds; one head per seed.")
 @setting_option("--baselines/--no-baselines", setting="heads.sweep:SweepSettings.baselines",
               help="Also train the unimodal image-only and text-only heads (Table 7).")
@@ -150,21 +151,40 @@ def report(results, out):
 
 @heads.command()
 @click.argument("results", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--top-k", "top_k", default="auto",
+@setting_option("--top-k", "top_k", setting="heads.ensemble:ensemble.top_k",
               help="How many saved models, best recorded validation accuracy first; auto: the k in 1..N with the "
                    "best ensemble validation accuracy (ties: the smaller k).")
 @click.option("--multimodal-only", is_flag=True, help="Leave the unimodal baselines out of the pool.")
+@setting_option("--select", "select", setting="heads.ensemble:ensemble.select",
+              help="Rank members and choose k by: validation (recorded validation accuracy), or cv:K (K-fold "
+                   "cross-validation on train + validation, each member refit K times; docs/sweeps.md).")
 @one_line_errors
-def ensemble(results, top_k, multimodal_only):
+def ensemble(results, top_k, multimodal_only, select):
     """Average the class probabilities of the top-k saved heads of RESULTS (one or more `heads sweep` folders,
     aligned by item id), score them on validation and test, and append a row to the first RESULTS'
     ensembles.jsonl (a rerun over the same members and stores skips)."""
     from heads.ensemble import ensemble as run_ensemble, format_summary
 
-    row = run_ensemble(list(results), top_k, multimodal_only=multimodal_only, log=click.echo)
+    row = run_ensemble(list(results), top_k, multimodal_only=multimodal_only, select=select, log=click.echo)
     click.echo(format_summary(row))
     if not row["already_recorded"]:
         click.echo(f"row appended to {results[0] / 'ensembles.jsonl'}")
+
+
+@heads.command()
+@click.argument("results", nargs=-1, required=True, type=click.Path(path_type=Path))
+@setting_option("--select", "select", setting="heads.select:select_model.select",
+              help="cv:K: K-fold cross-validation on train + validation (each saved model refit K times).")
+@click.option("--multimodal-only", is_flag=True, help="Leave the unimodal baselines out.")
+@click.option("--device", default=None, show_default=DEVICE_DEFAULT, help="Where the refits train: cpu, cuda, cuda:N.")
+@one_line_errors
+def select(results, select, multimodal_only, device):
+    """The best saved model of RESULTS chosen by validation and by cross-validation, each with its validation,
+    CV and test accuracy (test never chooses)."""
+    from heads.select import format_selection_table, select_model
+
+    doc = select_model(list(results), select, multimodal_only=multimodal_only, device=device, log=click.echo)
+    click.echo(format_selection_table(doc))
 
 
 @heads.command()

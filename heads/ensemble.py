@@ -33,6 +33,8 @@ import numpy as np
 
 from embedstore.fingerprint import fingerprint
 from embedstore.metrics import classification_metrics
+from heads.cv_select import VALIDATION, cross_validate, format_selection, parse_select
+from heads.joined import joins_in, open_store
 from heads.selection import best_by_validation, rank_by_validation
 from heads.strategies import is_multimodal
 from embedstore.model_folder import CONFIG_FILE, read_config
@@ -252,7 +254,7 @@ def parse_top_k(top_k) -> int | str:
 
 
 def ensemble(results_dirs: str | os.PathLike | Iterable[str | os.PathLike], top_k: int | str = "auto", *,
-             multimodal_only: bool = False, log: Callable[[str], None] = print) -> dict:
+             multimodal_only: bool = False, select: str = VALIDATION, log: Callable[[str], None] = print) -> dict:
     """Average the class probabilities of the top-k saved heads (by recorded validation accuracy) of the
     results folders, score the average on validation and test, and record it in the first folder's
     ensembles.jsonl. Returns the row (`already_recorded` True when an identical run was found and skipped)."""
@@ -262,7 +264,7 @@ def ensemble(results_dirs: str | os.PathLike | Iterable[str | os.PathLike], top_
     if not results_dirs:
         raise ValueError("name at least one results folder")
     results_dirs = distinct_folders(results_dirs, log)
-    request = parse_top_k(top_k)
+    request, selection = parse_top_k(top_k), parse_select(select)   # cv:K: heads/cv_select.py
     for results in results_dirs:  # before the lock, which would create the folder
         find_model_folders(results)
     base = results_dirs[0]
@@ -274,12 +276,19 @@ def ensemble(results_dirs: str | os.PathLike | Iterable[str | os.PathLike], top_
             log(note)
         key = fingerprint({"top_k": request, "multimodal_only": multimodal_only,
                            "pool": [(relative_to_folder(m.folder, base), m.identity,
-                                     relative_to_folder(m.store_path, base)) for m in members]})
+                                     relative_to_folder(m.store_path, base)) for m in members],
+                           **({"select": selection.label} if selection.how != VALIDATION else {})})
         for row in read_runs(base, ENSEMBLES_FILE):
             if row["run_key"] == key:
                 log(f"this ensemble (same members and stores) is already in {base / ENSEMBLES_FILE}; skipped")
                 return {**row, "already_recorded": True}
-        row = _evaluate(members, notes, request, base, log)
+        cv, started = None, time.perf_counter()
+        if selection.how != VALIDATION and members:   # rank the members (and choose k) by K-fold CV instead
+            cv = cross_validate(members, selection, log=log)
+            members = rank_by_validation(members, val=lambda m: cv.accuracy([m.folder]),
+                                         name=lambda m: relative_to_folder(m.folder, base))
+        row = _evaluate(members, notes, request, base, log, cv)
+        row.update({"select": selection.label, "selection_seconds": time.perf_counter() - started if cv else 0.0})
         row.update({"run_key": key, "cell": "ensemble", "strategy": "ensemble", "fusion": None, "top_k": request,
                     "multimodal_only": multimodal_only, "unimodal_left_out": unimodal,
                     "results_dirs": [relative_to_folder(r, base) for r in results_dirs],
@@ -288,11 +297,9 @@ def ensemble(results_dirs: str | os.PathLike | Iterable[str | os.PathLike], top_
     return {**row, "already_recorded": False}
 
 
-def _evaluate(members: list[Member], notes: list[str], request: int | str, base: Path, log) -> dict:
+def _evaluate(members: list[Member], notes: list[str], request: int | str, base: Path, log, cv=None) -> dict:
     with contextlib.ExitStack() as stack:
-        from embedstore.store import FeatureStore
-
-        stores: dict[Path, FeatureStore] = {}
+        stores: dict[Path, object] = {}
         loaded: dict = {}   # (store, feature sets) -> its data, read once for every member that reads it
         scored, manifest, reference = [], None, None
         non_finite: dict[str, dict[str, int]] = {}  # member -> split -> items it scored non-finite (left out)
@@ -300,8 +307,8 @@ def _evaluate(members: list[Member], notes: list[str], request: int | str, base:
             name = relative_to_folder(member.folder, base)
             path = member.store_path.resolve()
             try:
-                if path not in stores:
-                    stores[path] = stack.enter_context(FeatureStore(path))
+                if path not in stores:   # with the joined sources (heads/joined.py) its pool reads there
+                    stores[path] = stack.enter_context(open_store(path, _joins(members, path)))
                 store = stores[path]
                 if manifest is not None and store.manifest_sha256 != manifest:
                     raise ValueError(f"its store is of manifest {store.manifest_sha256[:12]}, not "
@@ -333,7 +340,7 @@ def _evaluate(members: list[Member], notes: list[str], request: int | str, base:
         aligned = {s: _align(chosen, s, classes) for s in SPLITS}
         by_k = []
         for k in range(1, len(chosen) + 1):
-            entry = {"k": k}
+            entry = {"k": k, **({"cv_accuracy": cv.accuracy([m.folder for m, _ in chosen[:k]])} if cv else {})}
             for split in SPLITS:
                 _, labels, probas = aligned[split]
                 mean = np.mean(probas[:k], axis=0)  # (n, C): the ensemble's probabilities
@@ -341,12 +348,15 @@ def _evaluate(members: list[Member], notes: list[str], request: int | str, base:
                 entry.update({f"{split}_accuracy": metrics["accuracy"], f"{split}_macro_f1": metrics["macro_f1"]})
             by_k.append(entry)
         # auto: the best validation accuracy, the smaller k on ties
-        best = best_by_validation(by_k, val=lambda e: e["val_accuracy"], name=lambda e: e["k"]) \
+        score = "cv_accuracy" if cv else "val_accuracy"
+        best = best_by_validation(by_k, val=lambda e: e[score], name=lambda e: e["k"]) \
             if request == "auto" else by_k[-1]
         k = best["k"]
     return {"k": k, "pool": n, "members": [relative_to_folder(m.folder, base) for m, _ in chosen[:k]],
             "member_kinds": [m.kind for m, _ in chosen[:k]],
             "member_val_accuracy": [m.val_accuracy for m, _ in chosen[:k]],
+            **({"member_cv_accuracy": [cv.accuracy([m.folder]) for m, _ in chosen[:k]],
+                "cv_accuracy": best["cv_accuracy"]} if cv else {}),
             "val_accuracy": best["val_accuracy"], "val_macro_f1": best["val_macro_f1"],
             "test_accuracy": best["test_accuracy"], "test_macro_f1": best["test_macro_f1"], "by_k": by_k,
             "best_single": {"member": relative_to_folder(chosen[0][0].folder, base), **by_k[0]},
@@ -358,18 +368,25 @@ def _evaluate(members: list[Member], notes: list[str], request: int | str, base:
             **({"non_finite_left_out": non_finite} if non_finite else {})}
 
 
+def _joins(members: list[Member], path: Path) -> dict[str, tuple[str, ...]]:
+    """{modality: joined sources} that the members trained on the store at `path` read."""
+    return joins_in(name for m in members if m.store_path.resolve() == path for name in m.inputs)
+
+
 def format_summary(row: dict) -> str:
     """One paragraph: the members, the chosen k, the accuracies, the items left out and the folders skipped."""
     items, single = row["items"], row["best_single"]
-    how = "k chosen by validation accuracy" if row["top_k"] == "auto" else f"k = {row['top_k']} as asked"
-    text = (f"Ensemble of the top {row['k']} of {row['pool']} saved heads by recorded validation accuracy ({how}"
+    by = "validation" if row.get("select", VALIDATION) == VALIDATION else row["select"]
+    how = f"k chosen by {by} accuracy" if row["top_k"] == "auto" else f"k = {row['top_k']} as asked"
+    ranked = "recorded validation" if by == VALIDATION else by
+    text = (f"Ensemble of the top {row['k']} of {row['pool']} saved heads by {ranked} accuracy ({how}"
             f"{', multimodal only' if row['multimodal_only'] else ''}): {', '.join(row['members'])}. "
             f"Validation accuracy {100 * row['val_accuracy']:.2f} %, test accuracy {100 * row['test_accuracy']:.2f} "
             f"%, test macro-F1 {100 * row['test_macro_f1']:.2f} %, over {items['val']['scored']:,} validation and "
             f"{items['test']['scored']:,} test items scored by every member ({items['val']['left_out']:,} and "
             f"{items['test']['left_out']:,} left out). The best single head by validation, {single['member']}: "
             f"validation {100 * single['val_accuracy']:.2f} %, test {100 * single['test_accuracy']:.2f} % on the "
-            f"same items.")
+            f"same items.") + format_selection(row)
     if row.get("skipped_folders"):
         text += f" {row['skipped_folders']} folder(s) skipped (listed in the row's notes)."
     if row.get("unimodal_left_out"):

@@ -27,6 +27,7 @@ from heads.fusion import list_fusions
 from heads.decision import LinearSettings
 from heads.grid import Cell, build_grid, decision_cells, without_sets_being_written
 from heads.inputs import inputs_with_shared_rows
+from heads.joined import open_store
 from heads.models import HeadConfig, StackedHead
 from heads.context import RunContext
 from heads.strategies import get_strategy, list_strategies
@@ -164,8 +165,6 @@ def _refuse_one_class(store_path: Path) -> None:
 
 
 def _sweep_ranks(store_path: Path, out_dir: Path, settings: SweepSettings, context: RunContext, group, log) -> dict:
-    from embedstore.store import FeatureStore
-
     rank, size = world()
     device, jobs = context.device, context.jobs
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -174,7 +173,9 @@ def _sweep_ranks(store_path: Path, out_dir: Path, settings: SweepSettings, conte
     t_start = time.perf_counter()
     summary = {"trained": 0, "trained_by_kind": {}, "skipped": 0, "cells": [], "notes": [], "jobs": jobs,
                "ranks": size, "device": str(device), "train_flops": 0.0, _KEYS: set()}
-    with FeatureStore(store_path) as store:
+    # joined sources ("a,b": heads/joined.py) read as one more source of their modality
+    joins = {"image": settings.image_sources, "text": settings.text_sources}
+    with open_store(store_path, joins) as store:
         cells, notes = build_grid(store, strategies=_cached(settings.strategies), fusions=settings.fusions,
                                   baselines=settings.baselines, image_sources=settings.image_sources,
                                   text_sources=settings.text_sources)

@@ -248,11 +248,27 @@ def sources_for(doc: dict, strategy: str, modalities: tuple[str, ...], layer: st
     if found != modalities or any(name.rsplit("/", 1)[1] != layer for name in names):
         raise ValueError(f"the model (strategy {strategy}) needs {layer} features of {modalities}, but its "
                          f"config.json names {names}")
+    def build(name: str, modality: str, recorded: dict) -> FeatureSource:
+        if layer == "pooled":
+            return _pooled_source(name, modality, recorded, settings, device)
+        return _module_source(name, modality, layer, recorded, device)
+
     sources = []
     for name, modality in zip(names, modalities):
-        if layer == "pooled":
-            source = _pooled_source(name, modality, provenance[name], settings, device)
-        else:
-            source = _module_source(name, modality, layer, provenance[name], device)
-        sources.append(source)
+        recorded = provenance[name]
+        sources.append(_joined_source(name, modality, recorded, build, device) if "joined" in recorded
+                       else build(name, modality, recorded))
     return sources
+
+
+def _joined_source(name: str, modality: str, recorded: dict, build, device) -> FeatureSource:
+    """A joined source (heads/joined.py): every member rebuilt and checked from its own provenance, their
+    features side by side in member order (pipelines/predict_joined.py)."""
+    from pipelines.predict_joined import JoinedImageStages, joined_compute, joined_tokenize
+
+    layer = name.rsplit("/", 1)[1]
+    members = [build(f"{modality}/{m['source']}/{layer}", modality, m) for m in recorded["joined"]]
+    prepare = (JoinedImageStages([m.prepare for m in members]) if modality == "image"
+               else joined_tokenize([m.prepare for m in members]))
+    return FeatureSource(name, modality, torch.nn.ModuleList([m.network for m in members]),
+                         joined_compute(members, device), prepare, None)

@@ -139,7 +139,7 @@ def test_predict_on_a_missing_input_says_so_before_loading_anything(predict_sett
 
 
 # the options whose default is no settings field's: what the command line alone decides
-OWN_DEFAULTS = {"embed prepare --format", "embed demo --out", "heads ensemble --top-k"}
+OWN_DEFAULTS = {"embed prepare --format", "embed demo --out"}
 
 
 @pytest.mark.parametrize("path, command", ALL, ids=[" ".join(p) for p, _ in ALL])
