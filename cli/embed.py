@@ -45,7 +45,8 @@ def prepare(catalog, out, min_items, items_per_class, train, val, test, fraction
     Default: the paper's fixed counts per class (175/25/50 of 250; --items-per-class N alone scales them 7:1:2).
     With --fractions: every usable item, split per class.
     """
-    from embedstore.catalog import CsvColumns, open_catalog
+    from embedstore.catalog import open_catalog
+    from embedstore.catalog_csv import CsvColumns
     from embedstore.outputs import check_writable
     from embedstore.manifest import FractionSettings, SplitSettings, format_summary, prepare_manifest
 
