@@ -124,7 +124,8 @@ def extract(manifest, store, image_backbone, text_backbone, image_weights, text_
 
     With --image-module / --text-module only the modules' features are written, unless backbones are named too.
     """
-    from embedstore.extract import ExtractSettings, extract as run_extract
+    from embedstore.extract import extract as run_extract
+    from embedstore.extract_plan import ExtractSettings
     from embedstore.inspect import format_counts
     from embedstore.shards import parse_shard
 
