@@ -27,7 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from embedstore.extract import ExtractSettings, extract  # noqa: E402
+from embedstore.extract import extract  # noqa: E402
+from embedstore.extract_plan import ExtractSettings  # noqa: E402
 from embedstore.finetune import FinetuneSettings, finetune  # noqa: E402
 from embedstore.manifest import Manifest  # noqa: E402
 from embedstore.store import FeatureStore  # noqa: E402

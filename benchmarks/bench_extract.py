@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from embedstore.backbones import create_backbone  # noqa: E402
 from embedstore.catalog import open_catalog  # noqa: E402
 from embedstore.defaults import autocast_for, resolve_device  # noqa: E402
-from embedstore.extract import ExtractSettings, extract  # noqa: E402
+from embedstore.extract import extract  # noqa: E402
+from embedstore.extract_plan import ExtractSettings  # noqa: E402
 from embedstore.manifest import SplitSettings, prepare_manifest  # noqa: E402
 from embedstore.store import FeatureStore  # noqa: E402
 

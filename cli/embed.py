@@ -31,12 +31,12 @@ def embed():
 @click.option("--max-per-class", type=POSITIVE, default=None, show_default="no cap",
               help="With --fractions: at most this many items of a class (a seeded draw; the rest 'not sampled').")
 @setting_option("--seed", setting="embedstore.manifest:SplitSettings.seed", type=NON_NEGATIVE, help="Seed of the draw and the split.")
-@click.option("--format", "fmt", type=click.Choice(["auto", "fashion", "csv"]), default="auto",
+@setting_option("--format", "fmt", type=click.Choice(["auto", "fashion", "csv"]), setting="embedstore.catalog:open_catalog.fmt",
               help="fashion = styles.csv + images/ (folder or zip); csv = a generic catalog with named columns.")
-@setting_option("--id-column", setting="embedstore.catalog:CsvColumns.id", help="Generic CSV: the id column.")
-@setting_option("--image-column", setting="embedstore.catalog:CsvColumns.image", help="Generic CSV: image path column.")
-@setting_option("--title-column", setting="embedstore.catalog:CsvColumns.title", help="Generic CSV: title column.")
-@setting_option("--label-column", setting="embedstore.catalog:CsvColumns.label", help="Generic CSV: label column.")
+@setting_option("--id-column", setting="embedstore.catalog_csv:CsvColumns.id", help="Generic CSV: the id column.")
+@setting_option("--image-column", setting="embedstore.catalog_csv:CsvColumns.image", help="Generic CSV: image path column.")
+@setting_option("--title-column", setting="embedstore.catalog_csv:CsvColumns.title", help="Generic CSV: title column.")
+@setting_option("--label-column", setting="embedstore.catalog_csv:CsvColumns.label", help="Generic CSV: label column.")
 @one_line_errors
 def prepare(catalog, out, min_items, items_per_class, train, val, test, fractions, max_per_class, seed, fmt,
             id_column, image_column, title_column, label_column):
@@ -45,7 +45,8 @@ def prepare(catalog, out, min_items, items_per_class, train, val, test, fraction
     Default: the paper's fixed counts per class (175/25/50 of 250; --items-per-class N alone scales them 7:1:2).
     With --fractions: every usable item, split per class.
     """
-    from embedstore.catalog import CsvColumns, open_catalog
+    from embedstore.catalog import open_catalog
+    from embedstore.catalog_csv import CsvColumns
     from embedstore.outputs import check_writable
     from embedstore.manifest import FractionSettings, SplitSettings, format_summary, prepare_manifest
 
@@ -85,21 +86,21 @@ def _fractions(text: str) -> list[float]:
 @embed.command()
 @click.argument("manifest", type=click.Path(path_type=Path))
 @click.option("--store", required=True, type=click.Path(path_type=Path), help="HDF5 feature store to create or resume.")
-@setting_option("--image-backbone", setting="embedstore.extract:ExtractSettings.image_backbone",
+@setting_option("--image-backbone", setting="embedstore.extract_plan:ExtractSettings.image_backbone",
               help="Image backbone name ('none' to skip images).")
-@setting_option("--text-backbone", setting="embedstore.extract:ExtractSettings.text_backbone",
+@setting_option("--text-backbone", setting="embedstore.extract_plan:ExtractSettings.text_backbone",
               help="Text backbone name or local Hugging Face folder ('none' to skip texts).")
 @click.option("--image-weights", type=click.Path(path_type=Path), show_default="the backbone's standard places",
               help="Local image weights file.")
 @click.option("--text-weights", type=click.Path(path_type=Path), show_default="the backbone's standard places",
               help="Local Hugging Face folder of the text backbone.")
-@setting_option("--image-size", setting="embedstore.extract:ExtractSettings.image_size", type=POSITIVE, help="Center-crop size (resize keeps the 256/224 ratio).")
-@setting_option("--batch-size", setting="embedstore.extract:ExtractSettings.batch_size", type=POSITIVE, help="Images per forward pass.")
-@setting_option("--text-batch-size", setting="embedstore.extract:ExtractSettings.text_batch_size", type=POSITIVE, help="Titles per forward pass.")
-@setting_option("--workers", setting="embedstore.extract:ExtractSettings.workers", type=NON_NEGATIVE, help="DataLoader processes decoding images.")
+@setting_option("--image-size", setting="embedstore.extract_plan:ExtractSettings.image_size", type=POSITIVE, help="Center-crop size (resize keeps the 256/224 ratio).")
+@setting_option("--batch-size", setting="embedstore.extract_plan:ExtractSettings.batch_size", type=POSITIVE, help="Images per forward pass.")
+@setting_option("--text-batch-size", setting="embedstore.extract_plan:ExtractSettings.text_batch_size", type=POSITIVE, help="Titles per forward pass.")
+@setting_option("--workers", setting="embedstore.extract_plan:ExtractSettings.workers", type=NON_NEGATIVE, help="DataLoader processes decoding images.")
 @click.option("--device", default=None, show_default=DEVICE_DEFAULT, help="cpu, cuda or cuda:N.")
 @click.option("--add", is_flag=True, help="Store these backbones' features beside other backbones' already in STORE.")
-@setting_option("--progress/--no-progress", setting="embedstore.extract:ExtractSettings.progress", help="Progress bars on stderr.")
+@setting_option("--progress/--no-progress", setting="embedstore.extract_plan:ExtractSettings.progress", help="Progress bars on stderr.")
 @click.option("--image-module", type=click.Path(path_type=Path),
               help="Saved image module (`embed finetune`): store its dense and classifier outputs too.")
 @click.option("--text-module", type=click.Path(path_type=Path),
@@ -107,12 +108,12 @@ def _fractions(text: str) -> list[float]:
 @click.option("--shard", default=None, metavar="k/n|auto|none", show_default="auto under torchrun, else none",
               help="Extract only shard k (0-based) of n contiguous item ranges into STORE.shard-k-of-n.h5 "
                    "(join them with `embed merge`); auto = RANK/WORLD_SIZE of torchrun.")
-@setting_option("--dtype", type=click.Choice(["float32", "float16"]), setting="embedstore.extract:ExtractSettings.dtype",
+@setting_option("--dtype", type=click.Choice(["float32", "float16"]), setting="embedstore.extract_plan:ExtractSettings.dtype",
               help="Stored feature values: float16 halves disk and memory (heads upcast each batch to float32).")
-@setting_option("--image-pipeline", type=click.Choice(["auto", "pil", "tensor"]), setting="embedstore.extract:ExtractSettings.image_pipeline",
+@setting_option("--image-pipeline", type=click.Choice(["auto", "pil", "tensor"]), setting="embedstore.extract_plan:ExtractSettings.image_pipeline",
               help="Where images are resized, cropped and normalized: pil = in the DataLoader workers; tensor = "
                    "workers only decode, the device does the rest batched; auto = tensor on CUDA, pil on a CPU.")
-@setting_option("--image-resize", type=click.Choice(["crop", "pad"]), setting="embedstore.extract:ExtractSettings.image_resize", show_default=True,
+@setting_option("--image-resize", type=click.Choice(["crop", "pad"]), setting="embedstore.extract_plan:ExtractSettings.image_resize", show_default=True,
               help="crop = the protocol's resize and center crop; pad = the whole photo, aspect kept, centred on a "
                    "white square (its own feature set, source name ending in -pad).")
 @one_line_errors
@@ -123,7 +124,8 @@ def extract(manifest, store, image_backbone, text_backbone, image_weights, text_
 
     With --image-module / --text-module only the modules' features are written, unless backbones are named too.
     """
-    from embedstore.extract import ExtractSettings, extract as run_extract
+    from embedstore.extract import extract as run_extract
+    from embedstore.extract_plan import ExtractSettings
     from embedstore.inspect import format_counts
     from embedstore.shards import parse_shard
 

@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-from embedstore.catalog import Catalog, CatalogItem, open_catalog_from_spec
+from embedstore.catalog import open_catalog_from_spec
+from embedstore.catalog_base import Catalog, CatalogItem
 from embedstore.outputs import write_bytes_atomic
 from embedstore.preprocess import clean_title
 

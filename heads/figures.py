@@ -58,12 +58,27 @@ def plot_bars(cells: list[dict], out_dir: Path, prefix: str = "", *, title: str 
     Honest axes: accuracy from 0 (and, when the best models sit high, a second panel zoomed on their range,
     marked as such and drawn as points, not bars, since it has no zero); time on a log axis when one slow model
     would flatten the rest. `spread` names what the whiskers are (the captions say it)."""
-    import matplotlib
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     return [_plot_accuracy(plt, cells, out_dir / f"{prefix}accuracy.png", title, spread),
             _plot_time(plt, cells, out_dir / f"{prefix}training_time.png", title, spread)]
+
+
+def pyplot():
+    """matplotlib.pyplot, drawing to files only (the Agg backend: no display)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_png(fig, path: Path) -> Path:
+    """A pyplot figure as a 120 dpi PNG at path, whole or not at all (embedstore/outputs.py); the figure closed."""
+    import matplotlib.pyplot as plt
+
+    with partial_file(path) as partial:
+        fig.savefig(partial, dpi=120, format="png")
+    plt.close(fig)
+    return path
 
 
 HEADER_IN, FOOTER_IN, BAR_IN = 0.7, 0.5, 0.24   # figure layout in inches: title + legend, caption, one bar
@@ -76,7 +91,7 @@ def _figure(plt, n_bars: int, ncols: int = 1, width: float = 9.0):
     return fig, axes[0]
 
 
-def _finish(plt, fig, path: Path, title: str, kinds: list[str], caption: str) -> Path:
+def _finish(fig, path: Path, title: str, kinds: list[str], caption: str) -> Path:
     import textwrap
 
     from matplotlib.patches import Patch
@@ -89,10 +104,7 @@ def _finish(plt, fig, path: Path, title: str, kinds: list[str], caption: str) ->
     fig.text(0.01, 0.08 / height, textwrap.fill(caption, int(width * 15)), fontsize=7.5, color="#333333",
              ha="left", va="bottom")
     fig.tight_layout(pad=0.8, w_pad=2.0, rect=(0, FOOTER_IN / height, 1, 1 - HEADER_IN / height))
-    with partial_file(path) as partial:   # whole or not at all (embedstore/outputs.py)
-        fig.savefig(partial, dpi=120, format="png")
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def _zoom(mean: np.ndarray, std: np.ndarray) -> tuple[float, float] | None:
@@ -144,7 +156,7 @@ def _plot_accuracy(plt, cells: list[dict], path: Path, title: str, spread: str) 
         ax.set_title(f"zoomed to {low:.0f}-{high:.0f} % (points: no bars without a zero)", fontsize=8)
         ax.grid(axis="x", color="#dddddd", linewidth=0.6)
         ax.set_facecolor("#f7f7f2")
-    return _finish(plt, fig, path, f"{title}: test accuracy", kinds,
+    return _finish(fig, path, f"{title}: test accuracy", kinds,
                    f"Bars: mean test accuracy; whiskers: {spread}{'; ' + n if n else ''}. Sorted by accuracy, "
                    "best at the top; colours: model kind." + (" Right: the same means zoomed on the best models' "
                                                                "range." if zoom is not None else ""))
@@ -189,7 +201,7 @@ def _plot_time(plt, cells: list[dict], path: Path, title: str, spread: str) -> P
     ax.grid(axis="x", color="#dddddd", linewidth=0.6)
     ax.set_axisbelow(True)
     ax.margins(x=0.12)
-    return _finish(plt, fig, path, f"{title}: training time per model{' (log scale)' if log else ''}", kinds,
+    return _finish(fig, path, f"{title}: training time per model{' (log scale)' if log else ''}", kinds,
                    f"Bars: mean wall time per model (a batched head: its share of the stack); whiskers: {spread}"
                    f"{note}{'; ' + n if n else ''}. Sorted by time, slowest at the top; colours: model kind.")
 

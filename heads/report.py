@@ -4,7 +4,6 @@ The report only reads result rows; it never trains. Mean and spread (sample std)
 """
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,8 @@ from heads.results import read_runs, runs_path
 from heads.figures import figure_lines, plot_bars
 from heads.selection import TIE_RULE, best_summary
 from heads.strategies import get_strategy, is_multimodal, list_strategies, report_order
+from heads.tables import (MEAN_HEADER, Table, accuracy_pm, macro_f1_pm, markdown_table, mean_columns, mean_std,
+                          one_decimal, percent, pm, write_tables)
 
 
 def _multimodal(cells: list[dict]) -> list[dict]:
@@ -61,10 +62,8 @@ def summarize(rows: list[dict]) -> list[dict]:
     several = {cell for cell, _ in groups if sum(c == cell for c, _ in groups) > 1}
     out = []
     for (cell, variant), rs in groups.items():
-        acc = np.array([r["test_accuracy"] for r in rs])
-        f1 = np.array([r["test_macro_f1"] for r in rs])
-        secs = np.array([r["train_seconds"] for r in rs])
-        std = (lambda a: float(a.std(ddof=1)) if len(a) > 1 else 0.0)
+        (acc, acc_std), (f1, f1_std), (secs, secs_std) = (
+            mean_std([r[key] for r in rs]) for key in ("test_accuracy", "test_macro_f1", "train_seconds"))
         notes = sorted({r["non_trainable_note"] for r in rs if r.get("non_trainable_note")})
         if diverged.get((cell, variant)):
             notes.append(f"{diverged[cell, variant]} more seed(s) diverged (non-finite loss) and are left out")
@@ -72,12 +71,11 @@ def summarize(rows: list[dict]) -> list[dict]:
             "cell": cell if cell not in several else f"{cell} [{variant}]", "strategy": rs[0]["strategy"],
             "pair": rs[0].get("pair", ""),
             "fusion": rs[0]["fusion"] or "", "seeds": len(rs),
-            "accuracy_mean": float(acc.mean()), "accuracy_std": std(acc),
-            "macro_f1_mean": float(f1.mean()), "macro_f1_std": std(f1),
+            "accuracy_mean": acc, "accuracy_std": acc_std, "macro_f1_mean": f1, "macro_f1_std": f1_std,
             "best_epoch_mean": _mean_or_nan([r["best_epoch"] for r in rs]),   # NaN: no epochs (decision models)
             "epochs_mean": _mean_or_nan([r["epochs_run"] for r in rs]),
             "val_accuracy_mean": float(np.mean([r["best_val_accuracy"] for r in rs])),
-            "train_seconds_mean": float(secs.mean()), "train_seconds_std": std(secs),
+            "train_seconds_mean": secs, "train_seconds_std": secs_std,
             "trainable_parameters": rs[0]["trainable_parameters"],
             "non_trainable_parameters": rs[0]["non_trainable_parameters"],
             "note": "; ".join(notes),
@@ -90,14 +88,6 @@ def _mean_or_nan(values: list) -> float:
     return float(np.mean(values)) if all(v is not None for v in values) else float("nan")
 
 
-def _epochs(value: float) -> str:
-    return "" if np.isnan(value) else f"{value:.1f}"
-
-
-def _pm(mean: float, std: float, scale: float = 100.0, digits: int = 2) -> str:
-    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
-
-
 def _best_pair(cells: list[dict]) -> str | None:
     """With several backbone pairs, Tables 5-6 show the pair of the best multimodal cell by validation
     (heads/selection.py); the by-pair table compares them all."""
@@ -107,7 +97,7 @@ def _best_pair(cells: list[dict]) -> str | None:
     return best_summary(multi)["pair"]
 
 
-def _pair_table(cells: list[dict]) -> tuple[list[str], list[list]]:
+def _pair_table(cells: list[dict]) -> Table:
     """One row per (image source, text source) pair: each strategy's best operator, and the best of all (by
     validation)."""
     multi = _multimodal(cells)
@@ -119,21 +109,22 @@ def _pair_table(cells: list[dict]) -> tuple[list[str], list[list]]:
         for s in strategies:
             of_s = [c for c in mine if c["strategy"] == s]
             best = best_summary(of_s)
-            row.append(f"{_pm(best['accuracy_mean'], best['accuracy_std'])} ({best['fusion'] or '-'})" if best else "")
+            row.append(f"{accuracy_pm(best)} ({best['fusion'] or '-'})" if best else "")
         top = best_summary(mine)
-        rows.append(row + [_base(top), _pm(top["accuracy_mean"], top["accuracy_std"])])
+        rows.append(row + [_base(top), accuracy_pm(top)])
     for c in (c for c in cells if _reference(c["strategy"]) and not is_multimodal(c["strategy"])):
         rows.append([f"{c['strategy']} only: {c['pair']}"] + [""] * len(strategies) +
-                    ["", _pm(c["accuracy_mean"], c["accuracy_std"])])
-    return (["backbone pair"] + [f"{s} best-by-val acc % (operator)" for s in strategies] +
-            ["best cell by val", "its acc %"], rows)
+                    ["", accuracy_pm(c)])
+    return Table("By backbone pair (test accuracy, mean ± std over seeds; Tables 5-6 show the best pair)",
+                 ["backbone pair"] + [f"{s} best-by-val acc % (operator)" for s in strategies] +
+                 ["best cell by val", "its acc %"], rows)
 
 
 def _base(cell: dict) -> str:
     return cell["strategy"] if not cell["fusion"] else f"{cell['strategy']}-{cell['fusion']}"
 
 
-def _tables(cells: list[dict]) -> dict[str, tuple[list[str], list[list]]]:
+def _tables(cells: list[dict]) -> dict[str, Table]:
     pair = _best_pair(cells)
     tables = {"by_pair": _pair_table(cells)} if pair is not None else {}
     multi = [c for c in _multimodal(cells) if pair is None or c["pair"] == pair]
@@ -144,38 +135,34 @@ def _tables(cells: list[dict]) -> dict[str, tuple[list[str], list[list]]]:
 
     header = ["cell", "seeds", "accuracy %", "macro-F1 %", "best epoch", "epochs", "train s/head",
               "trainable params", "non-trainable params", "note"]
-    tables["cells"] = (header, [[c["cell"], c["seeds"], _pm(c["accuracy_mean"], c["accuracy_std"]),
-                                 _pm(c["macro_f1_mean"], c["macro_f1_std"]), _epochs(c["best_epoch_mean"]),
-                                 _epochs(c["epochs_mean"]), _pm(c["train_seconds_mean"], c["train_seconds_std"], 1),
-                                 c["trainable_parameters"], c["non_trainable_parameters"], c["note"]]
-                                for c in cells])
+    tables["cells"] = Table("All cells", header, [
+        [c["cell"], c["seeds"], accuracy_pm(c), macro_f1_pm(c), one_decimal(c["best_epoch_mean"]),
+         one_decimal(c["epochs_mean"]), pm(c["train_seconds_mean"], c["train_seconds_std"], 1),
+         c["trainable_parameters"], c["non_trainable_parameters"], c["note"]] for c in cells])
 
     # Table 5: multimodal strategies, accuracy per operator and the best operator by validation; strategies
     # without an operator (LF, ST, ...) name how they fuse (strategies.py `fused_by`)
     rows = []
     for s in strategies:
         best = best_summary(c for c in multi if c["strategy"] == s)
-        rows.append([s] + [_pm(by[s, f]["accuracy_mean"], by[s, f]["accuracy_std"]) if (s, f) in by else ""
-                           for f in fusions]
-                    + [best["fusion"] or get_strategy(s).fused_by or "", _pm(best["accuracy_mean"], best["accuracy_std"]),
-                       _pm(best["macro_f1_mean"], best["macro_f1_std"]), f"{best['train_seconds_mean']:.2f}",
-                       best["trainable_parameters"], best["non_trainable_parameters"]])
-    tables["table5_strategies"] = (["strategy"] + [f"{f} acc %" for f in fusions] +
-                                   ["best fusion (by val)", "its acc %", "its macro-F1 %", "train s/head",
-                                    "trainable params", "non-trainable params"], rows)
+        rows.append([s] + [accuracy_pm(by[s, f]) if (s, f) in by else "" for f in fusions]
+                    + [best["fusion"] or get_strategy(s).fused_by or "", accuracy_pm(best), macro_f1_pm(best),
+                       f"{best['train_seconds_mean']:.2f}", best["trainable_parameters"],
+                       best["non_trainable_parameters"]])
+    tables["table5_strategies"] = Table(
+        "Table 5: multimodal fine-tuning strategies (test accuracy, mean ± std over seeds)",
+        ["strategy"] + [f"{f} acc %" for f in fusions] + ["best fusion (by val)", "its acc %", "its macro-F1 %",
+                                                          "train s/head", "trainable params", "non-trainable params"],
+        rows)
 
     # Table 6: fusion operators, per strategy and on average over strategies
     rows = []
     strategies6 = [s for s in strategies if get_strategy(s).fused]   # the ones with an operator
     for f in fusions:
         mine = [by[s, f] for s in strategies6 if (s, f) in by]
-        rows.append([f] + [_pm(by[s, f]["accuracy_mean"], by[s, f]["accuracy_std"]) if (s, f) in by else ""
-                           for s in strategies6]
-                    + [f"{100 * np.mean([c['accuracy_mean'] for c in mine]):.2f}",
-                       f"{100 * np.mean([c['macro_f1_mean'] for c in mine]):.2f}",
-                       f"{np.mean([c['train_seconds_mean'] for c in mine]):.2f}"])
-    tables["table6_fusions"] = (["fusion"] + [f"{s} acc %" for s in strategies6] +
-                                ["mean acc %", "mean macro-F1 %", "mean train s/head"], rows)
+        rows.append([f] + [accuracy_pm(by[s, f]) if (s, f) in by else "" for s in strategies6] + mean_columns(mine))
+    tables["table6_fusions"] = Table("Table 6: fusion operators (test accuracy, mean ± std over seeds)",
+                                     ["fusion"] + [f"{s} acc %" for s in strategies6] + MEAN_HEADER, rows)
 
     # Table 7: the simple reference models (unimodal heads, regressions) vs the best multimodal model, chosen by
     # mean validation accuracy (never by test) among every multimodal cell
@@ -190,30 +177,18 @@ def _tables(cells: list[dict]) -> dict[str, tuple[list[str], list[list]]]:
         declared = get_strategy(c["strategy"])
         kind = (f"multimodal (best by validation: {c['cell']})" if multi and i == len(picks) - 1 else
                 f"{c['strategy']} only" if declared.trainer == "head" else f"{declared.label} ({c['cell']})")
-        rows.append([kind, _pm(c["accuracy_mean"], c["accuracy_std"]), _pm(c["macro_f1_mean"], c["macro_f1_std"]),
-                     f"{c['train_seconds_mean']:.2f}", c["trainable_parameters"], c["non_trainable_parameters"]])
-    tables["table7_unimodal_vs_multimodal"] = (["model", "accuracy %", "macro-F1 %", "train s/head",
-                                                "trainable params", "non-trainable params"], rows)
+        rows.append([kind, accuracy_pm(c), macro_f1_pm(c), f"{c['train_seconds_mean']:.2f}",
+                     c["trainable_parameters"], c["non_trainable_parameters"]])
+    tables["table7_unimodal_vs_multimodal"] = Table("Table 7: unimodal vs multimodal",
+                                                    ["model", "accuracy %", "macro-F1 %", "train s/head",
+                                                     "trainable params", "non-trainable params"], rows)
     return tables
-
-
-def markdown_table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-TITLES = {"table5_strategies": "Table 5: multimodal fine-tuning strategies (test accuracy, mean ± std over seeds)",
-          "table6_fusions": "Table 6: fusion operators (test accuracy, mean ± std over seeds)",
-          "table7_unimodal_vs_multimodal": "Table 7: unimodal vs multimodal",
-          "cells": "All cells",
-          "by_pair": "By backbone pair (test accuracy, mean ± std over seeds; Tables 5-6 show the best pair)"}
 
 
 def write_report(results_dir: str | Path, out_dir: str | Path) -> list[Path]:
     """Write report.md (linking the figures), one CSV per table, accuracy.png and training_time.png; returns the
     paths written."""
-    from embedstore.outputs import check_writable, open_atomic, relative_to_folder, write_text_atomic
+    from embedstore.outputs import check_writable, relative_to_folder, write_text_atomic
 
     rows, repeats = unique_runs(read_runs(results_dir))
     if not rows:
@@ -224,7 +199,6 @@ def write_report(results_dir: str | Path, out_dir: str | Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     cells = summarize(rows)
     tables = _tables(cells)
-    written = []
     stores = sorted({r["store"]["manifest_sha256"] for r in rows})
     # paths relative to the report's folder: the report names no machine's folders
     md = [f"# Fusion head sweep: {len(rows)} runs from {relative_to_folder(runs_path(results_dir), out_dir)}",
@@ -233,12 +207,8 @@ def write_report(results_dir: str | Path, out_dir: str | Path) -> list[Path]:
           f"chosen on validation, never on test ({TIE_RULE})."]
     if repeats:
         md.append(f"{repeats} repeated rows (a run_key already seen) were left out.")
-    for name, (header, body) in tables.items():
-        path = out_dir / f"{name}.csv"
-        with open_atomic(path, "w", newline="") as f:
-            csv.writer(f).writerows([header] + body)
-        written.append(path)
-        md += ["", f"## {TITLES[name]}", "", markdown_table(header, body)]
+    table_lines, written = write_tables(tables, out_dir)
+    md += table_lines
     md += ensemble_section(results_dir)
     figures = plot_bars(cells, out_dir)
     md += ["", "## Figures", ""] + figure_lines(figures)
@@ -262,9 +232,9 @@ def ensemble_section(results_dir: str | Path) -> list[str]:
         items, single = row["items"], row["best_single"]
         pool = "multimodal heads" if row["multimodal_only"] else "multimodal heads + baselines"
         body.append([f"ensemble of top-k by validation ({pool})",
-                     f"{row['k']} ({row['top_k']})", ", ".join(row["members"]), f"{100 * row['val_accuracy']:.2f}",
-                     f"{100 * row['test_accuracy']:.2f}", f"{100 * row['test_macro_f1']:.2f}",
-                     f"{100 * single['test_accuracy']:.2f} ({single['member']})",
+                     f"{row['k']} ({row['top_k']})", ", ".join(row["members"]), percent(row["val_accuracy"]),
+                     percent(row["test_accuracy"]), percent(row["test_macro_f1"]),
+                     f"{percent(single['test_accuracy'])} ({single['member']})",
                      f"{items['val']['scored']} / {items['test']['scored']} ({items['val']['left_out']} / "
                      f"{items['test']['left_out']})"])
     return ["", "## Ensembles: average probabilities of the top-k saved heads by recorded validation accuracy", "",

@@ -40,7 +40,8 @@ class DemoSettings:
 def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), log: Callable[[str], None] = print) -> Path:
     """Run the pipeline into OUT and return the report's Markdown file."""
     from embedstore.catalog import open_catalog
-    from embedstore.extract import ExtractSettings, extract
+    from embedstore.extract import extract
+    from embedstore.extract_plan import ExtractSettings
     from embedstore.inspect import format_counts
     from embedstore.manifest import SplitSettings, format_summary, prepare_manifest
     from embedstore.synthetic_catalog import make_fashion_catalog

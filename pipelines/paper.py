@@ -218,7 +218,8 @@ class _ManifestJob:
         run_step("prepare manifest.json", self.manifest, inputs, work, self.log)
 
     def _extract(self) -> str:
-        from embedstore.extract import ExtractSettings, extract
+        from embedstore.extract import extract
+        from embedstore.extract_plan import ExtractSettings
         from embedstore.inspect import format_counts
 
         s = self.s
@@ -312,7 +313,8 @@ class _ManifestJob:
         return modules[modality, strategy, seed if seed in seeds else seeds[0]]
 
     def _sweep_modules(self, seed: int, modules: dict) -> None:
-        from embedstore.extract import ExtractSettings, extract
+        from embedstore.extract import extract
+        from embedstore.extract_plan import ExtractSettings
         from embedstore.inspect import format_counts
         from embedstore.modules import module_id
         from heads.strategies import strategies_reading

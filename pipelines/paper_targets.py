@@ -1,4 +1,4 @@
-"""Issue #11's targets for the fused model, checked on `embed paper`'s summaries (pipelines/paper_report.py).
+"""Issue #11's targets for the fused model, checked on `embed paper`'s summaries (pipelines/paper_summaries.py).
 
 The fused model is chosen once, by validation accuracy on ONE manifest (the first manifest seed: the "choice
 manifest"), and that choice is then scored on every manifest; test accuracy never chooses anything. It is
@@ -6,7 +6,7 @@ compared with every unimodal model of the run (modules S1-S3, MLP heads, logisti
 against the best of them on that manifest's test split: the hardest comparison, since that unimodal winner is
 picked with hindsight.
 
-Summaries are paper_report.summarize() dicts keyed by group name: "image S2" (modules), "2A-concat", "LF",
+Summaries are paper_summaries.summarize() dicts keyed by group name: "image S2" (modules), "2A-concat", "LF",
 "LR-text", "ensemble" (heads and models over the store).
 """
 from __future__ import annotations

@@ -20,8 +20,10 @@ from typing import Callable
 import torch
 
 from embedstore.backbones import create_backbone
-from embedstore.catalog import (Catalog, FolderFiles, csv_fields_up_to, is_fashion_header, open_catalog,
-                                refuse_duplicated_columns)
+from embedstore.catalog import open_catalog
+from embedstore.catalog_base import Catalog, csv_fields_up_to, refuse_duplicated_columns
+from embedstore.catalog_fashion import is_fashion_header
+from embedstore.catalog_files import FolderFiles
 from embedstore.image_pipeline import backbone_preprocessing, recorded_pipeline
 from embedstore.images import ImageStages, image_stages
 from embedstore.modules import load_module, module_id

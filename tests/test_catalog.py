@@ -11,8 +11,10 @@ import pytest
 from PIL import Image
 
 from catalog_factory import CSV_COLUMNS, class_words, make_csv_catalog, make_fashion_catalog
-from embedstore.catalog import (CatalogItem, CsvCatalog, CsvColumns, FashionCatalog, open_catalog,
-                                open_catalog_from_spec)
+from embedstore.catalog import open_catalog, open_catalog_from_spec
+from embedstore.catalog_base import CatalogItem
+from embedstore.catalog_csv import CsvCatalog, CsvColumns
+from embedstore.catalog_fashion import FashionCatalog
 
 REAL_ZIP = Path(__file__).resolve().parents[1].parent / "shared/datasets/fashion-product-images-small.zip"
 

@@ -139,7 +139,7 @@ def test_predict_on_a_missing_input_says_so_before_loading_anything(predict_sett
 
 
 # the options whose default is no settings field's: what the command line alone decides
-OWN_DEFAULTS = {"embed prepare --format", "embed demo --out"}
+OWN_DEFAULTS = {"embed demo --out"}
 
 
 @pytest.mark.parametrize("path, command", ALL, ids=[" ".join(p) for p, _ in ALL])
@@ -165,6 +165,6 @@ def test_a_settings_default_is_what_the_cli_uses(monkeypatch):
     result = CliRunner().invoke(heads_group, ["sweep", "--help"], terminal_width=200)
     assert result.exit_code == 0 and re.search(r"--max-epochs.*\[default: 17;", result.output), result.output
     from embedstore.defaults import DEFAULT_IMAGE_BACKBONE
-    from embedstore.extract import ExtractSettings
-    assert setting_default("embedstore.extract:ExtractSettings.image_backbone") == DEFAULT_IMAGE_BACKBONE
+    from embedstore.extract_plan import ExtractSettings
+    assert setting_default("embedstore.extract_plan:ExtractSettings.image_backbone") == DEFAULT_IMAGE_BACKBONE
     assert ExtractSettings().image_backbone == DEFAULT_IMAGE_BACKBONE

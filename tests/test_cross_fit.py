@@ -16,7 +16,8 @@ import embedstore.finetune as finetune_module
 from cli.embed import embed
 from cli.heads import heads
 from embedstore.cross_fit import assign_folds, fold_dir
-from embedstore.extract import ExtractSettings, extract
+from embedstore.extract import extract
+from embedstore.extract_plan import ExtractSettings
 from embedstore.finetune import FinetuneSettings, finetune
 from embedstore.manifest import Manifest
 from embedstore.model_folder import read_config

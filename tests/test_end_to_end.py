@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from cli.heads import heads
 from embedstore.backbones import create_backbone
 from embedstore.catalog import open_catalog
-from embedstore.extract import ExtractSettings, extract
+from embedstore.extract import extract
+from embedstore.extract_plan import ExtractSettings
 from embedstore.training import predict
 from embedstore.manifest import SplitSettings, prepare_manifest
 from embedstore.synthetic_catalog import make_fashion_catalog

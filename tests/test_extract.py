@@ -15,7 +15,8 @@ from click.testing import CliRunner
 from cli.embed import embed
 from embedstore.catalog import open_catalog
 import embedstore.extract
-from embedstore.extract import ExtractSettings, extract
+from embedstore.extract import extract
+from embedstore.extract_plan import ExtractSettings
 from embedstore.manifest import Manifest, SplitSettings, prepare_manifest
 from embedstore.store import STATUS_MISSING_IMAGE, STATUS_OK, STATUS_UNREADABLE_IMAGE, FeatureStore
 from tests.catalog_factory import make_fashion_catalog

@@ -23,7 +23,8 @@ import embedstore.store_writer as store_module  # the writer: create_store, Feat
 from cli.embed import embed
 from cli.heads import heads
 from embedstore.catalog import open_catalog
-from embedstore.extract import ExtractSettings, extract
+from embedstore.extract import extract
+from embedstore.extract_plan import ExtractSettings
 from embedstore.manifest import SplitSettings, prepare_manifest
 from embedstore.store import STATUS_NON_FINITE, STATUS_OK, DataWarning, FeatureStore
 from embedstore.store_writer import FeatureSetWriter, create_store

@@ -3,6 +3,7 @@ and fields, images decoded as a viewer shows them, full disks named, and the sma
 
 Each test reproduces one finding of the second hostile run (the item number of issue #19 in brackets) and
 checks the guarantee that fixes it (docs/guarantees.md)."""
+import contextlib
 import csv
 import errno
 import io
@@ -21,13 +22,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import embedstore.catalog as catalog_module
+import embedstore.catalog_csv as csv_catalog_module  # CsvCatalog reads through its csv_fields_up_to
 import embedstore.outputs as outputs  # partial_file and its shorthands
 import embedstore.store_writer as store_module  # the writer: create_store, FeatureSetWriter
 from cli.common import one_line_errors
 from cli.embed import embed
 from cli.heads import heads
-from embedstore.catalog import FolderFiles, open_catalog
+from embedstore.catalog import open_catalog
+from embedstore.catalog_files import FolderFiles
 from embedstore.cross_fit import assign_folds
 from embedstore.image_pipeline import decode_to_uint8
 from embedstore.images import ImageRows
@@ -255,7 +257,7 @@ def test_a_title_over_the_csv_field_limit_is_read_in_every_csv_reader(tmp_path):
 
 def test_a_catalog_row_the_csv_module_refuses_is_counted_not_a_traceback(tmp_path, monkeypatch):
     # with the limit left at its default, the long row is a malformed row with its reason, and the others stay
-    monkeypatch.setattr(catalog_module, "csv_fields_up_to", lambda size: catalog_module.contextlib.nullcontext())
+    monkeypatch.setattr(csv_catalog_module, "csv_fields_up_to", lambda size: contextlib.nullcontext())
     rows = open_catalog(small_catalog(tmp_path, title_of_first=LONG)).read_rows()
     assert len(rows.items) == 11 and len(rows.malformed) == 1
     line_no, reason = rows.malformed[0]

@@ -252,7 +252,7 @@ def test_a_pad_feature_set_sits_beside_the_crop_one_and_records_its_resize(catal
 
 
 def test_resize_option_is_checked_and_names_the_source():
-    from embedstore.extract import ExtractSettings, image_source_name
+    from embedstore.extract_plan import ExtractSettings, image_source_name
 
     assert image_source_name("efficientnet_lite1", 224) == "efficientnet_lite1"
     assert image_source_name("efficientnet_lite1", 240, "pad") == "efficientnet_lite1-240px-pad"
@@ -270,7 +270,8 @@ def test_a_backbones_native_size_is_recorded_beside_the_size_it_ran_at(catalog, 
     from a file, in timm's naming: nothing to install.)"""
     import timm
 
-    from embedstore.extract import ExtractSettings, extract
+    from embedstore.extract import extract
+    from embedstore.extract_plan import ExtractSettings
 
     weights = tmp_path / "lite1.pth"
     torch.save(timm.create_model("tf_efficientnet_lite1", pretrained=False).state_dict(), weights)

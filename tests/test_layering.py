@@ -136,6 +136,12 @@ def test_each_strategy_name_is_written_in_at_most_two_modules():
     assert {name: modules for name, modules in spread.items() if len(modules) > 2} == {}
 
 
+def test_no_library_module_is_over_400_lines():
+    lines = {f"{package}/{p.name}": len(p.read_text().splitlines())
+             for package in LIBRARY for p in (ROOT / package).glob("*.py")}
+    assert len(lines) > 50 and {m: n for m, n in lines.items() if n > 400} == {}
+
+
 def test_the_installed_import_names_are_this_checkouts(tmp_path):
     check = [sys.executable, str(ROOT / "scripts" / "check_import_names.py")]
     done = subprocess.run(check, cwd=tmp_path, capture_output=True, text=True, timeout=300)

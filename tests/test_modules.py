@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from cli.embed import embed
 from embedstore.backbones import create_backbone
 from embedstore.catalog import open_catalog
-from embedstore.extract import ExtractSettings, extract
+from embedstore.extract import extract
+from embedstore.extract_plan import ExtractSettings
 from embedstore.finetune import FinetuneSettings, finetune
 from embedstore.manifest import SplitSettings, prepare_manifest
 from embedstore.modules import build_module, load_module, module_id

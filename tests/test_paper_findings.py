@@ -1,8 +1,8 @@
-"""The paper report's verdicts (pipelines/paper_report.findings) on made-up summaries: one that agrees with
+"""The paper report's verdicts (pipelines/paper_findings.findings) on made-up summaries: one that agrees with
 the paper on every finding, one where every finding is reversed, boundaries, and what is not measured."""
 import pytest
 
-from pipelines.paper_report import findings
+from pipelines.paper_findings import findings
 
 CLAIMS = ["image S2 is the best image strategy", "text S3 is the best text strategy",
           "1-A is the best multimodal strategy", "1-A trains about twice as fast as 1-B",

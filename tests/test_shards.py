@@ -12,7 +12,8 @@ from click.testing import CliRunner
 
 from cli.embed import embed
 from embedstore.catalog import open_catalog
-from embedstore.extract import ExtractSettings, extract
+from embedstore.extract import extract
+from embedstore.extract_plan import ExtractSettings
 from embedstore.manifest import SplitSettings, prepare_manifest
 from embedstore.shards import Shard, merge_shards, parse_shard
 from embedstore.store import STATUS_OK, FeatureStore

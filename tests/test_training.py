@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from embedstore import defaults, extract, finetune, training
+from embedstore import defaults, extract, extract_loop, finetune, training
 from embedstore.metrics import classification_metrics
 from heads import end_to_end
 
@@ -20,7 +20,7 @@ def test_modules_and_end_to_end_share_one_loop():
 def test_device_and_autocast_come_from_defaults():
     # older imports keep working, and they are the defaults' functions (LOCAL_RANK % device_count under torchrun)
     assert extract.resolve_device is defaults.resolve_device
-    assert extract.autocast_for is defaults.autocast_for is training.autocast_for
+    assert extract_loop.autocast_for is defaults.autocast_for is training.autocast_for
     with defaults.autocast_for(torch.device("cpu")):
         assert not torch.is_autocast_enabled("cpu")  # fp32 on a CPU, as before
 
