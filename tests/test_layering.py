@@ -5,6 +5,7 @@ import ast
 import json
 import os
 import pkgutil
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -140,6 +141,21 @@ def test_no_library_module_is_over_400_lines():
     lines = {f"{package}/{p.name}": len(p.read_text().splitlines())
              for package in LIBRARY for p in (ROOT / package).glob("*.py")}
     assert len(lines) > 50 and {m: n for m, n in lines.items() if n > 400} == {}
+
+
+def test_the_architecture_file_map_matches_the_tree():
+    """docs/ARCHITECTURE.md's file map names every library module, under its package, and no module that is gone."""
+    doc = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    block = doc.split("```\n", 1)[1].split("```", 1)[0]
+    named, package = set(), None
+    for line in block.splitlines():
+        if line[:1].isalpha():   # "heads/   everything that trains ..." opens a package's part of the map
+            package = line.split("/", 1)[0]
+        if package in LIBRARY:
+            named.update(f"{package}/{name}" for name in re.findall(r"(?<![/\w])(\w+\.py)\b", line))
+    tree = {f"{package}/{p.name}" for package in LIBRARY for p in (ROOT / package).glob("*.py")
+            if p.name != "__init__.py"}
+    assert len(tree) > 50 and sorted(tree - named) == [] and sorted(named - tree) == []
 
 
 def test_the_installed_import_names_are_this_checkouts(tmp_path):
