@@ -164,14 +164,14 @@ def sweeps(store_path: Path, order: str, seeds: tuple[int, ...], tmp: Path) -> N
     print(f"\n## 2. Whole sweeps, order {' '.join(order)} (H: heads-only grid; T / S: default grid, torch / "
           f"sklearn solver)\n")
     phase = {}
-    original = sweep_module._decision
+    original = sweep_module.fit_decisions
 
-    def timed_decision(*args, **kwargs):   # the decision phase's wall time, for the table below
+    def timed_decision(*args, **kwargs):   # the decision phase's wall time (beside the heads with --jobs > 1)
         t0 = time.perf_counter()
         original(*args, **kwargs)
         phase["decision"] = phase.get("decision", 0.0) + time.perf_counter() - t0
 
-    sweep_module._decision = timed_decision
+    sweep_module.fit_decisions = timed_decision
     strategies = heads_only(store_path)
     times, decision_times, rows = {}, {}, {}
     for i, run in enumerate(order):

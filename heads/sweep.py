@@ -9,6 +9,7 @@ where they train (this process, `--jobs` workers, torchrun ranks) is heads/dispa
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,9 +37,10 @@ from heads.streamed import SweepData
 from heads.results import ResultsLock, append_rows, best_of_sweep, read_runs
 from heads.rows import cell_fields, non_trainable, provenance, result_row, run_key, store_doc
 from heads.saved import head_folder, save_best
+from heads.sweep_decisions import DecisionThread, fit_decisions, plan_decisions
+from heads.sweep_summary import KEYS, count, new_summary, seeds_to_run
 from heads.train import HeadResult, TrainSettings
 
-_KEYS = "_run_keys"   # the summary's private set of the sweep's run keys, popped before it is returned
 
 
 @dataclass(frozen=True)
@@ -103,17 +105,6 @@ def resolve_feature_sets(store, strategy: str, image_source: str | None = None,
     return inputs_with_shared_rows(store, strategy, image_source, text_source)
 
 
-def _seeds_to_run(cell: Cell, keys: dict[int, str], done: set, summary: dict, log, out_dir: Path) -> list[int]:
-    """The seeds of `cell` whose run key is not in runs.jsonl yet; the others are counted (and, when none is
-    left, logged) as skipped. Every key is kept: the closing summary's best model is chosen among them."""
-    summary[_KEYS].update(keys.values())
-    todo = [s for s in keys if keys[s] not in done]
-    summary["skipped"] += len(keys) - len(todo)
-    if not todo:
-        log(f"{cell.name}: all {len(keys)} seeds already in {out_dir / 'runs.jsonl'}; skipped")
-    return todo
-
-
 def run_sweep(store_path: str | Path, out_dir: str | Path, settings: SweepSettings = SweepSettings(),
               *, log: Callable[[str], None] = print) -> dict:
     """Train every cell's missing seeds; returns {"trained", "trained_by_kind", "skipped", "seconds", "best",
@@ -171,8 +162,7 @@ def _sweep_ranks(store_path: Path, out_dir: Path, settings: SweepSettings, conte
     done = {row["run_key"] for row in read_runs(out_dir)} if rank == 0 else None
     done = group.broadcast(done) if group else done
     t_start = time.perf_counter()
-    summary = {"trained": 0, "trained_by_kind": {}, "skipped": 0, "cells": [], "notes": [], "jobs": jobs,
-               "ranks": size, "device": str(device), "train_flops": 0.0, _KEYS: set()}
+    summary = new_summary(jobs=jobs, ranks=size, device=device)
     # joined sources ("a,b": heads/joined.py) read as one more source of their modality
     joins = {"image": settings.image_sources, "text": settings.text_sources}
     with open_store(store_path, joins) as store:
@@ -193,7 +183,7 @@ def _sweep_ranks(store_path: Path, out_dir: Path, settings: SweepSettings, conte
         # a group of cells (heads/groups.py) is the unit of dispatch: one stack, one worker or rank
         mine = my_tasks(group_tasks(tasks, enabled=settings.group_cells and settings.batched), rank, size)
         # decision-level models: planned now (their skips counted) so that one bar counts every model of the sweep
-        planned = _decision_plan(store, decisions, settings, done, summary, log, out_dir) if rank == 0 else []
+        planned = plan_decisions(store, decisions, settings, done, summary, log, out_dir) if rank == 0 else []
         end_to_end = _of_trainer(settings.strategies, "end-to-end")
         # end to end: at most this many (their skips are known only per cell; the total shrinks by them)
         n_end_to_end = len(end_to_end) * len(settings.fusions or list_fusions()) * len(settings.seeds)
@@ -206,11 +196,19 @@ def _sweep_ranks(store_path: Path, out_dir: Path, settings: SweepSettings, conte
         in_memory = [g for g in mine if not data.streamed(g[0])]
         common = dict(data_for=data.for_task, train=settings.train, batched=settings.batched,
                       precision=context.precision)
+        decide = (store, store_path, out_dir, planned, settings, data, device, summary, log, bar)
         if group is None:  # write as each cell finishes, so a killed sweep resumes from here
-            for task, results in _chain(run_tasks(in_memory, jobs=jobs, **common),
-                                        run_tasks(streamed, jobs=1, **common)):
-                bar.update(len(results))
-                _record(out_dir, store, store_path, task, results, settings, device, data, summary, log)
+            lock = threading.Lock()   # runs.jsonl, the summary and the bar, shared with the DecisionThread
+            beside = planned and jobs > 1 and in_memory   # the workers train the heads: this process is free
+            for cell, *_ in planned if beside else ():    # their rows, loaded here before the thread reads them
+                data.rows(cell)
+            with DecisionThread(fit_decisions, *decide, lock=lock) if beside else contextlib.nullcontext():
+                for task, results in _chain(run_tasks(in_memory, jobs=jobs, **common),
+                                            run_tasks(streamed, jobs=1, **common)):
+                    with lock:
+                        bar.update(len(results))
+                        _record(out_dir, store, store_path, task, results, settings, device, data, summary, log)
+            planned = [] if beside else planned
         else:  # rounds (heads/dispatch.py): rank 0 records each round's results of every rank before the next
             by_name = {t.cell.name: t for t in tasks}
             mine_rounds = rounds(in_memory, streamed, jobs)
@@ -228,14 +226,14 @@ def _sweep_ranks(store_path: Path, out_dir: Path, settings: SweepSettings, conte
                         _record(out_dir, store, store_path, by_name[name], results, settings, device, data,
                                 summary, log)
             summary["rounds"], summary["gather_seconds"] = n_rounds, group.waited
-        if rank == 0:   # decision-level models fit in this process; under torchrun rank 0 alone
-            _decision(store, store_path, out_dir, planned, settings, data, device, summary, log, bar)
+        if rank == 0 and planned:   # decision-level models fit in this process; under torchrun rank 0 alone
+            fit_decisions(*decide)
         if end_to_end:
             _end_to_end(store, store_path, out_dir, settings, context, done, summary, log, bar)
         bar.close()
     seconds = time.perf_counter() - t_start
     summary["seconds"] = seconds
-    keys = summary.pop(_KEYS)
+    keys = summary.pop(KEYS)
     summary["best"] = best_of_sweep(out_dir, keys) if rank == 0 else None
     if summary["trained"]:
         precision = context.precision
@@ -270,7 +268,7 @@ def _tasks(store, cells: list[Cell], settings: SweepSettings, done: set, summary
         access = data.access(cell)
         keys = {s: run_key(config=config.to_dict(), train=asdict(settings.train), seed=s, manifest_sha256=manifest,
                            feature_sets=feature_sets, access=access) for s in settings.seeds}
-        todo = _seeds_to_run(cell, keys, done, summary, log, out_dir)
+        todo = seeds_to_run(cell, keys, done, summary, log, out_dir)
         if todo:
             tasks.append(Task(cell, config, todo, keys))
     return tasks
@@ -301,73 +299,12 @@ def _record(out_dir: Path, store, store_path: Path, task: Task, results: list[He
 
     save_best(out_dir, head_folder(out_dir, cell), rows, save, recorded=("best_epoch", "precision"))
     append_rows(out_dir, rows)
-    _count(summary, "head", len(results))
+    count(summary, "head", len(results))
     summary["train_flops"] += sum(r.train_flops for r in results)
     summary["cells"].append(cell.name)
     accs = ", ".join("diverged" if r.diverged else f"{r.test_accuracy:.4f}" for r in results)
     log(f"{cell.name}: {len(results)} heads in {sum(r.train_seconds for r in results):.1f} s "
         f"(test accuracy {accs})")
-
-
-def _decision_plan(store, cells: list[Cell], settings: SweepSettings, done, summary: dict, log,
-                   out_dir: Path) -> list[tuple]:
-    """(cell, config, run keys, seeds to fit) of each decision-level cell with seeds left; the rest skipped."""
-    from heads.decision import model_config
-    sets, classes, train = store.feature_sets, list(store.classes), settings.linear.to_dict()
-    planned = []
-    for cell in cells:
-        feature_sets = {n: provenance(sets[n]) for n in cell.feature_sets}
-        config = model_config(cell.strategy, tuple(sets[n].dim for n in cell.feature_sets), len(classes))
-        keys = {s: run_key(config=config, train=train, seed=s, manifest_sha256=store.manifest_sha256,
-                           feature_sets=feature_sets) for s in settings.seeds}
-        todo = _seeds_to_run(cell, keys, done, summary, log, out_dir)
-        if todo:
-            planned.append((cell, config, keys, todo))
-    return planned
-
-
-def _decision(store, store_path: Path, out_dir: Path, planned: list[tuple], settings: SweepSettings, data, device,
-              summary: dict, log, bar) -> None:
-    """LF, ST, LR-*: logistic regressions over pooled features (heads/decision.py), fit in this process on the
-    sweep's device; the per-modality regressions are fit once per row set and shared by the cells and seeds
-    that use them."""
-    from heads.decision import DecisionFits, cell_rows, stacking_folds
-    sets, classes, fits = store.feature_sets, list(store.classes), {}
-    train = settings.linear.to_dict()
-    for cell, config, keys, todo in planned:
-        bar.set_postfix_str(f"fitting {cell.name}", refresh=True)
-        if cell.row_sets not in fits:
-            columns = {sets[n].modality: i for i, n in enumerate(cell.row_sets)}
-            fits[cell.row_sets] = DecisionFits(data.rows(cell), columns, len(classes), settings.linear, device=device)
-        if get_strategy(cell.strategy).combine == "stack":   # stratified folds need train rows of every class
-            folds, why = stacking_folds(fits[cell.row_sets].splits["train"][1], settings.linear.folds, classes)
-            if why:
-                note = f"{'skipped ' if folds < 2 else ''}{cell.name}: {why}"
-                summary["notes"].append(note)
-                log(note)
-            if folds < 2:   # recorded as a note, never as rows: a rerun says it again instead of failing
-                bar.total -= len(todo)
-                continue
-        store_info = store_doc(store, store_path, out_dir, cell.feature_sets, data.counts(cell))
-        non_trainable_parameters, note = non_trainable(store_info["feature_sets"])
-        common = {"names": cell_fields(cell), "config": config, "train_settings": train, "store": store_info,
-                  "non_trainable_parameters": non_trainable_parameters, "non_trainable_note": note}
-        rows, models = cell_rows(fits[cell.row_sets], cell.strategy, todo, keys, common, classes,
-                                 on_row=lambda _: bar.update(1))
-        directory = head_folder(out_dir, cell)
-        save_best(out_dir, directory, rows, lambda i, metadata: models[i].save_pretrained(directory, metadata=metadata),
-                  recorded=("seed", "config", "chosen"))
-        append_rows(out_dir, rows)
-        _count(summary, "linear", len(rows))
-        summary["cells"].append(cell.name)
-        accs = ", ".join(f"{r['test_accuracy']:.4f}" for r in rows)
-        log(f"{cell.name}: {len(rows)} models in {sum(r['train_seconds'] for r in rows):.1f} s (test accuracy {accs})")
-    bar.set_postfix_str("", refresh=False)
-
-
-def _count(summary: dict, kind: str, n: int) -> None:
-    summary["trained"] += n
-    summary["trained_by_kind"][kind] = summary["trained_by_kind"].get(kind, 0) + n
 
 
 def _end_to_end(store, store_path, out_dir, settings: SweepSettings, context: RunContext, done, summary, log,
@@ -383,8 +320,8 @@ def _end_to_end(store, store_path, out_dir, settings: SweepSettings, context: Ru
                                          settings.seeds, end_to_end, done, log=log)
             if rows and is_rank_zero():  # under torchrun only rank 0 writes
                 append_rows(out_dir, rows)
-            _count(summary, "end-to-end", len(rows))
-            summary[_KEYS].update(r["run_key"] for r in rows)   # its skipped keys are sweep_cell's own
+            count(summary, "end-to-end", len(rows))
+            summary[KEYS].update(r["run_key"] for r in rows)   # its skipped keys are sweep_cell's own
             summary["skipped"] += n_skipped
             bar.total -= n_skipped   # the bar counted every seed of the cell
             bar.update(len(rows))

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -109,6 +110,56 @@ def test_jobs_2_gives_exactly_the_rows_of_jobs_1(tmp_path):
         a = json.loads((tmp_path / "one" / "heads" / cell / "config.json").read_text())
         b = json.loads((tmp_path / "two" / "heads" / cell / "config.json").read_text())
         assert a["run_key"] == b["run_key"] and a["best_val_accuracy"] == b["best_val_accuracy"]
+
+
+def test_with_workers_the_decision_level_models_fit_while_the_heads_train(tmp_path, monkeypatch):
+    """--jobs 2: the sweep's own process fits LF/ST/LR-* (heads/sweep_decisions.py DecisionThread) while the workers
+    train the heads, instead of after them. Here each head result waits (up to a minute) for the first decision
+    fit to have started: fit after the heads, it could not have, and the sweep fails. Rows as with --jobs 1."""
+    import heads.sweep
+    import heads.sweep_decisions
+
+    store = make_store(tmp_path / "s.h5")
+    decision_started, real_fits, real_run_tasks = threading.Event(), heads.sweep_decisions.DecisionFits, \
+        heads.sweep.run_tasks
+
+    def fits(*args, **kwargs):
+        decision_started.set()
+        return real_fits(*args, **kwargs)
+
+    def run_tasks(groups, **kwargs):
+        for finished in real_run_tasks(groups, **kwargs):
+            assert decision_started.wait(60), "no decision-level model started while the heads trained"
+            yield finished
+
+    settings = dict(fusions=("concat",), seeds=(0, 1), train=FAST, progress=False)
+    one = run_sweep(store, tmp_path / "one", SweepSettings(jobs=1, **settings), log=lambda _: None)
+    monkeypatch.setattr(heads.sweep_decisions, "DecisionFits", fits)
+    monkeypatch.setattr(heads.sweep, "run_tasks", run_tasks)
+    two = run_sweep(store, tmp_path / "two", SweepSettings(jobs=2, **settings), log=lambda _: None)
+    assert decision_started.is_set() and one["trained_by_kind"] == two["trained_by_kind"]
+    assert two["trained_by_kind"]["linear"] >= 8 and two["trained_by_kind"]["head"] >= 6
+    assert metrics(read_runs(tmp_path / "one")) == metrics(read_runs(tmp_path / "two"))
+    for cell in ("ST", "LF", "2A-concat"):   # the saved models too
+        a = json.loads((tmp_path / "one" / "heads" / cell / "config.json").read_text())
+        b = json.loads((tmp_path / "two" / "heads" / cell / "config.json").read_text())
+        assert a["run_key"] == b["run_key"] and a["best_val_accuracy"] == b["best_val_accuracy"]
+
+
+def test_a_failing_decision_level_model_beside_the_heads_fails_the_sweep_after_the_heads(tmp_path, monkeypatch):
+    """An error in the DecisionThread is the sweep's error, raised once the heads are recorded (their rows kept)."""
+    import heads.sweep_decisions
+
+    def broken(*args, **kwargs):
+        raise ValueError("a regression could not be fit")
+
+    monkeypatch.setattr(heads.sweep_decisions, "DecisionFits", broken)
+    store = make_store(tmp_path / "s.h5")
+    with pytest.raises(ValueError, match="a regression could not be fit"):
+        run_sweep(store, tmp_path / "r", SweepSettings(fusions=("concat",), seeds=(0,), train=FAST, progress=False,
+                                                       jobs=2), log=lambda _: None)
+    rows = read_runs(tmp_path / "r")
+    assert {r["strategy"] for r in rows} == {"2A", "2B", "image", "text"}   # every head, no decision-level row
 
 
 def test_cells_of_one_shape_share_a_step_and_give_the_rows_and_heads_of_one_step_per_cell(tmp_path):
