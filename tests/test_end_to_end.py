@@ -166,7 +166,7 @@ def test_heads_sweep_writes_end_to_end_rows_like_the_cached_ones(world, tmp_path
                                                            image_size=SIZE, workers=0, progress=False))
     out, runner = tmp_path / "results", CliRunner()
     args = ["sweep", str(store), "--out", str(out), "--fusions", "concat", "--seeds", "0", "--no-baselines",
-            "--max-epochs", "2", "--end-to-end-epochs", "1", "--max-steps-per-epoch", "1", "--device", "cpu"]
+            "--max-epochs", "2", "--end-to-end-epochs", "1", "--max-steps-per-epoch", "1", "--device", "cpu", "--jobs", "1"]
     result = runner.invoke(heads, [*args, "--strategies", "3A"])
     assert result.exit_code == 2 and "--manifest" in result.output
     result = runner.invoke(heads, [*args, "--strategies", "2A,3A", "--manifest", str(world["manifest_path"])])
