@@ -23,6 +23,8 @@ from embedstore.store import STATUS_OK, FeatureStore
 from heads.estimator import FusionHead
 from tests.catalog_factory import make_fashion_catalog
 
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny backbones: threads only add barriers
+
 SIZE = 32  # image crop: tiny-resnet on small images keeps every test fast
 QUICK = dict(workers=0, progress=False, image_size=SIZE, batch_size=16)
 
