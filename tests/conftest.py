@@ -40,5 +40,8 @@ def sweeps_in_this_process(monkeypatch):
     they learn (heads/dispatch.py); the worker pools themselves are tested with an explicit --jobs 2
     (test_sweep_grid.py, test_hostile_sweep.py) and the default's value in test_run_context.py."""
     import heads.dispatch
+    from heads.context import RunContext
 
     monkeypatch.setattr(heads.dispatch, "default_jobs", lambda device: 1)
+    # where a sweep resolves its default: if that moves, this fixture must follow (or it silently does nothing)
+    assert RunContext.resolve(torch.device("cpu"), precision="auto", jobs=None, memory_budget=0).jobs == 1
