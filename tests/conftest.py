@@ -30,3 +30,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def sweeps_in_this_process(monkeypatch):
+    """Pipelines that sweep with the default `--jobs` (`embed paper`, `embed demo`: they have no such option) train
+    their heads in this process instead of spawning one worker per core, each importing torch again (on 2 busy
+    cores ~8 s per sweep, against ~2 s of training in the paper test). Where the heads train does not change what
+    they learn (heads/dispatch.py); the worker pools themselves are tested with an explicit --jobs 2
+    (test_sweep_grid.py, test_hostile_sweep.py) and the default's value in test_run_context.py."""
+    import heads.dispatch
+    from heads.context import RunContext
+
+    monkeypatch.setattr(heads.dispatch, "default_jobs", lambda device: 1)
+    # where a sweep resolves its default: if that moves, this fixture must follow (or it silently does nothing)
+    assert RunContext.resolve(torch.device("cpu"), precision="auto", jobs=None, memory_budget=0).jobs == 1

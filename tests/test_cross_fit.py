@@ -27,6 +27,8 @@ from embedstore.synthetic_catalog import make_fashion_catalog
 from heads.estimator import FusionHead
 from tests.cli_helpers import TINY, invoke, ok, s2_modules_and_a_1a_head
 
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny backbones: threads only add barriers
+
 K = 3
 
 

@@ -42,7 +42,7 @@ def world(tmp_path_factory):
                "--train", 14, "--val", 4, "--test", 6])
     ok(embed, ["extract", manifest_path, "--store", store, *TINY])
     ok(heads, ["sweep", store, "--out", results, "--strategies", "2A", "--fusions", "concat", "--seeds", 0,
-               "--device", "cpu"])
+               "--device", "cpu", "--jobs", 1])
     manifest = Manifest.load(manifest_path)
     # the corrupt JPEG may be drawn into the test split; the store skipped it, so it has no store prediction
     test_items = [item for item in manifest.items_in("test") if item.id != info.corrupt_image_id]

@@ -123,7 +123,8 @@ def test_cli_sweep_then_report(tmp_path):
     store = make_store(tmp_path / "s.h5")
     runner = CliRunner()
     res = runner.invoke(main, ["sweep", str(store), "--out", str(tmp_path / "r"), "--strategies", "2A,1B",
-                               "--fusions", "add,average", "--seeds", "0,1", "--max-epochs", "4", "--device", "cpu"])
+                               "--fusions", "add,average", "--seeds", "0,1", "--max-epochs", "4", "--device", "cpu",
+                               "--jobs", "1"])
     assert res.exit_code == 0, res.output
     assert "trained 12 heads" in res.output
     res = runner.invoke(main, ["report", str(tmp_path / "r"), "--out", str(tmp_path / "rep")])

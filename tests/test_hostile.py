@@ -38,8 +38,10 @@ from tests.cli_helpers import TINY, invoke as run
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 C = 6  # the store: six classes, so chance is 1/6
-SWEEP = ["--strategies", "2A", "--fusions", "concat", "--seeds", "0", "--max-epochs", "4", "--batch-size", "32",
-         "--device", "cpu"]
+# --jobs 1: the heads train in this process (a spawned worker pool per sweep costs seconds of torch imports; pools
+# are tested in test_hostile_sweep.py and test_sweep_grid.py)
+SWEEP = ["--strategies", "2A", "--fusions", "concat", "--seeds", "0", "--jobs", "1", "--max-epochs", "4",
+         "--batch-size", "32", "--device", "cpu"]
 
 
 def make_store(path, *, image=None):
@@ -180,7 +182,7 @@ def test_two_sweeps_at_once_never_write_a_run_twice(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     command = [sys.executable, "-m", "cli.heads", "sweep", str(store), "--out", str(tmp_path / "r"),
                "--fusions", "add,average,product,concat,gated", "--strategies", "2A", "--seeds", "0,1,2",
-               "--max-epochs", "30", "--device", "cpu"]
+               "--max-epochs", "30", "--device", "cpu", "--jobs", "1"]
     processes = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                  for _ in range(2)]
     outputs = [p.communicate(timeout=300)[0] for p in processes]

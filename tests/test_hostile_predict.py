@@ -106,15 +106,14 @@ def test_a_second_predict_into_the_same_output_is_refused_while_the_first_writes
     many, few = many_and_few(world, tmp_path)
     out_dir = tmp_path / "out"
     out = out_dir / "o.csv"
-    first = start_paused(world, tmp_path, many, out)
+    first = start_paused(world, tmp_path, many, out)   # another process holds the output
     try:
-        second = subprocess.run([sys.executable, "-m", "cli.heads", *predict_args(world, few, out)],
-                                env=environment(tmp_path), capture_output=True, text=True, timeout=180)
+        second = run(heads, predict_args(world, few, out))   # this one (in-process: no second torch import)
     finally:
         (tmp_path / "go").touch()
         first_output = first.communicate(timeout=180)
     assert first.returncode == 0, first_output
-    assert second.returncode == 2 and "Traceback" not in second.stderr, second
+    assert second.exit_code == 2 and "Traceback" not in second.stderr, (second.stdout, second.stderr)
     lines = second.stderr.strip().splitlines()
     assert len(lines) == 1 and "another `heads predict`" in lines[0], second.stderr
     assert f"pid {first.pid}" in lines[0] and str(out) in lines[0] and "--out" in lines[0]

@@ -215,7 +215,7 @@ def test_predict_computes_features_with_the_stores_pipeline(catalog, tmp_path, p
     store = extract_with(catalog, pipeline, f"served-{pipeline}-{resize}", resize)
     results = tmp_path / "results"
     ok(heads, ["sweep", store, "--out", results, "--strategies", "image", "--seeds", 0, "--device", "cpu",
-               "--max-epochs", 2])
+               "--max-epochs", 2, "--jobs", 1])
     head_dir = results / "heads" / "image"
     config = json.loads((head_dir / "config.json").read_text())
     (name,) = config["inputs"]

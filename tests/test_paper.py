@@ -13,7 +13,7 @@ from tests.catalog_factory import make_fashion_catalog
 from heads.strategies import list_strategies
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "sweeps_in_this_process")   # conftest.py
 
 
 SMALL = ["--image-backbone", "tiny-resnet", "--text-backbone", "tiny-bert", "--image-size", "64", "--seeds", "0,1",

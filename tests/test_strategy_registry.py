@@ -43,8 +43,9 @@ def world(registered, tmp_path_factory):
     ok(embed, ["prepare", info.path, "--out", manifest, "--min-items", 20, "--items-per-class", 20,
                "--train", 12, "--val", 3, "--test", 5])
     ok(embed, ["extract", manifest, "--store", store, *TINY])
+    # --jobs 2, not the default (the cores, 1 on a 1-core machine): the new strategy must reach spawned workers too
     ok(heads, ["sweep", store, "--out", results, "--strategies", "2C,2A", "--fusions", "add,concat", "--seeds", "0,1",
-               "--device", "cpu", "--no-progress"])
+               "--device", "cpu", "--no-progress", "--jobs", "2"])
     return {"root": root, "info": info, "manifest": manifest, "store": store, "results": results}
 
 
