@@ -21,6 +21,7 @@ import numpy as np
 
 from embedstore.chunks import block_rows
 from embedstore.store import STATUS_NAMES, STATUS_OK, FeatureSetInfo, FeatureStore, feature_set_name
+from heads.rows import provenance as provenance_of   # as rows and run keys record it
 
 JOIN = ","
 
@@ -162,8 +163,7 @@ def _joined_sets(store: FeatureStore, base: dict[str, FeatureSetInfo], modality:
         infos = [base[n] for n in names]
         dims = [i.dim for i in infos]
         dtype = str(np.result_type(*(i.dtype for i in infos)))
-        provenance = {"joined": [{"source": i.source, **{k: v for k, v in i.provenance.items() if k != "complete"}}
-                                 for i in infos],
+        provenance = {"joined": [{"source": i.source, **provenance_of(i)} for i in infos],
                       "layer": layer, "dtype": dtype, "dims": dims, "complete": all(i.complete for i in infos)}
         if all("parameters" in i.provenance for i in infos):
             provenance["parameters"] = sum(int(i.provenance["parameters"]) for i in infos)
