@@ -32,7 +32,7 @@ from scipy.special import log_softmax
 from embedstore.metrics import classification_metrics
 from embedstore.store import DataWarning
 from heads.decision_model import KIND, DecisionModel, Linear, stack_input
-from heads.logistic import Fit, fit_multinomial, standardization, standardized
+from heads.logistic import fit_multinomial, standardization, standardized
 from heads.rows import result_row
 from heads.strategies import get_strategy
 
@@ -100,7 +100,7 @@ def _fit_path(x, y, Cs, n_classes: int, max_iter: int, *, standardize: bool = Tr
         for C in sorted(Cs):
             (fit,) = fit_multinomial(x, y, n_classes, [C], standardize=standardize, init=[start], max_iter=max_iter,
                                      dtype=TORCH_DTYPE, device=device)
-            out.append(_from_fit(fit))
+            out.append(fit)
             start = fit
         return out
     from sklearn.exceptions import ConvergenceWarning
@@ -132,10 +132,6 @@ def extreme_rows(x: np.ndarray) -> np.ndarray:
     if len(positive):   # rows all alike have no scale to be extreme against
         extreme[finite] = ~(distance <= EXTREME_ROW_FACTOR * np.median(positive))
     return extreme | ~finite
-
-
-def _from_fit(fit: Fit) -> Linear:
-    return Linear(fit.mean, fit.scale, fit.coef, fit.intercept, fit.C, fit.converged)
 
 
 def _score(log_p: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -209,9 +205,9 @@ def _out_of_fold(x: np.ndarray, y: np.ndarray, C: float, n_classes: int, folds: 
         warnings.simplefilter("ignore", UserWarning)
         splits = list(StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(x, y))
     if solver == "torch":
-        models = [_from_fit(f) for f in fit_multinomial(
+        models = fit_multinomial(
             x, y, n_classes, [C] * k, row_sets=[rows for rows, _ in splits], init=[start] * k, max_iter=max_iter,
-            dtype=TORCH_DTYPE, device=device)]
+            dtype=TORCH_DTYPE, device=device)
     else:
         models = [_fit_path(x[rows], y[rows], [C], n_classes, max_iter, solver="sklearn")[0] for rows, _ in splits]
     for model, (_, held_out) in zip(models, splits):

@@ -26,21 +26,19 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from heads.decision_model import Linear
+
 ABSENT_INTERCEPT = -1e4   # a class with no training row: never predicted
 HISTORY = 10              # L-BFGS memory, as scipy's L-BFGS-B in sklearn
 
 
 @dataclass
-class Fit:
-    """One problem's solution, float64, in sklearn's form: logits = ((x - mean) / scale) @ coef.T + intercept."""
-    mean: np.ndarray        # (D,)
-    scale: np.ndarray       # (D,)
-    coef: np.ndarray        # (K, D)
-    intercept: np.ndarray   # (K,)
-    C: float
-    converged: bool         # its gradient reached `tol`, or the solver stopped before max_iter (sklearn's meaning)
-    n_iter: int             # L-BFGS iterations of the stack it was fit in
-    gradient: float         # max |gradient| of its (1 / C n_g scaled) objective at the solution
+class Fit(Linear):
+    """One problem's solution, float64, in sklearn's form: a `Linear` (logits = ((x - mean) / scale) @ coef.T +
+    intercept; `converged`: its gradient reached `tol`, or the solver stopped before max_iter, sklearn's meaning)
+    and how the solver got there."""
+    n_iter: int = 0         # L-BFGS iterations of the stack it was fit in
+    gradient: float = 0.0   # max |gradient| of its (1 / C n_g scaled) objective at the solution
 
 
 TOO_LARGE = ("features too large to standardise in float64 (their mean or variance overflows, or they are not "
