@@ -164,6 +164,37 @@ def test_a_failing_decision_level_model_beside_the_heads_fails_the_sweep_after_t
     assert {r["strategy"] for r in rows} == {"2A", "2B", "image", "text"}   # every head, no decision-level row
 
 
+def test_a_sweep_killed_while_decision_models_fit_beside_the_heads_resumes_with_each_row_once(tmp_path):
+    """kill -9 of a --jobs 2 default-grid sweep (heads in workers, LF/ST/LR-* in the sweep's thread) once rows are
+    being written, then the same sweep again: every run once, none lost, each line whole, as a sweep never killed."""
+    import signal
+    import time
+
+    store = make_store(tmp_path / "s.h5")
+    args = ["--fusions", "add,concat,gated", "--seeds", "0,1", "--max-epochs", "4", "--batch-size", "32",
+            "--patience", "2", "--lr", "3e-3", "--no-progress"]
+    command = [sys.executable, "-m", "cli.heads", "sweep", str(store), "--out", str(tmp_path / "r"), "--jobs", "2"]
+    process = subprocess.Popen(command + args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    runs = tmp_path / "r" / "runs.jsonl"
+    deadline = time.monotonic() + 120
+    while process.poll() is None and time.monotonic() < deadline and not (runs.exists() and runs.read_text()):
+        time.sleep(0.05)
+    killed_midway = process.poll() is None
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    before = len(read_runs(tmp_path / "r")) if runs.exists() else 0
+    ok = CliRunner().invoke(heads, ["sweep", str(store), "--out", str(tmp_path / "r"), "--jobs", "2"] + args)
+    assert ok.exit_code == 0, ok.output
+    clean = CliRunner().invoke(heads, ["sweep", str(store), "--out", str(tmp_path / "clean"), "--jobs", "1"] + args)
+    assert clean.exit_code == 0, clean.output
+    rows, expected = read_runs(tmp_path / "r"), read_runs(tmp_path / "clean")
+    keys = [r["run_key"] for r in rows]
+    assert len(keys) == len(set(keys)) and set(keys) == {r["run_key"] for r in expected}
+    assert {r["strategy"] for r in rows} >= {"LF", "ST", "LR-concat", "2A", "image"}
+    if killed_midway:   # the kill landed after the first rows and before the last
+        assert 0 < before < len(expected)
+
+
 def test_cells_of_one_shape_share_a_step_and_give_the_rows_and_heads_of_one_step_per_cell(tmp_path):
     store = make_store(tmp_path / "s.h5", modules=True)
     settings = dict(fusions=("add", "average", "concat"), seeds=(0, 1), train=FAST, progress=False, jobs=1)
