@@ -1,8 +1,16 @@
 """Fixtures shared by the test files, and the `quick` subset (`pytest -m quick`)."""
 from pathlib import Path
 
+import os
+
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `pytest -n 2`: one worker per core, so each keeps to one thread (and so do the processes it starts); two
+    # workers of two threads each on 2 cores would spend their time waiting on each other's thread barriers
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 # Unit tests of one part each, no extraction pipelines, subprocesses or torchrun: about a minute together (measured
 # 1m12s on a shared 2-core machine under load, 20 s of CPU). A new file joins when it is as quick; slow or real

