@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.model_selection import StratifiedKFold
 
 from embedstore.fingerprint import fingerprint
 from embedstore.model_folder import read_config
@@ -66,6 +65,9 @@ def assign_folds(manifest, k: int, seed: int) -> dict[str, int]:
         raise ValueError(f"--cross-fit {k} needs at least {k} training items in every class, but {have}; {fix}")
     labels = np.array([item.label for item in train])
     folds = np.empty(len(train), dtype=np.int64)
+    # imported here: scikit-learn costs ~1 s to import, and `embed extract` (which imports this module) rarely folds
+    from sklearn.model_selection import StratifiedKFold
+
     splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
     for fold, (_, held_out) in enumerate(splitter.split(np.zeros(len(train)), labels)):
         folds[held_out] = fold
