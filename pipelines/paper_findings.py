@@ -126,6 +126,9 @@ def differences(plan: dict, modules: dict) -> list[str]:
     lines.append("- 3-A/3-B (end to end): " + (f"run with {', '.join(s['end_to_end_fusions'])}, at most "
                                                f"{s['end_to_end_epochs']} epochs" if s["end_to_end"]
                                                else "skipped (--no-end-to-end)") + ".")
+    if s["end_to_end"] and s.get("image_resize") == "pad":   # heads/end_to_end.py has no resize mode of its own
+        lines.append("- 3-A/3-B center-crop their images as the paper does: --image-resize pad reaches the store "
+                     "and the modules only.")
     lines.append(f"- Spread: {len(plan['manifests'])} manifests (draws of the catalog) x seeds {s['seeds']}.")
     return lines
 

@@ -10,6 +10,8 @@ from click.testing import CliRunner
 
 from cli.embed import embed
 from embedstore.store import FeatureStore
+from pipelines.paper_confusion import confusion
+from pipelines.paper_summaries import collect, groups
 from tests.catalog_factory import make_fashion_catalog
 
 pytestmark = pytest.mark.usefixtures("one_thread", "sweeps_in_this_process")   # conftest.py
@@ -93,6 +95,11 @@ def test_padded_checked_then_cross_fitted(tmp_path):
     findings = section(md, "Findings of the paper, checked")
     assert "(cross-fit)" not in findings.split("multimodal error")[0]   # the paper's protocol: plain runs only
     assert "Cross-fitting (not in the paper)" in md
+    # a cross-fit group chosen as the best fusion head: its confusion matrix scores the head the sweep saved
+    # under its cell's name in the cross-fit results folder
+    module_rows, head_rows = collect(plan)
+    lines, paths = confusion(head_rows, groups(head_rows)["1A-concat (cross-fit)"], tmp_path)
+    assert paths and "results/modules-cross-fit-seed-0/heads/1A-concat" in lines[0], lines
 
 
 def test_paper_refuses_bad_new_options_in_one_line(tmp_path):
