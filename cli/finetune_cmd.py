@@ -50,10 +50,14 @@ TABLE_COLUMNS = (("test accuracy", "test_accuracy", "{:.4f}"), ("macro-F1", "tes
                    "gives each training row the features of the fold module that never saw it (out-of-fold "
                    "features for 1-A/1-B heads), validation and test rows those of the usual module. K+1 trainings: "
                    "seconds for S1/S2, K+1 full fine-tunings for S3. Rerun to resume: finished folds are kept.")
+@setting_option("--image-resize", type=click.Choice(["crop", "pad"]), setting="embedstore.finetune:FinetuneSettings.image_resize",
+                help="Image modules: crop (the protocol's resize + center crop) or pad (the whole photo on a white "
+                     "square). S1/S2 read the store's pooled features made the same way (`embed extract "
+                     "--image-resize`); S3 trains on, and extraction of the module uses, this transform.")
 @setting_option("--progress/--no-progress", setting="embedstore.finetune:FinetuneSettings.progress", help="Progress bars on stderr.")
 @one_line_errors
 def finetune(manifest, modality, strategy, out, store, backbone, weights, image_size, epochs, batch_size, lr,
-             patience, dropout, seed, device, max_steps_per_epoch, workers, cross_fit, progress):
+             patience, dropout, seed, device, max_steps_per_epoch, workers, cross_fit, image_resize, progress):
     """Train a MANIFEST module with a transfer strategy; print the columns of the paper's Tables 3/4."""
     from embedstore.finetune import FinetuneSettings, finetune as run_finetune
 
@@ -64,7 +68,7 @@ def finetune(manifest, modality, strategy, out, store, backbone, weights, image_
         modality=modality, strategy=int(strategy), backbone=backbone, weights=str(weights) if weights else None,
         image_size=image_size, lr=lr, batch_size=batch_size, max_epochs=epochs, patience=patience,
         dropout=dropout, seed=seed, device=device, max_steps_per_epoch=max_steps_per_epoch, workers=workers,
-        progress=progress, cross_fit=cross_fit,
+        progress=progress, cross_fit=cross_fit, image_resize=image_resize,
     )
     result = run_finetune(manifest, out, settings, store_path=store)
     metrics = result.metrics

@@ -34,6 +34,9 @@ from embedstore.model_folder import read_config
 FOLDS_DIR = "folds"
 # settings that do not change what a fold module learns (where it runs, how it reports)
 _NOT_IDENTITY = ("device", "progress", "workers")
+# settings added after fold keys were first written, with their default: left out while they have it, so folds
+# finished before the setting existed are still found finished
+_ADDED_LATER = {"image_resize": "crop"}
 
 
 def check_k(k) -> int:
@@ -76,7 +79,8 @@ def assign_folds(manifest, k: int, seed: int) -> dict[str, int]:
 
 def fold_key(settings, manifest_sha256: str, assignment: dict[str, int], fold: int) -> str:
     """What makes a finished fold module reusable: its training settings, the manifest, and its held-out items."""
-    doc = {key: value for key, value in asdict(settings).items() if key not in _NOT_IDENTITY}
+    doc = {key: value for key, value in asdict(settings).items() if key not in _NOT_IDENTITY
+           and not (key in _ADDED_LATER and value == _ADDED_LATER[key])}
     held_out = sorted(item for item, f in assignment.items() if f == fold)
     return fingerprint({"settings": doc, "manifest_sha256": manifest_sha256, "fold": fold, "held_out": held_out})
 

@@ -25,7 +25,7 @@ from embedstore.defaults import DEFAULT_IMAGE_BACKBONE, DEFAULT_TEXT_BACKBONE
 from embedstore.images import ImageRows, collate_images
 from embedstore.manifest import SPLITS, Manifest
 from embedstore.metrics import classification_metrics
-from embedstore.preprocess import clean_title, shorter_side
+from embedstore.preprocess import RESIZE_MODES, clean_title, shorter_side
 from embedstore.modules import TransferModule, build_module, check_strategy, pooled_set_for
 from embedstore.store import STATUS_OK, FeatureStore
 from embedstore.training import Ranks, check_training_numbers, fit, predict, training_processes
@@ -52,11 +52,19 @@ class FinetuneSettings:
     workers: int = 2                   # S3 images: DataLoader processes decoding JPEGs
     progress: bool = True
     cross_fit: int | None = None       # K: also K fold modules for out-of-fold train features (cross_fit.py)
+    # images: "crop" (the protocol's resize + center crop) or "pad" (the photo on a white square; preprocess.py).
+    # S1/S2 then train over the store's pooled set made the same way, S3 and extraction transform images so.
+    image_resize: str = "crop"
 
     def resolved(self) -> "FinetuneSettings":
         if self.modality not in DEFAULT_BACKBONES:
             raise ValueError(f"unknown modality {self.modality!r}; use image or text")
         strategy = check_strategy(self.strategy)
+        if self.image_resize not in RESIZE_MODES:
+            raise ValueError(f"unknown --image-resize {self.image_resize!r}; use one of {', '.join(RESIZE_MODES)}")
+        if self.modality == "text" and self.image_resize != "crop":
+            raise ValueError(f"--image-resize {self.image_resize} applies to image modules; a text module reads no "
+                             "images (leave --image-resize out)")
         heads = strategy in (1, 2)
         done = replace(
             self, strategy=strategy, backbone=self.backbone or DEFAULT_BACKBONES[self.modality],
@@ -72,7 +80,7 @@ class FinetuneSettings:
 
 # Settings that must match for a checkpoint to be resumed (max_epochs and patience may grow, device may change).
 RESUME_KEYS = ("modality", "strategy", "backbone", "weights", "image_size", "lr", "batch_size", "dropout",
-               "weight_decay", "seed", "max_steps_per_epoch", "cross_fit")
+               "weight_decay", "seed", "max_steps_per_epoch", "cross_fit", "image_resize")
 
 
 @dataclass
@@ -107,7 +115,8 @@ def _finetune(manifest: Manifest, out_dir: Path, settings: FinetuneSettings, dev
     torch.manual_seed(settings.seed)  # the head's initial weights
     module = build_module(settings.modality, settings.strategy, len(manifest.classes), backbone=backbone,
                           name=settings.backbone if backbone is None else None, weights=settings.weights,
-                          image_size=settings.image_size, dropout=settings.dropout)
+                          image_size=settings.image_size, dropout=settings.dropout,
+                          image_resize=settings.image_resize if settings.modality == "image" else None)
     if backbone is not None:
         module.build.update(weights=settings.weights)
     if module.frozen:

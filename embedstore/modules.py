@@ -90,6 +90,8 @@ class TransferModule(nn.Module):
         # How to rebuild the backbone: the create_backbone arguments (name as passed, weights path, image size).
         self.build = dict(build or {"name": backbone.name, "weights": None,
                                     "image_size": getattr(backbone, "image_size", None)})
+        if backbone.modality == "image":
+            self.build.setdefault("image_resize", backbone.resize)
         self.frozen = self.strategy in (1, 2)
         if self.frozen:
             self.backbone.requires_grad_(False)
@@ -174,19 +176,28 @@ def _jsonable(value):
 
 def build_module(modality: str, strategy: int, n_classes: int, *, backbone: Backbone | None = None,
                  name: str | None = None, weights: str | None = None, image_size: int = 224,
-                 dropout: float = 0.3, pretrained: bool = True) -> TransferModule:
-    """A fresh module: the given backbone (or one created by name) and a newly initialised head."""
+                 dropout: float = 0.3, pretrained: bool = True, image_resize: str | None = None) -> TransferModule:
+    """A fresh module: the given backbone (or one created by name) and a newly initialised head.
+
+    image_resize (images): "crop" or "pad" (embedstore/preprocess.py), recorded in the build so that loading
+    rebuilds the same preprocessing; a given backbone is switched to it. None: "crop", or a given backbone's own."""
     build = {"name": name, "weights": str(Path(weights).resolve()) if weights else None,
              "image_size": image_size if modality == "image" else None}
+    if modality != "image" and image_resize not in (None, "crop"):
+        raise ValueError(f"image_resize {image_resize!r} applies to image modules, not {modality} ones")
     if backbone is None:
         if not name:
             raise ValueError("build_module needs a backbone or a backbone name")
-        options = {"image_size": image_size} if modality == "image" else {}
+        options = {"image_size": image_size, "image_resize": image_resize or "crop"} if modality == "image" else {}
         backbone = create_backbone(modality, name, weights=weights, pretrained=pretrained, **options)
     elif name is None:
         build["name"] = backbone.name
     if backbone.modality != modality:
         raise ValueError(f"backbone {backbone.name!r} is a {backbone.modality} backbone, not {modality}")
+    if modality == "image":
+        if image_resize is not None and image_resize != backbone.resize:
+            backbone.use_resize(image_resize)
+        build["image_resize"] = backbone.resize  # absent from modules saved before "pad": those read as "crop"
     head = ModuleHead(backbone.feature_dim, n_classes, strategy=strategy, dropout=dropout)
     return TransferModule(backbone, head, build=build)
 
@@ -230,7 +241,9 @@ def load_module(folder: str | os.PathLike, *, device: str | torch.device = "cpu"
         raise FileNotFoundError(f"{error}; train a module with `embed finetune`") from None
     spec, build = config["backbone"], config["backbone"]["build"]
     in_file = any(k.startswith("backbone.") for k in tensors)
-    options = {"image_size": build["image_size"]} if config["modality"] == "image" else {}
+    # a module saved before "pad" existed records no resize mode: it was made with "crop"
+    options = ({"image_size": build["image_size"], "image_resize": build.get("image_resize", "crop")}
+               if config["modality"] == "image" else {})
     # Weights that come from the module file need only the architecture (and, for text, the tokenizer).
     weights = build["weights"] if (config["modality"] == "text" or not in_file) else None
     if weights and not os.path.exists(weights):

@@ -240,8 +240,10 @@ def _save_checkpoint(folder: Path, model: nn.Module, optimizer, state: dict, set
 def _load_checkpoint(folder: Path, model: nn.Module, optimizer, settings, device, resume_keys: tuple[str, ...]):
     record = json.loads((folder / CHECKPOINT_STATE).read_text())
     for key in resume_keys:
-        if record["settings"].get(key) != getattr(settings, key):
-            raise ValueError(f"{folder} holds a checkpoint made with {key}={record['settings'].get(key)!r}, not "
+        # a setting added after the checkpoint was written reads as its default (the class attribute's value)
+        recorded = record["settings"].get(key, getattr(type(settings), key, None))
+        if recorded != getattr(settings, key):
+            raise ValueError(f"{folder} holds a checkpoint made with {key}={recorded!r}, not "
                              f"{getattr(settings, key)!r}; use the same settings to resume, or another --out")
     with safe_open(str(folder / CHECKPOINT), "pt") as f:
         saved_epoch = int(f.metadata().get("epoch", -1))

@@ -5,7 +5,10 @@ For each manifest seed m, into OUT/manifest-seed-m/:
   optional) and text S1/S2/S3 -> modules/<modality>-s<k>-seed-<s>/; for each head seed s a copy of the store
   with the fused pair's module features (image S2 + text S3 by default) -> module-stores/seed-<s>.h5; heads
   sweeps -> results/pooled (2-A, 2-B, baselines), results/modules-seed-<s> (1-A, 1-B), results/end-to-end
-  (3-A, 3-B, when asked). Then one report over everything (pipelines/paper_report.py) -> OUT/report/.
+  (3-A, 3-B, when asked). With --cross-fit K the fused pair's modules are trained again cross-fitted
+  (modules/<modality>-s<k>-seed-<s>-cross-fit-K/), with their own stores (module-stores/seed-<s>-cross-fit.h5) and
+  sweeps (results/modules-cross-fit-seed-<s>). Check manifests (--check-manifest-seeds) run every step too; the
+  report chooses nothing on them. Then one report over everything (pipelines/paper_report.py) -> OUT/report/.
 
 Why a copy of the store per module seed: a sweep finds its features by (modality, layer), so a store may hold
 one module per modality; the copy keeps the pooled features, so frozen modules need no backbone pass.
@@ -20,89 +23,20 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
 from embedstore.fingerprint import fingerprint
-from embedstore.defaults import DEFAULT_IMAGE_BACKBONE, DEFAULT_TEXT_BACKBONE
-from embedstore.manifest import SplitSettings
 from embedstore.outputs import partial_file, write_text_atomic
 from pipelines.paper_report import PLAN_FILE
+from pipelines.paper_settings import PaperSettings
 from pipelines.steps import as_json, run_step
 
 # FinetuneSettings fields added after stamps were first written, with their default: a stamp leaves a field out
 # while it has that default, so stamps written before the field existed stay current (no module is retrained)
-ADDED_LATER = {"cross_fit": None}
+ADDED_LATER = {"cross_fit": None, "image_resize": "crop"}
 LOG_FILE = "paper.log"
-
-
-@dataclass(frozen=True)
-class PaperSettings:
-    image_backbone: str = DEFAULT_IMAGE_BACKBONE
-    text_backbone: str = DEFAULT_TEXT_BACKBONE
-    image_weights: str | None = None      # local weights file / Hugging Face folder; default: the standard places
-    text_weights: str | None = None
-    image_size: int = 224
-    seeds: tuple[int, ...] = (0, 1, 2)    # heads, and the modules trained over cached features (S1/S2)
-    manifest_seeds: tuple[int, ...] = (0, 1)
-    split: SplitSettings = field(default_factory=SplitSettings)  # its seed is replaced by each manifest seed
-    catalog_format: str = "auto"
-    fusions: tuple[str, ...] | None = None   # None: every registered fusion operator (heads.fusion registry)
-    pair: tuple[int, int] = (2, 3)        # (image, text) module strategies whose features 1-A/1-B fuse
-    text_s3_epochs: int = 3               # S3 is the slow step: few epochs, one seed by default
-    text_s3_seeds: tuple[int, ...] = (0,)
-    image_s3: bool | None = None          # None: on with CUDA, off on CPU (~6-8 min per epoch on 2 idle cores, tens of epochs)
-    image_s3_epochs: int = 3
-    image_s3_seeds: tuple[int, ...] = (0,)
-    end_to_end: bool = False              # strategies 3-A/3-B: the whole model trained on the raw catalog
-    end_to_end_fusions: tuple[str, ...] = ("concat",)
-    end_to_end_epochs: int = 10
-    head_epochs: int = 40                 # most epochs of a fusion head (early stopping usually ends sooner)
-    module_epochs: int | None = None      # most epochs of S1/S2 modules (default: finetune's 100)
-    device: str | None = None             # default: CUDA when present, else CPU
-    precision: str = "auto"               # the heads' (heads/train.py); modules use bf16 autocast on CUDA
-    workers: int = 2                      # DataLoader processes decoding images
-    progress: bool = True
-
-    def checked(self) -> "PaperSettings":
-        """Validated, with image_s3 decided by the device."""
-        from embedstore.defaults import resolve_device
-        from heads.fusion import list_fusions
-        from heads.train import PRECISIONS
-
-        if len(set(self.manifest_seeds)) < 2:
-            raise ValueError(f"give at least two manifest seeds (--manifest-seeds 0,1), got {list(self.manifest_seeds)}"
-                             ": the report's spread over draws of the catalog needs two")
-        for name in ("seeds", "text_s3_seeds", "image_s3_seeds"):
-            values = getattr(self, name)
-            if not values or len(set(values)) != len(values) or min(values) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} needs distinct non-negative integers, got {list(values)}")
-        fusions = tuple(list_fusions()) if self.fusions is None else tuple(self.fusions)
-        for f in set(fusions) | set(self.end_to_end_fusions):
-            if f not in list_fusions():
-                raise ValueError(f"unknown fusion operator {f!r}; registered: {', '.join(list_fusions())}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {self.precision!r}; use one of {', '.join(PRECISIONS)}")
-        for name in ("text_s3_epochs", "image_s3_epochs", "end_to_end_epochs", "head_epochs", "image_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        image_s3 = resolve_device(self.device).type == "cuda" if self.image_s3 is None else self.image_s3
-        image_pair, text_pair = self.pair
-        if image_pair not in (2, 3) or text_pair not in (2, 3):
-            raise ValueError(f"--pair {image_pair},{text_pair}: 1-A fuses the modules' 500-d middle layers, which "
-                             "S1 modules lack; use strategies 2 or 3, e.g. --pair 2,3")
-        if image_pair == 3 and not image_s3:
-            raise ValueError("--pair 3,... fuses image S3 modules, but image S3 is off: add --image-s3")
-        return replace(self, image_s3=image_s3, seeds=tuple(self.seeds), manifest_seeds=tuple(self.manifest_seeds),
-                       fusions=fusions)
-
-    def module_seeds(self, modality: str, strategy: int) -> tuple[int, ...]:
-        if strategy < 3:
-            return self.seeds
-        if modality == "text":
-            return self.text_s3_seeds
-        return self.image_s3_seeds if self.image_s3 else ()
 
 
 # ----------------------------------------------------------------------------------------------- the run
@@ -116,7 +50,8 @@ def backbone_identity(settings: PaperSettings) -> dict:
     identity = {}
     for modality, name, weights in (("image", settings.image_backbone, settings.image_weights),
                                     ("text", settings.text_backbone, settings.text_weights)):
-        options = {"image_size": settings.image_size} if modality == "image" else {}
+        options = {"image_size": settings.image_size, "image_resize": settings.image_resize} \
+            if modality == "image" else {}
         backbone = create_backbone(modality, name, weights=weights, **options)
         identity[modality] = as_json({"backbone": backbone.name, "weights_id": backbone.weights_id,
                                     "preprocessing": backbone.preprocessing, "feature_dim": backbone.feature_dim})
@@ -144,9 +79,12 @@ def run_paper(catalog: str | Path, out: str | Path, settings: PaperSettings = Pa
     say(f"embed paper {catalog} -> {out}")
     identity = backbone_identity(settings)
     plan = {"catalog": str(catalog), "settings": as_json(asdict(settings)), "backbones": identity, "manifests": []}
-    for m in settings.manifest_seeds:
+    for m in settings.all_manifest_seeds():
         job = _ManifestJob(catalog, out / f"manifest-seed-{m}", m, settings, identity, say)
-        plan["manifests"].append(job.run())
+        entry = job.run()
+        # tuning manifests choose (the first one's validation split) and are scored; check manifests are only scored
+        entry["role"] = "check" if m in settings.check_manifest_seeds else "tuning"
+        plan["manifests"].append(entry)
     plan["catalog_images"] = _image_sizes(Path(plan["manifests"][0]["manifest"]))
     write_text_atomic(out / PLAN_FILE, json.dumps(plan, indent=1, sort_keys=True) + "\n")
     report_dir = out / "report"
@@ -196,6 +134,8 @@ class _ManifestJob:
         self._sweep_pooled()
         for s in self.s.seeds:
             self._sweep_modules(s, modules)
+        if self.s.cross_fit:
+            self._cross_fit()
         if self.s.end_to_end:
             self._sweep_end_to_end()
         self._ensemble()
@@ -225,7 +165,8 @@ class _ManifestJob:
         s = self.s
         settings = ExtractSettings(image_backbone=s.image_backbone, text_backbone=s.text_backbone,
                                    image_weights=s.image_weights, text_weights=s.text_weights,
-                                   image_size=s.image_size, workers=s.workers, device=s.device, progress=s.progress)
+                                   image_size=s.image_size, image_resize=s.image_resize, workers=s.workers,
+                                   device=s.device, progress=s.progress)
 
         def work():
             for report in extract(self.manifest, self.store, settings):
@@ -238,42 +179,66 @@ class _ManifestJob:
 
     def _modules(self) -> dict:
         """Train every module; returns {(modality, strategy, seed): (folder, step digest)}."""
-        from embedstore.finetune import FinetuneSettings, finetune
-
         done = {}
         for modality in ("image", "text"):
             for strategy in (1, 2, 3):
-                epochs = {1: self.s.module_epochs, 2: self.s.module_epochs,
-                          3: self.s.text_s3_epochs if modality == "text" else self.s.image_s3_epochs}[strategy]
                 for seed in self.s.module_seeds(modality, strategy):
-                    folder = self.root / "modules" / f"{modality}-s{strategy}-seed-{seed}"
-                    settings = FinetuneSettings(
-                        modality=modality, strategy=strategy, backbone=getattr(self.s, f"{modality}_backbone"),
-                        weights=getattr(self.s, f"{modality}_weights"), image_size=self.s.image_size,
-                        max_epochs=epochs, seed=seed, device=self.s.device, workers=self.s.workers,
-                        progress=self.s.progress).resolved()
-                    recorded = {k: v for k, v in asdict(settings).items()
-                                if k not in ("device", "workers", "progress", "max_epochs", "patience")
-                                and not (k in ADDED_LATER and v == ADDED_LATER[k])}
-                    inputs = {"manifest_sha256": self.sha, "backbone": self.identity[modality], "settings": recorded,
-                              "max_epochs": settings.max_epochs, "patience": settings.patience,
-                              "store": self.store_digest if strategy < 3 else None}
-                    store = self.store if strategy < 3 else None
-                    work = (lambda f=folder, st=settings, sp=store: finetune(self.manifest, f, st, store_path=sp))
-                    # S3 given more epochs or patience resumes from its checkpoint (finetune.RESUME_KEYS)
-                    key = run_step(f"finetune {folder.name}", folder, inputs, work, self.log,
-                                   resumable=("max_epochs", "patience") if strategy == 3 else ())
-                    done[modality, strategy, seed] = (folder, key)
+                    done[modality, strategy, seed] = self._module(modality, strategy, seed)
                     self.entry["modules"].append({"modality": modality, "strategy": strategy, "seed": seed,
-                                                  "dir": str(folder)})
+                                                  "dir": str(done[modality, strategy, seed][0])})
         return done
+
+    def _module(self, modality: str, strategy: int, seed: int, cross_fit: int | None = None) -> tuple[Path, str]:
+        """`embed finetune` of one module (cross-fitted with K folds when `cross_fit`): (folder, step digest)."""
+        from embedstore.finetune import FinetuneSettings, finetune
+
+        epochs = {1: self.s.module_epochs, 2: self.s.module_epochs,
+                  3: self.s.text_s3_epochs if modality == "text" else self.s.image_s3_epochs}[strategy]
+        folder = self.root / "modules" / (f"{modality}-s{strategy}-seed-{seed}"
+                                          + (f"-cross-fit-{cross_fit}" if cross_fit else ""))
+        settings = FinetuneSettings(
+            modality=modality, strategy=strategy, backbone=getattr(self.s, f"{modality}_backbone"),
+            weights=getattr(self.s, f"{modality}_weights"), image_size=self.s.image_size,
+            image_resize=self.s.image_resize if modality == "image" else "crop", cross_fit=cross_fit,
+            max_epochs=epochs, seed=seed, device=self.s.device, workers=self.s.workers,
+            progress=self.s.progress).resolved()
+        recorded = {k: v for k, v in asdict(settings).items()
+                    if k not in ("device", "workers", "progress", "max_epochs", "patience")
+                    and not (k in ADDED_LATER and v == ADDED_LATER[k])}
+        inputs = {"manifest_sha256": self.sha, "backbone": self.identity[modality], "settings": recorded,
+                  "max_epochs": settings.max_epochs, "patience": settings.patience,
+                  "store": self.store_digest if strategy < 3 else None}
+        store = self.store if strategy < 3 else None
+        # S3 given more epochs or patience resumes from its checkpoint (finetune.RESUME_KEYS)
+        key = run_step(f"finetune {folder.name}", folder, inputs,
+                       lambda: finetune(self.manifest, folder, settings, store_path=store), self.log,
+                       resumable=("max_epochs", "patience") if strategy == 3 else ())
+        return folder, key
+
+    def _cross_fit(self) -> None:
+        """The fused pair's modules (those `_pair_module` picks for each head seed) trained again cross-fitted,
+        each head seed's store of their features and its sweep of 1-A, 1-B, LFM beside the plain one."""
+        k, plain = self.s.cross_fit, {}
+        for seed in self.s.seeds:
+            for modality in ("image", "text"):
+                strategy = self.s.pair[0 if modality == "image" else 1]
+                seeds = self.s.module_seeds(modality, strategy)
+                plain[modality, strategy, seed if seed in seeds else seeds[0]] = None
+        done = {}
+        for modality, strategy, seed in plain:
+            done[modality, strategy, seed] = self._module(modality, strategy, seed, cross_fit=k)
+            self.entry.setdefault("cross_fit_modules", []).append(
+                {"modality": modality, "strategy": strategy, "seed": seed, "k": k,
+                 "dir": str(done[modality, strategy, seed][0])})
+        for seed in self.s.seeds:
+            self._sweep_modules(seed, done, variant=f"cross-fit K={k}")
 
     def _train_settings(self):
         from heads.train import TrainSettings
 
         return TrainSettings(max_epochs=self.s.head_epochs, precision=self.s.precision)
 
-    def _sweep(self, label: str, store: Path, results: Path, inputs: dict, settings) -> None:
+    def _sweep(self, label: str, store: Path, results: Path, inputs: dict, settings, variant: str | None = None):
         from heads.sweep import run_sweep
 
         inputs = {**inputs, "train": asdict(settings.train), "dropout": settings.dropout,
@@ -288,7 +253,7 @@ class _ManifestJob:
         run_step(label, results, inputs, work, self.log, resumable=("seeds", "fusions", "strategies"))
         self.entry["results"].append({"dir": str(results), "seeds": list(settings.seeds),
                                       "fusions": list(settings.fusions), "strategies": list(settings.strategies),
-                                      "baselines": settings.baselines})
+                                      "baselines": settings.baselines, **({"variant": variant} if variant else {})})
 
     def _sweep_pooled(self) -> None:
         from heads.sweep import SweepSettings
@@ -312,7 +277,9 @@ class _ManifestJob:
         seeds = self.s.module_seeds(modality, strategy)
         return modules[modality, strategy, seed if seed in seeds else seeds[0]]
 
-    def _sweep_modules(self, seed: int, modules: dict) -> None:
+    def _sweep_modules(self, seed: int, modules: dict, variant: str | None = None) -> None:
+        """Head seed `seed`'s store of its pair's module features and the sweep over it; `variant` (e.g.
+        "cross-fit K=5"): cross-fitted modules, into their own store and results folder."""
         from embedstore.extract import extract
         from embedstore.extract_plan import ExtractSettings
         from embedstore.inspect import format_counts
@@ -321,7 +288,8 @@ class _ManifestJob:
         from heads.sweep import SweepSettings
 
         (image_dir, _), (text_dir, _) = (self._pair_module(m, seed, modules) for m in ("image", "text"))
-        store = self.root / "module-stores" / f"seed-{seed}.h5"
+        suffix = "-cross-fit" if variant else ""
+        store = self.root / "module-stores" / f"seed-{seed}{suffix}.h5"
         settings = ExtractSettings(image_backbone=None, text_backbone=None, image_module=str(image_dir),
                                    text_module=str(text_dir), workers=self.s.workers, device=self.s.device,
                                    progress=self.s.progress)
@@ -335,14 +303,14 @@ class _ManifestJob:
 
         inputs = {"store": self.store_digest, "image_module": module_id(image_dir), "text_module": module_id(text_dir)}
         store_digest = run_step(f"module features module-stores/{store.name}", store, inputs, work, self.log)
-        self.entry["pairs"][str(seed)] = {"image": str(image_dir), "text": str(text_dir), "store": str(store)}
+        self.entry["pairs"][f"{seed}{suffix}"] = {"image": str(image_dir), "text": str(text_dir), "store": str(store)}
         # the strategies over the modules' outputs: 1-A, 1-B and LFM (late fusion of their own classifier outputs)
         sweep = SweepSettings(strategies=strategies_reading("dense", "classifier"), fusions=self.s.fusions,
-                              seeds=(seed,), baselines=False,
-                              device=self.s.device, train=self._train_settings(),
-                                 progress=self.s.progress)
-        self._sweep(f"sweep results/modules-seed-{seed} (1-A, 1-B, LFM)", store,
-                    self.root / "results" / f"modules-seed-{seed}", {"store": store_digest}, sweep)
+                              seeds=(seed,), baselines=False, device=self.s.device, train=self._train_settings(),
+                              progress=self.s.progress)
+        results = f"modules{suffix}-seed-{seed}"
+        self._sweep(f"sweep results/{results} (1-A, 1-B, LFM)", store, self.root / "results" / results,
+                    {"store": store_digest}, sweep, variant)
 
     def _ensemble(self) -> None:
         """`heads ensemble` over every results folder of this manifest: the top-k saved models by validation

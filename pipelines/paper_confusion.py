@@ -22,8 +22,10 @@ def confusion(heads_rows: list[dict], best: dict, report_dir: Path) -> tuple[lis
     from heads.estimator import FusionHead
     from heads.saved import head_store_path
 
-    dirs = sorted({r["results_dir"] for r in heads_rows if r["group"] == best["cell"]})
-    saved = [Path(d) / "heads" / best["cell"] for d in dirs]
+    mine = [r for r in heads_rows if r["group"] == best["cell"]]
+    dirs = sorted({r["results_dir"] for r in mine})
+    # saved under the sweep's cell name: "1A-concat" for the group "1A-concat (cross-fit)" too
+    saved = [Path(d) / "heads" / (mine[0].get("cell") or best["cell"]) for d in dirs]
     saved = [d for d in saved if (d / "config.json").exists()]
     if not saved:
         return [f"No saved head of {best['cell']}; no confusion matrix."], []

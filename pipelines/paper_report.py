@@ -16,12 +16,12 @@ from heads.figures import figure_lines, plot_bars
 from heads.tables import write_tables
 from pipelines.paper_confusion import confusion
 from pipelines.paper_findings import differences, findings
-from pipelines.paper_summaries import best_multimodal, collect, groups
+from pipelines.paper_summaries import best_multimodal, collect, groups, manifest_roles
 from pipelines.paper_tables import build_tables
-from pipelines.paper_targets import targets
+from pipelines.paper_targets import targets, targets_issue_20
 
 PLAN_FILE = "plan.json"       # what `embed paper` ran (pipelines/paper.py writes it; this report reads it)
-REPORT_VERSION = 2         # part of the report step's stamp: a new layout re-renders an existing report
+REPORT_VERSION = 3         # part of the report step's stamp: a new layout re-renders an existing report
 
 
 def report_inputs(out: str | Path) -> dict:
@@ -46,23 +46,31 @@ def write_paper_report(out: str | Path, report_dir: str | Path) -> list[Path]:
     if not head_rows:
         raise FileNotFoundError(f"no head runs under {out}; run `embed paper CATALOG --out {out}` first")
     report_dir.mkdir(parents=True, exist_ok=True)
-    modules, heads = groups(module_rows), groups(head_rows)
+    tuning, check = manifest_roles(plan)
+    modules, heads = groups(module_rows, tuning), groups(head_rows, tuning)
+    manifests = ", ".join(map(str, tuning)) + (f" (tuning), {', '.join(map(str, check))} (check)" if check else "")
     md = ["# The 14-strategy comparison of Seo, Lee & Jang (2025) on this catalog", "",
-          f"Catalog `{Path(plan['catalog']).name}`; manifests {', '.join(str(e['seed']) for e in plan['manifests'])}; seeds "
+          f"Catalog `{Path(plan['catalog']).name}`; manifests {manifests}; seeds "
           f"{plan['settings']['seeds']}. Accuracy and macro-F1 on the test split at the best validation epoch, mean ± "
           "std over all (manifest seed, seed) runs; the per-manifest columns are mean ± std over that manifest's "
           "seeds. Training time is per model (a head's share of its batched stack)."]
     table_lines, written = write_tables(build_tables(plan, modules, heads), report_dir)
     md += table_lines
     md += ["", "## Findings of the paper, checked", ""]
-    choice = plan["manifests"][0]["seed"]  # models are chosen on this manifest's validation split only
+    choice = tuning[0]  # models are chosen on the first tuning manifest's validation split only
     md += [f"- **{verdict}**: {claim}. {evidence}." for claim, verdict, evidence in findings(modules, heads, choice)]
     md += ["", "## Targets for the fused model", "",
            f"Choices were made on manifest {choice} only: the multimodal model below is the one with the best "
            f"validation accuracy on manifest {choice}, and it is scored on every manifest's test split. Test "
-           "accuracy chose nothing.", ""]
+           f"accuracy chose nothing. Issue #11's targets, on the tuning manifests {', '.join(map(str, tuning))}:", ""]
     md += [f"- **{verdict}**: {target}. {evidence}." for target, verdict, evidence
-           in targets(modules, heads, [e["seed"] for e in plan["manifests"]], choice)]
+           in targets(modules, heads, tuning, choice)]
+    md += ["", "## Targets of issue #20", "",
+           f"The same model (chosen on manifest {choice}'s validation split). Tuning manifests: "
+           f"{', '.join(map(str, tuning))}; check manifests, on which nothing was chosen (their validation splits "
+           f"enter no choice): {', '.join(map(str, check)) or 'none'}.", ""]
+    md += [f"- **{verdict}**: {target}. {evidence}." for target, verdict, evidence
+           in targets_issue_20(modules, heads, tuning, check, choice)]
     md += ["", "## Confusion matrix of the best model", ""]
     best = best_multimodal(heads, cached_only=True, choice_manifest=choice)
     lines, paths = confusion(head_rows, best, report_dir) if best else (["No multimodal heads."], [])

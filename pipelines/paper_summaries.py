@@ -3,7 +3,9 @@ modules' metrics.json, the sweeps' runs.jsonl, the ensembles' rows), one summary
 seed, seed) run and per manifest seed, and the best module / multimodal model among the summaries.
 
 Summaries are dicts keyed by group name: "image S2" (modules), "2A-concat", "LF", "LR-text", "ensemble" (heads and
-models over the store); pipelines/paper_targets.py chooses among them.
+models over the store), "1A-concat (cross-fit)", "LFM (cross-fit)" (runs over cross-fitted modules: a results
+folder whose plan entry has a "variant"); pipelines/paper_targets.py chooses among them. Validation accuracy is
+averaged over the tuning manifests only: nothing is chosen on a check manifest.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import numpy as np
 from heads.results import read_runs
 from heads.strategies import get_strategy
 from heads.tables import mean_std
-from pipelines.paper_targets import ENSEMBLE, choose_multimodal, operator_strategies
+from pipelines.paper_targets import CROSS_FIT, ENSEMBLE, choose_multimodal, operator_strategies
 
 
 def collect(plan: dict) -> tuple[list[dict], list[dict]]:
@@ -35,7 +37,9 @@ def collect(plan: dict) -> tuple[list[dict], list[dict]]:
                 # a sweep dir keeps runs of seeds/operators no longer asked for; report the plan's grid only
                 if row["seed"] not in r["seeds"] or (row["fusion"] and row["fusion"] not in r["fusions"]):
                     continue
-                heads.append({"group": row["cell"], "strategy": row["strategy"], "fusion": row["fusion"],
+                # runs over cross-fitted modules: their own group, beside the plain one of the same cell
+                group = row["cell"] + (CROSS_FIT if r.get("variant") else "")
+                heads.append({"group": group, "cell": row["cell"], "strategy": row["strategy"], "fusion": row["fusion"],
                               "manifest_seed": entry["seed"], "seed": row["seed"], "results_dir": r["dir"],
                               "test_accuracy": row["test_accuracy"], "test_macro_f1": row["test_macro_f1"],
                               "val_accuracy": row["best_val_accuracy"], "train_seconds": row["train_seconds"],
@@ -53,10 +57,13 @@ def collect(plan: dict) -> tuple[list[dict], list[dict]]:
     return modules, heads
 
 
-def summarize(rows: list[dict], name: str) -> dict:
-    """Mean and std over every run, and per manifest seed."""
-    def stat(key):  # None: not applicable (a regression has no epochs)
-        return mean_std([r[key] for r in rows if r[key] is not None])
+def summarize(rows: list[dict], name: str, tuning: list[int] | None = None) -> dict:
+    """Mean and std over every run, and per manifest seed; validation accuracy over the `tuning` manifests' runs
+    only (None: every manifest's), so that no choice by it looks at a check manifest."""
+    def stat(key, of=rows):  # None: not applicable (a regression has no epochs)
+        return mean_std([r[key] for r in of if r[key] is not None])
+
+    tuned = [r for r in rows if tuning is None or r["manifest_seed"] in tuning] or rows
 
     per_manifest, per_manifest_val = {}, {}
     for m in sorted({r["manifest_seed"] for r in rows}):
@@ -66,15 +73,22 @@ def summarize(rows: list[dict], name: str) -> dict:
     (acc, acc_std), (f1, f1_std), (secs, secs_std) = stat("test_accuracy"), stat("test_macro_f1"), stat("train_seconds")
     return {"cell": name, "runs": len(rows), "accuracy_mean": acc, "accuracy_std": acc_std, "macro_f1_mean": f1,
             "macro_f1_std": f1_std, "train_seconds_mean": secs, "train_seconds_std": secs_std,
-            "val_accuracy_mean": stat("val_accuracy")[0], "epochs_mean": stat("epochs")[0],
+            "val_accuracy_mean": stat("val_accuracy", tuned)[0], "epochs_mean": stat("epochs")[0],
             "trainable": rows[0]["trainable"], "non_trainable": rows[0]["non_trainable"], "per_manifest": per_manifest,
             "per_manifest_val": per_manifest_val, "strategy": rows[0].get("strategy")}
 
 
-def groups(rows: list[dict]) -> dict[str, dict]:
-    """group name -> its summary, in the order the groups first appear."""
+def groups(rows: list[dict], tuning: list[int] | None = None) -> dict[str, dict]:
+    """group name -> its summary, in the order the groups first appear (validation over `tuning` manifests)."""
     names = list(dict.fromkeys(r["group"] for r in rows))
-    return {n: summarize([r for r in rows if r["group"] == n], n) for n in names}
+    return {n: summarize([r for r in rows if r["group"] == n], n, tuning) for n in names}
+
+
+def manifest_roles(plan: dict) -> tuple[list[int], list[int]]:
+    """(tuning manifest seeds, check manifest seeds) in plan order; a plan written before check manifests has
+    tuning ones only."""
+    roles = [(e["seed"], e.get("role", "tuning")) for e in plan["manifests"]]
+    return [m for m, r in roles if r == "tuning"], [m for m, r in roles if r == "check"]
 
 
 def cached_strategies() -> tuple[str, ...]:

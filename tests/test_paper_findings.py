@@ -81,3 +81,14 @@ def test_nothing_measured_is_not_decided():
     for claim in CLAIMS[2:]:
         assert result[claim] == "NOT DECIDED", claim
     assert result[CLAIMS[0]] == result[CLAIMS[1]] == "HELD"
+
+
+def test_cross_fit_rows_are_left_out_of_the_strategy_and_operator_claims():
+    """Runs over cross-fitted modules are no part of the paper's protocol: a cross-fitted 1B with "add" far ahead
+    changes no strategy or operator verdict (nor becomes an operator called "add (cross-fit)")."""
+    mods, hs = AGREES
+    crossed = {**hs, "1B-add (cross-fit)": cell("1B-add (cross-fit)", 0.999, val=0.5, seconds=0.1)}
+    assert verdicts((mods, crossed)) == verdicts(AGREES)
+    numbers = {claim: text for claim, _, text in findings(mods, crossed)}
+    assert "cross-fit" not in numbers["concatenation is the best fusion operator"]
+    assert "cross-fit" not in numbers["1-A is the best multimodal strategy"]
