@@ -139,7 +139,7 @@ def two_backbones(tmp_path_factory):
                "--text-backbone", "none", "--workers", 0, "--no-progress", "--add"])
     join = "tiny-resnet-64px,tiny-resnet-48px"
     ok(heads, ["sweep", store, "--out", results, "--strategies", "2A,LR-concat", "--fusions", "concat",
-               "--seeds", 0, "--device", "cpu", "--image-source", join])
+               "--seeds", 0, "--device", "cpu", "--image-source", join, "--jobs", 1])   # no workers to start
     manifest = Manifest.load(manifest_path)
     test_items = [item for item in manifest.items_in("test") if item.id != info.corrupt_image_id]
     with open(root / "products.csv", "w", newline="") as handle:
