@@ -155,17 +155,21 @@ def report(results, out):
               help="How many saved models, best recorded validation accuracy first; auto: the k in 1..N with the "
                    "best ensemble validation accuracy (ties: the smaller k).")
 @click.option("--multimodal-only", is_flag=True, help="Leave the unimodal baselines out of the pool.")
+@click.option("--only", "only", default=None, metavar="PATTERNS", show_default="every saved model",
+              help="Only the saved models whose cell (or path under the first RESULTS) matches one of these "
+                   "comma-separated shell patterns, e.g. '2A-*,LF'.")
 @setting_option("--select", "select", setting="heads.ensemble:ensemble.select",
               help="Rank members and choose k by: validation (recorded validation accuracy), or cv:K (K-fold "
                    "cross-validation on train + validation, each member refit K times; docs/sweeps.md).")
 @one_line_errors
-def ensemble(results, top_k, multimodal_only, select):
+def ensemble(results, top_k, multimodal_only, only, select):
     """Average the class probabilities of the top-k saved heads of RESULTS (one or more `heads sweep` folders,
     aligned by item id), score them on validation and test, and append a row to the first RESULTS'
     ensembles.jsonl (a rerun over the same members and stores skips)."""
     from heads.ensemble import ensemble as run_ensemble, format_summary
 
-    row = run_ensemble(list(results), top_k, multimodal_only=multimodal_only, select=select, log=click.echo)
+    row = run_ensemble(list(results), top_k, multimodal_only=multimodal_only, select=select, only=only,
+                       log=click.echo)
     click.echo(format_summary(row))
     if not row["already_recorded"]:
         click.echo(f"row appended to {results[0] / 'ensembles.jsonl'}")
@@ -176,14 +180,18 @@ def ensemble(results, top_k, multimodal_only, select):
 @setting_option("--select", "select", setting="heads.select:select_model.select",
               help="cv:K: K-fold cross-validation on train + validation (each saved model refit K times).")
 @click.option("--multimodal-only", is_flag=True, help="Leave the unimodal baselines out.")
+@click.option("--only", "only", default=None, metavar="PATTERNS", show_default="every saved model",
+              help="Only the saved models whose cell (or path under the first RESULTS) matches one of these "
+                   "comma-separated shell patterns, e.g. '2A-*,LF'.")
 @click.option("--device", default=None, show_default=DEVICE_DEFAULT, help="Where the refits train: cpu, cuda, cuda:N.")
 @one_line_errors
-def select(results, select, multimodal_only, device):
+def select(results, select, multimodal_only, only, device):
     """The best saved model of RESULTS chosen by validation and by cross-validation, each with its validation,
     CV and test accuracy (test never chooses)."""
     from heads.select import format_selection_table, select_model
 
-    doc = select_model(list(results), select, multimodal_only=multimodal_only, device=device, log=click.echo)
+    doc = select_model(list(results), select, multimodal_only=multimodal_only, only=only, device=device,
+                       log=click.echo)
     click.echo(format_selection_table(doc))
 
 

@@ -3,7 +3,7 @@ the default).
 
 A validation split of 25 items per class is small: the model that tops it is partly the luckiest on it, and its
 validation accuracy overstates what it does on new items (on the real catalog, val 98.4 % against test 97.3 %).
-With cv:K every saved model (heads/ensemble.py's members: one folder per cell) is refit K times by its own recorded
+With cv:K every saved model (heads/members.py: one folder per cell) is refit K times by its own recorded
 procedure on train + validation: the items of both splits that every candidate scores are dealt to K stratified
 folds (seeded); for fold k, the other K - 1 folds are split per class into a training part and an early-stopping /
 hyper-parameter part in the proportion of the store's own train : val (so a head still stops early and a regression
@@ -85,7 +85,7 @@ class CrossValidation:
 
 def cross_validate(members: list, selection: Selection, *, device: str | torch.device = "cpu",
                    log: Callable[[str], None] = print) -> CrossValidation:
-    """Refit every member (heads/ensemble.Member) on K folds of train + val; see the module docstring."""
+    """Refit every member (heads/members.Member) on K folds of train + val; see the module docstring."""
     for member in members:
         if member.kind not in REFITS:
             raise ValueError(f"--select {selection.label} refits heads and decision-level models only; "

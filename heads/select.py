@@ -19,12 +19,13 @@ from embedstore.model_folder import read_config
 from embedstore.outputs import relative_to_folder
 from embedstore.defaults import resolve_device
 from heads.cv_select import VALIDATION, cross_validate, parse_select
-from heads.ensemble import collect_members, distinct_folders, find_model_folders
+from heads.members import collect_members, distinct_folders, find_model_folders, parse_only
 from heads.selection import rank_by_validation
 
 
 def select_model(results_dirs: Iterable[str | os.PathLike] | str | os.PathLike, select: str = "cv:5", *,
-                 multimodal_only: bool = False, device: str | None = None, log: Callable[[str], None] = print) -> dict:
+                 multimodal_only: bool = False, only: str | Iterable[str] | None = None, device: str | None = None,
+                 log: Callable[[str], None] = print) -> dict:
     """{"select", "by_validation", "by_cv", "candidates" (CV order), "seconds" (the refits)}; each choice is
     {"member", "kind", "val_accuracy", "cv_accuracy", "test_accuracy", "refit_seconds"}."""
     if isinstance(results_dirs, (str, os.PathLike)):
@@ -36,9 +37,11 @@ def select_model(results_dirs: Iterable[str | os.PathLike] | str | os.PathLike, 
     for results in dirs:
         find_model_folders(results)
     base = dirs[0]
-    members, notes, _ = collect_members(dirs, multimodal_only=multimodal_only, base=base)
+    members, notes, _, not_named = collect_members(dirs, multimodal_only=multimodal_only, base=base, only=only)
     for note in notes:
         log(note)
+    if not_named:
+        log(f"--only {','.join(parse_only(only))}: {not_named} saved model(s) left out of the candidates")
     if not members:
         raise ValueError(f"no saved model in {base} (or the other folders) to choose from")
     started = time.perf_counter()

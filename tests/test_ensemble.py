@@ -11,7 +11,8 @@ from click.testing import CliRunner
 from cli.heads import main
 from embedstore.model_folder import save_pretrained
 from heads import ensemble as ensemble_module
-from heads.ensemble import ENSEMBLES_FILE, Member, ensemble
+from heads.ensemble import ENSEMBLES_FILE, ensemble
+from heads.members import MEMBER_LOADERS, Member
 from heads.report import write_report
 from heads.results import read_runs
 from heads.sweep import SweepSettings, run_sweep
@@ -170,7 +171,7 @@ def test_one_more_member_kind_is_one_loader(disagree, tmp_path, monkeypatch):
                       lambda xs: np.eye(C)[np.full(len(xs[0]), 2)])
 
     (results / "store-link.h5").symlink_to(disagree[0])
-    monkeypatch.setitem(ensemble_module.MEMBER_LOADERS, "module", uniform)
+    monkeypatch.setitem(MEMBER_LOADERS, "module", uniform)
     row = ensemble(results, top_k=1, log=quiet)
     assert row["members"] == ["heads/a-uniform"] and row["member_kinds"] == ["module"]
     assert row["test_accuracy"] == pytest.approx(0.25)  # class 2 is a quarter of the items
@@ -228,3 +229,35 @@ def test_decision_level_models_join_as_members_with_their_own_probabilities(disa
     else:
         assert single["members"] == ["heads/2A-concat"]
         assert recorded(results, "2A-concat")["best_val_accuracy"] >= lf.metadata["best_val_accuracy"]
+
+
+def test_only_narrows_the_pool_to_the_named_cells_and_a_pattern_naming_none_is_one_line(disagree, tmp_path):
+    results = copy_of(disagree, tmp_path)
+    said = []
+    row = ensemble(results, top_k="auto", only="2A-*,text", log=said.append)
+    assert sorted(row["members"] + [m for m in row.get("left_out_members", [])]) <= ["heads/2A-concat", "heads/text"]
+    assert row["pool"] == 2 and row["only"] == ["2A-*", "text"] and row["not_named_left_out"] == 1
+    assert any("--only 2A-*,text: 1 saved model(s) left out" in line for line in said)
+    # a path pattern under the first results folder names the same models
+    assert ensemble(results, top_k="auto", only=["heads/2A-*", "heads/text"], log=quiet)["already_recorded"]
+    # every model named: the very ensemble of no --only (the pool is the key)
+    whole = ensemble(results, top_k="auto", log=quiet)
+    assert ensemble(results, top_k="auto", only="*", log=quiet)["run_key"] == whole["run_key"]
+
+    result = CliRunner().invoke(main, ["ensemble", str(results), "--only", "3A-*"])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    line = result.output.strip().splitlines()[-1]
+    assert "--only 3A-* matches none of the 3 saved models (cells: 2A-concat, image, text)" in line
+    result = CliRunner().invoke(main, ["ensemble", str(results), "--only", " , "])
+    assert result.exit_code == 2 and "names no pattern" in result.output
+
+
+def test_heads_select_takes_only_the_named_models(disagree, tmp_path):
+    from heads.select import select_model
+
+    results = copy_of(disagree, tmp_path)
+    doc = select_model(results, "cv:2", only="image,text", log=quiet)
+    assert sorted(c["member"] for c in doc["candidates"]) == ["heads/image", "heads/text"]
+    result = CliRunner().invoke(main, ["select", str(results), "--select", "cv:2", "--only", "text"])
+    assert result.exit_code == 0, result.output
+    assert "heads/text" in result.output and "heads/2A-concat" not in result.output

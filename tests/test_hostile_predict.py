@@ -21,10 +21,10 @@ from safetensors.torch import load_file, save_file
 from cli.heads import heads
 from embedstore.model_folder import save_pretrained
 from embedstore.store_writer import write_store_from_arrays
-from heads import ensemble as ensemble_module
 from heads.decision import LinearSettings, extreme_rows, fit_linear
 from heads.decision_model import DecisionModel
-from heads.ensemble import ENSEMBLES_FILE, Member, ensemble
+from heads.ensemble import ENSEMBLES_FILE, ensemble
+from heads.members import MEMBER_LOADERS, Member
 from heads.results import ResultsLock, read_runs
 from tests.cli_helpers import invoke as run
 from store_factory import IMAGE, TEXT, make_features
@@ -226,7 +226,7 @@ def test_items_a_member_scores_non_finite_are_left_out_and_counted(disagree, tmp
         return Member(folder, config["kind"], 1.0, disagree[0], ("text/tiny-txt/pooled",),
                       tuple(f"class{i}" for i in range(C)), False, "odd-v1", proba)
 
-    monkeypatch.setitem(ensemble_module.MEMBER_LOADERS, "module", odd)
+    monkeypatch.setitem(MEMBER_LOADERS, "module", odd)
     row = ensemble(results, top_k=1, log=quiet)
     assert row["members"] == ["heads/a-odd"]
     assert row["items"] == {"val": {"scored": 59, "left_out": 1}, "test": {"scored": 59, "left_out": 1}}
