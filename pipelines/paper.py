@@ -313,8 +313,10 @@ class _ManifestJob:
                     {"store": store_digest}, sweep, variant)
 
     def _ensemble(self) -> None:
-        """`heads ensemble` over every results folder of this manifest: the top-k saved models by validation
-        accuracy (k chosen on validation), their probabilities averaged; one row in results/pooled/ensembles.jsonl."""
+        """`heads ensemble --multimodal-only` over every results folder of this manifest: the top-k saved
+        multimodal models by validation accuracy (k chosen on validation), their probabilities averaged; one row in
+        results/pooled/ensembles.jsonl. Multimodal only: the report counts the ensemble as a multimodal model, and
+        with unimodal members in the pool the top 1 can be the text head alone (it was, on a real manifest)."""
         from heads.ensemble import ENSEMBLES_FILE, ensemble
 
         dirs = [Path(r["dir"]) for r in self.entry["results"]]
@@ -323,11 +325,12 @@ class _ManifestJob:
                 for d in dirs if (d / "runs.jsonl").exists()}
 
         def work():
-            row = ensemble(dirs, top_k="auto", log=lambda line: None)
+            row = ensemble(dirs, top_k="auto", multimodal_only=True, log=lambda line: None)
             self.log(f"ensemble: top {row['k']} of {row['pool']} saved models, validation "
                      f"{row['val_accuracy']:.4f}, test {row['test_accuracy']:.4f}")
 
-        run_step("ensemble results/pooled/ensembles.jsonl", output, {"runs": runs, "top_k": "auto"}, work, self.log,
+        run_step("ensemble results/pooled/ensembles.jsonl", output,
+                 {"runs": runs, "top_k": "auto", "multimodal_only": True}, work, self.log,
                  resumable=("runs",))  # new runs: a new row beside the old ones (the report reads the newest)
         self.entry["ensembles"] = str(output)
 

@@ -17,7 +17,7 @@ from pipelines.paper_targets import (CROSS_FIT, ENSEMBLE, base_group, operator_f
                                      unimodal_heads, variant_of)
 
 STRATEGY_NAMES = {1: "S1 (classifier only)", 2: "S2 (middle layer + classifier)", 3: "S3 (fine-tuning)"}
-ENSEMBLE_LABEL = "top-k heads by validation, probabilities averaged"
+ENSEMBLE_LABEL = "top-k multimodal models by validation, probabilities averaged"
 
 
 def _columns(manifest_seeds: list[int], check: tuple[int, ...] = ()) -> list[str]:

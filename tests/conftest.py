@@ -7,8 +7,8 @@ import pytest
 import torch
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # `pytest -n 2`: one worker per core, so each keeps to one thread (and so do the processes it starts); two
-    # workers of two threads each on 2 cores would spend their time waiting on each other's thread barriers
+    # `pytest -n auto`: a worker per core (and one spare), so each keeps to one thread (and so do the processes it
+    # starts); workers of two threads each on 2 cores would spend their time waiting on each other's barriers
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
 
@@ -22,6 +22,17 @@ QUICK_FILES = frozenset((
     "test_paper_targets.py", "test_public_api.py", "test_readme_notebook.py", "test_store.py",
     "test_store_chunks.py", "test_training.py",
 ))
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`pytest -n auto`: one worker more than the cores. Many tests wait on processes they start (kill -9 runs,
+    torchrun ranks, CLI subprocesses), and a waiting worker leaves its core to the spare one. Measured on 2 idle
+    cores, the whole suite: -n 2 311 s, -n 3 266 s, -n 4 296 s (2026-12-07)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:   # not Linux
+        cores = os.cpu_count() or 1
+    return cores + 1
 
 
 def pytest_collection_modifyitems(config, items):

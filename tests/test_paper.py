@@ -72,6 +72,10 @@ def test_paper_end_to_end_then_skip_then_rerun_what_changed(tmp_path):
     assert f"| S2 (middle layer + classifier) | 4 | {mean:.2f} ± {std:.2f} |" in md
     runs = results_files(out)
     assert len(runs) == 2 * 3  # per manifest: pooled + one modules sweep per seed
+    # the report's ensemble is a multimodal model: its pool leaves the unimodal heads and regressions out (with
+    # them, the top 1 by validation was the text head alone on a real manifest)
+    ensembled = json.loads((out / "manifest-seed-0/results/pooled/ensembles.jsonl").read_text().splitlines()[-1])
+    assert ensembled["multimodal_only"] and ensembled["unimodal_left_out"] >= 4
 
     # a second run skips every step and writes no result
     metrics = {p: p.stat().st_mtime_ns for p in out.glob("manifest-seed-*/modules/*/metrics.json")}
