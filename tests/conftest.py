@@ -1,7 +1,6 @@
 """Fixtures shared by the test files, and the `quick` subset (`pytest -m quick`)."""
-from pathlib import Path
-
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,11 +27,9 @@ def pytest_xdist_auto_num_workers(config):
     """`pytest -n auto`: one worker more than the cores. Many tests wait on processes they start (kill -9 runs,
     torchrun ranks, CLI subprocesses), and a waiting worker leaves its core to the spare one. Measured on 2 idle
     cores, the whole suite: -n 2 311 s, -n 3 266 s, -n 4 296 s (2026-12-07)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:   # not Linux
-        cores = os.cpu_count() or 1
-    return cores + 1
+    from heads.dispatch import default_jobs   # the cores this process may use, as the sweep counts them
+
+    return default_jobs(torch.device("cpu")) + 1
 
 
 def pytest_collection_modifyitems(config, items):
