@@ -18,7 +18,7 @@ from pipelines.paper_confusion import confusion
 from pipelines.paper_findings import differences, findings
 from pipelines.paper_summaries import best_multimodal, collect, groups, manifest_roles
 from pipelines.paper_tables import build_tables
-from pipelines.paper_targets import targets, targets_issue_20
+from pipelines.paper_targets import targets, targets_issue_20, validation_against_test
 
 PLAN_FILE = "plan.json"       # what `embed paper` ran (pipelines/paper.py writes it; this report reads it)
 REPORT_VERSION = 3         # part of the report step's stamp: a new layout re-renders an existing report
@@ -71,6 +71,8 @@ def write_paper_report(out: str | Path, report_dir: str | Path) -> list[Path]:
            f"enter no choice): {', '.join(map(str, check)) or 'none'}.", ""]
     md += [f"- **{verdict}**: {target}. {evidence}." for target, verdict, evidence
            in targets_issue_20(modules, heads, tuning, check, choice)]
+    md += ["", "How optimistic the choice is, the chosen model's validation against its test accuracy: "
+           f"{validation_against_test(heads, tuning + check, choice)}."]
     md += ["", "## Confusion matrix of the best model", ""]
     best = best_multimodal(heads, cached_only=True, choice_manifest=choice)
     lines, paths = confusion(head_rows, best, report_dir) if best else (["No multimodal heads."], [])

@@ -62,6 +62,8 @@ def test_paper_end_to_end_then_skip_then_rerun_what_changed(tmp_path):
     targets = md.split("## Targets for the fused model")[1].split("\n## ")[0]
     assert "Choices were made on manifest 0 only" in targets
     assert len(re.findall(r"^- \*\*(MET|NOT MET)\*\*", targets, flags=re.M)) == 3, targets
+    assert re.search(r"validation against its test accuracy: \S+: manifest 0 \(chose it\): validation [\d.]+ %, "
+                     r"test [\d.]+ %", md), md
     assert "| LF | (none) |" in md and "(ensemble)" in md and "logistic regression" in md
     assert "tiny-resnet" in md and "Image S3: skipped" in md and "3-A/3-B (end to end): skipped" in md
     assert "60x80 px" in md  # the generated catalog's photo size, read from the catalog

@@ -3,7 +3,8 @@ manifest's validation split, compared per manifest with every unimodal model (lo
 and the verdicts flip exactly at the thresholds."""
 import pytest
 
-from pipelines.paper_targets import choose_multimodal, is_multimodal, targets, targets_issue_20
+from pipelines.paper_targets import (choose_multimodal, is_multimodal, targets, targets_issue_20,
+                                     validation_against_test)
 
 
 def summary(name, per_test: dict, per_val: dict, strategy=None):
@@ -118,3 +119,16 @@ def test_no_choice_looks_at_a_check_manifests_validation():
                  "val_accuracy": val_on_check if m == 2 else 0.8} for m in (0, 1, 2)]
     assert summarize(rows(0.1), "LF", tuning=[0, 1])["val_accuracy_mean"] == pytest.approx(0.8)
     assert summarize(rows(0.1), "LF")["val_accuracy_mean"] == pytest.approx(0.5667, abs=1e-4)
+
+
+def test_the_chosen_models_validation_and_test_are_shown_side_by_side_per_manifest():
+    heads = {"LF": summary("LF", {0: 0.975, 1: 0.972, 2: 0.978}, {0: 0.9859, 1: 0.975, 2: 0.977}),
+             "2A-concat": summary("2A-concat", {0: 0.99, 1: 0.99, 2: 0.99}, {0: 0.980, 1: 0.999, 2: 0.999})}
+    line = validation_against_test(heads, [0, 1, 2], choice_manifest=0)
+    # LF is chosen on manifest 0's validation (98.59 > 98.00), though 2A-concat tests higher everywhere
+    assert line.startswith("LF: ")
+    assert "manifest 0 (chose it): validation 98.59 %, test 97.50 % (validation - test +1.09 points)" in line
+    assert "manifest 2: validation 97.70 %, test 97.80 % (validation - test -0.10 points)" in line
+    del heads["LF"]["per_manifest"][1]
+    assert "manifest 1: not measured" in validation_against_test(heads, [0, 1, 2], choice_manifest=0)
+    assert validation_against_test({}, [0, 1], choice_manifest=0) == "no multimodal model ran"
