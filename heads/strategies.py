@@ -169,10 +169,10 @@ register_strategy(Strategy(
     label="frozen pretrained backbones, new classifier layers fused"))
 register_strategy(Strategy(
     "image", "head", ("image",), "pooled", branch=("middle",), rows_of="2A", reference=True,
-    label="image only: a head over the image backbone's pooled features"))
+    label="a head over the image backbone's pooled features"))
 register_strategy(Strategy(
     "text", "head", ("text",), "pooled", branch=("middle",), rows_of="2A", reference=True,
-    label="text only: a head over the text backbone's pooled features"))
+    label="a head over the text backbone's pooled features"))
 
 register_strategy(Strategy(
     "LFM", "linear", ("image", "text"), "classifier", combine="late-logits", rows_of="1B", seed_dependent=False,

@@ -65,6 +65,7 @@ def test_paper_end_to_end_then_skip_then_rerun_what_changed(tmp_path):
     assert re.search(r"validation against its test accuracy: \S+: manifest 0 \(chose it\): validation [\d.]+ %, "
                      r"test [\d.]+ %", md), md
     assert "| LF | (none) |" in md and "(ensemble)" in md and "logistic regression" in md
+    assert "| image only: a head over the image backbone's pooled features (image) |" in md  # modality named once
     assert "tiny-resnet" in md and "Image S3: skipped" in md and "3-A/3-B (end to end): skipped" in md
     assert "60x80 px" in md  # the generated catalog's photo size, read from the catalog
     # the tables' numbers come from the runs: image S2's mean over both manifests x both seeds
