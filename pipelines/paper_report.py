@@ -21,7 +21,7 @@ from pipelines.paper_tables import build_tables
 from pipelines.paper_targets import targets, targets_issue_20, validation_against_test
 
 PLAN_FILE = "plan.json"       # what `embed paper` ran (pipelines/paper.py writes it; this report reads it)
-REPORT_VERSION = 3         # part of the report step's stamp: a new layout re-renders an existing report
+REPORT_VERSION = 4         # part of the report step's stamp: a new layout re-renders an existing report
 
 
 def report_inputs(out: str | Path) -> dict:
