@@ -97,7 +97,8 @@ def main(argv=None) -> None:
         base = dict(strategies=tuple(args.strategies.split(",")) if args.strategies else None,
                     fusions=tuple(args.fusions.split(",")) if args.fusions else None,
                     seeds=tuple(int(s) for s in args.seeds.split(",")), baselines=not args.no_baselines,
-                    device=args.device, threads=args.threads, progress=False)
+                    device=args.device, threads=args.threads, progress=False,
+                    measure_peak=True)
         times, rows, summaries, each = {}, {}, {}, {}
         pair = COMPARISONS[args.compare]
         order = [pair[(r + i) % 2 if r % 2 else i] for r in range(args.repeats) for i in range(2)]   # A B B A

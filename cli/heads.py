@@ -91,7 +91,7 @@ def sweep(store, out, strategies, fusions, image_sources, text_sources, seeds, b
         fusions=tuple(comma_list(fusions)) if fusions else None, seeds=int_list(seeds, "--seeds"),
         image_sources=image_sources, text_sources=text_sources,
         baselines=baselines, batched=not sequential, group_cells=group_cells, device=device, jobs=jobs,
-        threads=threads, progress=progress,
+        threads=threads, progress=progress, measure_peak=verbose,
         train=TrainSettings(batch_size=batch_size, lr=lr, max_epochs=max_epochs, patience=patience,
                             precision=precision, class_weight=None if class_weight == "none" else class_weight),
         manifest=str(manifest) if manifest else None,

@@ -69,6 +69,10 @@ class SweepSettings:
     # bytes the features of a cell may take in memory; beyond it heads stream them from the store (heads/streamed.py).
     # None: half of the memory available when the sweep starts
     memory_budget: int | None = None
+    # after training, time a short matmul on the sweep's cores to set its GFLOP/s against (`heads sweep --verbose`,
+    # benchmarks): about a second of both cores, so a sweep that prints no throughput line does not pay for it
+    # (measured on every sweep before, it was a tenth of the test suite's CPU time)
+    measure_peak: bool = False
 
     def __post_init__(self):
         known = list_strategies()
@@ -239,7 +243,9 @@ def _sweep_ranks(store_path: Path, out_dir: Path, settings: SweepSettings, conte
         precision = context.precision
         summary["precision"] = precision
         summary["gflops"] = summary["train_flops"] / seconds / 1e9
-        summary["peak_gflops"] = matmul_peak_gflops(device, precision, threads=jobs if device.type == "cpu" else 1)
+        if settings.measure_peak:
+            summary["peak_gflops"] = matmul_peak_gflops(device, precision,
+                                                        threads=jobs if device.type == "cpu" else 1)
     return summary
 
 

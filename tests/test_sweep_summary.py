@@ -62,6 +62,24 @@ def test_verbose_shows_throughput(tmp_path):
     assert "trained 1 heads, skipped 0" in result.output and "GFLOP/s" in result.output
 
 
+def test_the_matmul_peak_is_measured_only_for_the_verbose_line(tmp_path, monkeypatch):
+    """The peak costs about a second of every core: a sweep that prints no throughput line must not measure it."""
+    import heads.sweep
+
+    measured = []
+    monkeypatch.setattr(heads.sweep, "matmul_peak_gflops", lambda *a, **k: measured.append(a) or 50.0)
+    store = make_store(tmp_path / "s.h5")
+    args = ["--no-progress", "--strategies", "2A", "--no-baselines", "--fusions", "add", "--seeds", "0",
+            "--max-epochs", "2", "--device", "cpu", "--jobs", "1"]
+    quiet = CliRunner().invoke(main, ["sweep", str(store), "--out", str(tmp_path / "quiet"), *args])
+    assert quiet.exit_code == 0 and "trained 1 heads" in quiet.output, quiet.output
+    assert measured == [] and "GFLOP/s" not in quiet.output
+    verbose = CliRunner().invoke(main, ["sweep", str(store), "--out", str(tmp_path / "verbose"), "--verbose", *args])
+    assert verbose.exit_code == 0, verbose.output
+    assert len(measured) == 1 and re.search(r"training matmuls: [0-9.]+ GFLOP/s \(fp32\)", verbose.output), \
+        verbose.output
+
+
 def test_one_progress_bar_counts_heads_and_decision_models(tmp_path, monkeypatch):
     bars = []
 
