@@ -23,7 +23,6 @@ from embedstore.streaming import default_memory_budget
 from heads.dispatch import (RankGroup, Task, group_tasks, my_tasks, rounds, run_tasks, worker_pool,
                             world)
 from heads.end_to_end import EndToEndSettings
-from heads.estimator import FusionHead
 from heads.fusion import list_fusions
 from heads.decision import LinearSettings
 from heads.grid import Cell, build_grid, decision_cells, without_sets_being_written
@@ -299,6 +298,8 @@ def _record(out_dir: Path, store, store_path: Path, task: Task, results: list[He
     classes = list(store.classes)
 
     def save(i: int, metadata: dict) -> None:
+        from heads.estimator import FusionHead   # here: the estimator imports scikit-learn, and only rank 0 saves
+
         best = results[i]
         FusionHead.from_trained(config, best.params, classes, seed=best.seed).save_pretrained(
             head_folder(out_dir, cell), metadata=metadata)

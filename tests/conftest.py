@@ -17,9 +17,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 QUICK_FILES = frozenset((
     "test_catalog.py", "test_cli_options.py", "test_decision.py", "test_fusion.py", "test_heads_estimator.py",
     "test_heads_groups.py", "test_heads_models.py", "test_heads_reference.py", "test_heads_train.py",
-    "test_manifest.py", "test_manifest_fractions.py", "test_model_folder.py", "test_paper_findings.py",
-    "test_paper_targets.py", "test_public_api.py", "test_readme_notebook.py", "test_store.py",
-    "test_store_chunks.py", "test_training.py",
+    "test_manifest.py", "test_manifest_fractions.py", "test_metrics.py", "test_model_folder.py",
+    "test_paper_findings.py", "test_paper_targets.py", "test_public_api.py", "test_readme_notebook.py",
+    "test_store.py", "test_store_chunks.py", "test_training.py",
 ))
 
 
