@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch._dynamo.testing import CompileCounterWithBackend
 
 from heads.groups import GroupHead
 from heads.models import HeadConfig
@@ -50,6 +49,9 @@ def test_forward_and_loss_capture_as_one_graph_with_eager_gradients(strategy, fu
 
     eager = loss_per_head(model, params, xs, masks, y)
     grads_eager = torch.autograd.grad(eager.sum(), list(params.values()))
+    from torch._dynamo.testing import CompileCounterWithBackend   # here: importing dynamo costs ~2 s of CPU, and
+    # every test worker collects this file, while one of them runs these tests
+
     counter = CompileCounterWithBackend("aot_eager")
     captured = torch.compile(loss_per_head, backend=counter)(model, params, xs, masks, y)
     grads_captured = torch.autograd.grad(captured.sum(), list(params.values()))
