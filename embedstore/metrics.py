@@ -25,6 +25,7 @@ def macro_f1(labels, predictions, *, n_classes: int) -> float:
     class's true positives, but as a false positive / negative of the class they were mistaken for."""
     labels, predictions = _pair(labels, predictions)
     _check_classes(n_classes)
+
     def per_class(values: np.ndarray) -> np.ndarray:   # (n_classes,) counts; an out-of-range value is no class's
         return np.bincount(values[(values >= 0) & (values < n_classes)].astype(np.int64), minlength=n_classes)
 
@@ -42,9 +43,8 @@ def classification_metrics(labels, predictions, *, n_classes: int) -> dict[str, 
     Macro-F1 averages over every class 0..n_classes-1 (labels=range(C)); a class absent from both labels and
     predictions counts as F1 0. `n_classes` is required: scikit-learn's default (the classes that occur in either)
     gives another number as soon as a split lacks a class, so rows of different model kinds would disagree."""
-    _check_classes(n_classes)
-    return {"accuracy": accuracy(labels, predictions),
-            "macro_f1": macro_f1(labels, predictions, n_classes=int(n_classes))}
+    f1 = macro_f1(labels, predictions, n_classes=n_classes)   # first: it checks n_classes
+    return {"accuracy": accuracy(labels, predictions), "macro_f1": f1}
 
 
 def _check_classes(n_classes) -> None:

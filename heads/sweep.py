@@ -111,9 +111,9 @@ def resolve_feature_sets(store, strategy: str, image_source: str | None = None,
 def run_sweep(store_path: str | Path, out_dir: str | Path, settings: SweepSettings = SweepSettings(),
               *, log: Callable[[str], None] = print) -> dict:
     """Train every cell's missing seeds; returns {"trained", "trained_by_kind", "skipped", "seconds", "best",
-    "cells", "notes", "gflops", "peak_gflops", ...}. `trained_by_kind`: models trained per trainer ("head",
-    "linear", "end-to-end"); `best`: the sweep's best model by validation (`best_of_sweep`), None when it has
-    none."""
+    "cells", "notes", "gflops", "peak_gflops" (with `measure_peak`), ...}. `trained_by_kind`: models trained per
+    trainer ("head", "linear", "end-to-end"); `best`: the sweep's best model by validation (`best_of_sweep`), None
+    when it has none."""
     threads_before = torch.get_num_threads()
     if settings.threads:
         torch.set_num_threads(settings.threads)

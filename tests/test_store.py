@@ -116,3 +116,23 @@ def test_reader_errors_are_clear(tmp_path):
         f["x"] = 1
     with pytest.raises(ValueError, match="not an embedstore feature store"):
         FeatureStore(tmp_path / "other.h5")
+
+
+def test_a_view_reads_its_feature_sets_once_and_refresh_reads_them_again(tmp_path, monkeypatch):
+    """feature_sets was asked for hundreds of times per sweep, each time re-reading every set's HDF5 attributes;
+    a view now reads them once, hands out copies, and `refresh()` reads the file again."""
+    path = make_store(tmp_path / "s.h5")
+    with FeatureSetWriter(path, modality="image", source="tiny", layers={"pooled": 4}, provenance=provenance()) as w:
+        w.write(np.arange(N), {"pooled": np.ones((N, 4), np.float32)}, np.full(N, STATUS_OK))
+        assert w.finish()
+    reads = []
+    real_read = FeatureStore._read_feature_sets
+    monkeypatch.setattr(FeatureStore, "_read_feature_sets", lambda self: reads.append(1) or real_read(self))
+    with FeatureStore(path) as store:
+        first = store.feature_sets
+        first.pop("image/tiny/pooled")   # a caller's edit of its copy
+        assert list(store.feature_sets) == ["image/tiny/pooled"] and store.complete
+        store.ok_rows(["image/tiny/pooled"])
+        assert len(reads) == 1
+        store.refresh()
+        assert store.feature_sets["image/tiny/pooled"].complete and len(reads) == 2
