@@ -217,8 +217,8 @@ def test_killed_extraction_resumes_to_the_same_store(tmp_path, pipeline):
     assert not {pid for pid in helpers if _running(pid)}, "the killed run's workers outlived it"
 
     # at once: no sleep for orphaned workers to notice their parent is gone (the flock above proved nothing holds
-    # the store). The same command line, in this process (another would only add seconds of imports); it decodes
-    # in its own process, which spares two more workers each importing torch
+    # the store). The same command line, run in this process (a subprocess would only add seconds of imports), with
+    # no DataLoader workers (--workers 0: two more workers would each import torch again)
     resumed = CliRunner().invoke(embed, _extract_command(manifest_path, killed)[3:])   # less `python -m cli.embed`
     assert resumed.exit_code == 0, resumed.output
     assert f"computed {n_items - done_when_killed} rows" in resumed.output

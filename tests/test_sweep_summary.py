@@ -53,21 +53,13 @@ def test_summary_counts_by_kind_names_the_best_by_validation_and_hides_throughpu
     assert "ran on cpu: 1 job(s), 1 rank(s)" in again.output
 
 
-def test_verbose_shows_throughput(tmp_path):
-    store = make_store(tmp_path / "s.h5")
-    result = CliRunner().invoke(main, ["sweep", str(store), "--out", str(tmp_path / "r"), "--no-progress", "--verbose",
-                                       "--strategies", "2A", "--no-baselines", "--fusions", "add", "--seeds", "0", "--max-epochs", "2",
-                                       "--device", "cpu", "--jobs", "1"])
-    assert result.exit_code == 0, result.output
-    assert "trained 1 heads, skipped 0" in result.output and "GFLOP/s" in result.output
-
-
 def test_the_matmul_peak_is_measured_only_for_the_verbose_line(tmp_path, monkeypatch):
-    """The peak costs about a second of every core: a sweep that prints no throughput line must not measure it."""
+    """--verbose shows the throughput beside a measured peak; the peak costs about a second of every core, so a
+    sweep that prints no throughput line must not measure it."""
     import heads.sweep
 
-    measured = []
-    monkeypatch.setattr(heads.sweep, "matmul_peak_gflops", lambda *a, **k: measured.append(a) or 50.0)
+    measured, real_peak = [], heads.sweep.matmul_peak_gflops
+    monkeypatch.setattr(heads.sweep, "matmul_peak_gflops", lambda *a, **k: measured.append(a) or real_peak(*a, **k))
     store = make_store(tmp_path / "s.h5")
     args = ["--no-progress", "--strategies", "2A", "--no-baselines", "--fusions", "add", "--seeds", "0",
             "--max-epochs", "2", "--device", "cpu", "--jobs", "1"]
@@ -76,6 +68,7 @@ def test_the_matmul_peak_is_measured_only_for_the_verbose_line(tmp_path, monkeyp
     assert measured == [] and "GFLOP/s" not in quiet.output
     verbose = CliRunner().invoke(main, ["sweep", str(store), "--out", str(tmp_path / "verbose"), "--verbose", *args])
     assert verbose.exit_code == 0, verbose.output
+    assert "trained 1 heads, skipped 0" in verbose.output and "GFLOP/s" in verbose.output
     assert len(measured) == 1 and re.search(r"training matmuls: [0-9.]+ GFLOP/s \(fp32\)", verbose.output), \
         verbose.output
 
